@@ -1,0 +1,8 @@
+"""geoloc: everything around the models (CLI, data, geodesy, geocells, training, evaluation, publishing).
+
+Importing it registers both model families with the transformers Auto classes.
+"""
+
+import modeling_geoclip  # noqa: F401  (registers GeoCLIP with the Auto classes and the pipeline)
+
+__version__ = "0.1.0"

@@ -1,0 +1,37 @@
+"""Named model configurations: the one home of the tiny configs used by tests, the CPU benchmarks and
+`geoloc.train --model-config tiny`."""
+
+from transformers import CLIPTextConfig, CLIPVisionConfig
+
+from modeling_geoclip import GeoCLIPConfig, GeoCLIPLocationEncoderConfig
+
+TINY_IMAGE_SIZE = 32
+
+
+def tiny_clip_configs() -> tuple[CLIPVisionConfig, CLIPTextConfig]:
+    """A random CLIP pair small enough for CPU tests: 32x32 images, 8x8 patches, a byte-level vocabulary
+    (matching `modeling_geoclip.byte_level_clip_tokenizer`)."""
+    vision = CLIPVisionConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        image_size=TINY_IMAGE_SIZE, patch_size=8, projection_dim=64,
+    )
+    text = CLIPTextConfig(
+        vocab_size=514, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        projection_dim=64, max_position_embeddings=77, bos_token_id=512, eos_token_id=513, pad_token_id=513,
+    )
+    return vision, text
+
+
+def tiny_geoclip_config(**overrides) -> GeoCLIPConfig:
+    """Tiny GeoCLIP: the official architecture (3 sigmas, 3-layer capsules) at toy widths."""
+    vision, text = tiny_clip_configs()
+    options = dict(
+        vision_config=vision,
+        text_config=text,
+        location_config=GeoCLIPLocationEncoderConfig(rff_dim=64, hidden_size=128, projection_dim=64),
+        image_mlp_hidden_size=128,
+        queue_size=256,
+        backbone="random-tiny-clip",
+    )
+    options.update(overrides)
+    return GeoCLIPConfig(**options)

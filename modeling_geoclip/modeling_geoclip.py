@@ -1,0 +1,475 @@
+"""GeoCLIP (Vivanco Cepeda et al., NeurIPS 2023) as a transformers model.
+
+A frozen CLIP image tower (and text tower, for text queries) feeds a small trainable MLP; a GPS encoder
+(Equal Earth projection -> random Fourier features per sigma -> one MLP capsule per sigma, summed) maps
+(lat, lon) into the same space. Geolocation is retrieval over a gallery of GPS points whose embeddings are
+computed once and stored with the model.
+"""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection, PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput, logging
+
+from .configuration_geoclip import GeoCLIPConfig, GeoCLIPLocationEncoderConfig
+
+logger = logging.get_logger(__name__)
+
+# Gallery coordinates are stored as integer micro-degrees so that `model.to(torch.bfloat16)` or
+# `from_pretrained(..., dtype=...)` can never round them (bf16 keeps ~3 significant digits).
+MICRODEGREES = 1_000_000
+
+# Equal Earth projection constants (Šavrič, Patterson & Jenny 2018), as in the official GeoCLIP code.
+_A1, _A2, _A3, _A4 = 1.340264, -0.081106, 0.000893, 0.003796
+_SCALE = 66.50336
+
+
+def validate_locations(locations, name: str = "locations") -> torch.Tensor:
+    """Check GPS coordinates and return them as a floating tensor of shape (N, 2), (latitude, longitude).
+
+    The one place where coordinates are validated: latitudes must lie in [-90, 90], longitudes in
+    [-180, 180], all finite. Nothing is wrapped or clipped.
+
+    Args:
+        locations: tensor, numpy array or nested list of shape (N, 2), degrees.
+        name: how the argument is called in error messages.
+
+    Raises:
+        ValueError: naming the first bad row and value.
+
+    Example:
+        >>> validate_locations([[48.8566, 2.3522]]).shape
+        torch.Size([1, 2])
+    """
+    if not isinstance(locations, torch.Tensor):
+        try:
+            locations = torch.as_tensor(np.asarray(locations, dtype=np.float64))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{name} must be numbers of shape (N, 2) as (latitude, longitude): {error}") from None
+    if locations.ndim != 2 or locations.shape[-1] != 2:
+        raise ValueError(f"{name} must have shape (N, 2) as (latitude, longitude), got {tuple(locations.shape)}.")
+    if not locations.is_floating_point():
+        locations = locations.float()
+    checks = (
+        (~torch.isfinite(locations).all(dim=1), "coordinates must be finite (no NaN or inf)"),
+        (locations[:, 0].abs() > 90, "latitude must be in [-90, 90]"),
+        (locations[:, 1].abs() > 180, "longitude must be in [-180, 180]"),
+    )
+    for bad, rule in checks:
+        if bad.any():
+            row = int(bad.nonzero()[0, 0])
+            lat, lon = locations[row].tolist()
+            raise ValueError(f"{name}[{row}] = ({lat}, {lon}): {rule} (degrees, (latitude, longitude) order).")
+    return locations
+
+
+def check_top_k(top_k, gallery_size: int) -> int:
+    """Return `top_k` as an int, or raise ValueError unless 1 <= top_k <= gallery_size."""
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
+        raise ValueError(f"top_k must be an integer, got {top_k!r}.")
+    if not 1 <= top_k <= gallery_size:
+        raise ValueError(f"top_k must be between 1 and {gallery_size} (the number of candidates), got {top_k}.")
+    return int(top_k)
+
+
+def equal_earth_projection(locations: torch.Tensor) -> torch.Tensor:
+    """Project (N, 2) (lat, lon) degrees to (N, 2) Equal Earth (x, y), scaled as in the official GeoCLIP."""
+    latitude, longitude = torch.deg2rad(locations[:, 0]), torch.deg2rad(locations[:, 1])
+    sqrt3 = torch.sqrt(torch.tensor(3.0, dtype=locations.dtype, device=locations.device))
+    theta = torch.asin(sqrt3 / 2 * torch.sin(latitude))
+    denominator = 3 * (9 * _A4 * theta**8 + 7 * _A3 * theta**6 + 3 * _A2 * theta**2 + _A1)
+    x = (2 * sqrt3 * longitude * torch.cos(theta)) / denominator
+    y = _A4 * theta**9 + _A3 * theta**7 + _A2 * theta**3 + _A1 * theta
+    return (torch.stack((x, y), dim=1) * _SCALE) / 180
+
+
+@dataclass
+class GeolocationOutput(ModelOutput):
+    """The answer of `geolocate`, shared by every model of this package.
+
+    Args:
+        latitudes (`torch.FloatTensor` of shape `(batch_size, top_k)`): predicted latitudes, degrees, best first.
+        longitudes (`torch.FloatTensor` of shape `(batch_size, top_k)`): predicted longitudes, degrees.
+        probabilities (`torch.FloatTensor` of shape `(batch_size, top_k)`): the model's probability of each
+            prediction (softmax over the whole gallery for GeoCLIP).
+        indices (`torch.LongTensor` of shape `(batch_size, top_k)`): gallery rows of the predictions.
+    """
+
+    latitudes: torch.Tensor | None = None
+    longitudes: torch.Tensor | None = None
+    probabilities: torch.Tensor | None = None
+    indices: torch.Tensor | None = None
+
+
+@dataclass
+class GeoCLIPOutput(ModelOutput):
+    """Output of [`GeoCLIPModel.forward`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*): contrastive loss of each image against its own
+            location, the batch's other locations and the GPS queue (when `return_loss=True`).
+        logits_per_image (`torch.FloatTensor` of shape `(N, M)`): scaled cosine similarities, image x location.
+        logits_per_location (`torch.FloatTensor` of shape `(M, N)`): the transpose.
+        image_embeds (`torch.FloatTensor` of shape `(N, projection_dim)`): L2-normalised image embeddings.
+        location_embeds (`torch.FloatTensor` of shape `(M, projection_dim)`): L2-normalised location embeddings.
+    """
+
+    loss: torch.Tensor | None = None
+    logits_per_image: torch.Tensor | None = None
+    logits_per_location: torch.Tensor | None = None
+    image_embeds: torch.Tensor | None = None
+    location_embeds: torch.Tensor | None = None
+
+
+class GeoCLIPPreTrainedModel(PreTrainedModel):
+    config: GeoCLIPConfig
+    base_model_prefix = "geoclip"
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    # Random Fourier features at sigma=256 need fp32: bf16 would scramble the phases.
+    _keep_in_fp32_modules = ["location_encoder"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        if isinstance(module, GeoCLIPCapsule):
+            init.normal_(module.rff_matrix, std=module.sigma)
+        elif isinstance(module, nn.Linear) and not isinstance(module, _CLIP_TOWERS):
+            # The official model trains from PyTorch's default (Kaiming-uniform) initialisation.
+            bound = 1 / math.sqrt(module.in_features)
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, GeoCLIPModel):
+            init.constant_(module.logit_scale, module.config.logit_scale_init_value)
+            for buffer in (module.gps_queue, module.gps_queue_ptr, module.gps_queue_count,
+                           module.gallery_coordinates, module.gallery_embeddings):
+                init.zeros_(buffer)
+
+
+_CLIP_TOWERS = (CLIPVisionModelWithProjection, CLIPTextModelWithProjection)
+
+
+class GeoCLIPCapsule(nn.Module):
+    """One sigma's branch: random Fourier features (N, 2) -> (N, 2*rff_dim), an MLP, and a linear head."""
+
+    def __init__(self, config: GeoCLIPLocationEncoderConfig, sigma: float):
+        super().__init__()
+        self.sigma = float(sigma)
+        self.register_buffer("rff_matrix", torch.empty(config.rff_dim, 2))
+        layers = []
+        width = 2 * config.rff_dim
+        for _ in range(config.num_hidden_layers):
+            layers += [nn.Linear(width, config.hidden_size), nn.ReLU()]
+            width = config.hidden_size
+        self.layers = nn.Sequential(*layers)
+        self.head = nn.Linear(width, config.projection_dim)
+
+    def forward(self, projected: torch.Tensor) -> torch.Tensor:
+        # Phases in fp32 whatever the model dtype; same operation order as the official `rff` package.
+        phases = 2 * np.pi * projected.float() @ self.rff_matrix.float().T
+        features = torch.cat((torch.cos(phases), torch.sin(phases)), dim=-1).to(self.head.weight.dtype)
+        return self.head(self.layers(features))
+
+
+class GeoCLIPLocationEncoder(GeoCLIPPreTrainedModel):
+    """GeoCLIP's GPS encoder on its own: (N, 2) degrees (lat, lon) -> (N, projection_dim) embeddings.
+
+    Example:
+        >>> encoder = GeoCLIPLocationEncoder(GeoCLIPLocationEncoderConfig())
+        >>> encoder(torch.tensor([[40.7128, -74.0060]])).shape
+        torch.Size([1, 512])
+    """
+
+    config: GeoCLIPLocationEncoderConfig
+    main_input_name = "locations"
+    input_modalities = ()
+    _keep_in_fp32_modules = ["capsules"]
+
+    def __init__(self, config: GeoCLIPLocationEncoderConfig):
+        super().__init__(config)
+        self.capsules = nn.ModuleList(GeoCLIPCapsule(config, sigma) for sigma in config.sigmas)
+        self.post_init()
+
+    def forward(self, locations: torch.Tensor) -> torch.Tensor:
+        """Args: locations (`torch.Tensor` of shape `(N, 2)`): (latitude, longitude) in degrees.
+
+        Returns: `torch.FloatTensor` of shape `(N, projection_dim)`, unnormalised.
+        """
+        locations = validate_locations(locations)
+        projected = equal_earth_projection(locations.to(self.capsules[0].rff_matrix.device, torch.float32))
+        embeddings = torch.zeros(
+            projected.shape[0], self.config.projection_dim, device=projected.device,
+            dtype=self.capsules[0].head.weight.dtype,
+        )
+        for capsule in self.capsules:
+            embeddings += capsule(projected)
+        return embeddings
+
+
+class GeoCLIPModel(GeoCLIPPreTrainedModel):
+    """GeoCLIP: CLIP towers + image MLP + GPS encoder + learnable temperature, with a GPS queue for training
+    and a stored gallery for retrieval.
+
+    Example:
+        >>> model = GeoCLIPModel.from_pretrained("path/to/converted")  # doctest: +SKIP
+        >>> out = model.geolocate(pixel_values=pixel_values, top_k=5)  # doctest: +SKIP
+        >>> out.latitudes.shape  # (batch, 5)  # doctest: +SKIP
+    """
+
+    config: GeoCLIPConfig
+
+    def __init__(self, config: GeoCLIPConfig):
+        super().__init__(config)
+        self.image_tower = CLIPVisionModelWithProjection._from_config(config.vision_config)
+        self.text_tower = (
+            CLIPTextModelWithProjection._from_config(config.text_config) if config.use_text_tower else None
+        )
+        clip_dim = config.vision_config.projection_dim
+        self.image_mlp = nn.Sequential(
+            nn.Linear(clip_dim, config.image_mlp_hidden_size),
+            nn.ReLU(),
+            nn.Linear(config.image_mlp_hidden_size, config.projection_dim),
+        )
+        self.location_encoder = GeoCLIPLocationEncoder._from_config(config.location_config)
+        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
+        # GPS queue: a ring buffer of recent training coordinates used as extra negatives.
+        self.register_buffer("gps_queue", torch.zeros(config.queue_size, 2))
+        self.register_buffer("gps_queue_ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("gps_queue_count", torch.zeros((), dtype=torch.long))
+        self._register_gallery(config.gallery_size)
+        if config.freeze_backbone:
+            for tower in (self.image_tower, self.text_tower):
+                if tower is not None:
+                    tower.requires_grad_(False)
+        self.post_init()
+
+    def _register_gallery(self, size: int) -> None:
+        self.register_buffer("gallery_coordinates", torch.zeros(size, 2, dtype=torch.int32))
+        self.register_buffer("gallery_embeddings", torch.zeros(size, self.config.projection_dim))
+
+    # ----------------------------------------------------------------------------------------- features
+    def get_image_features(
+        self, pixel_values: torch.Tensor | None = None, clip_image_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Image embeddings in the location space.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(N, 3, H, W)`): processed images.
+            clip_image_embeds (`torch.FloatTensor` of shape `(N, clip_dim)`): precomputed CLIP image embeddings
+                (the output of `get_clip_image_embeds`), to skip the frozen tower.
+
+        Returns: `torch.FloatTensor` of shape `(N, projection_dim)`, unnormalised.
+        """
+        if (pixel_values is None) == (clip_image_embeds is None):
+            raise ValueError("Pass exactly one of pixel_values or clip_image_embeds.")
+        if clip_image_embeds is None:
+            clip_image_embeds = self.get_clip_image_embeds(pixel_values)
+        expected = self.config.vision_config.projection_dim
+        if clip_image_embeds.ndim != 2 or clip_image_embeds.shape[1] != expected:
+            raise ValueError(
+                f"clip_image_embeds must have shape (N, {expected}), got {tuple(clip_image_embeds.shape)}."
+            )
+        return self.image_mlp(clip_image_embeds.to(self.image_mlp[0].weight.dtype))
+
+    def get_clip_image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The frozen CLIP tower's projected image embeddings, (N, 3, H, W) -> (N, clip_dim)."""
+        if pixel_values.ndim != 4 or pixel_values.shape[0] == 0:
+            raise ValueError(
+                f"pixel_values must have shape (N>=1, {self.config.vision_config.num_channels}, H, W), "
+                f"got {tuple(pixel_values.shape)}."
+            )
+        dtype = self.image_tower.visual_projection.weight.dtype
+        return self.image_tower(pixel_values=pixel_values.to(dtype)).image_embeds
+
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Text embeddings in the location space: CLIP text tower -> the image MLP (as in the paper).
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(N, L)`), attention_mask (`torch.LongTensor` of shape `(N, L)`).
+
+        Returns: `torch.FloatTensor` of shape `(N, projection_dim)`, unnormalised.
+        """
+        if self.text_tower is None:
+            raise ValueError("This GeoCLIP model was built without a text tower (config.use_text_tower=False).")
+        if input_ids.ndim != 2 or input_ids.shape[0] == 0:
+            raise ValueError(f"input_ids must have shape (N>=1, L), got {tuple(input_ids.shape)}.")
+        text_embeds = self.text_tower(input_ids=input_ids, attention_mask=attention_mask).text_embeds
+        return self.image_mlp(text_embeds.to(self.image_mlp[0].weight.dtype))
+
+    def get_location_features(self, locations: torch.Tensor) -> torch.Tensor:
+        """Location embeddings, (N, 2) degrees (lat, lon) -> (N, projection_dim), unnormalised."""
+        return self.location_encoder(locations)
+
+    # ------------------------------------------------------------------------------------------ training
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        locations: torch.Tensor | None = None,
+        clip_image_embeds: torch.Tensor | None = None,
+        return_loss: bool | None = None,
+    ) -> GeoCLIPOutput:
+        """Score N images against M locations.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(N, 3, H, W)`) or clip_image_embeds (`(N, clip_dim)`).
+            locations (`torch.FloatTensor` of shape `(M, 2)`): (lat, lon) degrees.
+            return_loss (`bool`): with M == N and `locations[i]` the true location of image i, compute the
+                contrastive loss against these locations plus the filled part of the GPS queue.
+        """
+        if locations is None:
+            raise ValueError("forward needs locations of shape (M, 2); use geolocate() to search the gallery.")
+        image_embeds = F.normalize(self.get_image_features(pixel_values, clip_image_embeds), dim=-1)
+        location_embeds = F.normalize(self.get_location_features(locations), dim=-1)
+        scale = self.logit_scale.exp()
+        logits_per_image = scale * image_embeds @ location_embeds.to(image_embeds.dtype).T
+        loss = None
+        if return_loss:
+            if locations.shape[0] != image_embeds.shape[0]:
+                raise ValueError(
+                    f"return_loss needs one location per image, got {image_embeds.shape[0]} images and "
+                    f"{locations.shape[0]} locations."
+                )
+            queue = self.gps_queue[: int(self.gps_queue_count)]
+            logits = logits_per_image
+            if len(queue):
+                queue_embeds = F.normalize(self.get_location_features(queue), dim=-1).to(image_embeds.dtype)
+                logits = torch.cat([logits, scale * image_embeds @ queue_embeds.T], dim=1)
+            loss = F.cross_entropy(logits.float(), torch.arange(len(logits), device=logits.device))
+        return GeoCLIPOutput(
+            loss=loss,
+            logits_per_image=logits_per_image,
+            logits_per_location=logits_per_image.T,
+            image_embeds=image_embeds,
+            location_embeds=location_embeds,
+        )
+
+    @torch.no_grad()
+    def enqueue_locations(self, locations: torch.Tensor) -> None:
+        """Push (B, 2) coordinates into the GPS queue (a ring buffer; the oldest are overwritten).
+
+        In multi-process training, pass the coordinates gathered from every process so that all replicas
+        keep the same queue.
+        """
+        size = self.config.queue_size
+        if size == 0:
+            return
+        locations = validate_locations(locations)[-size:].to(self.gps_queue)
+        positions = (int(self.gps_queue_ptr) + torch.arange(len(locations))) % size
+        self.gps_queue[positions.to(self.gps_queue.device)] = locations
+        self.gps_queue_ptr.fill_((int(self.gps_queue_ptr) + len(locations)) % size)
+        self.gps_queue_count.fill_(min(size, int(self.gps_queue_count) + len(locations)))
+
+    # ------------------------------------------------------------------------------------------- gallery
+    @property
+    def gallery_locations(self) -> torch.Tensor:
+        """The gallery as (G, 2) float64 degrees (lat, lon)."""
+        return self.gallery_coordinates.to(torch.float64) / MICRODEGREES
+
+    @torch.no_grad()
+    def set_gallery(self, locations, batch_size: int = 16384, show_progress: bool = False) -> None:
+        """Replace the retrieval gallery: encode `locations` once and keep their normalised embeddings.
+
+        The gallery (coordinates and embeddings) is saved by `save_pretrained` and restored by
+        `from_pretrained`, so prediction never re-encodes it.
+
+        Args:
+            locations: (G, 2) degrees (lat, lon) as a tensor, numpy array or list.
+            batch_size: points encoded at a time.
+            show_progress: show a progress bar while encoding.
+        """
+        locations = validate_locations(locations, "gallery locations").to(torch.float64)
+        if len(locations) == 0:
+            raise ValueError("The gallery must hold at least one location.")
+        coordinates = torch.round(locations * MICRODEGREES).to(torch.int32)
+        device = self.logit_scale.device
+        batches = coordinates.split(batch_size)
+        embeddings = [
+            F.normalize(self.get_location_features((batch.to(torch.float64) / MICRODEGREES).to(device)), dim=-1)
+            for batch in logging.tqdm(batches, desc="Encoding gallery", disable=not show_progress)
+        ]
+        self._register_gallery(0)
+        self.gallery_coordinates = coordinates.to(device)
+        self.gallery_embeddings = torch.cat(embeddings).to(self.gallery_embeddings.dtype)
+        self.config.gallery_size = len(coordinates)
+
+    def search_gallery(self, query_embeds: torch.Tensor, top_k: int, chunk_size: int = 65536):
+        """Exact top-k over the gallery in chunks, never holding all (B, G) logits at once.
+
+        Args:
+            query_embeds (`torch.FloatTensor` of shape `(B, projection_dim)`): L2-normalised queries.
+            top_k (`int`): hits per query.
+
+        Returns: `(probabilities, indices)`, each `(B, top_k)`: softmax over the whole gallery, and rows.
+        """
+        scale = self.logit_scale.exp().float()
+        best_logits = query_embeds.new_full((len(query_embeds), 0), -math.inf, dtype=torch.float32)
+        best_indices = torch.zeros(len(query_embeds), 0, dtype=torch.long, device=query_embeds.device)
+        log_normaliser = torch.full((len(query_embeds),), -math.inf, device=query_embeds.device)
+        for start in range(0, len(self.gallery_embeddings), chunk_size):
+            chunk = self.gallery_embeddings[start : start + chunk_size]
+            logits = scale * (query_embeds.to(chunk.dtype) @ chunk.T).float()
+            log_normaliser = torch.logaddexp(log_normaliser, torch.logsumexp(logits, dim=1))
+            chunk_logits, chunk_indices = logits.topk(min(top_k, logits.shape[1]), dim=1)
+            best_logits, order = torch.cat([best_logits, chunk_logits], 1).topk(
+                min(top_k, best_logits.shape[1] + chunk_logits.shape[1]), dim=1
+            )
+            best_indices = torch.cat([best_indices, chunk_indices + start], 1).gather(1, order)
+        return torch.exp(best_logits - log_normaliser[:, None]), best_indices
+
+    @torch.no_grad()
+    def geolocate(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        top_k: int = 5,
+        clip_image_embeds: torch.Tensor | None = None,
+    ) -> GeolocationOutput:
+        """Top-k gallery locations for a batch of images (or texts, or cached CLIP image embeddings).
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(B, 3, H, W)`): processed images, or
+            input_ids (`torch.LongTensor` of shape `(B, L)`) with attention_mask: tokenised texts, or
+            clip_image_embeds (`torch.FloatTensor` of shape `(B, clip_dim)`): precomputed CLIP embeddings.
+            top_k (`int`): predictions per input, 1 <= top_k <= gallery size.
+
+        Returns: [`GeolocationOutput`] with `latitudes`, `longitudes`, `probabilities`, `indices`, each
+        `(B, top_k)`, best first. `probabilities` is the softmax over the whole gallery.
+        """
+        if sum(x is not None for x in (pixel_values, input_ids, clip_image_embeds)) != 1:
+            raise ValueError("Pass exactly one of pixel_values, input_ids or clip_image_embeds.")
+        if self.config.gallery_size == 0:
+            raise ValueError("This model has no gallery: call model.set_gallery(locations) first.")
+        top_k = check_top_k(top_k, self.config.gallery_size)
+        if input_ids is not None:
+            query = self.get_text_features(input_ids, attention_mask)
+        else:
+            query = self.get_image_features(pixel_values, clip_image_embeds)
+        probabilities, indices = self.search_gallery(F.normalize(query.float(), dim=-1), top_k)
+        coordinates = self.gallery_locations[indices]
+        return GeolocationOutput(
+            latitudes=coordinates[..., 0],
+            longitudes=coordinates[..., 1],
+            probabilities=probabilities,
+            indices=indices,
+        )
+
+
+__all__ = [
+    "GeoCLIPLocationEncoder",
+    "GeoCLIPModel",
+    "GeoCLIPOutput",
+    "GeoCLIPPreTrainedModel",
+    "GeolocationOutput",
+    "check_top_k",
+    "equal_earth_projection",
+    "validate_locations",
+]
