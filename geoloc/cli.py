@@ -1,0 +1,40 @@
+"""`geoloc`: the package's one console script. Each subcommand lives in its own module with
+`build_parser()` and `main(argv)`; this file only dispatches to them."""
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "predict": ("geoloc.predict", "geolocate images or text with a GeoCLIP or GeoHier checkpoint"),
+    "train": ("geoloc.train", "train GeoCLIP or GeoHier (also: accelerate launch -m geoloc.train)"),
+    "evaluate": ("geoloc.evaluate", "evaluate a checkpoint on a benchmark (metrics.json + predictions.csv)"),
+    "publish": ("geoloc.publish", "push a checkpoint, its model card and results to the Hugging Face Hub"),
+    "geocells": ("geoloc.geocells", "build S2 geocell hierarchies from training coordinates"),
+    "worldmap": ("geoloc.worldmap", "build the world-map crops dataset used by the CPU learnability benchmark"),
+}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(
+        prog="geoloc",
+        description="Worldwide image geolocation with GeoCLIP and GeoHier.",
+        epilog="Run `geoloc COMMAND --help` for the options of each command.",
+    )
+    parser.add_argument("command", choices=sorted(SUBCOMMANDS), help="; ".join(
+        f"{name}: {text}" for name, (_, text) in sorted(SUBCOMMANDS.items())))
+    parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    if not argv:
+        parser.print_help()
+        return 2
+    if argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
+    namespace = parser.parse_args(argv[:1])
+    module = importlib.import_module(SUBCOMMANDS[namespace.command][0])
+    return module.main(argv[1:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
