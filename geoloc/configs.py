@@ -4,6 +4,7 @@
 from transformers import CLIPTextConfig, CLIPVisionConfig
 
 from modeling_geoclip import GeoCLIPConfig, GeoCLIPLocationEncoderConfig
+from modeling_geohier import GeoHierConfig
 
 TINY_IMAGE_SIZE = 32
 
@@ -35,3 +36,20 @@ def tiny_geoclip_config(**overrides) -> GeoCLIPConfig:
     )
     options.update(overrides)
     return GeoCLIPConfig(**options)
+
+
+def tiny_geohier_config(**overrides) -> GeoHierConfig:
+    """Tiny GeoHier: the tiny CLIP vision tower as backbone, 4 scenes x 3 levels of (8, 16, 32) cells, N=2, E=1."""
+    vision, _ = tiny_clip_configs()
+    options = dict(
+        vision_config=vision,
+        num_scenes=4,
+        cells_per_level=[8, 16, 32],
+        num_independent_layers=2,
+        num_dependent_layers=1,
+        hidden_size=32,
+        num_attention_heads=4,
+        intermediate_size=64,
+    )
+    options.update(overrides)
+    return GeoHierConfig(**options)

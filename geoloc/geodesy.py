@@ -1,8 +1,29 @@
-"""Geodesy: coordinate validation at the package boundary and great-circle / geodesic distances."""
+"""Geodesy: coordinate validation at the package boundary, and distances in km — the package's one home
+of distances.
+
+Two distances, both vectorised over N pairs:
+
+- `geodesic_distance_km`: the exact WGS84 ellipsoidal distance (Karney's algorithm, the GeographicLib C
+  implementation through `pyproj.Geod`; it agrees with `geographiclib`'s Python `Geodesic.WGS84.Inverse`
+  to a few nanometres, but is ~30-60x faster: 1-2 s for 1M pairs on one CPU core instead of ~60 s). Use
+  this for every reported number.
+- `haversine_distance_km`: the great-circle distance on a sphere of the mean Earth radius, in plain numpy.
+  About 4x faster again (~0.5 s for 1M pairs), but off by up to ~0.56 % against WGS84 (up to ~40 km on
+  long distances), which can move a pair across a threshold. A fast path for rough work (e.g. nearest-neighbour pre-filtering), not for
+  benchmark numbers.
+
+Both validate their inputs with `validate_coordinates` (never wrapped or clipped).
+"""
 
 import numpy as np
+from pyproj import Geod
 
 from modeling_geoclip import validate_locations
+
+# IUGG mean Earth radius R1 = (2a + b) / 3 for WGS84, in km.
+EARTH_MEAN_RADIUS_KM = 6371.0088
+
+_WGS84 = Geod(ellps="WGS84")
 
 
 def validate_coordinates(latitudes, longitudes, name: str = "coordinates") -> tuple[np.ndarray, np.ndarray]:
@@ -22,3 +43,52 @@ def validate_coordinates(latitudes, longitudes, name: str = "coordinates") -> tu
         raise ValueError(f"{name}: got {len(latitudes)} latitudes but {len(longitudes)} longitudes.")
     validate_locations(np.stack([latitudes, longitudes], axis=1), name)
     return latitudes, longitudes
+
+
+def _validate_pairs(lat1, lon1, lat2, lon2, names) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Validate both point sets and check they pair up one to one."""
+    lat1, lon1 = validate_coordinates(lat1, lon1, names[0])
+    lat2, lon2 = validate_coordinates(lat2, lon2, names[1])
+    if lat1.shape != lat2.shape:
+        raise ValueError(f"Got {len(lat1)} {names[0]} but {len(lat2)} {names[1]}; pass one pair per row.")
+    return lat1, lon1, lat2, lon2
+
+
+def geodesic_distance_km(lat1, lon1, lat2, lon2, *, names=("first points", "second points")) -> np.ndarray:
+    """Geodesic distance on the WGS84 ellipsoid between N pairs of points, in km.
+
+    Args:
+        lat1, lon1: the first points, array-likes of N degrees (or scalars for N = 1).
+        lat2, lon2: the second points, N degrees each.
+        names: how the two point sets are called in error messages.
+
+    Returns:
+        float64 array of shape (N,).
+
+    Raises:
+        ValueError: on invalid coordinates (naming the first bad one) or different lengths.
+
+    Example:
+        >>> round(float(geodesic_distance_km(48.8566, 2.3522, 51.5074, -0.1278)[0]), 1)  # Paris -> London
+        343.9
+    """
+    lat1, lon1, lat2, lon2 = _validate_pairs(lat1, lon1, lat2, lon2, names)
+    _, _, metres = _WGS84.inv(lon1, lat1, lon2, lat2)
+    return np.asarray(metres, dtype=np.float64) / 1000.0
+
+
+def haversine_distance_km(lat1, lon1, lat2, lon2, *, names=("first points", "second points")) -> np.ndarray:
+    """Great-circle distance on a sphere of radius `EARTH_MEAN_RADIUS_KM` between N pairs, in km.
+
+    The fast path: pure numpy, within ~0.56 % of `geodesic_distance_km`. Same arguments and errors.
+
+    Example:
+        >>> round(float(haversine_distance_km(48.8566, 2.3522, 51.5074, -0.1278)[0]), 1)
+        343.6
+    """
+    lat1, lon1, lat2, lon2 = (np.radians(values) for values in _validate_pairs(lat1, lon1, lat2, lon2, names))
+    half_chord = np.sin((lat2 - lat1) / 2) ** 2 + np.cos(lat1) * np.cos(lat2) * np.sin((lon2 - lon1) / 2) ** 2
+    return 2 * EARTH_MEAN_RADIUS_KM * np.arcsin(np.sqrt(np.clip(half_chord, 0.0, 1.0)))
+
+
+__all__ = ["EARTH_MEAN_RADIUS_KM", "geodesic_distance_km", "haversine_distance_km", "validate_coordinates"]

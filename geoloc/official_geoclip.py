@@ -52,8 +52,9 @@ def unpack_official_wheel(wheel: str | os.PathLike) -> Path:
 def load_official_geoclip(wheel: str | os.PathLike) -> types.SimpleNamespace:
     """Import the official `geoclip.model` modules from an unpacked `wheel` without running its `__init__`s.
 
-    Returns: a namespace with `GeoCLIP`, `LocationEncoder`, `ImageEncoder`, `equal_earth_projection` and
-    `root` (the unpacked `geoclip/model` folder, holding `weights/` and `gps_gallery/`).
+    Returns: a namespace with the classes `GeoCLIP`, `LocationEncoder`, `ImageEncoder`, the modules
+    `image_encoder_module` (whose `CLIPModel` a caller may replace) and `hub` (release reading), and `root`
+    (the unpacked `geoclip/model` folder, holding `weights/` and `gps_gallery/`).
 
     Example:
         >>> official = load_official_geoclip(fetch_official_wheel())  # doctest: +SKIP
@@ -69,12 +70,12 @@ def load_official_geoclip(wheel: str | os.PathLike) -> types.SimpleNamespace:
         sys.modules.setdefault(name, package)
     location = importlib.import_module("geoclip.model.location_encoder")
     image = importlib.import_module("geoclip.model.image_encoder")
-    model = importlib.import_module("geoclip.model.GeoCLIP")
     return types.SimpleNamespace(
-        GeoCLIP=model.GeoCLIP,
+        GeoCLIP=importlib.import_module("geoclip.model.GeoCLIP").GeoCLIP,
         LocationEncoder=location.LocationEncoder,
         ImageEncoder=image.ImageEncoder,
-        equal_earth_projection=location.equal_earth_projection,
+        image_encoder_module=image,
+        hub=importlib.import_module("geoclip.model._hub"),
         root=root / "model",
     )
 

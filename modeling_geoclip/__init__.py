@@ -12,6 +12,7 @@ from .modeling_geoclip import (
     check_top_k,
     validate_locations,
 )
+from .pipeline_geoclip import ImageGeolocationPipeline  # registers the image-geolocation pipeline
 from .processing_geoclip import GeoCLIPImageProcessor, byte_level_clip_tokenizer, load_image
 
 AutoConfig.register(GeoCLIPConfig.model_type, GeoCLIPConfig, exist_ok=True)
@@ -28,6 +29,7 @@ __all__ = [
     "GeoCLIPModel",
     "GeoCLIPOutput",
     "GeolocationOutput",
+    "ImageGeolocationPipeline",
     "byte_level_clip_tokenizer",
     "check_top_k",
     "load_image",

@@ -71,6 +71,15 @@ class GeoCLIPConfig(PreTrainedConfig):
             Number of past GPS coordinates kept as extra negatives for the contrastive loss.
         gallery_size (`int`, defaults to 0):
             Number of GPS points in the retrieval gallery stored with the model (kept in sync by `set_gallery`).
+        gallery_backend (`str`, defaults to `"exact"`):
+            How the gallery is searched: `"exact"` (chunked brute force) or `"faiss"` (a FAISS index, needs
+            `pip install faiss-cpu`). Set by `set_gallery`.
+        gallery_options (`dict`, *optional*):
+            The backend's resolved options (see `modeling_geoclip.gallery_geoclip.resolve_gallery_options`).
+            Set by `set_gallery`.
+        gallery_index_nbytes (`int`, defaults to 0):
+            Size of the serialised FAISS index stored with the model (0 for the exact backend). Set by
+            `set_gallery`.
         use_text_tower (`bool`, defaults to `True`):
             Build the text tower; `False` gives an image-only model (no `get_text_features`).
         freeze_backbone (`bool`, defaults to `True`):
@@ -99,6 +108,9 @@ class GeoCLIPConfig(PreTrainedConfig):
     logit_scale_init_value: float = math.log(1 / 0.07)
     queue_size: int = 4096
     gallery_size: int = 0
+    gallery_backend: str = "exact"
+    gallery_options: dict | None = None
+    gallery_index_nbytes: int = 0
     use_text_tower: bool = True
     freeze_backbone: bool = True
     backbone: str = OFFICIAL_BACKBONE
@@ -123,6 +135,8 @@ class GeoCLIPConfig(PreTrainedConfig):
                 f"text_config.projection_dim ({self.text_config.projection_dim}) must equal "
                 f"vision_config.projection_dim ({self.vision_config.projection_dim}): both towers feed one MLP."
             )
+        if self.gallery_backend not in ("exact", "faiss"):
+            raise ValueError(f"gallery_backend must be 'exact' or 'faiss', got {self.gallery_backend!r}.")
         if self.queue_size < 0 or self.gallery_size < 0:
             raise ValueError(f"queue_size and gallery_size must be >= 0, got {self.queue_size}, {self.gallery_size}.")
 

@@ -18,6 +18,13 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput, logging
 
 from .configuration_geoclip import GeoCLIPConfig, GeoCLIPLocationEncoderConfig
+from .gallery_geoclip import (
+    EMBEDDING_DTYPES,
+    FaissGallery,
+    exact_search,
+    refine_hits,
+    resolve_gallery_options,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -137,6 +144,20 @@ class GeoCLIPPreTrainedModel(PreTrainedModel):
     # Random Fourier features at sigma=256 need fp32: bf16 would scramble the phases.
     _keep_in_fp32_modules = ["location_encoder"]
 
+    @classmethod
+    def from_pretrained(cls, *args, strict: bool = True, output_loading_info: bool = False, **kwargs):
+        """`PreTrainedModel.from_pretrained`, but a checkpoint with missing or unexpected weights raises a
+        `ValueError` (transformers v5 only logs them and randomly initialises what is missing). Pass
+        `strict=False` to load a partial checkpoint on purpose."""
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        problems = {kind: sorted(info[f"{kind}_keys"]) for kind in ("missing", "unexpected") if info[f"{kind}_keys"]}
+        if strict and problems:
+            details = "; ".join(f"{kind}: {keys}" for kind, keys in problems.items())
+            raise ValueError(
+                f"The checkpoint does not match {cls.__name__} ({details}). Pass strict=False to load it anyway."
+            )
+        return (model, info) if output_loading_info else model
+
     @torch.no_grad()
     def _init_weights(self, module):
         if isinstance(module, GeoCLIPCapsule):
@@ -150,7 +171,8 @@ class GeoCLIPPreTrainedModel(PreTrainedModel):
         elif isinstance(module, GeoCLIPModel):
             init.constant_(module.logit_scale, module.config.logit_scale_init_value)
             for buffer in (module.gps_queue, module.gps_queue_ptr, module.gps_queue_count,
-                           module.gallery_coordinates, module.gallery_embeddings):
+                           module.gallery_coordinates, module.gallery_embeddings, module.gallery_index,
+                           module.gallery_sample_indices, module.gallery_sample_embeddings):
                 init.zeros_(buffer)
 
 
@@ -244,16 +266,32 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
         self.register_buffer("gps_queue", torch.zeros(config.queue_size, 2))
         self.register_buffer("gps_queue_ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("gps_queue_count", torch.zeros((), dtype=torch.long))
-        self._register_gallery(config.gallery_size)
+        self._register_gallery()
         if config.freeze_backbone:
             for tower in (self.image_tower, self.text_tower):
                 if tower is not None:
                     tower.requires_grad_(False)
         self.post_init()
 
-    def _register_gallery(self, size: int) -> None:
-        self.register_buffer("gallery_coordinates", torch.zeros(size, 2, dtype=torch.int32))
-        self.register_buffer("gallery_embeddings", torch.zeros(size, self.config.projection_dim))
+    def _register_gallery(self) -> None:
+        """(Re)create the gallery buffers with the shapes the config describes (zeros until loaded or set).
+
+        Always the same five buffers, so checkpoints have stable keys: `gallery_coordinates` (N, 2) int32
+        micro-degrees; `gallery_embeddings` (N, D) for `exact` (in `embedding_dtype`), (0, D) for `faiss`;
+        `gallery_index` (nbytes,) uint8, the serialised FAISS index; `gallery_sample_indices` (S,) int64 and
+        `gallery_sample_embeddings` (S, D) float32, the FAISS normaliser sample (empty for `exact`).
+        """
+        config, dim = self.config, self.config.projection_dim
+        options = config.gallery_options or {}
+        exact = config.gallery_backend == "exact"
+        dtype = EMBEDDING_DTYPES[options.get("embedding_dtype", "float32")] if exact else torch.float32
+        sample = 0 if exact else min(options.get("normaliser_sample_size", 0), config.gallery_size)
+        self.register_buffer("gallery_coordinates", torch.zeros(config.gallery_size, 2, dtype=torch.int32))
+        self.register_buffer("gallery_embeddings", torch.zeros(config.gallery_size if exact else 0, dim, dtype=dtype))
+        self.register_buffer("gallery_index", torch.zeros(config.gallery_index_nbytes, dtype=torch.uint8))
+        self.register_buffer("gallery_sample_indices", torch.zeros(sample, dtype=torch.long))
+        self.register_buffer("gallery_sample_embeddings", torch.zeros(sample, dim))
+        self._faiss_gallery = None
 
     # ----------------------------------------------------------------------------------------- features
     def get_image_features(
@@ -273,9 +311,9 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
         if clip_image_embeds is None:
             clip_image_embeds = self.get_clip_image_embeds(pixel_values)
         expected = self.config.vision_config.projection_dim
-        if clip_image_embeds.ndim != 2 or clip_image_embeds.shape[1] != expected:
+        if clip_image_embeds.ndim != 2 or clip_image_embeds.shape[0] == 0 or clip_image_embeds.shape[1] != expected:
             raise ValueError(
-                f"clip_image_embeds must have shape (N, {expected}), got {tuple(clip_image_embeds.shape)}."
+                f"clip_image_embeds must have shape (N>=1, {expected}), got {tuple(clip_image_embeds.shape)}."
             )
         return self.image_mlp(clip_image_embeds.to(self.image_mlp[0].weight.dtype))
 
@@ -373,56 +411,114 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
         """The gallery as (G, 2) float64 degrees (lat, lon)."""
         return self.gallery_coordinates.to(torch.float64) / MICRODEGREES
 
-    @torch.no_grad()
-    def set_gallery(self, locations, batch_size: int = 16384, show_progress: bool = False) -> None:
-        """Replace the retrieval gallery: encode `locations` once and keep their normalised embeddings.
+    def _embed_gallery_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """(R,) int64 gallery rows -> (R, D) float32 normalised embeddings, encoded from the coordinates."""
+        return self._embed_locations(self.gallery_coordinates[rows.to(self.gallery_coordinates.device)]
+                                     .to(torch.float64) / MICRODEGREES)
 
-        The gallery (coordinates and embeddings) is saved by `save_pretrained` and restored by
-        `from_pretrained`, so prediction never re-encodes it.
+    def _embed_locations(self, locations: torch.Tensor) -> torch.Tensor:
+        """(M, 2) degrees -> (M, D) float32 normalised location embeddings."""
+        return F.normalize(self.get_location_features(locations.to(self.logit_scale.device)).float(), dim=-1)
+
+    @torch.no_grad()
+    def set_gallery(
+        self, locations, batch_size: int = 16384, show_progress: bool = False, backend: str = "exact",
+        **index_options,
+    ) -> None:
+        """Replace the retrieval gallery: encode `locations` in batches and build the search structure.
+
+        The gallery (coordinates, embeddings or FAISS index, normaliser sample) is saved by `save_pretrained`
+        and restored by `from_pretrained` without re-encoding; the config records the backend and its options.
+
+        What `geolocate(...).probabilities` means per backend:
+        - `"exact"`: the exact softmax over the whole gallery (over the stored embeddings, so rounded to
+          `embedding_dtype`), computed in chunks with a streaming logsumexp.
+        - `"faiss"`: exact scores of the `n_candidates` retrieved hits, divided by an estimated normaliser: the
+          hits' exact mass plus the non-retrieved mass estimated from a fixed random sample of the gallery
+          (`normaliser_sample_size` rows stored at build time) scaled by (N - hits) / sample rows. Close to the
+          exact softmax for the top hits (see `modeling_geoclip.gallery_geoclip`).
 
         Args:
-            locations: (G, 2) degrees (lat, lon) as a tensor, numpy array or list.
-            batch_size: points encoded at a time.
-            show_progress: show a progress bar while encoding.
+            locations: (N, 2) degrees (lat, lon) as a tensor, numpy array or list (`geoloc.gallery` loads them
+                from a CSV, a Dataset or the Hub).
+            batch_size (`int`): points encoded at a time.
+            show_progress (`bool`): show a progress bar while encoding.
+            backend (`str`): `"exact"` or `"faiss"` (needs `pip install faiss-cpu`, also for remote-code users).
+            **index_options: backend options, see `gallery_geoclip.resolve_gallery_options`, e.g.
+                `embedding_dtype="bfloat16"` for `exact`; `index="IVF1024,Flat"`, `nprobe=32` for `faiss`.
+
+        Raises:
+            ValueError: bad locations, an empty gallery, or a bad backend or option. ImportError: `faiss`
+            backend without faiss installed.
+
+        Example:
+            >>> model.set_gallery(locations, backend="faiss", nprobe=32)  # doctest: +SKIP
         """
         locations = validate_locations(locations, "gallery locations").to(torch.float64)
         if len(locations) == 0:
             raise ValueError("The gallery must hold at least one location.")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        options = resolve_gallery_options(backend, len(locations), index_options)
         coordinates = torch.round(locations * MICRODEGREES).to(torch.int32)
+        rounded = coordinates.to(torch.float64) / MICRODEGREES
+        embed = lambda rows: self._embed_locations(rounded[rows])  # noqa: E731
+        if backend == "exact":
+            dtype = EMBEDDING_DTYPES[options["embedding_dtype"]]
+            batches = torch.arange(len(coordinates)).split(batch_size)
+            embeddings = torch.cat([
+                embed(rows).to(dtype)
+                for rows in logging.tqdm(batches, desc="Encoding gallery", disable=not show_progress)
+            ])
+        else:
+            built = FaissGallery.build(embed, len(coordinates), self.config.projection_dim, options,
+                                       batch_size=batch_size, show_progress=show_progress)
+            index_bytes = built.serialize()
+        self.config.gallery_size, self.config.gallery_backend = len(coordinates), backend
+        self.config.gallery_options = options
+        self.config.gallery_index_nbytes = 0 if backend == "exact" else len(index_bytes)
+        self._register_gallery()
         device = self.logit_scale.device
-        batches = coordinates.split(batch_size)
-        embeddings = [
-            F.normalize(self.get_location_features((batch.to(torch.float64) / MICRODEGREES).to(device)), dim=-1)
-            for batch in logging.tqdm(batches, desc="Encoding gallery", disable=not show_progress)
-        ]
-        self._register_gallery(0)
         self.gallery_coordinates = coordinates.to(device)
-        self.gallery_embeddings = torch.cat(embeddings).to(self.gallery_embeddings.dtype)
-        self.config.gallery_size = len(coordinates)
+        if backend == "exact":
+            self.gallery_embeddings = embeddings.to(device)
+        else:
+            self.gallery_index = index_bytes.to(device)
+            self.gallery_sample_indices = built.sample_indices.to(device)
+            self.gallery_sample_embeddings = built.sample_embeddings.to(device)
+            self._faiss_gallery = built
 
-    def search_gallery(self, query_embeds: torch.Tensor, top_k: int, chunk_size: int = 65536):
-        """Exact top-k over the gallery in chunks, never holding all (B, G) logits at once.
+    def _search(self, query_embeds: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(logits, indices, log_normaliser)`: `(B, top_k)`, `(B, top_k)`, `(B,)`; see `search_gallery`."""
+        scale = self.logit_scale.exp()
+        options = self.config.gallery_options or {}
+        if self.config.gallery_backend == "exact":
+            return exact_search(query_embeds, self.gallery_embeddings, scale, top_k,
+                                options.get("chunk_size", 32768))
+        if self._faiss_gallery is None:  # restored by from_pretrained: rebuild from the stored bytes
+            self._faiss_gallery = FaissGallery.deserialize(
+                self.gallery_index, self.gallery_sample_indices, self.gallery_sample_embeddings, options
+            )
+        self._faiss_gallery.options = options
+        logits, indices, log_normaliser = self._faiss_gallery.search(
+            query_embeds, scale, top_k, self._embed_gallery_rows
+        )
+        device = query_embeds.device
+        return logits.to(device), indices.to(device), log_normaliser.to(device)
+
+    @torch.no_grad()
+    def search_gallery(self, query_embeds: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k gallery rows for normalised queries, with the backend chosen by `set_gallery`.
 
         Args:
             query_embeds (`torch.FloatTensor` of shape `(B, projection_dim)`): L2-normalised queries.
             top_k (`int`): hits per query.
 
-        Returns: `(probabilities, indices)`, each `(B, top_k)`: softmax over the whole gallery, and rows.
+        Returns: `(probabilities, indices)`, each `(B, top_k)`, best first; `probabilities` as documented in
+        `set_gallery` (exact softmax over the gallery for `exact`, estimated normaliser for `faiss`).
         """
-        scale = self.logit_scale.exp().float()
-        best_logits = query_embeds.new_full((len(query_embeds), 0), -math.inf, dtype=torch.float32)
-        best_indices = torch.zeros(len(query_embeds), 0, dtype=torch.long, device=query_embeds.device)
-        log_normaliser = torch.full((len(query_embeds),), -math.inf, device=query_embeds.device)
-        for start in range(0, len(self.gallery_embeddings), chunk_size):
-            chunk = self.gallery_embeddings[start : start + chunk_size]
-            logits = scale * (query_embeds.to(chunk.dtype) @ chunk.T).float()
-            log_normaliser = torch.logaddexp(log_normaliser, torch.logsumexp(logits, dim=1))
-            chunk_logits, chunk_indices = logits.topk(min(top_k, logits.shape[1]), dim=1)
-            best_logits, order = torch.cat([best_logits, chunk_logits], 1).topk(
-                min(top_k, best_logits.shape[1] + chunk_logits.shape[1]), dim=1
-            )
-            best_indices = torch.cat([best_indices, chunk_indices + start], 1).gather(1, order)
-        return torch.exp(best_logits - log_normaliser[:, None]), best_indices
+        logits, indices, log_normaliser = self._search(query_embeds, top_k)
+        return torch.exp(logits - log_normaliser[:, None]), indices
 
     @torch.no_grad()
     def geolocate(
@@ -432,6 +528,9 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         top_k: int = 5,
         clip_image_embeds: torch.Tensor | None = None,
+        refine: bool = False,
+        refine_radius_km: float = 25.0,
+        refine_samples: int = 64,
     ) -> GeolocationOutput:
         """Top-k gallery locations for a batch of images (or texts, or cached CLIP image embeddings).
 
@@ -440,9 +539,15 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
             input_ids (`torch.LongTensor` of shape `(B, L)`) with attention_mask: tokenised texts, or
             clip_image_embeds (`torch.FloatTensor` of shape `(B, clip_dim)`): precomputed CLIP embeddings.
             top_k (`int`): predictions per input, 1 <= top_k <= gallery size.
+            refine (`bool`): local refinement around the top hits (a documented extension: the GeoCLIP paper
+                predicts the best gallery point and describes no refinement step). `refine_samples` points per
+                hit are drawn around each of the top_k hits (random bearing, distance |N(0, refine_radius_km)|),
+                encoded with the location encoder, scored, and hits + samples are re-ranked.
 
         Returns: [`GeolocationOutput`] with `latitudes`, `longitudes`, `probabilities`, `indices`, each
-        `(B, top_k)`, best first. `probabilities` is the softmax over the whole gallery.
+        `(B, top_k)`, best first. `probabilities` is the softmax over the whole gallery: exact for the `exact`
+        backend, with an estimated normaliser for `faiss` (see `set_gallery`). With `refine=True` it is the
+        softmax over the gallery plus the sampled points, and `indices` is -1 for sampled points.
         """
         if sum(x is not None for x in (pixel_values, input_ids, clip_image_embeds)) != 1:
             raise ValueError("Pass exactly one of pixel_values, input_ids or clip_image_embeds.")
@@ -453,8 +558,18 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
             query = self.get_text_features(input_ids, attention_mask)
         else:
             query = self.get_image_features(pixel_values, clip_image_embeds)
-        probabilities, indices = self.search_gallery(F.normalize(query.float(), dim=-1), top_k)
+        query = F.normalize(query.float(), dim=-1)
+        logits, indices, log_normaliser = self._search(query, top_k)
         coordinates = self.gallery_locations[indices]
+        if refine:
+            coordinates, probabilities, source = refine_hits(
+                query, self.logit_scale.exp(), coordinates, logits, log_normaliser, self._embed_locations,
+                radius_km=refine_radius_km, num_samples=refine_samples,
+            )
+            source = source.to(indices.device)
+            indices = torch.where(source >= 0, indices.gather(1, source.clamp(min=0)), -1)
+        else:
+            probabilities = torch.exp(logits - log_normaliser[:, None])
         return GeolocationOutput(
             latitudes=coordinates[..., 0],
             longitudes=coordinates[..., 1],

@@ -1,0 +1,258 @@
+"""Geolocation datasets in, images decoded and checked.
+
+`load_geo_dataset` reads an image folder (`metadata.csv` with `file_name,latitude,longitude`), parquet or
+webdataset shards, or a Hub dataset, and returns a `datasets.Dataset` (or `IterableDataset` when streaming)
+with the canonical columns `image`, `latitude`, `longitude` (plus whatever else the source has, e.g.
+`scene` or `id`). Rows with bad coordinates are counted and dropped with one warning. Images are *not*
+decoded here (`Image(decode=False)`): `GeoCollator` decodes each one with `modeling_geoclip.load_image`
+when a batch is built, and drops (and counts) the unreadable ones, so a single broken file never stops a
+long run.
+
+Example:
+    >>> ds = load_geo_dataset("data/worldmap/train")  # doctest: +SKIP
+    >>> collate = GeoCollator(GeoCLIPImageProcessor.from_pretrained("model_dir"))  # doctest: +SKIP
+    >>> batch = collate([ds[0], ds[1]])  # {"pixel_values": (2, 3, H, W), "locations": (2, 2)}  # doctest: +SKIP
+"""
+
+import glob
+import os
+from collections.abc import Sequence
+
+import datasets
+import numpy as np
+import pandas as pd
+import torch
+from datasets import Image as ImageFeature
+from transformers.utils import logging
+
+from modeling_geoclip import load_image
+
+from .geodesy import validate_coordinates
+
+logger = logging.get_logger(__name__)
+
+IMAGE, LATITUDE, LONGITUDE = "image", "latitude", "longitude"
+CANONICAL_COLUMNS = (IMAGE, LATITUDE, LONGITUDE)
+
+# File extensions of the shard formats read by `load_geo_dataset`, and the `datasets` builder for each.
+SHARD_BUILDERS = {".parquet": "parquet", ".tar": "webdataset"}
+
+# Rows validated at once; a chunk that fails is re-checked row by row to name and count the bad rows.
+_VALIDATION_CHUNK = 4096
+
+
+def _shard_builder(source: str) -> str | None:
+    """The `datasets` builder for a shard file, a glob of shards, or a folder of shards (else None)."""
+    if os.path.isdir(source):
+        extensions = {os.path.splitext(name)[1] for name in os.listdir(source)}
+        if not (extensions & set(SHARD_BUILDERS)) or os.path.exists(os.path.join(source, "metadata.csv")):
+            return None
+        builders = {SHARD_BUILDERS[ext] for ext in extensions if ext in SHARD_BUILDERS}
+        if len(builders) > 1:
+            raise ValueError(f"Folder '{source}' mixes parquet and webdataset shards; point at one kind.")
+        return builders.pop()
+    return SHARD_BUILDERS.get(os.path.splitext(source)[1])
+
+
+def _load_raw(source: str, split: str, streaming: bool):
+    """Dispatch on the kind of `source`: image folder, parquet/webdataset shards, or a Hub dataset id."""
+    builder = _shard_builder(source)
+    if builder is not None:
+        pattern = os.path.join(source, f"*{'.parquet' if builder == 'parquet' else '.tar'}") if os.path.isdir(
+            source) else source
+        files = sorted(glob.glob(pattern))
+        if not files:
+            raise ValueError(f"No {builder} shards match '{source}'.")
+        return datasets.load_dataset(builder, data_files={split: files}, split=split, streaming=streaming)
+    if os.path.isdir(source):
+        has_metadata = any(name == "metadata.csv" for _, _, names in os.walk(source) for name in names)
+        if not has_metadata:
+            raise ValueError(
+                f"Image folder '{source}' has no metadata.csv: add one with columns file_name,latitude,longitude."
+            )
+        return datasets.load_dataset("imagefolder", data_dir=source, split=split, streaming=streaming)
+    if os.path.exists(source):
+        raise ValueError(
+            f"Cannot read '{source}': pass an image folder with metadata.csv, .parquet or .tar (webdataset) "
+            "shards, or a Hugging Face Hub dataset id."
+        )
+    return datasets.load_dataset(source, split=split, streaming=streaming)
+
+
+def _canonical_names(dataset, image_column: str, lat_column: str, lon_column: str):
+    """Rename the user's image/latitude/longitude columns to `image`, `latitude`, `longitude`."""
+    columns = dataset.column_names
+    if columns is None:  # some streaming sources only know their columns after the first example
+        columns = list(next(iter(dataset)).keys())
+    renames = {image_column: IMAGE, lat_column: LATITUDE, lon_column: LONGITUDE}
+    missing = [name for name in renames if name not in columns]
+    if missing:
+        raise ValueError(
+            f"Column(s) {missing} not found in the dataset (columns: {sorted(columns)}); "
+            "pass --image-column/--lat-column/--lon-column."
+        )
+    clashes = [target for source, target in renames.items() if source != target and target in columns]
+    if clashes:
+        raise ValueError(f"Cannot rename to {clashes}: the dataset already has column(s) with these names.")
+    renames = {source: target for source, target in renames.items() if source != target}
+    return dataset.rename_columns(renames) if renames else dataset
+
+
+def _as_floats(values) -> np.ndarray:
+    """Any column of numbers/strings/None -> float64 array, with NaN where a value is not a number."""
+    return pd.to_numeric(pd.Series(list(values), dtype=object), errors="coerce").to_numpy(np.float64)
+
+
+def invalid_coordinate_rows(latitudes, longitudes) -> list[tuple[int, str]]:
+    """Rows whose coordinates `geoloc.geodesy.validate_coordinates` rejects, as `(row, reason)` pairs.
+
+    Args:
+        latitudes, longitudes: sequences of length N (numbers, numeric strings, None).
+
+    Example:
+        >>> invalid_coordinate_rows([10.0, 95.0, None], [20.0, 0.0, 5.0])[0][0]
+        1
+    """
+    latitudes, longitudes = _as_floats(latitudes), _as_floats(longitudes)
+    bad = []
+    for start in range(0, len(latitudes), _VALIDATION_CHUNK):
+        stop = start + _VALIDATION_CHUNK
+        try:
+            validate_coordinates(latitudes[start:stop], longitudes[start:stop])
+        except ValueError:
+            for row in range(start, min(stop, len(latitudes))):
+                try:
+                    validate_coordinates(latitudes[row : row + 1], longitudes[row : row + 1])
+                except ValueError as error:
+                    bad.append((row, f"row {row}: {error}"))
+    return bad
+
+
+def _has_valid_coordinates(example: dict) -> bool:
+    """Streaming filter: keep the example when its coordinates validate, warn once per dropped row."""
+    if invalid_coordinate_rows([example[LATITUDE]], [example[LONGITUDE]]):
+        logger.warning(f"Skipping a row with invalid coordinates ({example[LATITUDE]!r}, {example[LONGITUDE]!r}).")
+        return False
+    return True
+
+
+def load_geo_dataset(
+    source: str,
+    split: str = "train",
+    *,
+    image_column: str = IMAGE,
+    lat_column: str = LATITUDE,
+    lon_column: str = LONGITUDE,
+    streaming: bool = False,
+):
+    """Load a geolocation dataset with canonical columns `image` (undecoded), `latitude`, `longitude`.
+
+    Args:
+        source: an image folder with `metadata.csv` (`file_name,latitude,longitude`; `train/`, `test/`
+            subfolders become splits), a `.parquet`/`.tar` (webdataset) shard, a glob or folder of shards,
+            or a Hugging Face Hub dataset id.
+        split: which split to read.
+        image_column, lat_column, lon_column: the source's names for the image and coordinates.
+        streaming: return an `IterableDataset` (rows are checked as they stream by) instead of a `Dataset`.
+
+    Returns:
+        `datasets.Dataset` or `datasets.IterableDataset`. The `image` column is cast to
+        `Image(decode=False)` (dicts with `bytes`/`path`); decode with `decode_image` or `GeoCollator`.
+        Latitudes/longitudes are float64. Other columns are kept. Rows with invalid coordinates are dropped
+        and counted in one warning.
+
+    Raises:
+        ValueError: when the source cannot be read or a named column is missing.
+
+    Example:
+        >>> ds = load_geo_dataset("data/worldmap", split="test")  # doctest: +SKIP
+        >>> ds.column_names  # doctest: +SKIP
+        ['image', 'latitude', 'longitude']
+    """
+    dataset = _load_raw(os.fspath(source), split, streaming)
+    dataset = _canonical_names(dataset, image_column, lat_column, lon_column)
+    dataset = dataset.cast_column(IMAGE, ImageFeature(decode=False))
+    if streaming:
+        return dataset.filter(_has_valid_coordinates)
+    bad = invalid_coordinate_rows(dataset[LATITUDE], dataset[LONGITUDE])
+    if bad:
+        logger.warning(
+            f"Skipping {len(bad)} of {len(dataset)} rows with invalid coordinates in '{source}' ({split}); "
+            f"first: {bad[0][1]}"
+        )
+        keep = np.ones(len(dataset), dtype=bool)
+        keep[[row for row, _ in bad]] = False
+        dataset = dataset.select(np.flatnonzero(keep))
+    for column in (LATITUDE, LONGITUDE):
+        if dataset.features[column] != datasets.Value("float64"):
+            dataset = dataset.cast_column(column, datasets.Value("float64"))
+    return dataset
+
+
+def decode_image(value):
+    """Decode one `image` cell (a `{"bytes", "path"}` dict from `Image(decode=False)`, a path, bytes or a
+    PIL image) into an RGB PIL image with `modeling_geoclip.load_image`.
+
+    Raises:
+        ValueError: naming the file when it is missing, corrupt or not an image.
+    """
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+        if value is None:
+            raise ValueError("Image cell has neither bytes nor a path.")
+    return load_image(value)
+
+
+class GeoCollator:
+    """Turn a list of dataset rows into a training batch, skipping (and counting) unreadable images.
+
+    Returns a dict with `pixel_values` `(B, 3, H, W)` float, `locations` `(B, 2)` float64 (lat, lon), and
+    one `(B,)` or `(B, L)` long tensor per name in `label_columns` (e.g. geocell labels, `scene`). `B` may
+    be smaller than the number of rows when images were skipped, and 0 when all of them were.
+
+    Args:
+        image_processor: a `GeoCLIPImageProcessor` (or any image processor taking PIL images).
+        label_columns: integer columns passed through as tensors.
+
+    Example:
+        >>> collate = GeoCollator(GeoCLIPImageProcessor(size={"shortest_edge": 32},
+        ...                       crop_size={"height": 32, "width": 32}))  # doctest: +SKIP
+    """
+
+    def __init__(self, image_processor, label_columns: Sequence[str] = ()):
+        self.image_processor = image_processor
+        self.label_columns = tuple(label_columns)
+        self.skipped = 0
+
+    def __call__(self, rows: list[dict]) -> dict:
+        images, kept = [], []
+        for row in rows:
+            try:
+                images.append(decode_image(row[IMAGE]))
+            except ValueError as error:
+                self.skipped += 1
+                logger.warning(f"Skipping an unreadable image ({self.skipped} so far): {error}")
+                continue
+            kept.append(row)
+        if images:
+            pixel_values = self.image_processor(images, return_tensors="pt").pixel_values
+        else:
+            size = self.image_processor.crop_size
+            pixel_values = torch.zeros(0, 3, size["height"], size["width"])
+        batch = {
+            "pixel_values": pixel_values,
+            "locations": torch.tensor([[row[LATITUDE], row[LONGITUDE]] for row in kept],
+                                      dtype=torch.float64).reshape(-1, 2),
+        }
+        for column in self.label_columns:
+            batch[column] = torch.tensor([row[column] for row in kept], dtype=torch.long)
+        return batch
+
+
+__all__ = [
+    "CANONICAL_COLUMNS",
+    "GeoCollator",
+    "decode_image",
+    "invalid_coordinate_rows",
+    "load_geo_dataset",
+]

@@ -1,0 +1,215 @@
+"""`geoloc evaluate`: score a GeoCLIP or GeoHier checkpoint on a benchmark or any geolocation dataset.
+
+Writes `DIR/metrics.json` (`acc_1km` ... `acc_2500km`, `mean_km`, `median_km`, `geoscore`, plus `n`,
+`n_unreadable`, `model`, `dataset`, `top_k`) and `DIR/predictions.csv`
+(`id,latitude,longitude,pred_latitude,pred_longitude,error_km`, the model's best guess per image), and
+`DIR/unreadable.csv` (`id,error`) when some images could not be decoded: those are skipped and counted,
+never fatal. With `--top-k K > 1`, metrics.json also holds `best_of_top_k`: the same metrics for the
+closest of the K candidates (an upper bound, as some papers report).
+
+Runs on one device, or sharded over processes with `accelerate launch`: each process predicts a
+contiguous shard and the main process gathers them, in dataset order. On GPUs use
+`accelerate launch --multi_gpu --num_processes N -m geoloc.evaluate ...`. On a CPU-only machine
+`accelerate launch --cpu --num_processes N` starts a single process (accelerate expects MPI for multi-CPU);
+start N CPU processes (gloo) with `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N`.
+
+Example:
+    geoloc evaluate --model ./geoclip --dataset im2gps3k --data-dir data/im2gps3k --output-dir eval/im2gps3k
+    accelerate launch --multi_gpu --num_processes 4 -m geoloc.evaluate --model ./geoclip --dataset osv5m \
+        --output-dir eval/osv5m
+"""
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+from transformers import AutoImageProcessor, AutoModel
+from transformers.utils import logging
+
+from .benchmarks import BENCHMARKS, load_benchmark
+from .data import decode_image, load_geo_dataset
+from .geodesy import geodesic_distance_km
+from .metrics import distance_metrics
+
+logger = logging.get_logger(__name__)
+
+PREDICTION_COLUMNS = ["id", "latitude", "longitude", "pred_latitude", "pred_longitude", "error_km"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="geoloc evaluate",
+        description="Evaluate a geolocation checkpoint: writes metrics.json and predictions.csv.",
+    )
+    parser.add_argument("--model", required=True, help="checkpoint folder or Hub id (GeoCLIP or GeoHier)")
+    parser.add_argument(
+        "--dataset", required=True,
+        help=f"a benchmark ({', '.join(sorted(BENCHMARKS))}) or a dataset path / Hub id read with "
+             "geoloc.data.load_geo_dataset",
+    )
+    parser.add_argument("--output-dir", required=True, help="where metrics.json and predictions.csv go")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass and process")
+    parser.add_argument("--top-k", type=int, default=1,
+                        help="candidates per image; metrics use the best-ranked, best_of_top_k the closest")
+    parser.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N rows")
+    parser.add_argument("--data-dir", default=None,
+                        help="local copy of a benchmark in its original layout (see geoloc.benchmarks)")
+    parser.add_argument("--split", default="test", help="split of a dataset path / Hub id")
+    parser.add_argument("--image-column", default="image", help="image column of a dataset path / Hub id")
+    parser.add_argument("--lat-column", default="latitude", help="latitude column of a dataset path / Hub id")
+    parser.add_argument("--lon-column", default="longitude", help="longitude column of a dataset path / Hub id")
+    return parser
+
+
+def load_evaluation_dataset(args: argparse.Namespace):
+    """The benchmark named by `args.dataset`, or the dataset at that path / Hub id."""
+    if args.dataset in BENCHMARKS:
+        return load_benchmark(args.dataset, args.data_dir)
+    if args.data_dir is not None:
+        raise ValueError(
+            f"--data-dir is for the benchmarks ({', '.join(sorted(BENCHMARKS))}); for a dataset path pass it "
+            f"as --dataset (got --dataset {args.dataset!r})."
+        )
+    return load_geo_dataset(
+        args.dataset, split=args.split,
+        image_column=args.image_column, lat_column=args.lat_column, lon_column=args.lon_column,
+    )
+
+
+def _row_id(row: dict, index: int) -> str:
+    """A row's id: its `id` column, else its image file name, else its row number."""
+    if row.get("id") is not None:
+        return str(row["id"])
+    image = row["image"]
+    path = image.get("path") if isinstance(image, dict) else image if isinstance(image, str) else None
+    return os.path.basename(path) if path else str(index)
+
+
+@dataclass
+class ShardPredictions:
+    """What one process predicted: kept rows' ids, true and (B, K) predicted coordinates; skipped rows."""
+
+    ids: list = field(default_factory=list)
+    latitudes: list = field(default_factory=list)
+    longitudes: list = field(default_factory=list)
+    pred_latitudes: list = field(default_factory=list)
+    pred_longitudes: list = field(default_factory=list)
+    unreadable: list = field(default_factory=list)
+
+
+@torch.no_grad()
+def predict(model, image_processor, dataset, batch_size: int, top_k: int, offset: int = 0,
+            show_progress: bool = True) -> ShardPredictions:
+    """Geolocate every row of `dataset` with `model.geolocate(pixel_values=..., top_k=top_k)`.
+
+    Unreadable images are skipped and recorded as `(id, error)` in `unreadable`.
+
+    Args:
+        dataset: rows with `image` (anything `geoloc.data.decode_image` reads), `latitude`, `longitude`.
+        offset: the row number of the first row in the full dataset (for ids of rows without one).
+    """
+    result = ShardPredictions()
+    device, dtype = model.device, model.dtype
+    progress = tqdm(total=len(dataset), desc="Evaluating", unit="img", disable=not show_progress)
+    for start in range(0, len(dataset), batch_size):
+        rows = dataset.select(range(start, min(start + batch_size, len(dataset))))
+        images, kept = [], []
+        for index, row in enumerate(rows, start=offset + start):
+            try:
+                images.append(decode_image(row["image"]))
+            except ValueError as error:
+                logger.warning(f"Skipping an unreadable image: {error}")
+                result.unreadable.append((_row_id(row, index), str(error)))
+                continue
+            kept.append((index, row))
+        if images:
+            pixel_values = image_processor(images, return_tensors="pt").pixel_values.to(device, dtype)
+            output = model.geolocate(pixel_values=pixel_values, top_k=top_k)
+            result.pred_latitudes.extend(output.latitudes.double().cpu().numpy())
+            result.pred_longitudes.extend(output.longitudes.double().cpu().numpy())
+            for index, row in kept:
+                result.ids.append(_row_id(row, index))
+                result.latitudes.append(row["latitude"])
+                result.longitudes.append(row["longitude"])
+        progress.update(len(rows))
+    progress.close()
+    return result
+
+
+def _gather(shard: ShardPredictions) -> ShardPredictions:
+    """Concatenate every process's predictions on all processes, in process (= dataset) order."""
+    gathered = gather_object([shard])
+    return ShardPredictions(**{
+        name: [item for part in gathered for item in getattr(part, name)] for name in vars(shard)
+    })
+
+
+def write_results(predictions: ShardPredictions, output_dir: str, model: str, dataset: str, top_k: int) -> dict:
+    """Score the gathered predictions and write metrics.json, predictions.csv (and unreadable.csv)."""
+    total = len(predictions.ids) + len(predictions.unreadable)
+    if not predictions.ids:
+        raise ValueError(f"No image of {dataset!r} could be read ({total} rows): nothing to score.")
+    latitudes, longitudes = np.asarray(predictions.latitudes), np.asarray(predictions.longitudes)
+    candidates_lat, candidates_lon = np.stack(predictions.pred_latitudes), np.stack(predictions.pred_longitudes)
+    candidate_errors = geodesic_distance_km(
+        candidates_lat.ravel(), candidates_lon.ravel(),
+        np.repeat(latitudes, top_k), np.repeat(longitudes, top_k),
+        names=("predictions", "references"),
+    ).reshape(-1, top_k)
+    metrics = distance_metrics(candidate_errors[:, 0])
+    summary = {**metrics, "n": len(predictions.ids), "n_unreadable": len(predictions.unreadable),
+               "model": model, "dataset": dataset, "top_k": top_k}
+    if top_k > 1:
+        summary["best_of_top_k"] = distance_metrics(candidate_errors.min(axis=1))
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "metrics.json"), "w") as handle:
+        json.dump(summary, handle, indent=2)
+    pd.DataFrame({
+        "id": predictions.ids, "latitude": latitudes, "longitude": longitudes,
+        "pred_latitude": candidates_lat[:, 0], "pred_longitude": candidates_lon[:, 0],
+        "error_km": candidate_errors[:, 0],
+    }, columns=PREDICTION_COLUMNS).to_csv(os.path.join(output_dir, "predictions.csv"), index=False)
+    if predictions.unreadable:
+        pd.DataFrame(predictions.unreadable, columns=["id", "error"]).to_csv(
+            os.path.join(output_dir, "unreadable.csv"), index=False
+        )
+    return summary
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}.")
+    if args.max_samples is not None and args.max_samples < 1:
+        raise ValueError(f"--max-samples must be >= 1, got {args.max_samples}.")
+    accelerator = Accelerator()
+    model = AutoModel.from_pretrained(args.model).to(accelerator.device).eval()
+    image_processor = AutoImageProcessor.from_pretrained(args.model)
+    dataset = load_evaluation_dataset(args)
+    if args.max_samples is not None:
+        dataset = dataset.select(range(min(args.max_samples, len(dataset))))
+    with accelerator.split_between_processes(list(range(len(dataset)))) as rows:
+        shard = dataset.select(rows)
+        offset = rows[0] if rows else 0
+    predictions = predict(model, image_processor, shard, args.batch_size, args.top_k, offset,
+                          show_progress=accelerator.is_local_main_process)
+    predictions = _gather(predictions)
+    if accelerator.is_main_process:
+        summary = write_results(predictions, args.output_dir, args.model, args.dataset, args.top_k)
+        print(f"geoloc evaluate: {summary['n']} images scored, {summary['n_unreadable']} unreadable, "
+              f"{accelerator.num_processes} process(es) -> {args.output_dir}")
+        print(json.dumps({key: value for key, value in summary.items() if key != "best_of_top_k"}, indent=2))
+    accelerator.wait_for_everyone()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

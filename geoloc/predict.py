@@ -1,0 +1,126 @@
+"""`geoloc predict`: where were these photos taken (or: where does this text describe)?
+
+    geoloc predict photo.jpg more/*.jpg --model ./geoclip-vit-l14 --top-k 5 --batch-size 8 [--json]
+    geoloc predict --text "a beach with palm trees" --model ./geoclip-vit-l14
+    geoloc predict photo.jpg --gallery my_points.csv     # search another GPS gallery (GeoCLIP only)
+"""
+
+import argparse
+import inspect
+import json
+import sys
+from pathlib import Path
+
+from tqdm.auto import tqdm
+from transformers import AutoModel, AutoTokenizer, pipeline
+
+from modeling_geoclip.pipeline_geoclip import TASK
+
+from .gallery import load_gallery
+
+# The bundled tiny world-map GeoCLIP (trained by `geoloc train`; absent from source checkouts until built).
+DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "geoclip-worldmap-tiny"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="geoloc predict",
+        description="Predict the GPS location of images (or of text descriptions, for GeoCLIP models).",
+    )
+    parser.add_argument("images", nargs="*", metavar="IMAGE", help="image files to geolocate")
+    parser.add_argument("--text", action="append", metavar="TEXT",
+                        help="a text query instead of images (repeat for several; GeoCLIP models only)")
+    parser.add_argument("--model", help=f"checkpoint folder or Hub id (default: the bundled {DEFAULT_MODEL.name})")
+    parser.add_argument("--top-k", type=int, default=5, help="predictions per input (default: 5)")
+    parser.add_argument("--gallery", help="replace the model's GPS gallery: a CSV (LAT/LON or latitude/longitude "
+                        "columns) or a Hub dataset id (GeoCLIP models only)")
+    parser.add_argument("--batch-size", type=int, default=8, help="inputs per forward pass (default: 8)")
+    parser.add_argument("--json", action="store_true", help="print the predictions as JSON")
+    return parser
+
+
+def _resolve_model(model: str | None) -> str:
+    if model is not None:
+        return model
+    if not DEFAULT_MODEL.is_dir():
+        raise ValueError(
+            f"No --model given and the bundled default model is not installed at {DEFAULT_MODEL}. Pass "
+            "--model PATH_OR_HUB_ID, e.g. a folder written by `python -m modeling_geoclip.convert`."
+        )
+    return str(DEFAULT_MODEL)
+
+
+def _predictions(output, row: int) -> list[dict]:
+    columns = (output.latitudes[row].tolist(), output.longitudes[row].tolist(), output.probabilities[row].tolist())
+    return [{"latitude": lat, "longitude": lon, "probability": p} for lat, lon, p in zip(*columns)]
+
+
+def _set_gallery(model, gallery: str) -> None:
+    if not hasattr(model, "set_gallery"):
+        raise ValueError(f"--gallery needs a GeoCLIP model; {type(model).__name__} predicts cells, not gallery points.")
+    model.set_gallery(load_gallery(gallery), show_progress=True)
+
+
+def _predict_texts(args, model_id: str) -> list[dict]:
+    model = AutoModel.from_pretrained(model_id).eval()
+    if "input_ids" not in inspect.signature(model.geolocate).parameters:
+        raise ValueError(f"--text needs a GeoCLIP model; {type(model).__name__} only geolocates images.")
+    if args.gallery:
+        _set_gallery(model, args.gallery)
+    tokenizer = AutoTokenizer.from_pretrained(model_id)
+    results = []
+    for start in range(0, len(args.text), args.batch_size):
+        texts = args.text[start : start + args.batch_size]
+        tokens = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        output = model.geolocate(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, top_k=args.top_k)
+        results += [{"input": text, "predictions": _predictions(output, row)} for row, text in enumerate(texts)]
+    return results
+
+
+def _predict_images(args, model_id: str) -> list[dict]:
+    geolocator = pipeline(TASK, model=model_id)
+    if args.gallery:
+        _set_gallery(geolocator.model, args.gallery)
+    results = []
+    with tqdm(total=len(args.images), unit="image", desc="Geolocating", disable=len(args.images) < 2) as progress:
+        for start in range(0, len(args.images), args.batch_size):
+            images = args.images[start : start + args.batch_size]
+            predictions = geolocator(images, top_k=args.top_k, batch_size=len(images))
+            results += [{"input": image, "predictions": rows} for image, rows in zip(images, predictions)]
+            progress.update(len(images))
+    return results
+
+
+def _print_table(results: list[dict]) -> None:
+    for result in results:
+        print(result["input"])
+        for rank, prediction in enumerate(result["predictions"], start=1):
+            print(f"  {rank}. {prediction['latitude']:10.6f}, {prediction['longitude']:11.6f}"
+                  f"   p={prediction['probability']:.4f}")
+
+
+def main(argv=None) -> int:
+    """Run `geoloc predict`; returns the exit status (0 ok, 1 bad input or model, 2 bad arguments)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if bool(args.images) == bool(args.text):
+        parser.error("give image files or --text queries (not both)")
+    if args.top_k < 1:
+        parser.error(f"--top-k must be >= 1, got {args.top_k}")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    try:
+        model_id = _resolve_model(args.model)
+        results = _predict_texts(args, model_id) if args.text else _predict_images(args, model_id)
+    except (ValueError, OSError, ImportError) as error:
+        print(f"geoloc predict: error: {error}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        _print_table(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

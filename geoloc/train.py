@@ -1,0 +1,404 @@
+"""Train GeoCLIP or GeoHier with one readable loop on Hugging Face Accelerate.
+
+    accelerate launch [--num_processes N] -m geoloc.train --model geoclip --model-config tiny \\
+        --dataset data/worldmap --output-dir runs/geoclip-tiny --max-steps 500 --batch-size 64
+    geoloc train --model geohier --model-config tiny --dataset data/worldmap --output-dir runs/geohier-tiny
+
+Accelerate places the model, runs mixed precision, gradient accumulation and multi-process data parallelism.
+Every `--checkpoint-every` optimizer steps the whole training state (model with its GPS queue buffer,
+optimizer, scheduler, every process's RNG) goes to `OUTPUT_DIR/checkpoints/step_XXXXXXXX`; `--resume`
+continues from the newest one at the exact step: the data order of each epoch is a function of the seed and
+the epoch, and the batches of the current epoch that were already used are skipped.
+
+GeoCLIP trains its image MLP, location encoder and temperature (the CLIP towers stay frozen) with the
+contrastive loss against the batch and the GPS queue; the coordinates of every process's batch are gathered
+and enqueued on every process, so the queues stay identical. `--cache-features` computes the frozen CLIP
+image embeddings once (cached on disk, keyed by the image tower, processor and dataset) and trains on them.
+GeoHier gets geocells built from the training coordinates (`geoloc.geocells.build_geocells`), stored in the
+model as its cell table, and trains end to end on the per-level cell labels (+ `scene` when the dataset has
+that column).
+
+The output folder ends up with the model (`save_pretrained`, loadable with `AutoModel.from_pretrained` after
+`import geoloc`), its image processor (and tokenizer for GeoCLIP), `log.jsonl` (one JSON line per logged step),
+TensorBoard logs when tensorboard is installed, and `train_summary.json`. A trained GeoCLIP's retrieval
+gallery is its (deduplicated, at most `--gallery-size`) training coordinates.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+
+import datasets
+import numpy as np
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.logging import get_logger
+from accelerate.utils import is_tensorboard_available, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoImageProcessor, AutoTokenizer, get_cosine_schedule_with_warmup
+
+from modeling_geoclip import GeoCLIPImageProcessor, GeoCLIPModel, byte_level_clip_tokenizer
+from modeling_geohier import GeoHierModel
+
+from .configs import TINY_IMAGE_SIZE, tiny_geoclip_config, tiny_geohier_config
+from .data import IMAGE, LATITUDE, LONGITUDE, GeoCollator, decode_image, load_geo_dataset
+
+logger = get_logger(__name__)
+
+KM_PER_DEGREE = 111.195  # one degree of latitude on the mean Earth sphere
+CHECKPOINTS = "checkpoints"
+DEFAULT_FEATURE_CACHE = os.path.join(
+    os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface")), "geoloc", "features"
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="geoloc train",
+        description="Train GeoCLIP or GeoHier on a geolocation dataset (run under `accelerate launch` for "
+                    "several processes).",
+    )
+    group = parser.add_argument_group("model and data")
+    group.add_argument("--model", choices=("geoclip", "geohier"), required=True)
+    group.add_argument("--model-config", default="tiny",
+                       help="'tiny' (random toy model from geoloc.configs), or a checkpoint folder / Hub id to "
+                            "start from")
+    group.add_argument("--dataset", required=True,
+                       help="image folder with metadata.csv, parquet/webdataset shards, or a Hub dataset id")
+    group.add_argument("--split", default="train")
+    group.add_argument("--image-column", default=IMAGE)
+    group.add_argument("--lat-column", default=LATITUDE)
+    group.add_argument("--lon-column", default=LONGITUDE)
+    group.add_argument("--train-fraction", type=float, default=1.0,
+                       help="train on a seeded random subset of this fraction of the rows")
+    group.add_argument("--output-dir", required=True)
+
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--max-steps", type=int, default=1000, help="optimizer steps")
+    group.add_argument("--batch-size", type=int, default=32, help="images per process per micro-batch")
+    group.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    group.add_argument("--learning-rate", type=float, default=3e-4)
+    group.add_argument("--weight-decay", type=float, default=1e-6)
+    group.add_argument("--warmup-steps", type=int, default=100,
+                       help="linear warm-up, then cosine decay to 0 at --max-steps")
+    group.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    group.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+
+    group = parser.add_argument_group("GeoCLIP")
+    group.add_argument("--gps-noise-km", type=float, default=0.0,
+                       help="GPS augmentation: Gaussian noise of this many km on the training coordinates")
+    group.add_argument("--cache-features", action="store_true",
+                       help="precompute the frozen CLIP image embeddings once and train on them")
+    group.add_argument("--cache-dir", default=DEFAULT_FEATURE_CACHE, help="where cached features are kept")
+    group.add_argument("--gallery-size", type=int, default=100_000,
+                       help="cap on the gallery of training coordinates saved with the model")
+
+    group = parser.add_argument_group("GeoHier")
+    group.add_argument("--geocell-levels", default="50:5000,50:2000,50:1000",
+                       help="tau_min:tau_max per geocell level, coarse to fine")
+
+    group = parser.add_argument_group("checkpoints and logging")
+    group.add_argument("--checkpoint-every", type=int, default=500, help="save the training state every N steps")
+    group.add_argument("--checkpoints-to-keep", type=int, default=2)
+    group.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    group.add_argument("--log-every", type=int, default=10)
+    group.add_argument("--push-to-hub", metavar="REPO", help="upload the trained model to this Hub repo")
+    return parser
+
+
+def check_args(args) -> None:
+    """Raise ValueError on option values that cannot train."""
+    positive = ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every",
+                "checkpoints_to_keep", "log_every", "gallery_size")
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
+    if not 0.0 < args.train_fraction <= 1.0:
+        raise ValueError(f"--train-fraction must be in (0, 1], got {args.train_fraction}.")
+    if args.warmup_steps < 0 or args.gps_noise_km < 0 or args.max_grad_norm < 0 or args.num_workers < 0:
+        raise ValueError("--warmup-steps, --gps-noise-km, --max-grad-norm and --num-workers must be >= 0.")
+    if args.model == "geohier" and (args.cache_features or args.gps_noise_km):
+        raise ValueError("--cache-features and --gps-noise-km are GeoCLIP options (GeoHier trains end to end).")
+
+
+def parse_geocell_levels(text: str) -> list[tuple[int, int]]:
+    """'50:5000,50:2000' -> [(50, 5000), (50, 2000)]."""
+    try:
+        return [tuple(int(value) for value in level.split(":", 1)) for level in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--geocell-levels must look like '50:5000,50:2000,50:1000', got {text!r}.") from None
+
+
+# ------------------------------------------------------------------------------------------------- models
+def tiny_image_processor() -> GeoCLIPImageProcessor:
+    """The image processor of the tiny configs: resize and centre-crop to 32 px, CLIP normalisation."""
+    return GeoCLIPImageProcessor(size={"shortest_edge": TINY_IMAGE_SIZE},
+                                 crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE})
+
+
+def build_geoclip(model_config: str):
+    """(model, image processor, tokenizer): the tiny random GeoCLIP, or a GeoCLIP checkpoint to fine-tune."""
+    if model_config == "tiny":
+        return GeoCLIPModel(tiny_geoclip_config()), tiny_image_processor(), byte_level_clip_tokenizer()
+    return (GeoCLIPModel.from_pretrained(model_config), AutoImageProcessor.from_pretrained(model_config),
+            AutoTokenizer.from_pretrained(model_config))
+
+
+def build_geohier(model_config: str, cells: list[dict]):
+    """(model, image processor): GeoHier with one classifier per level of `cells`, the table stored in it.
+    Starting from a checkpoint keeps its backbone and decoder and re-initialises the cell classifiers."""
+    cells_per_level = [len(level["tokens"]) for level in cells]
+    if model_config == "tiny":
+        model, processor = GeoHierModel(tiny_geohier_config(cells_per_level=cells_per_level)), tiny_image_processor()
+    else:
+        model = GeoHierModel.from_pretrained(model_config, cells_per_level=cells_per_level,
+                                             ignore_mismatched_sizes=True)
+        processor = AutoImageProcessor.from_pretrained(model_config)
+    model.set_cell_table(cells)
+    return model, processor
+
+
+# --------------------------------------------------------------------------------------------------- data
+def cache_clip_features(model, image_processor, dataset, cache_dir: str, accelerator, batch_size: int = 256):
+    """The frozen CLIP image embeddings of `dataset` as a Dataset (`clip_image_embeds`, `latitude`,
+    `longitude`), computed once with a batched `Dataset.map` and kept under `cache_dir` in a folder keyed by
+    the image tower's weights, the processor and the dataset's fingerprint. Unreadable images are dropped."""
+    key = hashlib.sha256(dataset._fingerprint.encode())
+    key.update(json.dumps(image_processor.to_dict(), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.image_tower.state_dict().items()):
+        key.update(name.encode())
+        key.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    path = os.path.join(cache_dir, key.hexdigest()[:32])
+    with accelerator.main_process_first():
+        if os.path.isdir(path):
+            return datasets.load_from_disk(path)
+        tower = model.to(accelerator.device).eval()
+
+        def embed(rows):
+            kept, images = [], []
+            for index, cell in enumerate(rows[IMAGE]):
+                try:
+                    images.append(decode_image(cell))
+                    kept.append(index)
+                except ValueError as error:
+                    logger.warning(f"Skipping an unreadable image: {error}")
+            embeds = np.zeros((0, model.config.vision_config.projection_dim), dtype=np.float32)
+            if images:
+                pixel_values = image_processor(images, return_tensors="pt").pixel_values.to(accelerator.device)
+                with torch.no_grad():
+                    embeds = tower.get_clip_image_embeds(pixel_values).float().cpu().numpy()
+            return {"clip_image_embeds": embeds, LATITUDE: [rows[LATITUDE][i] for i in kept],
+                    LONGITUDE: [rows[LONGITUDE][i] for i in kept]}
+
+        features = dataset.map(embed, batched=True, batch_size=batch_size, remove_columns=dataset.column_names,
+                               new_fingerprint=os.path.basename(path), desc="Caching CLIP image features")
+        partial = f"{path}.partial-{os.getpid()}"
+        features.save_to_disk(partial)
+        os.replace(partial, path)
+        return datasets.load_from_disk(path)
+
+
+def collate_embeddings(rows: list[dict]) -> dict:
+    """Batch of cached features: `clip_image_embeds` (B, D) float, `locations` (B, 2) float64."""
+    return {
+        "clip_image_embeds": torch.tensor(np.array([row["clip_image_embeds"] for row in rows]), dtype=torch.float32),
+        "locations": torch.tensor([[row[LATITUDE], row[LONGITUDE]] for row in rows], dtype=torch.float64),
+    }
+
+
+def add_gps_noise(locations: torch.Tensor, km: float) -> torch.Tensor:
+    """GeoCLIP's GPS augmentation: move each (lat, lon) of `locations` (B, 2) by Gaussian noise of std `km`
+    kilometres; latitudes are clamped at the poles and longitudes wrapped into [-180, 180)."""
+    noise = torch.randn_like(locations) * (km / KM_PER_DEGREE)
+    latitude = (locations[:, 0] + noise[:, 0]).clamp(-90, 90)
+    longitude = locations[:, 1] + noise[:, 1] / torch.cos(torch.deg2rad(latitude)).clamp(min=1e-2)
+    return torch.stack([latitude, torch.remainder(longitude + 180, 360) - 180], dim=1)
+
+
+def gallery_locations(latitudes, longitudes, size: int, seed: int) -> np.ndarray:
+    """The training coordinates, deduplicated (to the microdegree), at most `size` of them (seeded subset)."""
+    points = np.unique(np.round(np.stack([latitudes, longitudes], axis=1), 6), axis=0)
+    if len(points) > size:
+        points = points[np.sort(np.random.default_rng(seed).choice(len(points), size, replace=False))]
+    return points
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def checkpoint_steps(output_dir: str) -> list[int]:
+    """Steps of the complete checkpoints in `output_dir`, oldest first."""
+    folder = os.path.join(output_dir, CHECKPOINTS)
+    if not os.path.isdir(folder):
+        return []
+    return sorted(int(name[5:]) for name in os.listdir(folder) if name.startswith("step_") and name[5:].isdigit())
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, keep: int) -> None:
+    """Save the training state to `checkpoints/step_XXXXXXXX` atomically (a killed save leaves no half
+    checkpoint behind) and delete all but the newest `keep` checkpoints."""
+    folder = os.path.join(output_dir, CHECKPOINTS)
+    final, partial = os.path.join(folder, f"step_{step:08d}"), os.path.join(folder, f"partial_{step:08d}")
+    # torch serialisation: safetensors would drop the model's empty gallery buffers, failing a strict reload
+    accelerator.save_state(partial, safe_serialization=False)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        os.replace(partial, final)
+        for old in checkpoint_steps(output_dir)[:-keep]:
+            shutil.rmtree(os.path.join(folder, f"step_{old:08d}"))
+    accelerator.wait_for_everyone()
+
+
+# -------------------------------------------------------------------------------------------------- train
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with="tensorboard" if is_tensorboard_available() else None,
+        project_dir=args.output_dir,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        step_scheduler_with_optimizer=False,
+    )
+    set_seed(args.seed)
+    is_geoclip = args.model == "geoclip"
+
+    # data
+    dataset = load_geo_dataset(args.dataset, args.split, image_column=args.image_column,
+                               lat_column=args.lat_column, lon_column=args.lon_column)
+    if args.train_fraction < 1.0:
+        count = max(1, round(args.train_fraction * len(dataset)))
+        rows = np.random.default_rng(args.seed).choice(len(dataset), count, replace=False)
+        dataset = dataset.select(np.sort(rows))
+    if len(dataset) == 0:
+        raise ValueError(f"No valid rows to train on in '{args.dataset}' ({args.split}).")
+    latitudes, longitudes = np.asarray(dataset[LATITUDE]), np.asarray(dataset[LONGITUDE])
+
+    # model
+    tokenizer = None
+    if is_geoclip:
+        model, image_processor, tokenizer = build_geoclip(args.model_config)
+        if args.cache_features:
+            dataset = cache_clip_features(model, image_processor, dataset, args.cache_dir, accelerator)
+            collate = collate_embeddings
+        else:
+            collate = GeoCollator(image_processor)
+    else:
+        from .geocells import build_geocells
+
+        cells, labels = build_geocells(latitudes, longitudes, levels=parse_geocell_levels(args.geocell_levels))
+        model, image_processor = build_geohier(args.model_config, cells)
+        dataset = dataset.add_column("labels", labels.tolist())
+        collate = GeoCollator(image_processor, label_columns=["labels"] + (["scene"] if "scene" in
+                                                                            dataset.column_names else []))
+    # The loader's own generator keeps iterator creation off the global RNG, so a resumed run draws the
+    # same GPS noise and dropout as an uninterrupted one; the epoch order is seeded by (seed, epoch).
+    dataloader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, collate_fn=collate,
+                            num_workers=args.num_workers, generator=torch.Generator().manual_seed(args.seed))
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, min(args.warmup_steps, args.max_steps), args.max_steps)
+    model, optimizer, dataloader, scheduler = accelerator.prepare(model, optimizer, dataloader, scheduler)
+    steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
+
+    step = 0
+    if args.resume and checkpoint_steps(args.output_dir):
+        step = checkpoint_steps(args.output_dir)[-1]
+        accelerator.load_state(os.path.join(args.output_dir, CHECKPOINTS, f"step_{step:08d}"))
+        accelerator.print(f"Resumed from step {step}.")
+    elif args.resume:
+        accelerator.print(f"No checkpoint in {args.output_dir}: starting from step 0.")
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    hparams = {key: value for key, value in vars(args).items() if isinstance(value, (int, float, str, bool))}
+    accelerator.init_trackers("tensorboard", config=hparams)
+
+    # loop: one optimizer step = gradient_accumulation_steps micro-batches per process
+    progress = tqdm(total=args.max_steps, initial=step, desc=f"Training {args.model}",
+                    disable=not accelerator.is_local_main_process)
+    samples_seen, step_losses, started = 0, [], time.perf_counter()
+    log_path = os.path.join(args.output_dir, "log.jsonl")
+    model.train()
+    while step < args.max_steps:
+        epoch, step_in_epoch = divmod(step, steps_per_epoch)
+        dataloader.set_epoch(epoch)
+        skip = step_in_epoch * args.gradient_accumulation_steps
+        for batch in accelerator.skip_first_batches(dataloader, skip) if skip else dataloader:
+            with accelerator.accumulate(model):
+                locations = batch.pop("locations")
+                if is_geoclip:
+                    if args.gps_noise_km:
+                        print("DBG", step, hash(torch.get_rng_state().numpy().tobytes()) % 10**6, locations[0].tolist(), flush=True)
+                        locations = add_gps_noise(locations, args.gps_noise_km)
+                    outputs = model(**batch, locations=locations, return_loss=True)
+                else:
+                    outputs = model(**batch)
+                accelerator.backward(outputs.loss)
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            if is_geoclip:  # every process enqueues every process's coordinates: identical queues
+                padded = accelerator.pad_across_processes(locations.to(accelerator.device), pad_index=math.nan)
+                gathered = accelerator.gather(padded)
+                accelerator.unwrap_model(model).enqueue_locations(gathered[torch.isfinite(gathered).all(dim=1)])
+            samples_seen += len(locations)
+            step_losses.append(outputs.loss.detach())
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            step += 1
+            progress.update(1)
+            if step % args.log_every == 0 or step == args.max_steps:
+                loss = accelerator.reduce(torch.stack(step_losses).mean(), "mean").item()
+                record = {"step": step, "epoch": epoch, "loss": loss, "lr": scheduler.get_last_lr()[0],
+                          "samples_per_second": samples_seen * accelerator.num_processes
+                          / (time.perf_counter() - started)}
+                accelerator.log(record, step=step)
+                progress.set_postfix(loss=f"{loss:.4f}")
+                if accelerator.is_main_process:
+                    with open(log_path, "a") as handle:
+                        handle.write(json.dumps(record) + "\n")
+            step_losses = []
+            if step % args.checkpoint_every == 0:
+                save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_to_keep)
+            if step >= args.max_steps:
+                break
+    progress.close()
+
+    # save: the model (+ gallery or cell table), its processor (+ tokenizer), and a summary
+    counts = accelerator.gather(torch.tensor([samples_seen], device=accelerator.device)).tolist()
+    skipped = accelerator.gather(torch.tensor([getattr(collate, "skipped", 0)], device=accelerator.device)).tolist()
+    accelerator.wait_for_everyone()
+    model = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        if is_geoclip:
+            model.set_gallery(gallery_locations(latitudes, longitudes, args.gallery_size, args.seed))
+        model.save_pretrained(args.output_dir)
+        image_processor.save_pretrained(args.output_dir)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(args.output_dir)
+        summary = {"model": args.model, "steps": step, "num_processes": accelerator.num_processes,
+                   "samples_per_process": counts, "skipped_images_per_process": skipped,
+                   "train_rows": len(dataset), "args": vars(args)}
+        with open(os.path.join(args.output_dir, "train_summary.json"), "w") as handle:
+            json.dump(summary, handle, indent=2)
+        if args.push_to_hub:
+            from huggingface_hub import HfApi
+
+            api = HfApi()
+            api.create_repo(args.push_to_hub, exist_ok=True)
+            api.upload_folder(repo_id=args.push_to_hub, folder_path=args.output_dir,
+                              ignore_patterns=[f"{CHECKPOINTS}/**", "tensorboard/**"])
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,372 @@
+"""Gallery search for GeoCLIP: exact chunked top-k, a FAISS index for million-point galleries, and the local
+refinement around the top hits.
+
+A gallery is N GPS points whose L2-normalised location embeddings `e_i` (D each) are scored against a
+normalised query `q` as `logit_i = scale * <q, e_i>`; GeoCLIP's probability of point i is
+`softmax(logits)_i` over the whole gallery. Both backends return, per query, the top-k logits, their gallery
+rows and `log Z = logsumexp(logits)` (exact, or estimated for `faiss`), so `probability = exp(logit - log Z)`.
+
+Backends (`GeoCLIPModel.set_gallery(locations, backend=..., **options)`):
+
+* `exact`: a chunked matmul + running top-k + streaming logsumexp; never holds (B, N) logits. Embeddings can be
+  stored in float16/bfloat16 (`embedding_dtype`) to halve memory and bandwidth; scores are accumulated in
+  float32. Probabilities are the exact softmax over the gallery (of the stored, possibly rounded, embeddings).
+* `faiss` (optional dependency, `pip install faiss-cpu`): an inner-product FAISS index (flat, IVF-flat or
+  IVF-PQ by gallery size) retrieves `n_candidates` hits per query. Their scores are exact model scores: the
+  index stores the vectors exactly (flat codes) or, for compressed codes (PQ/SQ), the candidates are re-scored
+  by re-encoding their coordinates with the location encoder. The normaliser adds the retrieved candidates'
+  exact mass to an estimate of the rest: a fixed uniform random sample of `normaliser_sample_size` gallery rows
+  (drawn with `seed` at build time, stored with the index) is scored exactly, the rows that are among the
+  candidates are dropped, and the sum of `exp(logit)` over the others is scaled by (N - C) / (their count).
+  That estimator is unbiased for the non-retrieved mass; since the retrieved candidates hold nearly all of it
+  for a peaked query, the probabilities of the top hits are close to the exact softmax (tests bound the error).
+
+This module imports only torch and numpy; `faiss` is imported lazily inside the `faiss` backend.
+"""
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers.utils import logging
+
+GALLERY_BACKENDS = ("exact", "faiss")
+EMBEDDING_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+EARTH_RADIUS_KM = 6371.0088
+
+# `embed(rows)`: (R,) int64 gallery rows -> (R, D) float32 L2-normalised embeddings of those rows.
+EmbedRows = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _check_options(backend: str, options: dict, allowed: dict) -> dict:
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"Unknown option(s) {unknown} for gallery backend {backend!r}; allowed: {sorted(allowed)}."
+        )
+    return {**allowed, **options}
+
+
+def default_faiss_index(size: int) -> str:
+    """The FAISS factory string used for a gallery of `size` points when `index` is not given.
+
+    Up to 131,072 points: `Flat` (exact, brute force). Up to 2**20: `IVF{nlist},Flat` (exact codes, ~sqrt(N)/2
+    lists). Above: `IVF{nlist}_HNSW32,PQ64` (64 bytes per point, an HNSW coarse quantizer so that adding
+    millions of points stays fast); compressed codes are re-scored exactly.
+    """
+    if size <= 2**17:
+        return "Flat"
+    nlist = 2 ** max(6, round(math.log2(math.sqrt(size) / 2)))
+    return f"IVF{nlist},Flat" if size <= 2**20 else f"IVF{nlist}_HNSW32,PQ64"
+
+
+def resolve_gallery_options(backend: str, size: int, options: dict) -> dict:
+    """Validate the options of a gallery backend and fill in the defaults for a gallery of `size` points.
+
+    `exact` options: `embedding_dtype` ("float32" | "float16" | "bfloat16", default "float32"), `chunk_size`
+    (gallery rows scored at a time, default 32768).
+    `faiss` options: `index` (a FAISS factory string, default `default_faiss_index(size)`), `nprobe` (IVF lists
+    visited per query, default max(16, nlist // 32)), `ef_search` (HNSW, default 128), `n_candidates` (hits
+    retrieved and scored exactly per query, default 64), `rescore` (re-encode candidates for exact scores;
+    default: True for compressed codes, PQ or SQ), `train_size` (points used to train the index, default
+    max(64 * nlist, 10,000)), `normaliser_sample_size` (default 4096), `seed` (default 0).
+
+    Raises:
+        ValueError: for an unknown backend or option, or a bad value.
+    """
+    if backend not in GALLERY_BACKENDS:
+        raise ValueError(f"backend must be one of {GALLERY_BACKENDS}, got {backend!r}.")
+    if backend == "exact":
+        resolved = _check_options(backend, options, {"embedding_dtype": "float32", "chunk_size": 32768})
+        if resolved["embedding_dtype"] not in EMBEDDING_DTYPES:
+            raise ValueError(
+                f"embedding_dtype must be one of {sorted(EMBEDDING_DTYPES)}, got {resolved['embedding_dtype']!r}."
+            )
+        _check_positive(resolved, ("chunk_size",))
+        return resolved
+    index = options.get("index", default_faiss_index(size))
+    if not isinstance(index, str) or not index:
+        raise ValueError(f"index must be a FAISS factory string such as 'IVF1024,Flat', got {index!r}.")
+    nlist = _ivf_lists(index)
+    resolved = _check_options(backend, options, {
+        "index": index,
+        "nprobe": max(16, nlist // 32),
+        "ef_search": 128,
+        "n_candidates": 64,
+        "rescore": "PQ" in index or "SQ" in index,
+        "train_size": max(64 * nlist, 10_000),
+        "normaliser_sample_size": 4096,
+        "seed": 0,
+    })
+    _check_positive(resolved, ("nprobe", "ef_search", "n_candidates", "train_size", "normaliser_sample_size"))
+    if not isinstance(resolved["rescore"], bool):
+        raise ValueError(f"rescore must be True or False, got {resolved['rescore']!r}.")
+    return resolved
+
+
+def _check_positive(options: dict, names) -> None:
+    for name in names:
+        value = options[name]
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def _ivf_lists(index: str) -> int:
+    """Number of inverted lists in a factory string ('IVF1024,Flat' -> 1024), 0 without IVF."""
+    for part in index.split(","):
+        if part.startswith("IVF"):
+            digits = part[3:].split("_")[0]
+            if digits.isdigit():
+                return int(digits)
+    return 0
+
+
+def import_faiss():
+    """Import faiss, or raise an ImportError that says how to install it."""
+    try:
+        import faiss
+    except ImportError as error:
+        raise ImportError(
+            "The 'faiss' gallery backend needs FAISS: `pip install faiss-cpu` (or `pip install geoloc[faiss]`). "
+            "Remote-code users of the Hub model need it too; the 'exact' backend needs nothing extra."
+        ) from error
+    return faiss
+
+
+# ----------------------------------------------------------------------------------------------- exact
+def exact_search(
+    query: torch.Tensor, embeddings: torch.Tensor, scale: torch.Tensor, top_k: int, chunk_size: int = 32768
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact top-k over a stored gallery in chunks, never holding all (B, N) logits at once.
+
+    Args:
+        query (`torch.FloatTensor` of shape `(B, D)`): L2-normalised queries.
+        embeddings (`torch.Tensor` of shape `(N, D)`): L2-normalised gallery embeddings, float32/16 or bfloat16;
+            reduced-precision chunks are upcast so that scores are computed and accumulated in float32.
+        scale (`torch.Tensor` of shape `()`): the logit scale (exp of the log temperature).
+        top_k (`int`): hits per query, <= N.
+        chunk_size (`int`): gallery rows scored at a time.
+
+    Returns: `(logits, indices, log_normaliser)`: `(B, top_k)` float32 logits and int64 rows, best first, and
+    `(B,)` float32 `logsumexp` of all N logits.
+    """
+    query = query.float()
+    scale = scale.float()
+    batch = len(query)
+    best_logits = query.new_empty(batch, 0)
+    best_indices = torch.empty(batch, 0, dtype=torch.long, device=query.device)
+    log_normaliser = query.new_full((batch,), -math.inf)
+    for start in range(0, len(embeddings), chunk_size):
+        logits = scale * (query @ embeddings[start : start + chunk_size].float().T)
+        log_normaliser = torch.logaddexp(log_normaliser, torch.logsumexp(logits, dim=1))
+        chunk_logits, chunk_indices = logits.topk(min(top_k, logits.shape[1]), dim=1)
+        merged_logits = torch.cat([best_logits, chunk_logits], 1)
+        best_logits, order = merged_logits.topk(min(top_k, merged_logits.shape[1]), dim=1)
+        best_indices = torch.cat([best_indices, chunk_indices + start], 1).gather(1, order)
+    return best_logits, best_indices, log_normaliser
+
+
+# ----------------------------------------------------------------------------------------------- faiss
+class FaissGallery:
+    """A FAISS inner-product index over N normalised embeddings, with the normaliser sample.
+
+    Args:
+        index: a trained, filled `faiss.Index` (inner product) over the N gallery embeddings.
+        sample_indices (`torch.LongTensor` of shape `(S,)`): the gallery rows of the normaliser sample.
+        sample_embeddings (`torch.FloatTensor` of shape `(S, D)`): their embeddings.
+        options (`dict`): resolved options (see `resolve_gallery_options`).
+    """
+
+    def __init__(self, index, sample_indices: torch.Tensor, sample_embeddings: torch.Tensor, options: dict):
+        self.index = index
+        self.sample_indices = sample_indices
+        self.sample_embeddings = sample_embeddings
+        self.options = options
+
+    @classmethod
+    def build(
+        cls, embed: EmbedRows, size: int, dim: int, options: dict, batch_size: int = 16384,
+        show_progress: bool = False,
+    ) -> "FaissGallery":
+        """Train and fill an index from `embed`, batch by batch (peak memory: the index plus one batch).
+
+        Args:
+            embed: `(R,)` rows -> `(R, D)` normalised float32 embeddings (the location encoder in the model).
+            size (`int`): N, the number of gallery points. dim (`int`): D.
+            options (`dict`): resolved options. batch_size (`int`), show_progress (`bool`): encoding batches.
+        """
+        faiss = import_faiss()
+        index = faiss.index_factory(dim, options["index"], faiss.METRIC_INNER_PRODUCT)
+        generator = torch.Generator().manual_seed(options["seed"])
+        if not index.is_trained:
+            train_rows = torch.randperm(size, generator=generator)[: options["train_size"]].sort().values
+            index.train(_as_faiss(torch.cat([embed(rows) for rows in train_rows.split(batch_size)])))
+        rows = torch.arange(size).split(batch_size)
+        for batch in logging.tqdm(rows, desc="Encoding gallery", disable=not show_progress):
+            index.add(_as_faiss(embed(batch)))
+        sample = torch.randperm(size, generator=generator)[: options["normaliser_sample_size"]].sort().values
+        return cls(index, sample, embed(sample).float(), options)
+
+    def serialize(self) -> torch.Tensor:
+        """The index as a `(nbytes,)` uint8 tensor (`faiss.serialize_index`; no pickle)."""
+        return torch.from_numpy(import_faiss().serialize_index(self.index))
+
+    @classmethod
+    def deserialize(
+        cls, data: torch.Tensor, sample_indices: torch.Tensor, sample_embeddings: torch.Tensor, options: dict
+    ) -> "FaissGallery":
+        """Rebuild from `serialize()` bytes (`(nbytes,)` uint8) and the stored normaliser sample."""
+        index = import_faiss().deserialize_index(data.cpu().numpy())
+        return cls(index, sample_indices.cpu(), sample_embeddings.float().cpu(), options)
+
+    def search(
+        self, query: torch.Tensor, scale: torch.Tensor, top_k: int, embed: EmbedRows
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Approximate top-k with exact scores of the hits and an estimated normaliser.
+
+        Args:
+            query (`torch.FloatTensor` of shape `(B, D)`): L2-normalised queries.
+            scale (`torch.Tensor` of shape `()`): the logit scale.
+            top_k (`int`): hits per query.
+            embed: rows -> normalised embeddings, used to re-score compressed codes exactly.
+
+        Returns: `(logits, indices, log_normaliser)` as `exact_search` (`(B, top_k)`, `(B, top_k)`, `(B,)`),
+        with `log_normaliser` estimated as described in the module docstring.
+
+        Raises:
+            ValueError: when the index returns fewer than `top_k` hits for a query (raise `nprobe`).
+        """
+        faiss = import_faiss()
+        query = query.float().cpu()
+        scale = scale.float().cpu()
+        size = self.index.ntotal
+        n_candidates = min(max(self.options["n_candidates"], top_k), size)
+        parameters = faiss.ParameterSpace()
+        if _ivf_lists(self.options["index"]):
+            parameters.set_index_parameter(self.index, "nprobe", self.options["nprobe"])
+        if "HNSW" in self.options["index"]:
+            parameters.set_index_parameter(self.index, "efSearch", self.options["ef_search"])
+        similarities, indices = self.index.search(_as_faiss(query), n_candidates)
+        indices = torch.from_numpy(indices)
+        found = indices >= 0
+        if int(found.sum(1).min()) < top_k:
+            raise ValueError(
+                f"The FAISS index returned fewer than top_k={top_k} hits for some query; raise the gallery "
+                f"option nprobe (now {self.options['nprobe']}) or use a smaller top_k."
+            )
+        if self.options["rescore"]:
+            rows = indices.clamp(min=0)
+            candidates = embed(rows.flatten()).float().view(*rows.shape, -1)
+            logits = scale * torch.einsum("bd,bcd->bc", query, candidates)
+        else:
+            logits = scale * torch.from_numpy(similarities)
+        logits = logits.masked_fill(~found, -math.inf)
+        candidate_mass = torch.logsumexp(logits, dim=1)
+        sample_logits = scale * query @ self.sample_embeddings.T
+        in_candidates = (self.sample_indices[None, :, None] == indices[:, None, :]).any(-1)
+        sample_logits = sample_logits.masked_fill(in_candidates, -math.inf)
+        others = (~in_candidates).sum(1)
+        rest = size - found.sum(1)
+        rest_mass = torch.logsumexp(sample_logits, dim=1) + torch.log(rest / others.clamp(min=1))
+        rest_mass = rest_mass.masked_fill((rest == 0) | (others == 0), -math.inf)
+        log_normaliser = torch.logaddexp(candidate_mass, rest_mass)
+        best_logits, order = logits.topk(top_k, dim=1)
+        return best_logits, indices.gather(1, order), log_normaliser
+
+
+def _as_faiss(embeddings: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(embeddings.detach().float().cpu().numpy())
+
+
+# ------------------------------------------------------------------------------------------ refinement
+def sample_around(
+    locations: torch.Tensor, radius_km: float, num_samples: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Random points around each location on the sphere: bearing uniform, distance |N(0, radius_km)|.
+
+    Args:
+        locations (`torch.Tensor` of shape `(M, 2)`): centres, (latitude, longitude) degrees.
+        radius_km (`float`): standard deviation of the distance from the centre, km.
+        num_samples (`int`): points per centre.
+
+    Returns: `torch.DoubleTensor` of shape `(M, num_samples, 2)`, valid (lat, lon) degrees (longitudes wrapped
+    into [-180, 180) because they are sampled here, not given by a user).
+
+    Example:
+        >>> sample_around(torch.tensor([[0.0, 179.9]]), 25.0, 4).shape
+        torch.Size([1, 4, 2])
+    """
+    locations = locations.to(torch.float64)
+    shape = (len(locations), num_samples)
+    bearing = torch.rand(shape, generator=generator, dtype=torch.float64) * 2 * math.pi
+    angle = torch.randn(shape, generator=generator, dtype=torch.float64).abs() * radius_km / EARTH_RADIUS_KM
+    lat0, lon0 = torch.deg2rad(locations[:, :1]), torch.deg2rad(locations[:, 1:])
+    sin_lat = torch.sin(lat0) * torch.cos(angle) + torch.cos(lat0) * torch.sin(angle) * torch.cos(bearing)
+    latitude = torch.asin(sin_lat.clamp(-1, 1))
+    longitude = lon0 + torch.atan2(
+        torch.sin(bearing) * torch.sin(angle) * torch.cos(lat0), torch.cos(angle) - torch.sin(lat0) * sin_lat
+    )
+    longitude = torch.remainder(longitude + math.pi, 2 * math.pi) - math.pi
+    return torch.stack((torch.rad2deg(latitude), torch.rad2deg(longitude)), dim=-1)
+
+
+def refine_hits(
+    query: torch.Tensor,
+    scale: torch.Tensor,
+    hit_locations: torch.Tensor,
+    hit_logits: torch.Tensor,
+    log_normaliser: torch.Tensor,
+    embed_locations: Callable[[torch.Tensor], torch.Tensor],
+    radius_km: float = 25.0,
+    num_samples: int = 64,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Local refinement: sample points around each top hit, score them, and re-rank hits + samples.
+
+    Every hit keeps its place in the candidate set, so refinement never lowers the best score. Probabilities
+    are a softmax over the gallery extended by the sampled points: the samples' mass is added to the gallery's
+    normaliser.
+
+    Args:
+        query (`torch.FloatTensor` of shape `(B, D)`): normalised queries. scale (`torch.Tensor`, `()`).
+        hit_locations (`torch.Tensor` of shape `(B, K, 2)`): the gallery's top hits, degrees.
+        hit_logits (`torch.FloatTensor` of shape `(B, K)`): their logits.
+        log_normaliser (`torch.FloatTensor` of shape `(B,)`): the gallery's log normaliser.
+        embed_locations: `(M, 2)` degrees -> `(M, D)` normalised float32 embeddings (the location encoder).
+        radius_km (`float`), num_samples (`int`): see `sample_around`; seed (`int`): sampling seed.
+
+    Returns: `(locations, probabilities, source)`: `(B, K, 2)` float64 degrees, `(B, K)` float32, and `(B, K)`
+    int64: the position of the point among the input hits, or -1 where it is a sampled point.
+    """
+    if not radius_km > 0 or isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(
+            f"refine needs radius_km > 0 and an integer num_samples >= 1, got {radius_km!r}, {num_samples!r}."
+        )
+    batch, top_k = hit_logits.shape
+    generator = torch.Generator().manual_seed(seed)
+    samples = sample_around(hit_locations.reshape(-1, 2).cpu(), radius_km, num_samples, generator)
+    samples = samples.reshape(batch, top_k * num_samples, 2)
+    sample_embeds = embed_locations(samples.reshape(-1, 2)).float().reshape(batch, top_k * num_samples, -1)
+    sample_logits = scale.float() * torch.einsum("bd,bnd->bn", query.float(), sample_embeds.to(query.device))
+    log_normaliser = torch.logaddexp(log_normaliser, torch.logsumexp(sample_logits, dim=1))
+    logits = torch.cat([hit_logits, sample_logits], dim=1)
+    locations = torch.cat([hit_locations.to(torch.float64).cpu(), samples], dim=1)
+    best, order = logits.topk(top_k, dim=1)
+    chosen = locations.gather(1, order.cpu()[..., None].expand(-1, -1, 2))
+    source = torch.where(order < top_k, order, -1)
+    return chosen, torch.exp(best - log_normaliser[:, None]), source
+
+
+__all__ = [
+    "EMBEDDING_DTYPES",
+    "GALLERY_BACKENDS",
+    "FaissGallery",
+    "default_faiss_index",
+    "exact_search",
+    "import_faiss",
+    "refine_hits",
+    "resolve_gallery_options",
+    "sample_around",
+]

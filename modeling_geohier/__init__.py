@@ -1,0 +1,34 @@
+"""GeoHier (the GeoDecoder of Clark et al., CVPR 2023) as a transformers model. Importing this package registers it
+with `AutoConfig` and `AutoModel`.
+
+API for training and inference code:
+
+- `GeoHierModel(config)(pixel_values=(B, 3, H, W), labels=(B, num_levels) long, scene_labels=(B,) long or None)`
+  -> `GeoHierOutput`: `.loss` (weighted label-smoothed CE per level + scene CE when scene labels are given; -1
+  labels are ignored), `.logits` (tuple per level, coarse to fine, each `(B, cells_per_level[l])`),
+  `.scene_logits` `(B, num_scenes)`, `.selected_scenes` `(B,)`, and with `output_attentions=True`
+  `.cross_attentions` `(B, N + E, heads, num_queries, tokens)`. `backbone_hidden_states=(B, T, vision_hidden)`
+  replaces `pixel_values` when the encoder's tokens are cached (frozen backbone).
+- Labels come from `geoloc.geocells.build_geocells(latitudes, longitudes)` -> `(cells, labels)`; build the
+  config with `cells_per_level=[len(level["tokens"]) for level in cells]` and call `model.set_cell_table(cells)`
+  before saving, so the checkpoint can geolocate.
+- `model.geolocate(pixel_values, top_k=5)` -> `GeoHierGeolocationOutput` with `latitudes`, `longitudes`,
+  `probabilities`, `indices` (each `(B, top_k)`, best first), `level_probabilities`, `scene_probabilities`.
+"""
+
+from transformers import AutoConfig, AutoModel
+
+from .configuration_geohier import MP16_CELLS_PER_LEVEL, GeoHierConfig
+from .modeling_geohier import GeoHierGeolocationOutput, GeoHierModel, GeoHierOutput, GeoHierPreTrainedModel
+
+AutoConfig.register(GeoHierConfig.model_type, GeoHierConfig, exist_ok=True)
+AutoModel.register(GeoHierConfig, GeoHierModel, exist_ok=True)
+
+__all__ = [
+    "GeoHierConfig",
+    "GeoHierGeolocationOutput",
+    "GeoHierModel",
+    "GeoHierOutput",
+    "GeoHierPreTrainedModel",
+    "MP16_CELLS_PER_LEVEL",
+]

@@ -1,0 +1,137 @@
+"""Configuration of GeoHier, the GeoDecoder of Clark et al., "Where We Are and What We're Looking At: Query
+Based Worldwide Image Geo-localization Using Hierarchies and Scenes" (CVPR 2023)."""
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+# The MP-16 partitions of Müller-Budack et al. (ECCV 2018), tau = (50, 5000), (50, 2000), (50, 1000).
+MP16_CELLS_PER_LEVEL = (3298, 7202, 12893)
+# The image encoders GeoHier can sit on: their `last_hidden_state` is the sequence of image tokens.
+SUPPORTED_BACKBONES = ("vit", "clip_vision_model")
+
+
+@strict
+class GeoHierConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`GeoHierModel`]: an image encoder, one learned query per (scene, hierarchy level) pair,
+    `num_independent_layers` decoder layers over all queries, `num_dependent_layers` layers whose self-attention
+    and FFN are restricted to one hierarchy level, a scene head and one cell classifier per level.
+
+    Args:
+        vision_config (`ViTConfig`, `CLIPVisionConfig` or `dict`, defaults to ViT-B/16 at 224 px):
+            The image encoder. A dict is resolved by its `model_type` (`"vit"` or `"clip_vision_model"`).
+        num_scenes (`int`, defaults to 16):
+            Number of scene types (the 16 Places365 "IO hierarchy" classes in the paper).
+        cells_per_level (`list[int]`, defaults to `[3298, 7202, 12893]`):
+            Number of geocells of each hierarchy level, coarse to fine. Must match the cell table
+            (`GeoHierModel.set_cell_table`).
+        num_independent_layers (`int`, defaults to 6):
+            N: decoder layers in which every query attends to every other query.
+        num_dependent_layers (`int`, defaults to 2):
+            E: decoder layers whose self-attention is masked to the queries of the same level and which have one
+            FFN per level.
+        hidden_size (`int`, defaults to 768):
+            Width of the queries; the image tokens are projected to it.
+        num_attention_heads (`int`, defaults to 12):
+            Heads of every self- and cross-attention; must divide `hidden_size`.
+        intermediate_size (`int`, defaults to 1024):
+            Hidden width of the decoder FFNs (1024 in the authors' code).
+        dropout (`float`, defaults to 0.1):
+            Dropout on attention weights and after every residual branch.
+        layer_norm_eps (`float`, defaults to 1e-5):
+            Epsilon of the decoder LayerNorms.
+        initializer_range (`float`, defaults to 0.02):
+            Standard deviation of the decoder's linear weights (the queries start from N(0, 1), as DETR's).
+        label_smoothing (`float`, defaults to 0.1):
+            Label smoothing of the per-level cell cross-entropies (0.1 in the authors' code).
+        level_loss_weights (`list[float]`, defaults to `[0.5, 0.3, 0.2]`):
+            Weight of each level's cross-entropy, coarse to fine.
+        scene_loss_weight (`float`, defaults to 1.0):
+            Weight of the scene cross-entropy (used only when scene labels are given).
+        freeze_backbone (`bool`, defaults to `False`):
+            Keep the image encoder frozen (the paper fine-tunes it end to end).
+        has_cell_table (`bool`, defaults to `False`):
+            Whether the checkpoint holds a cell table (set by `GeoHierModel.set_cell_table`); `geolocate` needs it.
+
+    Example:
+
+    ```python
+    >>> from modeling_geohier import GeoHierConfig, GeoHierModel
+    >>> config = GeoHierConfig()  # the paper's shape: ViT-B/16, 16 scenes x 3 levels = 48 queries
+    >>> config.num_queries
+    48
+    ```"""
+
+    model_type = "geohier"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="vit"),
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    num_scenes: int = 16
+    cells_per_level: list[int] | tuple[int, ...] = MP16_CELLS_PER_LEVEL
+    num_independent_layers: int = 6
+    num_dependent_layers: int = 2
+    hidden_size: int = 768
+    num_attention_heads: int = 12
+    intermediate_size: int = 1024
+    dropout: float = 0.1
+    layer_norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    label_smoothing: float = 0.1
+    level_loss_weights: list[float] | tuple[float, ...] = (0.5, 0.3, 0.2)
+    scene_loss_weight: float = 1.0
+    freeze_backbone: bool = False
+    has_cell_table: bool = False
+
+    def validate_architecture(self):
+        if self.vision_config.model_type not in SUPPORTED_BACKBONES:
+            raise ValueError(
+                f"vision_config must be one of {SUPPORTED_BACKBONES} (ViTConfig or CLIPVisionConfig), "
+                f"got model_type={self.vision_config.model_type!r}."
+            )
+        cells = list(self.cells_per_level)
+        if len(cells) == 0 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in cells):
+            raise ValueError(
+                f"cells_per_level must be a non-empty list of positive integers (cells of each level, coarse to "
+                f"fine), got {self.cells_per_level!r}."
+            )
+        if len(self.level_loss_weights) != len(cells):
+            raise ValueError(
+                f"level_loss_weights has {len(self.level_loss_weights)} entries but cells_per_level has "
+                f"{len(cells)} levels: give one weight per level."
+            )
+        if any(not float(w) >= 0 for w in self.level_loss_weights) or not float(self.scene_loss_weight) >= 0:
+            raise ValueError(
+                f"loss weights must be >= 0, got level_loss_weights={self.level_loss_weights!r}, "
+                f"scene_loss_weight={self.scene_loss_weight!r}."
+            )
+        for name in ("num_scenes", "hidden_size", "num_attention_heads", "intermediate_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        for name in ("num_independent_layers", "num_dependent_layers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})."
+            )
+        if not 0 <= self.dropout < 1 or not 0 <= self.label_smoothing < 1:
+            raise ValueError(
+                f"dropout and label_smoothing must be in [0, 1), got {self.dropout} and {self.label_smoothing}."
+            )
+
+    @property
+    def num_levels(self) -> int:
+        """Number of hierarchy levels (3 in the paper: coarse, middle, fine)."""
+        return len(self.cells_per_level)
+
+    @property
+    def num_queries(self) -> int:
+        """One query per (scene, level) pair: `num_scenes * num_levels`."""
+        return self.num_scenes * self.num_levels
+
+
+__all__ = ["GeoHierConfig", "MP16_CELLS_PER_LEVEL", "SUPPORTED_BACKBONES"]

@@ -1,0 +1,560 @@
+"""GeoHier: the GeoDecoder of Clark et al., "Where We Are and What We're Looking At: Query Based Worldwide
+Image Geo-localization Using Hierarchies and Scenes" (CVPR 2023), as a transformers model.
+
+An image encoder (ViT or CLIP vision tower) turns the image into tokens. One learned query per
+(scene, hierarchy level) pair cross-attends to them through N hierarchy-independent decoder layers (self-attention
+over all queries) and E hierarchy-dependent layers (self-attention only among the queries of one level, one FFN per
+level). Channel 0 of the queries, averaged over levels, scores the scenes; the queries of the chosen scene feed
+one cell classifier per level. At inference each cell's probability is multiplied by its ancestors' and the best
+fine cells are returned at the mean position of their training images (the cell table stored with the model).
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPVisionModel, PreTrainedModel, ViTModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .configuration_geohier import GeoHierConfig
+
+# Cell centroids are stored as integer micro-degrees so that casting the model to bf16/fp16 never rounds them.
+MICRODEGREES = 1_000_000
+
+
+def check_top_k(top_k, n_candidates: int) -> int:
+    """Return `top_k` as an int, or raise ValueError unless 1 <= top_k <= n_candidates.
+
+    Same contract as `modeling_geoclip.check_top_k`; repeated here because this folder is loaded as remote code
+    without `modeling_geoclip`.
+    """
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
+        raise ValueError(f"top_k must be an integer, got {top_k!r}.")
+    if not 1 <= top_k <= n_candidates:
+        raise ValueError(f"top_k must be between 1 and {n_candidates} (the number of fine cells), got {top_k}.")
+    return int(top_k)
+
+
+def s2_token_to_id(token: str) -> int:
+    """S2 cell token (hex, trailing zeros stripped) -> signed 64-bit cell id, without a geometry library."""
+    if not isinstance(token, str) or not 1 <= len(token) <= 16 or token.strip("0123456789abcdefABCDEF"):
+        raise ValueError(f"{token!r} is not an S2 cell token (1 to 16 hex digits).")
+    value = int(token.ljust(16, "0"), 16)
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def s2_id_to_token(cell_id: int) -> str:
+    """Signed or unsigned 64-bit S2 cell id -> token (hex with trailing zeros stripped; "X" for id 0)."""
+    return format(int(cell_id) % (1 << 64), "016x").rstrip("0") or "X"
+
+
+@dataclass
+class GeoHierOutput(ModelOutput):
+    """Output of [`GeoHierModel.forward`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*): weighted label-smoothed cell cross-entropies, plus the
+            weighted scene cross-entropy when scene labels are given (only when `labels` are given).
+        logits (`tuple[torch.FloatTensor]`, one per level, coarse to fine, each of shape `(B, cells_per_level[l])`):
+            cell logits computed from the queries of the selected scene.
+        scene_logits (`torch.FloatTensor` of shape `(B, num_scenes)`): channel 0 of the final queries averaged over
+            levels.
+        selected_scenes (`torch.LongTensor` of shape `(B,)`): the scene whose queries produced `logits` (the
+            ground-truth scene where a scene label is given, else the argmax of `scene_logits`).
+        query_hidden_states (`torch.FloatTensor` of shape `(B, num_scenes, num_levels, hidden_size)`): the decoded
+            queries after the final LayerNorm.
+        cross_attentions (`torch.FloatTensor` of shape `(B, num_layers, num_heads, num_queries, num_tokens)`,
+            *optional*): with `output_attentions=True`, each decoder layer's attention of every query over the image
+            tokens (`num_layers = N + E`; query `s * num_levels + l` is scene s, level l; token 0 is the backbone's
+            [CLS] token, the others its patches in row-major order).
+    """
+
+    loss: torch.Tensor | None = None
+    logits: tuple[torch.Tensor, ...] | None = None
+    scene_logits: torch.Tensor | None = None
+    selected_scenes: torch.Tensor | None = None
+    query_hidden_states: torch.Tensor | None = None
+    cross_attentions: torch.Tensor | None = None
+
+
+@dataclass
+class GeoHierGeolocationOutput(ModelOutput):
+    """The answer of [`GeoHierModel.geolocate`]; its first three fields mean what they mean in
+    `modeling_geoclip.GeolocationOutput`.
+
+    Args:
+        latitudes (`torch.FloatTensor` of shape `(B, top_k)`): centroid latitudes of the best fine cells, degrees.
+        longitudes (`torch.FloatTensor` of shape `(B, top_k)`): centroid longitudes, degrees.
+        probabilities (`torch.FloatTensor` of shape `(B, top_k)`): hierarchical probability of each cell, best
+            first: its softmax probability times those of its ancestors (the paper's product; these do not sum to 1
+            over the fine cells).
+        indices (`torch.LongTensor` of shape `(B, top_k)`): fine-cell indices (rows of the finest level).
+        level_probabilities (`tuple[torch.FloatTensor]`, one per level, each `(B, cells_per_level[l])`): the
+            hierarchical probability of every cell of every level, coarse to fine (for maps).
+        scene_probabilities (`torch.FloatTensor` of shape `(B, num_scenes)`): softmax of the scene logits.
+    """
+
+    latitudes: torch.Tensor | None = None
+    longitudes: torch.Tensor | None = None
+    probabilities: torch.Tensor | None = None
+    indices: torch.Tensor | None = None
+    level_probabilities: tuple[torch.Tensor, ...] | None = None
+    scene_probabilities: torch.Tensor | None = None
+
+
+class GeoHierAttention(nn.Module):
+    """Multi-head attention of queries `(B, Q, D)` over keys/values `(B, T, D)`, optional additive mask `(Q, T)`."""
+
+    def __init__(self, config: GeoHierConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.dropout = config.dropout
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        key_value_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns the attended values `(B, Q, D)` and, with `output_attentions`, the weights `(B, heads, Q, T)`."""
+        batch, n_queries, _ = hidden_states.shape
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.view(batch, -1, self.num_heads, self.head_dim).transpose(1, 2)
+
+        query = heads(self.q_proj(hidden_states))
+        key, value = heads(self.k_proj(key_value_states)), heads(self.v_proj(key_value_states))
+        dropout = self.dropout if self.training else 0.0
+        weights = None
+        if output_attentions:
+            scores = query @ key.transpose(-1, -2) / self.head_dim**0.5
+            if attention_mask is not None:
+                scores = scores + attention_mask
+            weights = scores.softmax(dim=-1)
+            attended = F.dropout(weights, dropout, self.training) @ value
+        else:
+            attended = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout)
+        attended = attended.transpose(1, 2).reshape(batch, n_queries, -1)
+        return self.out_proj(attended), weights
+
+
+class GeoHierFeedForward(nn.Module):
+    """Pre-LayerNorm FFN block: LayerNorm -> Linear -> GELU -> Dropout -> Linear, `(..., D) -> (..., D)`."""
+
+    def __init__(self, config: GeoHierConfig):
+        super().__init__()
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.dropout(F.gelu(self.fc1(self.layer_norm(hidden_states)))))
+
+
+class GeoHierDecoderLayer(nn.Module):
+    """One pre-LayerNorm decoder layer over the queries `(B, num_scenes * num_levels, D)`, scene-major:
+    cross-attention to the image tokens, self-attention among the queries, FFN.
+
+    Hierarchy-independent (`hierarchy_dependent=False`): every query attends to every query, one shared FFN.
+    Hierarchy-dependent: self-attention is masked to the queries of the same level and each level has its own FFN,
+    so the levels only meet through the image tokens they all read.
+    """
+
+    def __init__(self, config: GeoHierConfig, hierarchy_dependent: bool):
+        super().__init__()
+        self.num_levels = config.num_levels
+        self.cross_attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.cross_attention = GeoHierAttention(config)
+        self.self_attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attention = GeoHierAttention(config)
+        self.feed_forwards = nn.ModuleList(
+            GeoHierFeedForward(config) for _ in range(config.num_levels if hierarchy_dependent else 1)
+        )
+        self.dropout = nn.Dropout(config.dropout)
+        self.hierarchy_dependent = hierarchy_dependent
+
+    def self_attention_mask(self, queries: torch.Tensor) -> torch.Tensor | None:
+        """Additive `(Q, Q)` mask letting each query see only the queries of its level (None when independent)."""
+        if not self.hierarchy_dependent:
+            return None
+        level = torch.arange(queries.shape[1], device=queries.device) % self.num_levels
+        mask = torch.zeros(len(level), len(level), dtype=queries.dtype, device=queries.device)
+        return mask.masked_fill(level[:, None] != level[None, :], float("-inf"))
+
+    def forward(
+        self, queries: torch.Tensor, image_tokens: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Args:
+            queries (`torch.FloatTensor` of shape `(B, Q, D)`), image_tokens (`torch.FloatTensor` of shape `(B, T, D)`).
+
+        Returns: the new queries `(B, Q, D)` and, with `output_attentions`, the cross-attention `(B, heads, Q, T)`.
+        """
+        attended, cross_weights = self.cross_attention(
+            self.cross_attention_norm(queries), image_tokens, output_attentions=output_attentions
+        )
+        queries = queries + self.dropout(attended)
+        normed = self.self_attention_norm(queries)
+        mask = self.self_attention_mask(normed)
+        queries = queries + self.dropout(self.self_attention(normed, normed, attention_mask=mask)[0])
+        if not self.hierarchy_dependent:
+            update = self.feed_forwards[0](queries)
+        else:
+            by_level = queries.unflatten(1, (-1, self.num_levels))  # (B, S, L, D)
+            update = torch.stack(
+                [ffn(by_level[:, :, level]) for level, ffn in enumerate(self.feed_forwards)], dim=2
+            ).flatten(1, 2)
+        return queries + self.dropout(update), cross_weights
+
+
+class GeoHierPreTrainedModel(PreTrainedModel):
+    config: GeoHierConfig
+    base_model_prefix = "geohier"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = False
+    _supports_sdpa = True
+    _no_split_modules = ["GeoHierDecoderLayer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, GeoHierModel):
+            init.normal_(module.queries, std=1.0)
+        elif isinstance(module, GeoHierCellTable):
+            for buffer in module.buffers():
+                init.zeros_(buffer)
+
+
+class GeoHierCellTable(nn.Module):
+    """The geocells of every level, stored as buffers so that inference needs no geometry library.
+
+    Buffers of level l (`n = cells_per_level[l]`): `cell_ids_l` `(n,)` int64 S2 cell ids, `centroids_l` `(n, 2)`
+    int32 micro-degrees (latitude, longitude), `parents_l` `(n,)` int64 row of the parent cell in level l-1 (-1 for
+    level 0), `counts_l` `(n,)` int64 training points per cell.
+    """
+
+    def __init__(self, cells_per_level):
+        super().__init__()
+        for level, n in enumerate(cells_per_level):
+            self.register_buffer(f"cell_ids_{level}", torch.zeros(n, dtype=torch.long))
+            self.register_buffer(f"centroids_{level}", torch.zeros(n, 2, dtype=torch.int32))
+            self.register_buffer(f"parents_{level}", torch.zeros(n, dtype=torch.long))
+            self.register_buffer(f"counts_{level}", torch.zeros(n, dtype=torch.long))
+
+    def get(self, name: str, level: int) -> torch.Tensor:
+        return getattr(self, f"{name}_{level}")
+
+
+class GeoHierModel(GeoHierPreTrainedModel):
+    """GeoHier (GeoDecoder): image encoder + scene/hierarchy query decoder + one cell classifier per level.
+
+    Example:
+        >>> from geoloc.configs import tiny_geohier_config
+        >>> model = GeoHierModel(tiny_geohier_config())
+        >>> out = model(pixel_values=torch.randn(2, 3, 32, 32), labels=torch.tensor([[0, 1, 2], [3, 4, 5]]))
+        >>> [tuple(l.shape) for l in out.logits], tuple(out.scene_logits.shape)
+        ([(2, 8), (2, 16), (2, 32)], (2, 4))
+    """
+
+    config: GeoHierConfig
+
+    def __init__(self, config: GeoHierConfig):
+        super().__init__(config)
+        vision = config.vision_config
+        if vision.model_type == "vit":
+            self.backbone = ViTModel._from_config(vision, add_pooling_layer=False)
+        else:
+            self.backbone = CLIPVisionModel._from_config(vision)
+        if config.freeze_backbone:
+            self.backbone.requires_grad_(False)
+        self.token_projection = nn.Linear(vision.hidden_size, config.hidden_size)
+        self.token_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        # Row s * num_levels + l is the query of scene s at level l.
+        self.queries = nn.Parameter(torch.empty(config.num_queries, config.hidden_size))
+        self.independent_layers = nn.ModuleList(
+            GeoHierDecoderLayer(config, hierarchy_dependent=False) for _ in range(config.num_independent_layers)
+        )
+        self.dependent_layers = nn.ModuleList(
+            GeoHierDecoderLayer(config, hierarchy_dependent=True) for _ in range(config.num_dependent_layers)
+        )
+        self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.classifiers = nn.ModuleList(nn.Linear(config.hidden_size, n) for n in config.cells_per_level)
+        self.cell_table = GeoHierCellTable(config.cells_per_level)
+        self.post_init()
+
+    # ------------------------------------------------------------------------------------------ features
+    def get_backbone_hidden_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The image encoder's tokens, `(B, 3, H, W)` -> `(B, T, vision_hidden_size)` (T = 1 + patches)."""
+        if pixel_values.ndim != 4 or pixel_values.shape[0] == 0:
+            raise ValueError(
+                f"pixel_values must have shape (B>=1, {self.config.vision_config.num_channels}, H, W), "
+                f"got {tuple(pixel_values.shape)}."
+            )
+        dtype = self.token_projection.weight.dtype
+        return self.backbone(pixel_values=pixel_values.to(dtype)).last_hidden_state
+
+    def decode(
+        self, backbone_hidden_states: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the query decoder on backbone tokens.
+
+        Args:
+            backbone_hidden_states (`torch.FloatTensor` of shape `(B, T, vision_hidden_size)`).
+
+        Returns: queries `(B, num_scenes, num_levels, hidden_size)` after the final LayerNorm, and with
+        `output_attentions` the cross-attention maps `(B, N + E, heads, num_queries, T)`.
+        """
+        expected = self.config.vision_config.hidden_size
+        if backbone_hidden_states.ndim != 3 or backbone_hidden_states.shape[-1] != expected:
+            raise ValueError(
+                f"backbone_hidden_states must have shape (B, T, {expected}), got {tuple(backbone_hidden_states.shape)}."
+            )
+        if backbone_hidden_states.shape[0] == 0:
+            raise ValueError("The batch is empty: pass at least one image.")
+        image_tokens = self.token_norm(self.token_projection(backbone_hidden_states.to(self.queries.dtype)))
+        queries = self.queries.unsqueeze(0).expand(len(image_tokens), -1, -1)
+        maps = []
+        for layer in (*self.independent_layers, *self.dependent_layers):
+            queries, weights = layer(queries, image_tokens, output_attentions=output_attentions)
+            maps.append(weights)
+        queries = self.final_norm(queries).unflatten(1, (self.config.num_scenes, self.config.num_levels))
+        return queries, (torch.stack(maps, dim=1) if output_attentions and maps else None)
+
+    # ------------------------------------------------------------------------------------------ training
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        scene_labels: torch.Tensor | None = None,
+        backbone_hidden_states: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> GeoHierOutput:
+        """Cell logits of every level and scene logits for a batch of images.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(B, 3, H, W)`): processed images, or
+            backbone_hidden_states (`torch.FloatTensor` of shape `(B, T, vision_hidden_size)`): cached encoder tokens
+                (only with a frozen backbone).
+            labels (`torch.LongTensor` of shape `(B, num_levels)`): cell index of each image at each level, coarse to
+                fine; -1 where the image has no cell at that level (ignored).
+            scene_labels (`torch.LongTensor` of shape `(B,)`, *optional*): scene of each image, -1 if unknown. Where
+                given, that scene's queries are classified (as in training in the paper) and the scene loss is
+                added; elsewhere the predicted scene is used.
+            output_attentions (`bool`): also return the cross-attention maps.
+        """
+        if (pixel_values is None) == (backbone_hidden_states is None):
+            raise ValueError("Pass exactly one of pixel_values or backbone_hidden_states.")
+        if backbone_hidden_states is None:
+            backbone_hidden_states = self.get_backbone_hidden_states(pixel_values)
+        queries, cross_attentions = self.decode(backbone_hidden_states, output_attentions)
+        batch = len(queries)
+        scene_logits = queries[..., 0].mean(dim=2)
+        selected = scene_logits.argmax(dim=1)
+        if scene_labels is not None:
+            scene_labels = self._check_labels(scene_labels, (batch,), [self.config.num_scenes], "scene_labels")
+            selected = torch.where(scene_labels >= 0, scene_labels, selected)
+        chosen = queries[torch.arange(batch, device=queries.device), selected]  # (B, L, D)
+        logits = tuple(classifier(chosen[:, level]) for level, classifier in enumerate(self.classifiers))
+
+        loss = None
+        if labels is not None:
+            labels = self._check_labels(
+                labels, (batch, self.config.num_levels), self.config.cells_per_level, "labels"
+            )
+            loss = sum(
+                weight * self._cross_entropy(level_logits, labels[:, level], self.config.label_smoothing)
+                for weight, level_logits, level in zip(self.config.level_loss_weights, logits, range(len(logits)))
+            )
+            if scene_labels is not None:
+                loss = loss + self.config.scene_loss_weight * self._cross_entropy(scene_logits, scene_labels, 0.0)
+        return GeoHierOutput(
+            loss=loss,
+            logits=logits,
+            scene_logits=scene_logits,
+            selected_scenes=selected,
+            query_hidden_states=queries,
+            cross_attentions=cross_attentions,
+        )
+
+    @staticmethod
+    def _check_labels(labels, shape: tuple, sizes, name: str) -> torch.Tensor:
+        """Check integer labels of `shape` whose column j lies in [-1, sizes[j]) (one size for 1-D labels)."""
+        labels = torch.as_tensor(labels)
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f"{name} must be integers, got dtype {labels.dtype}.")
+        if tuple(labels.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(labels.shape)}.")
+        upper = torch.as_tensor(sizes, device=labels.device)
+        bad = (labels < -1) | (labels >= upper)
+        if bad.any():
+            position = tuple(bad.nonzero()[0].tolist())
+            raise ValueError(
+                f"{name}{list(position)} = {int(labels[position])}: must be -1 (ignored) or a valid index "
+                f"below {sizes[position[-1]] if labels.ndim == 2 else sizes[0]}."
+            )
+        return labels.long()
+
+    @staticmethod
+    def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+        """Mean cross-entropy over the rows whose target is not -1 (0 when there is none)."""
+        if not (targets >= 0).any():
+            return logits.sum() * 0.0
+        return F.cross_entropy(
+            logits.float(), targets.to(logits.device), ignore_index=-1, label_smoothing=label_smoothing
+        )
+
+    # ----------------------------------------------------------------------------------------- cell table
+    @torch.no_grad()
+    def set_cell_table(self, cells) -> None:
+        """Store the geocells (S2 ids, centroids, parents, counts) with the model.
+
+        Args:
+            cells: one entry per level, coarse to fine, each a mapping with `tokens` (S2 tokens, n strings),
+                `latitudes` and `longitudes` (n centroid degrees), `parents` (n row indices into the previous
+                level; -1 or absent for level 0) and `counts` (n training points) — the first output of
+                `geoloc.geocells.build_geocells` / `load_geoestimation_partitions`.
+
+        Raises:
+            ValueError: wrong number of levels or cells (the config's `cells_per_level`), bad tokens, coordinates or
+                parents (each parent must be a row of the level above).
+        """
+        if len(cells) != self.config.num_levels:
+            raise ValueError(f"The cell table has {len(cells)} levels but the model has {self.config.num_levels}.")
+        for level, (table, expected) in enumerate(zip(cells, self.config.cells_per_level)):
+            tokens = list(table["tokens"])
+            if len(tokens) != expected:
+                raise ValueError(
+                    f"Level {level} of the cell table has {len(tokens)} cells but the model has {expected}; build the "
+                    f"config with cells_per_level={[len(t['tokens']) for t in cells]}."
+                )
+            coordinates = np.stack(
+                [np.asarray(table["latitudes"], dtype=np.float64), np.asarray(table["longitudes"], dtype=np.float64)],
+                axis=1,
+            )
+            bad = ~np.isfinite(coordinates).all(axis=1) | (np.abs(coordinates) > [90, 180]).any(axis=1)
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                raise ValueError(
+                    f"Level {level}, cell {row}: centroid {tuple(coordinates[row])} is not a (latitude, longitude) "
+                    f"in [-90, 90] x [-180, 180]."
+                )
+            parents = np.asarray(table.get("parents", np.full(expected, -1)), dtype=np.int64).reshape(-1)
+            if len(parents) != expected:
+                raise ValueError(f"Level {level}: {len(parents)} parents for {expected} cells.")
+            n_above = self.config.cells_per_level[level - 1] if level else 0
+            valid = (parents >= 0) & (parents < n_above) if level else parents == -1
+            if not valid.all():
+                row = int(np.flatnonzero(~valid)[0])
+                allowed = f"a row of level {level - 1}, in [0, {n_above})" if level else "-1 (level 0 has no parent)"
+                raise ValueError(f"Level {level}, cell {row}: parent index {parents[row]} must be {allowed}.")
+            counts = np.asarray(table["counts"], dtype=np.int64).reshape(-1)
+            if len(counts) != expected or (counts < 0).any():
+                raise ValueError(f"Level {level}: counts must be {expected} integers >= 0.")
+            values = {
+                "cell_ids": torch.tensor([s2_token_to_id(token) for token in tokens], dtype=torch.long),
+                "centroids": torch.from_numpy(np.round(coordinates * MICRODEGREES).astype(np.int32)),
+                "parents": torch.from_numpy(parents),
+                "counts": torch.from_numpy(counts),
+            }
+            for name, value in values.items():
+                self.cell_table.get(name, level).copy_(value)
+        self.config.has_cell_table = True
+
+    def get_cell_table(self) -> list[dict]:
+        """The stored cell table in the form `set_cell_table` takes (numpy arrays, tokens as strings)."""
+        table = []
+        for level in range(self.config.num_levels):
+            centroids = self.cell_table.get("centroids", level).cpu().numpy().astype(np.float64) / MICRODEGREES
+            table.append({
+                "tokens": [s2_id_to_token(i) for i in self.cell_table.get("cell_ids", level).tolist()],
+                "latitudes": centroids[:, 0],
+                "longitudes": centroids[:, 1],
+                "parents": self.cell_table.get("parents", level).cpu().numpy(),
+                "counts": self.cell_table.get("counts", level).cpu().numpy(),
+            })
+        return table
+
+    def _require_cell_table(self) -> None:
+        if not self.config.has_cell_table:
+            raise ValueError("This GeoHier model has no cell table: call model.set_cell_table(cells) first.")
+
+    def hierarchical_probabilities(self, logits: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Softmax per level, each cell's probability multiplied by its parent's hierarchical probability.
+
+        Args:
+            logits: one `(B, cells_per_level[l])` tensor per level, coarse to fine.
+
+        Returns: one `(B, cells_per_level[l])` tensor per level (float32).
+        """
+        self._require_cell_table()
+        probabilities = []
+        for level, level_logits in enumerate(logits):
+            level_probabilities = level_logits.float().softmax(dim=-1)
+            if level:
+                parents = self.cell_table.get("parents", level).to(level_logits.device)
+                level_probabilities = level_probabilities * probabilities[-1][:, parents]
+            probabilities.append(level_probabilities)
+        return tuple(probabilities)
+
+    @torch.no_grad()
+    def geolocate(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        top_k: int = 5,
+        backbone_hidden_states: torch.Tensor | None = None,
+    ) -> GeoHierGeolocationOutput:
+        """The `top_k` most probable fine cells of each image, at their centroids, using the predicted scene.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(B, 3, H, W)`), or backbone_hidden_states
+                (`(B, T, vision_hidden_size)`).
+            top_k (`int`): predictions per image, 1 <= top_k <= number of fine cells.
+
+        Returns: [`GeoHierGeolocationOutput`]: `latitudes`, `longitudes`, `probabilities`, `indices`, each
+        `(B, top_k)` best first, plus `level_probabilities` and `scene_probabilities`.
+        """
+        top_k = check_top_k(top_k, self.config.cells_per_level[-1])
+        self._require_cell_table()
+        output = self(pixel_values=pixel_values, backbone_hidden_states=backbone_hidden_states)
+        level_probabilities = self.hierarchical_probabilities(output.logits)
+        probabilities, indices = level_probabilities[-1].topk(top_k, dim=1)
+        fine = self.config.num_levels - 1
+        coordinates = self.cell_table.get("centroids", fine).to(indices.device)[indices].double() / MICRODEGREES
+        return GeoHierGeolocationOutput(
+            latitudes=coordinates[..., 0],
+            longitudes=coordinates[..., 1],
+            probabilities=probabilities,
+            indices=indices,
+            level_probabilities=level_probabilities,
+            scene_probabilities=output.scene_logits.float().softmax(dim=-1),
+        )
+
+
+__all__ = [
+    "GeoHierCellTable",
+    "GeoHierDecoderLayer",
+    "GeoHierGeolocationOutput",
+    "GeoHierModel",
+    "GeoHierOutput",
+    "GeoHierPreTrainedModel",
+    "check_top_k",
+    "s2_id_to_token",
+    "s2_token_to_id",
+]

@@ -1,0 +1,234 @@
+"""`geoloc evaluate` end to end on tiny local datasets (benchmark layouts and an image folder), a tiny
+random GeoCLIP saved to disk, unreadable images, top-k, and sharding under `accelerate launch`."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import zipfile
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoImageProcessor, AutoModel
+
+from geoloc import benchmarks
+from geoloc.benchmarks import load_benchmark
+from geoloc.cli import main as cli_main
+from geoloc.configs import TINY_IMAGE_SIZE, tiny_geoclip_config
+from geoloc.evaluate import PREDICTION_COLUMNS, main
+from geoloc.geodesy import geodesic_distance_km
+from geoloc.metrics import distance_metrics, geolocation_metrics
+from geoloc.worldmap import render_crop
+from modeling_geoclip import GeoCLIPImageProcessor, GeoCLIPModel
+
+METRIC_KEYS = ["acc_1km", "acc_25km", "acc_200km", "acc_750km", "acc_2500km", "mean_km", "median_km", "geoscore"]
+# (latitude, longitude) of the test images: cities on every continent, the antimeridian and a pole.
+POINTS = [(48.86, 2.35), (-33.87, 151.21), (40.71, -74.01), (-1.29, 36.82), (35.68, 139.69),
+          (-22.91, -43.17), (64.15, -21.94), (-77.85, 166.67), (0.5, 179.9), (1.3, 103.8)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random GeoCLIP with a 64-point gallery and a 32-pixel image processor, saved to disk."""
+    directory = tmp_path_factory.mktemp("tiny-geoclip")
+    torch.manual_seed(0)
+    model = GeoCLIPModel(tiny_geoclip_config()).eval()
+    gallery = np.random.default_rng(0).uniform([-90, -180], [90, 180], size=(64, 2))
+    model.set_gallery(gallery)
+    model.save_pretrained(directory)
+    GeoCLIPImageProcessor(
+        size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
+    ).save_pretrained(directory)
+    return directory
+
+
+def _crops(folder, names):
+    """World-map crops at POINTS saved under the given file names."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, (lat, lon) in zip(names, POINTS):
+        render_crop(lat, lon, rng).save(folder / name)
+
+
+def _im2gps3k(root):
+    """Im2GPS3k's layout: im2gps3k_places365.csv + images/, with one corrupt and one missing image."""
+    names = [f"{1000 + i}_abc_{i}_12345@N00.jpg" for i in range(len(POINTS))]
+    _crops(root / "images", names)
+    (root / "images" / names[3]).write_bytes(b"not a jpeg")
+    (root / "images" / names[5]).unlink()
+    pd.DataFrame({
+        "IMG_ID": names, "AUTHOR": "12345@N00", "LAT": [p[0] for p in POINTS], "LON": [p[1] for p in POINTS],
+        "S3_Label": 1,
+    }).to_csv(root / "im2gps3k_places365.csv", index=False)
+    return names
+
+
+def _expected(model_dir, image_paths, top_k=1):
+    model = AutoModel.from_pretrained(model_dir).eval()
+    processor = AutoImageProcessor.from_pretrained(model_dir)
+    output = model.geolocate(pixel_values=processor(image_paths, return_tensors="pt").pixel_values, top_k=top_k)
+    return output.latitudes.double().numpy(), output.longitudes.double().numpy()
+
+
+def _read(output_dir):
+    with open(output_dir / "metrics.json") as handle:
+        metrics = json.load(handle)
+    return metrics, pd.read_csv(output_dir / "predictions.csv", dtype={"id": str})
+
+
+def test_benchmark_layout_end_to_end(model_dir, tmp_path):
+    names = _im2gps3k(tmp_path / "im2gps3k")
+    out = tmp_path / "out"
+    assert main(["--model", str(model_dir), "--dataset", "im2gps3k", "--data-dir", str(tmp_path / "im2gps3k"),
+                 "--output-dir", str(out), "--batch-size", "3"]) == 0
+    metrics, predictions = _read(out)
+
+    readable = [i for i in range(len(POINTS)) if i not in (3, 5)]
+    assert list(predictions.columns) == PREDICTION_COLUMNS
+    assert predictions["id"].tolist() == [names[i] for i in readable]
+    np.testing.assert_allclose(predictions[["latitude", "longitude"]], np.array(POINTS)[readable])
+    lat, lon = _expected(model_dir, [tmp_path / "im2gps3k" / "images" / names[i] for i in readable])
+    np.testing.assert_allclose(predictions["pred_latitude"], lat[:, 0], atol=1e-6)
+    np.testing.assert_allclose(predictions["pred_longitude"], lon[:, 0], atol=1e-6)
+
+    assert list(metrics)[:8] == METRIC_KEYS
+    assert {key: metrics[key] for key in METRIC_KEYS} == pytest.approx(geolocation_metrics(
+        predictions["pred_latitude"], predictions["pred_longitude"], predictions["latitude"], predictions["longitude"]
+    ))
+    assert metrics["n"] == 8 and metrics["n_unreadable"] == 2
+    assert metrics["dataset"] == "im2gps3k" and metrics["model"] == str(model_dir) and metrics["top_k"] == 1
+    unreadable = pd.read_csv(out / "unreadable.csv")
+    assert unreadable["id"].tolist() == [names[3], names[5]]
+    assert "not an image" in unreadable["error"][0] and "does not exist" in unreadable["error"][1]
+
+
+def test_image_folder_top_k_and_max_samples_through_the_cli(model_dir, tmp_path):
+    data = tmp_path / "worldmap" / "test"
+    names = [f"crop_{i}.png" for i in range(len(POINTS))]
+    _crops(data, names)
+    pd.DataFrame({"file_name": names, "lat": [p[0] for p in POINTS], "lon": [p[1] for p in POINTS]}).to_csv(
+        data / "metadata.csv", index=False
+    )
+    out = tmp_path / "out"
+    assert cli_main(["evaluate", "--model", str(model_dir), "--dataset", str(tmp_path / "worldmap"),
+                     "--lat-column", "lat", "--lon-column", "lon", "--output-dir", str(out),
+                     "--top-k", "5", "--max-samples", "6"]) == 0
+    metrics, predictions = _read(out)
+    assert predictions["id"].tolist() == names[:6] and metrics["n"] == 6 and metrics["n_unreadable"] == 0
+    assert not (out / "unreadable.csv").exists()
+    lat, lon = _expected(model_dir, [data / name for name in names[:6]], top_k=5)
+    np.testing.assert_allclose(predictions["pred_latitude"], lat[:, 0], atol=1e-6)
+    truth = np.array(POINTS[:6])
+    errors = geodesic_distance_km(lat.ravel(), lon.ravel(), np.repeat(truth[:, 0], 5), np.repeat(truth[:, 1], 5))
+    assert metrics["top_k"] == 5
+    assert metrics["best_of_top_k"] == pytest.approx(distance_metrics(errors.reshape(6, 5).min(axis=1)))
+    assert metrics["best_of_top_k"]["mean_km"] <= metrics["mean_km"]
+
+
+def test_all_unreadable_and_bad_arguments(model_dir, tmp_path):
+    _im2gps3k(tmp_path / "bench")
+    for path in (tmp_path / "bench" / "images").iterdir():
+        path.write_bytes(b"")
+    with pytest.raises(ValueError, match="No image of 'im2gps3k' could be read"):
+        main(["--model", str(model_dir), "--dataset", "im2gps3k", "--data-dir", str(tmp_path / "bench"),
+              "--output-dir", str(tmp_path / "out")])
+    with pytest.raises(ValueError, match="--data-dir is for the benchmarks"):
+        main(["--model", str(model_dir), "--dataset", str(tmp_path), "--data-dir", str(tmp_path),
+              "--output-dir", str(tmp_path / "out")])
+    with pytest.raises(ValueError, match="--batch-size must be >= 1"):
+        main(["--model", str(model_dir), "--dataset", "im2gps3k", "--output-dir", "x", "--batch-size", "0"])
+
+
+@pytest.mark.parametrize(("name", "csv", "columns", "image_dir"), [
+    ("im2gps", "im2gps_places365.csv", ("IMG_ID", "LAT", "LON"), "gps_query_imgs"),
+    ("yfcc4k", "yfcc4k_places365.csv", ("IMG_ID", "LAT", "LON"), "yfcc4k"),
+    ("yfcc26k", "yfcc25600_places365.csv", ("IMG_ID", "LAT", "LON"), "yfcc25600"),
+    ("gws15k", "gws15k.csv", ("id", "latitude", "longitude"), "images"),
+])
+def test_benchmark_loaders(tmp_path, name, csv, columns, image_dir):
+    names = [f"{i}.jpg" for i in range(3)]
+    _crops(tmp_path / image_dir, names)
+    pd.DataFrame(dict(zip(columns, (names, [1.0, 2.0, -3.0], [4.0, -179.5, 180.0])))).to_csv(
+        tmp_path / csv, index=False
+    )
+    dataset = load_benchmark(name, tmp_path)
+    assert dataset.column_names == ["id", "image", "latitude", "longitude"]
+    assert dataset["id"] == names and dataset["longitude"] == [4.0, -179.5, 180.0]
+    assert [row["path"] for row in dataset["image"]] == [str(tmp_path / image_dir / n) for n in names]
+
+
+def test_yfcc4k_from_the_yfcc26k_csv_keeps_only_present_images(tmp_path):
+    _crops(tmp_path / "images", ["b.jpg"])
+    pd.DataFrame({"IMG_ID": ["a.jpg", "b.jpg", "c.jpg"], "LAT": [1, 2, 3], "LON": [4, 5, 6]}).to_csv(
+        tmp_path / "yfcc25600_places365.csv", index=False
+    )
+    assert load_benchmark("yfcc4k", tmp_path)["id"] == ["b.jpg"]
+    assert load_benchmark("yfcc26k", tmp_path)["id"] == ["a.jpg", "b.jpg", "c.jpg"]  # all kept, missing reported
+
+
+def _osv5m_snapshot(target):
+    """OSV-5M's Hub layout: test.csv (numeric ids) and images/test/00.zip holding 00/<id>.jpg."""
+    ids = ["3859149887465501", "100000000000000007"]
+    (target / "images" / "test").mkdir(parents=True)
+    staging = target / "staging"
+    _crops(staging, [f"{i}.jpg" for i in ids])
+    with zipfile.ZipFile(target / "images" / "test" / "00.zip", "w") as archive:
+        for image_id in ids:
+            archive.write(staging / f"{image_id}.jpg", f"00/{image_id}.jpg")
+    shutil.rmtree(staging)
+    pd.DataFrame({"id": ids, "latitude": [-43.8, 10.0], "longitude": [-176.6, 20.0], "country": ["NZ", "X"]}).to_csv(
+        target / "test.csv", index=False
+    )
+    return ids
+
+
+def test_osv5m_download_path(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_snapshot_download(**kwargs):
+        calls.append(kwargs)
+        _osv5m_snapshot(kwargs["local_dir"])
+
+    monkeypatch.setattr(benchmarks, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(benchmarks, "benchmark_dir", lambda name: tmp_path / name)
+    dataset = load_benchmark("osv5m")
+    assert calls == [{"repo_id": "osv5m/osv5m", "repo_type": "dataset",
+                      "allow_patterns": ["test.csv", "images/test/*.zip"], "local_dir": tmp_path / "osv5m"}]
+    assert dataset["id"] == ["3859149887465501", "100000000000000007"]  # ids stay exact strings
+    assert all(os.path.isfile(row["path"]) for row in dataset["image"])
+    assert dataset[0]["image"]["path"].endswith(os.path.join("images", "test", "00", "3859149887465501.jpg"))
+    with pytest.raises(ValueError, match="no public Hugging Face Hub copy"):
+        load_benchmark("im2gps3k")
+    with pytest.raises(ValueError, match="Unknown benchmark 'im2gps5k'"):
+        load_benchmark("im2gps5k", tmp_path)
+    with pytest.raises(ValueError, match="no metadata CSV"):
+        load_benchmark("gws15k", tmp_path)
+
+
+def test_accelerate_launch_two_processes(model_dir, tmp_path):
+    """The same evaluation sharded over 2 CPU processes gathers to the single-process result, in order."""
+    _im2gps3k(tmp_path / "bench")
+    args = ["--model", str(model_dir), "--dataset", "im2gps3k", "--data-dir", str(tmp_path / "bench"),
+            "--batch-size", "2"]
+    main([*args, "--output-dir", str(tmp_path / "single")])
+    # CPU-only: `--cpu --num_processes 2` would start one process (accelerate wants MPI for multi-CPU);
+    # torchrun-style ranks on CPU with gloo are `--multi_gpu` plus ACCELERATE_USE_CPU.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    started = time.perf_counter()
+    completed = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "geoloc.evaluate", *args,
+         "--output-dir", str(tmp_path / "sharded")],
+        check=True, env=env, timeout=240, capture_output=True, text=True,
+    )
+    print(f"accelerate launch took {time.perf_counter() - started:.1f} s")
+    assert "8 images scored, 2 unreadable, 2 process(es)" in completed.stdout
+    single, single_predictions = _read(tmp_path / "single")
+    sharded, sharded_predictions = _read(tmp_path / "sharded")
+    pd.testing.assert_frame_equal(single_predictions, sharded_predictions, atol=1e-9)
+    assert sharded == pytest.approx(single)
+    assert sharded["n"] == 8 and sharded["n_unreadable"] == 2

@@ -1,0 +1,177 @@
+"""Gallery search at scale: the exact backend (chunked, reduced-precision storage), the FAISS backend (recall,
+normaliser approximation, persistence without re-encoding) and the local refinement around the top hits."""
+
+import math
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from geoloc.configs import tiny_geoclip_config
+from modeling_geoclip import GeoCLIPModel
+from modeling_geoclip.gallery_geoclip import resolve_gallery_options, sample_around
+
+faiss = pytest.importorskip("faiss")
+
+
+def random_locations(n: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    latitude = torch.rad2deg(torch.asin(2 * torch.rand(n, generator=generator) - 1))  # uniform on the sphere
+    return torch.stack((latitude, 360 * torch.rand(n, generator=generator) - 180), dim=1)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return GeoCLIPModel(tiny_geoclip_config()).eval()
+
+
+@pytest.fixture(scope="module")
+def gallery():
+    return random_locations(30_000, seed=1)
+
+
+def queries_near(model, locations: torch.Tensor, noise: float, seed: int) -> torch.Tensor:
+    """Queries like an image embedding: the embedding of a true location plus noise, normalised."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        embeds = F.normalize(model.get_location_features(locations), dim=-1)
+    return F.normalize(embeds + noise * torch.randn(embeds.shape, generator=generator) / math.sqrt(embeds.shape[1]), dim=-1)
+
+
+def brute_force(model, gallery, query):
+    with torch.no_grad():
+        embeds = F.normalize(model.get_location_features(gallery), dim=-1)
+        return (model.logit_scale.exp() * query @ embeds.T).softmax(dim=-1)
+
+
+def test_exact_backend_is_the_brute_force_softmax(model, gallery):
+    model.set_gallery(gallery, backend="exact", chunk_size=4096)  # several chunks
+    query = queries_near(model, random_locations(8, seed=2), noise=1.0, seed=3)
+    probabilities, indices = model.search_gallery(query, top_k=5)
+    expected, expected_indices = brute_force(model, gallery, query).topk(5, dim=1)
+    torch.testing.assert_close(indices, expected_indices)
+    torch.testing.assert_close(probabilities, expected, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_reduced_precision_storage_keeps_answers_and_survives_save(model, gallery, dtype, tmp_path):
+    query = queries_near(model, random_locations(16, seed=4), noise=0.5, seed=5)
+    model.set_gallery(gallery)
+    reference, reference_indices = model.search_gallery(query, top_k=5)
+    model.set_gallery(gallery, embedding_dtype=dtype)
+    assert model.gallery_embeddings.dtype == getattr(torch, dtype)
+    probabilities, indices = model.search_gallery(query, top_k=5)
+    assert (indices[:, 0] == reference_indices[:, 0]).float().mean() >= 0.9
+    torch.testing.assert_close(probabilities[:, 0], reference[:, 0], rtol=0.05, atol=0)
+    model.save_pretrained(tmp_path)
+    loaded = GeoCLIPModel.from_pretrained(tmp_path).eval()
+    assert loaded.gallery_embeddings.dtype == getattr(torch, dtype)
+    assert loaded.config.gallery_options["embedding_dtype"] == dtype
+    torch.testing.assert_close(loaded.search_gallery(query, top_k=5), (probabilities, indices))
+
+
+@pytest.mark.parametrize("index", ["IVF128,Flat", "IVF128,PQ16"])
+def test_faiss_recall_and_probabilities_match_exact(model, gallery, index):
+    query = queries_near(model, random_locations(64, seed=6), noise=1.0, seed=7)
+    model.set_gallery(gallery, backend="exact")
+    exact, exact_indices = model.search_gallery(query, top_k=5)
+    model.set_gallery(gallery, backend="faiss", index=index, nprobe=64)
+    approximate, indices = model.search_gallery(query, top_k=5)
+    recall = torch.tensor([len(set(a.tolist()) & set(b.tolist())) / 5 for a, b in zip(indices, exact_indices)])
+    assert recall.mean() >= 0.95, recall.mean()
+    # Where the top hit agrees, its probability is close: exact score over an estimated normaliser.
+    same = indices[:, 0] == exact_indices[:, 0]
+    relative_error = (approximate[same, 0] / exact[same, 0] - 1).abs()
+    assert relative_error.max() < 0.05, relative_error.max()
+
+
+def test_faiss_normaliser_estimate_error_is_bounded(model):
+    """A peaked query on a flat index: the only approximation is the sampled non-retrieved mass."""
+    gallery = random_locations(20_000, seed=8)
+    query = queries_near(model, gallery[:32], noise=0.3, seed=9)
+    exact = brute_force(model, gallery, query)
+    model.set_gallery(gallery, backend="faiss", index="Flat", normaliser_sample_size=1024)
+    probabilities, indices = model.search_gallery(query, top_k=5)
+    torch.testing.assert_close(indices, exact.topk(5, dim=1).indices)
+    log_error = (probabilities.log() - exact.gather(1, indices).log()).abs()
+    assert log_error.max() < 0.05, log_error.max()
+
+
+def test_faiss_gallery_round_trips_without_re_encoding(model, gallery, tmp_path, monkeypatch):
+    model.set_gallery(gallery, backend="faiss", index="IVF64,Flat", nprobe=8)
+    query = queries_near(model, random_locations(4, seed=10), noise=1.0, seed=11)
+    expected = model.search_gallery(query, top_k=3)
+    model.save_pretrained(tmp_path)
+    loaded = GeoCLIPModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.gallery_backend == "faiss" and loaded.config.gallery_options["nprobe"] == 8
+    assert loaded.gallery_embeddings.shape == (0, loaded.config.projection_dim)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the gallery was re-encoded")
+
+    monkeypatch.setattr(loaded.location_encoder, "forward", fail)
+    torch.testing.assert_close(loaded.search_gallery(query, top_k=3), expected)
+    out = loaded.geolocate(clip_image_embeds=torch.randn(2, 64), top_k=3)
+    assert out.latitudes.shape == (2, 3) and (out.indices >= 0).all()
+
+
+def test_faiss_missing_is_a_clear_import_error(model, monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    with pytest.raises(ImportError, match="pip install faiss-cpu"):
+        model.set_gallery([[0.0, 0.0], [1.0, 1.0]], backend="faiss")
+
+
+@pytest.mark.parametrize("backend, options, message", [
+    ("annoy", {}, "backend must be one of"),
+    ("exact", {"nprobe": 4}, "Unknown option"),
+    ("exact", {"embedding_dtype": "int8"}, "embedding_dtype must be one of"),
+    ("faiss", {"n_candidates": 0}, "n_candidates must be a positive integer"),
+    ("faiss", {"rescore": "yes"}, "rescore must be True or False"),
+])
+def test_bad_gallery_options_are_value_errors(backend, options, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_gallery_options(backend, 1000, options)
+
+
+def test_default_faiss_index_grows_with_the_gallery():
+    assert resolve_gallery_options("faiss", 50_000, {})["index"] == "Flat"
+    million = resolve_gallery_options("faiss", 1_000_000, {})
+    assert million["index"] == "IVF512,Flat" and million["rescore"] is False
+    ten_million = resolve_gallery_options("faiss", 10_000_000, {})
+    assert "PQ" in ten_million["index"] and ten_million["rescore"] is True
+
+
+def test_refine_never_lowers_the_best_score(model, gallery):
+    model.set_gallery(gallery[:5000])
+    clip_embeds = torch.randn(6, 64, generator=torch.Generator().manual_seed(12))
+    plain = model.geolocate(clip_image_embeds=clip_embeds, top_k=3)
+    refined = model.geolocate(clip_image_embeds=clip_embeds, top_k=3, refine=True, refine_samples=32)
+    with torch.no_grad():
+        query = F.normalize(model.get_image_features(clip_image_embeds=clip_embeds), dim=-1)
+
+        def best_score(out):
+            points = torch.stack((out.latitudes[:, 0], out.longitudes[:, 0]), dim=1)
+            return (query * F.normalize(model.get_location_features(points), dim=-1)).sum(-1)
+
+    assert (best_score(refined) >= best_score(plain) - 1e-5).all()
+    is_sample = refined.indices == -1
+    assert is_sample.any()
+    kept = refined.indices[~is_sample]
+    assert set(kept.tolist()) <= set(plain.indices.flatten().tolist())
+    assert (refined.probabilities[:, :-1] >= refined.probabilities[:, 1:]).all()
+    assert (refined.probabilities.sum(1) <= 1).all()
+
+
+def test_sample_around_stays_near_and_valid_at_the_pole_and_antimeridian():
+    centres = torch.tensor([[89.99, 0.0], [0.0, 179.99], [-45.0, -60.0]])
+    points = sample_around(centres, radius_km=10.0, num_samples=2000, generator=torch.Generator().manual_seed(0))
+    assert points.shape == (3, 2000, 2)
+    assert (points[..., 0].abs() <= 90).all() and (points[..., 1] >= -180).all() and (points[..., 1] < 180).all()
+    lat1, lon1 = torch.deg2rad(centres[:, None, 0]).double(), torch.deg2rad(centres[:, None, 1]).double()
+    lat2, lon2 = torch.deg2rad(points[..., 0]), torch.deg2rad(points[..., 1])
+    haversine = torch.sin((lat2 - lat1) / 2) ** 2 + torch.cos(lat1) * torch.cos(lat2) * torch.sin((lon2 - lon1) / 2) ** 2
+    distance_km = 2 * 6371.0088 * torch.asin(haversine.sqrt())
+    # |N(0, 10)| has mean 10 * sqrt(2 / pi) = 7.98 km.
+    torch.testing.assert_close(distance_km.mean(dim=1), torch.full((3,), 7.98, dtype=torch.float64), rtol=0.05, atol=0)

@@ -1,0 +1,283 @@
+"""GeoHier: shapes, hierarchy isolation, learning, hierarchical inference, cell table, save/load, errors."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub.errors import StrictDataclassClassValidationError
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, ViTConfig
+
+import geoloc  # noqa: F401  (registers the image processor)
+from geoloc.configs import TINY_IMAGE_SIZE, tiny_geohier_config
+from geoloc.geocells import build_geocells
+from modeling_geohier import GeoHierConfig, GeoHierGeolocationOutput, GeoHierModel
+
+CONFIG_ERRORS = (ValueError, StrictDataclassClassValidationError)
+
+
+def synthetic_cells(sizes=(8, 16, 32)):
+    """A cell table where cell i of level l > 0 is a child of cell i // 2 of level l - 1."""
+    rng = np.random.default_rng(0)
+    return [
+        {
+            "tokens": [f"{level + 1}{i:03x}1" for i in range(n)],
+            "latitudes": rng.uniform(-80, 80, n),
+            "longitudes": rng.uniform(-180, 180, n),
+            "parents": np.arange(n) // 2 if level else np.full(n, -1),
+            "counts": rng.integers(1, 100, n),
+        }
+        for level, n in enumerate(sizes)
+    ]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    model = GeoHierModel(tiny_geohier_config()).eval()
+    model.set_cell_table(synthetic_cells())
+    return model
+
+
+def images(batch=2, seed=0):
+    return torch.randn(batch, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def test_forward_shapes_and_attention_maps(model):
+    out = model(pixel_values=images(3), labels=torch.tensor([[0, 1, 2], [3, 4, 5], [7, 15, -1]]),
+                output_attentions=True)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    assert [tuple(level.shape) for level in out.logits] == [(3, 8), (3, 16), (3, 32)]
+    assert out.scene_logits.shape == (3, 4)
+    assert out.query_hidden_states.shape == (3, 4, 3, 32)
+    # (B, N + E layers, heads, scenes * levels queries, 1 + 16 patch tokens), rows are distributions.
+    assert out.cross_attentions.shape == (3, 3, 4, 12, 17)
+    torch.testing.assert_close(out.cross_attentions.sum(-1), torch.ones(3, 3, 4, 12))
+    # Scene logits are channel 0 of the final queries averaged over levels.
+    torch.testing.assert_close(out.scene_logits, out.query_hidden_states[..., 0].mean(-1))
+    assert model(pixel_values=images(3)).loss is None
+
+
+def test_vit_backbone_from_dict():
+    vit = ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                    image_size=TINY_IMAGE_SIZE, patch_size=16)
+    config = tiny_geohier_config(vision_config=vit.to_dict())
+    assert isinstance(config.vision_config, ViTConfig)
+    out = GeoHierModel(config)(pixel_values=images(2), output_attentions=True)
+    assert out.cross_attentions.shape == (2, 3, 4, 12, 5)
+
+
+def test_dependent_layers_isolate_hierarchies(model):
+    """In a hierarchy-dependent layer, perturbing the queries of one level leaves the other levels' outputs
+    unchanged; in an independent layer it does not."""
+    config = model.config
+    tokens = torch.randn(2, 17, config.hidden_size)
+    queries = torch.randn(2, config.num_queries, config.hidden_size)
+    perturbed = queries.clone()
+    level = torch.arange(config.num_queries) % config.num_levels
+    perturbed[:, level == 1] += 5 * torch.randn_like(perturbed[:, level == 1])
+    dependent, independent = model.dependent_layers[0], model.independent_layers[0]
+    before, after = dependent(queries, tokens)[0], dependent(perturbed, tokens)[0]
+    torch.testing.assert_close(before[:, level != 1], after[:, level != 1])
+    assert not torch.allclose(before[:, level == 1], after[:, level == 1])
+    changed = independent(perturbed, tokens)[0] - independent(queries, tokens)[0]
+    assert changed[:, level != 1].abs().max() > 1e-3
+    # Each level has its own FFN in dependent layers, one shared FFN in independent ones.
+    assert len(dependent.feed_forwards) == config.num_levels and len(independent.feed_forwards) == 1
+
+
+def test_scene_labels_select_queries_and_add_loss(model):
+    pixel_values, labels = images(3), torch.tensor([[0, 0, 0], [1, 2, 3], [2, 4, 8]])
+    free = model(pixel_values=pixel_values, labels=labels)
+    forced = model(pixel_values=pixel_values, labels=labels, scene_labels=torch.tensor([3, -1, 0]))
+    assert forced.selected_scenes[0] == 3 and forced.selected_scenes[2] == 0
+    assert forced.selected_scenes[1] == free.selected_scenes[1] == free.scene_logits[1].argmax()
+    chosen = forced.query_hidden_states[0, 3]  # scene 3 of image 0, (levels, D)
+    for level, classifier in enumerate(model.classifiers):
+        torch.testing.assert_close(forced.logits[level][0], classifier(chosen[level]))
+    unknown = model(pixel_values=pixel_values, labels=labels, scene_labels=torch.full((3,), -1))
+    torch.testing.assert_close(unknown.loss, free.loss)
+    assert not torch.allclose(forced.loss, free.loss)
+
+
+def test_loss_decreases_on_a_tiny_batch():
+    torch.manual_seed(0)
+    model = GeoHierModel(tiny_geohier_config(dropout=0.0)).train()
+    pixel_values = images(4)
+    labels, scenes = torch.tensor([[0, 1, 2], [1, 3, 7], [2, 5, 11], [3, 7, 15]]), torch.tensor([0, 1, 2, -1])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        loss = model(pixel_values=pixel_values, labels=labels, scene_labels=scenes).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_hierarchical_product_equals_brute_force(model):
+    torch.manual_seed(1)
+    logits = tuple(torch.randn(2, n) for n in model.config.cells_per_level)
+    result = model.hierarchical_probabilities(logits)
+    softmax = [level.softmax(-1) for level in logits]
+    parents = [table["parents"] for table in synthetic_cells()]
+    for b in range(2):
+        for fine in range(32):
+            middle = parents[2][fine]
+            coarse = parents[1][middle]
+            expected = softmax[2][b, fine] * softmax[1][b, middle] * softmax[0][b, coarse]
+            torch.testing.assert_close(result[2][b, fine], expected)
+        for middle in range(16):
+            torch.testing.assert_close(result[1][b, middle], softmax[1][b, middle] * softmax[0][b, parents[1][middle]])
+    torch.testing.assert_close(result[0], softmax[0])
+
+
+def test_geolocate_fields_and_probabilities(model):
+    out = model.geolocate(pixel_values=images(2), top_k=5)
+    assert isinstance(out, GeoHierGeolocationOutput)
+    assert list(out.keys())[:4] == ["latitudes", "longitudes", "probabilities", "indices"]
+    for field in (out.latitudes, out.longitudes, out.probabilities, out.indices):
+        assert field.shape == (2, 5)
+    assert (out.probabilities[:, :-1] >= out.probabilities[:, 1:]).all()
+    assert ((out.probabilities > 0) & (out.probabilities <= 1)).all()
+    torch.testing.assert_close(out.probabilities, out.level_probabilities[-1].gather(1, out.indices))
+    torch.testing.assert_close(out.probabilities[:, 0], out.level_probabilities[-1].max(dim=1).values)
+    fine = synthetic_cells()[-1]
+    np.testing.assert_allclose(out.latitudes.numpy(), fine["latitudes"][out.indices.numpy()], atol=1e-6)
+    np.testing.assert_allclose(out.longitudes.numpy(), fine["longitudes"][out.indices.numpy()], atol=1e-6)
+    torch.testing.assert_close(out.scene_probabilities.sum(-1), torch.ones(2))
+    assert [p.shape for p in out.level_probabilities] == [(2, 8), (2, 16), (2, 32)]
+    # The geolocated scene is the predicted one, never a label.
+    forward = model(pixel_values=images(2))
+    torch.testing.assert_close(out.scene_probabilities, forward.scene_logits.softmax(-1))
+
+
+@pytest.mark.parametrize("top_k", [0, 33, 2.0, True])
+def test_geolocate_rejects_bad_top_k(model, top_k):
+    with pytest.raises(ValueError, match="top_k"):
+        model.geolocate(pixel_values=images(1), top_k=top_k)
+
+
+def test_bad_inputs_raise_clear_errors(model):
+    with pytest.raises(ValueError, match="pixel_values"):
+        model.geolocate(pixel_values=torch.zeros(0, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE))
+    with pytest.raises(ValueError, match=r"labels\[1, 2\] = 32"):
+        model(pixel_values=images(2), labels=torch.tensor([[0, 0, 0], [0, 0, 32]]))
+    with pytest.raises(ValueError, match="shape"):
+        model(pixel_values=images(2), labels=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="scene_labels"):
+        model(pixel_values=images(2), scene_labels=torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="no cell table"):
+        GeoHierModel(tiny_geohier_config()).geolocate(pixel_values=images(1))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"cells_per_level": [8, 0, 32]}, "cells_per_level"),
+        ({"cells_per_level": []}, "cells_per_level"),
+        ({"cells_per_level": [8, 16]}, "level_loss_weights has 3 entries"),
+        ({"level_loss_weights": [0.5, -1.0, 0.2]}, "loss weights"),
+        ({"num_attention_heads": 5}, "divisible"),
+        ({"num_scenes": 0}, "num_scenes"),
+        ({"vision_config": {"model_type": "bert"}}, "vision_config"),
+    ],
+)
+def test_bad_config_values(overrides, message):
+    with pytest.raises(CONFIG_ERRORS, match=message):
+        tiny_geohier_config(**overrides)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda cells: cells[1]["parents"].__setitem__(3, 8), r"Level 1, cell 3: parent index 8"),
+        (lambda cells: cells[2]["parents"].__setitem__(0, -1), r"Level 2, cell 0: parent index -1"),
+        (lambda cells: cells[0]["parents"].__setitem__(0, 0), "level 0 has no parent"),
+        (lambda cells: cells.pop(), "2 levels"),
+        (lambda cells: cells[1]["tokens"].pop(), "cells_per_level=\\[8, 15, 32\\]"),
+        (lambda cells: cells[0]["latitudes"].__setitem__(2, 91.0), "Level 0, cell 2: centroid"),
+        (lambda cells: cells[0]["tokens"].__setitem__(0, "xyz"), "not an S2 cell token"),
+    ],
+)
+def test_inconsistent_cell_tables_are_rejected(edit, message):
+    cells = synthetic_cells()
+    edit(cells)
+    model = GeoHierModel(tiny_geohier_config())
+    with pytest.raises(ValueError, match=message):
+        model.set_cell_table(cells)
+    assert not model.config.has_cell_table
+
+
+def test_save_load_round_trip(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    assert json.loads((tmp_path / "config.json").read_text())["has_cell_table"] is True
+    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, GeoHierModel) and isinstance(AutoConfig.from_pretrained(tmp_path), GeoHierConfig)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
+    before, after = model.geolocate(pixel_values=images(2), top_k=3), loaded.geolocate(pixel_values=images(2), top_k=3)
+    for field in ("latitudes", "longitudes", "probabilities", "indices"):
+        torch.testing.assert_close(after[field], before[field])
+    table = loaded.get_cell_table()
+    assert list(table[2]["tokens"]) == synthetic_cells()[2]["tokens"]
+    np.testing.assert_array_equal(table[1]["parents"], np.arange(16) // 2)
+    # bf16 weights never round the stored centroids (integer micro-degrees).
+    half = AutoModel.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    np.testing.assert_allclose(half.get_cell_table()[2]["latitudes"], synthetic_cells()[2]["latitudes"], atol=1e-6)
+
+
+def test_image_processor_is_registered(tmp_path):
+    from modeling_geoclip import GeoCLIPImageProcessor
+
+    GeoCLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    tiny_geohier_config().save_pretrained(tmp_path)
+    assert isinstance(AutoImageProcessor.from_pretrained(tmp_path), GeoCLIPImageProcessor)
+
+
+def test_built_geocells_drive_the_model():
+    rng = np.random.default_rng(0)
+    latitudes, longitudes = rng.uniform(-60, 60, 3000), rng.uniform(-180, 180, 3000)
+    cells, labels = build_geocells(latitudes, longitudes, levels=[(5, 400), (5, 150), (5, 60)])
+    config = tiny_geohier_config(cells_per_level=[len(level["tokens"]) for level in cells])
+    model = GeoHierModel(config).eval()
+    model.set_cell_table(cells)
+    keep = labels[:4]
+    assert model(pixel_values=images(4), labels=torch.from_numpy(keep)).loss.isfinite()
+    out = model.geolocate(pixel_values=images(4), top_k=3)
+    np.testing.assert_allclose(out.latitudes.numpy(), cells[-1]["latitudes"][out.indices.numpy()], atol=1e-6)
+
+
+LOAD_AND_PREDICT = """
+import sys, torch
+from transformers import AutoModel
+model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+assert "modeling_geohier" not in sys.modules and "geoloc" not in sys.modules, "package was imported"
+print(type(model).__module__)
+torch.manual_seed(1)
+print(model.geolocate(pixel_values=torch.randn(2, 3, 32, 32), top_k=2).probabilities.tolist())
+"""
+
+
+def test_geohier_loads_as_remote_code(model, tmp_path, monkeypatch):
+    monkeypatch.setattr(GeoHierConfig, "_auto_class", None)
+    monkeypatch.setattr(GeoHierModel, "_auto_class", None)
+    GeoHierConfig.register_for_auto_class()
+    GeoHierModel.register_for_auto_class("AutoModel")
+    model.save_pretrained(tmp_path)
+    assert {"configuration_geohier.py", "modeling_geohier.py"} <= {p.name for p in tmp_path.iterdir()}
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_PREDICT, str(tmp_path)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONNOUSERSITE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    module, probabilities = result.stdout.strip().splitlines()[-2:]
+    assert module.startswith("transformers_modules.")
+    torch.manual_seed(1)
+    expected = model.geolocate(pixel_values=torch.randn(2, 3, 32, 32), top_k=2).probabilities
+    torch.testing.assert_close(torch.tensor(json.loads(probabilities)), expected)

@@ -1,0 +1,193 @@
+"""`geoloc publish` up to the Hub commit, with a recording stand-in for `HfApi`: the exact files, the card's
+YAML (model-index for every benchmark x metric) and its round trip through `ModelCard.load`."""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+from huggingface_hub import ModelCard, ModelCardData, SpaceCard
+from huggingface_hub.repocard_data import model_index_to_eval_results
+
+from geoloc import publish as publish_module
+from geoloc.configs import TINY_IMAGE_SIZE, tiny_geoclip_config, tiny_geohier_config
+from geoloc.publish import METRIC_NAMES, main, publish, render_model_card
+from modeling_geoclip import GeoCLIPImageProcessor, GeoCLIPModel
+
+METRICS = {"im2gps3k": 0.1, "osv5m": 0.02}
+
+
+class RecordingApi:
+    """Stands in for `HfApi`: records repo creations, commits (with the bytes of every file) and variables."""
+
+    def __init__(self, token=None):
+        self.repos, self.commits, self.variables = [], [], []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.repos.append((repo_id, kwargs))
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        files = {op.path_in_repo: open(op.path_or_fileobj, "rb").read() for op in operations}
+        self.commits.append((repo_id, files, kwargs))
+        return type("CommitInfo", (), {"pr_url": None, "commit_url": f"https://hub/{repo_id}/commit/1"})()
+
+    def add_space_variable(self, repo_id, key, value):
+        self.variables.append((repo_id, key, value))
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    model = GeoCLIPModel(tiny_geoclip_config()).eval()
+    model.set_gallery(np.random.default_rng(0).uniform([-90, -180], [90, 180], size=(16, 2)))
+    processor = GeoCLIPImageProcessor(
+        size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
+    )
+    return model, processor
+
+
+@pytest.fixture
+def checkpoint(tmp_path, tiny_model):
+    model, processor = tiny_model
+    model.save_pretrained(tmp_path / "ckpt")
+    processor.save_pretrained(tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
+@pytest.fixture
+def eval_dirs(tmp_path):
+    dirs = []
+    for dataset, accuracy in METRICS.items():
+        folder = tmp_path / "eval" / dataset
+        folder.mkdir(parents=True)
+        metrics = {"acc_1km": accuracy, "acc_25km": 0.2, "acc_200km": 0.3, "acc_750km": 0.5, "acc_2500km": 0.75,
+                   "mean_km": 1500.123, "median_km": 600.456, "geoscore": 2500.5, "n": 100, "n_unreadable": 1,
+                   "model": "ckpt", "dataset": dataset, "top_k": 1}
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+        dirs.append(str(folder))
+    return dirs
+
+
+@pytest.fixture
+def space_dir(tmp_path):
+    folder = tmp_path / "space"
+    (folder / "examples").mkdir(parents=True)
+    (folder / "app.py").write_text("import gradio\n")
+    (folder / "requirements.txt").write_text("geoloc\n")
+    (folder / "examples" / "a.jpg").write_bytes(b"jpeg")
+    (folder / "README.md").write_text("local readme, replaced by the rendered Space card\n")
+    (folder / "__pycache__").mkdir()
+    (folder / "__pycache__" / "app.cpython-311.pyc").write_bytes(b"")
+    return folder
+
+
+def _card(files) -> ModelCard:
+    return ModelCard(files["README.md"].decode())
+
+
+def test_publish_folder_with_results_and_space(checkpoint, eval_dirs, space_dir, tmp_path):
+    api = RecordingApi()
+    publish(checkpoint, "me/tiny-geoclip", eval_dirs=eval_dirs, private=True, revision="main", create_pr=True,
+            space_id="me/tiny-geoclip-demo", space_dir=space_dir, api=api)
+
+    assert api.repos == [
+        ("me/tiny-geoclip", {"repo_type": "model", "private": True, "exist_ok": True}),
+        ("me/tiny-geoclip-demo", {"repo_type": "space", "space_sdk": "gradio", "private": True, "exist_ok": True}),
+    ]
+    (model_repo, files, options), (space_repo, space_files, space_options) = api.commits
+    assert model_repo == "me/tiny-geoclip"
+    assert options["repo_type"] == "model" and options["revision"] == "main" and options["create_pr"] is True
+    assert sorted(files) == ["README.md", "config.json", "eval_results/im2gps3k.json",
+                             "eval_results/osv5m--osv5m.json", "model.safetensors", "preprocessor_config.json"]
+    assert files["model.safetensors"] == (checkpoint / "model.safetensors").read_bytes()  # gallery inside
+    assert json.loads(files["eval_results/im2gps3k.json"])["acc_1km"] == 0.1
+
+    card = _card(files)
+    metadata = yaml.safe_load(files["README.md"].decode().split("---")[1])
+    assert metadata["library_name"] == "transformers" and metadata["license"] == "mit"
+    results = metadata["model-index"][0]["results"]
+    assert {(r["dataset"]["name"], r["dataset"]["type"]) for r in results} == {
+        ("Im2GPS3k", "im2gps3k"), ("OSV-5M", "osv5m/osv5m")}
+    for result in results:
+        assert result["task"] == {"type": "image-geolocation", "name": "Image geolocation"}
+        assert [metric["type"] for metric in result["metrics"]] == list(METRIC_NAMES)
+    values = {(e.dataset_name, e.metric_type): e.metric_value for e in card.data.eval_results}
+    assert len(values) == 16
+    assert values[("Im2GPS3k", "acc_1km")] == 10.0 and values[("OSV-5M", "acc_1km")] == 2.0
+    assert values[("OSV-5M", "median_km")] == 600.46 and values[("OSV-5M", "geoscore")] == 2500.5
+
+    text = card.text
+    assert "| Im2GPS3k | 100 (1 unreadable, skipped) | 10.0 | 20.0 | 30.0 | 50.0 | 75.0 | 600 | 2500 |" in text
+    assert "not measured by us" in text and "| Im2GPS3k | 14.11 | 34.47 | 50.65 | 69.67 | 83.82 |" in text
+    assert "locating people" in text and 'AutoModel.from_pretrained("me/tiny-geoclip")' in text
+    assert "random-tiny-clip" in text and "16 GPS points" in text
+
+    assert space_repo == "me/tiny-geoclip-demo" and space_options["repo_type"] == "space"
+    assert sorted(space_files) == ["README.md", "app.py", "examples/a.jpg", "requirements.txt"]
+    space_card = SpaceCard(space_files["README.md"].decode())
+    assert space_card.data.sdk == "gradio" and space_card.data.app_file == "app.py"
+    assert space_card.data.models == ["me/tiny-geoclip"]
+    assert api.variables == [("me/tiny-geoclip-demo", "GEOLOC_MODEL", "me/tiny-geoclip")]
+
+
+def test_card_metadata_validates_and_round_trips(checkpoint, eval_dirs, tmp_path):
+    api = RecordingApi()
+    publish(checkpoint, "me/tiny-geoclip", eval_dirs=eval_dirs, api=api)
+    files = api.commits[0][1]
+    (tmp_path / "README.md").write_bytes(files["README.md"])
+    loaded = ModelCard.load(tmp_path / "README.md")
+    original = _card(files)
+    assert loaded.data.to_dict() == original.data.to_dict()
+    assert loaded.data.eval_results == original.data.eval_results
+    # the YAML rebuilds the same card data, and its model-index parses back to the same results
+    rebuilt = ModelCardData(**loaded.data.to_dict())
+    assert rebuilt.to_dict() == loaded.data.to_dict()
+    name, results = model_index_to_eval_results(loaded.data.to_dict()["model-index"])
+    assert name == "tiny-geoclip" and results == loaded.data.eval_results
+    assert all(result.dataset_split == "test" for result in results)
+
+
+def test_publish_model_object_through_patched_hfapi(tiny_model, checkpoint, monkeypatch):
+    api = RecordingApi()
+    monkeypatch.setattr(publish_module, "HfApi", lambda token=None: api)
+    model, processor = tiny_model
+    publish(model, "me/obj", image_processor=processor)
+    files = api.commits[0][1]
+    assert sorted(files) == ["README.md", "config.json", "model.safetensors", "preprocessor_config.json"]
+    assert files["model.safetensors"] == (checkpoint / "model.safetensors").read_bytes()
+    card = _card(files)
+    assert card.data.eval_results is None and "has not been evaluated yet" in card.text
+    with pytest.raises(ValueError, match="needs its image_processor"):
+        publish(model, "me/obj")
+
+
+def test_cli_main(checkpoint, eval_dirs, monkeypatch, capsys):
+    api = RecordingApi()
+    monkeypatch.setattr(publish_module, "HfApi", lambda token=None: api)
+    assert main([str(checkpoint), "--repo-id", "me/cli", "--eval-dir", eval_dirs[0], "--training-data",
+                 "World-map crops."]) == 0
+    assert "https://hub/me/cli/commit/1" in capsys.readouterr().out
+    assert [repo for repo, _ in api.repos] == ["me/cli"]
+    assert "World-map crops." in _card(api.commits[0][1]).text
+
+
+def test_geohier_card_carries_the_paper_anchor_figures():
+    card = render_model_card(tiny_geohier_config(), "me/geohier", [])
+    text = card.text
+    assert "Reported in the paper (not measured by us)" in text
+    for row in ("| Im2GPS3k | 12.8 | 33.5 | 45.9 | 61.0 | 76.1 |", "| YFCC4k | 10.3 | 24.4 | 33.9 | 50.0 | 68.7 |",
+                "| GWS15k | 0.7 | 1.5 | 8.7 | 26.9 | 50.5 |"):
+        assert row in text
+    assert "8 / 16 / 32 cells per level" in text and "geohier" in card.data.tags
+
+
+def test_rejects_bad_inputs(checkpoint, eval_dirs, tmp_path):
+    api = RecordingApi()
+    with pytest.raises(ValueError, match="has no metrics.json"):
+        publish(checkpoint, "me/x", eval_dirs=[str(tmp_path)], api=api)
+    with pytest.raises(ValueError, match=r"same dataset: \['im2gps3k'\]"):
+        publish(checkpoint, "me/x", eval_dirs=[eval_dirs[0], eval_dirs[0]], api=api)
+    with pytest.raises(ValueError, match="has no config.json"):
+        publish(tmp_path, "me/x", api=api)
+    with pytest.raises(ValueError, match="No card template"):
+        render_model_card(type("Config", (), {"model_type": "unknown"})(), "me/x", [])
+    assert api.repos == [] and api.commits == []
