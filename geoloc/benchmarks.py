@@ -88,7 +88,8 @@ BENCHMARKS = {
     "yfcc26k": Benchmark("YFCC26k", ("yfcc25600_places365.csv",), ("images", "yfcc25600")),
     "gws15k": Benchmark("GWS15k", ("gws15k.csv",), ("images",)),
     "osv5m": Benchmark(
-        "OSV-5M", ("test.csv",), ("images/test",), hub_repo="osv5m/osv5m", hub_patterns=("test.csv", "images/test/*.zip")
+        "OSV-5M", ("test.csv",), ("images/test",),
+        hub_repo="osv5m/osv5m", hub_patterns=("test.csv", "images/test/*.zip"),
     ),
 }
 

@@ -12,6 +12,7 @@ SUBCOMMANDS = {
     "publish": ("geoloc.publish", "push a checkpoint, its model card and results to the Hugging Face Hub"),
     "geocells": ("geoloc.geocells", "build S2 geocell hierarchies from training coordinates"),
     "worldmap": ("geoloc.worldmap", "build the world-map crops dataset used by the CPU learnability benchmark"),
+    "space": ("geoloc.space", "assemble the Gradio Space (app + package sources) in a folder ready to upload"),
 }
 
 

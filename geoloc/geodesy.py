@@ -9,8 +9,8 @@ Two distances, both vectorised over N pairs:
   this for every reported number.
 - `haversine_distance_km`: the great-circle distance on a sphere of the mean Earth radius, in plain numpy.
   About 4x faster again (~0.5 s for 1M pairs), but off by up to ~0.56 % against WGS84 (up to ~40 km on
-  long distances), which can move a pair across a threshold. A fast path for rough work (e.g. nearest-neighbour pre-filtering), not for
-  benchmark numbers.
+  long distances), which can move a pair across a threshold. A fast path for rough work (e.g.
+  nearest-neighbour pre-filtering), not for benchmark numbers.
 
 Both validate their inputs with `validate_coordinates` (never wrapped or clipped).
 """

@@ -5,9 +5,10 @@ What the model repo receives, in one commit: the checkpoint folder as `save_pret
 weights with the GeoCLIP gallery or the GeoHier cell table, `preprocessor_config.json`, tokenizer files),
 `README.md` rendered from `hub_cards/<model_type>.md` with `huggingface_hub.ModelCard` (its YAML carries a
 `model-index` entry for every benchmark x metric of the given `geoloc evaluate` folders), and
-`eval_results/<dataset>.json` (each folder's metrics.json). With `--space`, the Space repo receives
-`spaces/geolocation/` with `README.md` rendered from `hub_cards/space.md`, and its `GEOLOC_MODEL` variable
-is set to the model repo.
+`eval_results/<dataset>.json` (each folder's metrics.json). With `--space`, the Space repo receives what
+`geoloc space` assembles (`spaces/geolocation/` plus the package sources), its README's YAML (the Space
+card of `spaces/geolocation/README.md`) gains `models: [<repo-id>]`, and its `GEOLOC_MODEL` variable is
+set to the model repo, which the app loads.
 
 Example:
     geoloc publish ./checkpoints/geoclip --repo-id me/geoclip-vit-l14 --eval-dir eval/im2gps3k \\
@@ -22,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 import jinja2
-from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, SpaceCard, SpaceCardData
+from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, SpaceCard
 from transformers import AutoConfig
 
 from .benchmarks import BENCHMARKS
@@ -30,7 +31,6 @@ from .metrics import DEFAULT_THRESHOLDS_KM, threshold_key
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CARDS_DIR = REPO_ROOT / "hub_cards"
-SPACE_DIR = REPO_ROOT / "spaces" / "geolocation"
 TASK_TYPE, TASK_NAME = "image-geolocation", "Image geolocation"
 ACCURACY_KEYS = [threshold_key(threshold) for threshold in DEFAULT_THRESHOLDS_KM]
 METRIC_NAMES = {
@@ -128,15 +128,6 @@ def render_model_card(config, repo_id: str, results: list[dict], training_data: 
     )
 
 
-def render_space_card(model_id: str, title: str = "Where was this photo taken?") -> SpaceCard:
-    """Render `hub_cards/space.md`: the Space's README with its Gradio YAML, pointing at `model_id`."""
-    card_data = SpaceCardData(
-        title=title, sdk="gradio", app_file="app.py", models=[model_id], license="mit",
-        tags=["image-geolocation", "geolocation"], emoji="🌍", colorFrom="green", colorTo="blue",
-    )
-    return SpaceCard.from_template(card_data, template_path=str(_template("space.md")), title=title, model_id=model_id)
-
-
 def _folder_operations(folder: Path, skip=()) -> list[CommitOperationAdd]:
     """One `CommitOperationAdd` per file under `folder` (sorted), leaving out caches, VCS files and `skip`."""
     operations = []
@@ -149,7 +140,7 @@ def _folder_operations(folder: Path, skip=()) -> list[CommitOperationAdd]:
 
 def publish(model, repo_id: str, *, image_processor=None, eval_dirs=(), private: bool = False,
             revision: str | None = None, create_pr: bool = False, space_id: str | None = None,
-            space_dir=SPACE_DIR, training_data: str = DEFAULT_TRAINING_DATA, token: str | None = None,
+            training_data: str = DEFAULT_TRAINING_DATA, token: str | None = None,
             api: HfApi | None = None) -> dict:
     """Push a checkpoint with its card and results to `repo_id` (and the Space to `space_id`).
 
@@ -159,7 +150,7 @@ def publish(model, repo_id: str, *, image_processor=None, eval_dirs=(), private:
         repo_id: the model repo, `namespace/name`; created if missing.
         eval_dirs: `geoloc evaluate` output folders whose metrics go into the card and `eval_results/`.
         private, revision, create_pr: passed to `create_repo` / `create_commit`.
-        space_id: also push `space_dir` as a Gradio Space to this repo id.
+        space_id: also push the Gradio Space (as `geoloc space` assembles it) to this repo id.
         api: the `HfApi` to use (default: one with `token`).
 
     Returns:
@@ -198,13 +189,13 @@ def publish(model, repo_id: str, *, image_processor=None, eval_dirs=(), private:
         )
         space_commit = None
         if space_id is not None:
-            space_dir = Path(space_dir)
-            if not (space_dir / "app.py").is_file():
-                raise ValueError(f"'{space_dir}' has no app.py: point space_dir at the Gradio Space folder.")
-            render_space_card(repo_id).save(extras / "SPACE_README.md")
-            operations = _folder_operations(space_dir, skip={"README.md"}) + [
-                CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(extras / "SPACE_README.md"))
-            ]
+            from .space import export_space  # needs the `space` extra (reverse_geocode); only for --space
+
+            space = export_space(staging / "space")
+            space_card = SpaceCard.load(space / "README.md")
+            space_card.data.models = [repo_id]
+            space_card.save(space / "README.md")
+            operations = _folder_operations(space)
             api.create_repo(space_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
             space_commit = api.create_commit(
                 space_id, operations, commit_message=f"Deploy the geolocation demo of {repo_id} with geoloc",
@@ -226,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--private", action="store_true", help="create private repos")
     parser.add_argument("--revision", default=None, help="branch to commit to")
     parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
-    parser.add_argument("--space", action="store_true", help="also deploy spaces/geolocation as a Gradio Space")
+    parser.add_argument("--space", action="store_true", help="also deploy the Gradio Space (see `geoloc space`)")
     parser.add_argument("--space-id", default=None, help="Space repo id (default: <repo-id>-demo)")
     parser.add_argument("--training-data", default=DEFAULT_TRAINING_DATA,
                         help="what the checkpoint was trained on (a sentence or two for the card)")

@@ -334,7 +334,6 @@ def main(argv=None) -> int:
                 locations = batch.pop("locations")
                 if is_geoclip:
                     if args.gps_noise_km:
-                        print("DBG", step, hash(torch.get_rng_state().numpy().tobytes()) % 10**6, locations[0].tolist(), flush=True)
                         locations = add_gps_noise(locations, args.gps_noise_km)
                     outputs = model(**batch, locations=locations, return_loss=True)
                 else:

@@ -150,7 +150,13 @@ class GeoCLIPPreTrainedModel(PreTrainedModel):
         `ValueError` (transformers v5 only logs them and randomly initialises what is missing). Pass
         `strict=False` to load a partial checkpoint on purpose."""
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        problems = {kind: sorted(info[f"{kind}_keys"]) for kind in ("missing", "unexpected") if info[f"{kind}_keys"]}
+        state = model.state_dict()
+        # save_pretrained drops empty tensors (e.g. unused gallery buffers): nothing is missing there.
+        problems = {
+            "missing": sorted(key for key in info["missing_keys"] if key not in state or state[key].numel() > 0),
+            "unexpected": sorted(info["unexpected_keys"]),
+        }
+        problems = {kind: keys for kind, keys in problems.items() if keys}
         if strict and problems:
             details = "; ".join(f"{kind}: {keys}" for kind, keys in problems.items())
             raise ValueError(

@@ -72,7 +72,7 @@ def test_reduced_precision_storage_keeps_answers_and_survives_save(model, galler
     torch.testing.assert_close(loaded.search_gallery(query, top_k=5), (probabilities, indices))
 
 
-@pytest.mark.parametrize("index", ["IVF128,Flat", "IVF128,PQ16"])
+@pytest.mark.parametrize("index", ["IVF128,Flat", "IVF128,SQ8"])
 def test_faiss_recall_and_probabilities_match_exact(model, gallery, index):
     query = queries_near(model, random_locations(64, seed=6), noise=1.0, seed=7)
     model.set_gallery(gallery, backend="exact")

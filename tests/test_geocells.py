@@ -64,7 +64,7 @@ def test_every_point_in_exactly_one_cell_per_level(built):
 
 
 def test_tau_bounds(built):
-    *_, cells, labels = built
+    *_, cells, _ = built
     for (tau_min, tau_max), level in zip(LEVELS, cells):
         assert level["counts"].min() >= tau_min
         assert level["counts"].max() <= tau_max

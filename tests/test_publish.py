@@ -12,6 +12,7 @@ from huggingface_hub.repocard_data import model_index_to_eval_results
 from geoloc import publish as publish_module
 from geoloc.configs import TINY_IMAGE_SIZE, tiny_geoclip_config, tiny_geohier_config
 from geoloc.publish import METRIC_NAMES, main, publish, render_model_card
+from geoloc.space import export_space
 from modeling_geoclip import GeoCLIPImageProcessor, GeoCLIPModel
 
 METRICS = {"im2gps3k": 0.1, "osv5m": 0.02}
@@ -67,27 +68,14 @@ def eval_dirs(tmp_path):
     return dirs
 
 
-@pytest.fixture
-def space_dir(tmp_path):
-    folder = tmp_path / "space"
-    (folder / "examples").mkdir(parents=True)
-    (folder / "app.py").write_text("import gradio\n")
-    (folder / "requirements.txt").write_text("geoloc\n")
-    (folder / "examples" / "a.jpg").write_bytes(b"jpeg")
-    (folder / "README.md").write_text("local readme, replaced by the rendered Space card\n")
-    (folder / "__pycache__").mkdir()
-    (folder / "__pycache__" / "app.cpython-311.pyc").write_bytes(b"")
-    return folder
-
-
 def _card(files) -> ModelCard:
     return ModelCard(files["README.md"].decode())
 
 
-def test_publish_folder_with_results_and_space(checkpoint, eval_dirs, space_dir, tmp_path):
+def test_publish_folder_with_results_and_space(checkpoint, eval_dirs, tmp_path):
     api = RecordingApi()
     publish(checkpoint, "me/tiny-geoclip", eval_dirs=eval_dirs, private=True, revision="main", create_pr=True,
-            space_id="me/tiny-geoclip-demo", space_dir=space_dir, api=api)
+            space_id="me/tiny-geoclip-demo", api=api)
 
     assert api.repos == [
         ("me/tiny-geoclip", {"repo_type": "model", "private": True, "exist_ok": True}),
@@ -122,10 +110,18 @@ def test_publish_folder_with_results_and_space(checkpoint, eval_dirs, space_dir,
     assert "random-tiny-clip" in text and "16 GPS points" in text
 
     assert space_repo == "me/tiny-geoclip-demo" and space_options["repo_type"] == "space"
-    assert sorted(space_files) == ["README.md", "app.py", "examples/a.jpg", "requirements.txt"]
+    # what `geoloc space` assembles: the app, its requirements and the package sources it imports
+    exported = export_space(tmp_path / "exported")
+    assert sorted(space_files) == sorted(
+        path.relative_to(exported).as_posix() for path in exported.rglob("*") if path.is_file()
+    )
+    assert {"app.py", "requirements.txt", "geoloc/evaluate.py", "modeling_geoclip/__init__.py"} <= set(space_files)
+    assert space_files["app.py"] == (exported / "app.py").read_bytes()
     space_card = SpaceCard(space_files["README.md"].decode())
-    assert space_card.data.sdk == "gradio" and space_card.data.app_file == "app.py"
-    assert space_card.data.models == ["me/tiny-geoclip"]
+    original = SpaceCard.load(exported / "README.md")
+    assert space_card.data.sdk == "gradio" and space_card.data.models == ["me/tiny-geoclip"]
+    assert {**original.data.to_dict(), "models": ["me/tiny-geoclip"]} == space_card.data.to_dict()
+    assert space_card.text == original.text
     assert api.variables == [("me/tiny-geoclip-demo", "GEOLOC_MODEL", "me/tiny-geoclip")]
 
 

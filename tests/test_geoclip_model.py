@@ -1,0 +1,269 @@
+"""GeoCLIPModel on a tiny config: shapes, save/load, training step, and every kind of bad input."""
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel
+
+from geoloc.configs import TINY_IMAGE_SIZE, tiny_geoclip_config
+from modeling_geoclip import (
+    GeoCLIPImageProcessor,
+    GeoCLIPLocationEncoder,
+    GeoCLIPModel,
+    byte_level_clip_tokenizer,
+    load_image,
+)
+
+GALLERY = [[48.8566, 2.3522], [40.7128, -74.006], [-33.8688, 151.2093], [35.6762, 139.6503], [-90, 180], [90, -180]]
+
+
+@pytest.fixture
+def model():
+    model = GeoCLIPModel(tiny_geoclip_config()).eval()
+    model.set_gallery(GALLERY)
+    return model
+
+
+@pytest.fixture
+def processor():
+    return GeoCLIPImageProcessor(size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size=TINY_IMAGE_SIZE)
+
+
+def _pixels(batch=2):
+    return torch.randn(batch, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
+
+
+# ------------------------------------------------------------------------------------------------ shapes
+def test_feature_and_forward_shapes(model):
+    config = model.config
+    tokens = byte_level_clip_tokenizer()(["a beach", "snowy mountains at dawn"], padding=True, return_tensors="pt")
+    assert model.get_image_features(pixel_values=_pixels(3)).shape == (3, config.projection_dim)
+    assert model.get_text_features(tokens.input_ids, tokens.attention_mask).shape == (2, config.projection_dim)
+    assert model.get_location_features(torch.tensor(GALLERY)).shape == (len(GALLERY), config.projection_dim)
+    output = model(pixel_values=_pixels(3), locations=torch.tensor(GALLERY[:4]))
+    assert output.logits_per_image.shape == (3, 4) and output.logits_per_location.shape == (4, 3)
+    assert torch.allclose(output.image_embeds.norm(dim=-1), torch.ones(3))
+    expected = model.logit_scale.exp() * output.image_embeds @ output.location_embeds.T
+    assert torch.allclose(output.logits_per_image, expected, atol=1e-5)
+
+    prediction = model.geolocate(pixel_values=_pixels(2), top_k=3)
+    assert prediction.latitudes.shape == prediction.longitudes.shape == prediction.probabilities.shape == (2, 3)
+    assert (prediction.probabilities[:, :-1] >= prediction.probabilities[:, 1:]).all()  # best first
+    gallery = torch.tensor(GALLERY, dtype=torch.float64)
+    assert torch.equal(prediction.latitudes, gallery[prediction.indices, 0])
+    text_prediction = model.geolocate(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, top_k=6)
+    assert torch.allclose(text_prediction.probabilities.sum(dim=1), torch.ones(2, dtype=torch.float32))
+
+
+def test_save_and_load_round_trip_restores_the_gallery_without_re_encoding(model, tmp_path, monkeypatch):
+    model.enqueue_locations(torch.tensor(GALLERY[:3]))
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file() and not list(tmp_path.glob("*.bin"))
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("the gallery was re-encoded on load or predict")
+
+    monkeypatch.setattr(GeoCLIPLocationEncoder, "forward", no_encoding)
+    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert type(loaded) is GeoCLIPModel and loaded.config.gallery_size == len(GALLERY)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    pixels = _pixels(2)
+    expected, actual = model.geolocate(pixel_values=pixels, top_k=4), loaded.geolocate(pixel_values=pixels, top_k=4)
+    for field in ("latitudes", "longitudes", "probabilities", "indices"):
+        assert torch.equal(getattr(actual, field), getattr(expected, field)), field
+    assert torch.equal(loaded.gallery_locations, torch.tensor(GALLERY, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda weights: weights.pop("image_mlp.0.weight"), r"missing: \['image_mlp\.0\.weight'\]"),
+        (lambda weights: weights.update(surprise=torch.zeros(2)), r"unexpected: \['surprise'\]"),
+    ],
+)
+def test_loading_a_checkpoint_with_missing_or_unexpected_weights_raises(model, tmp_path, edit, message):
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    edit(weights)
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=message):
+        AutoModel.from_pretrained(tmp_path)
+    loaded = GeoCLIPModel.from_pretrained(tmp_path, strict=False)  # opting out loads what is there
+    assert torch.equal(loaded.logit_scale, model.logit_scale)
+
+
+def test_loading_a_checkpoint_with_wrong_shapes_raises(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["image_mlp.2.bias"] = torch.zeros(3)
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(RuntimeError, match="image_mlp.2.bias"):
+        AutoModel.from_pretrained(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------- training
+def test_contrastive_loss_decreases_with_the_queue():
+    model = GeoCLIPModel(tiny_geoclip_config(queue_size=32)).train()
+    features = torch.randn(8, model.config.vision_config.projection_dim)
+    locations = torch.tensor([[10.0 * i - 40, 20.0 * i - 70] for i in range(8)])
+    model.enqueue_locations(torch.tensor([[-60.0, 100.0], [70.0, -150.0], [5.0, 5.0]]))
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    assert not any(parameter.requires_grad for parameter in model.image_tower.parameters())  # frozen CLIP
+    optimizer = torch.optim.Adam(trainable, lr=1e-3)
+    losses = []
+    for _ in range(8):
+        loss = model(clip_image_embeds=features, locations=locations, return_loss=True).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    # The queue's 3 coordinates are negatives: the loss is a cross-entropy over 8 + 3 columns.
+    with torch.no_grad():
+        output = model(clip_image_embeds=features, locations=locations, return_loss=True)
+        queue = F.normalize(model.get_location_features(model.gps_queue[:3]), dim=-1)
+        logits = torch.cat([output.logits_per_image, model.logit_scale.exp() * output.image_embeds @ queue.T], dim=1)
+    assert torch.allclose(output.loss, F.cross_entropy(logits, torch.arange(8)), atol=1e-6)
+
+
+def test_enqueue_is_a_ring_buffer():
+    model = GeoCLIPModel(tiny_geoclip_config(queue_size=4))
+    points = torch.tensor([[float(i), float(i)] for i in range(1, 8)])
+    model.enqueue_locations(points[:3])
+    assert int(model.gps_queue_count) == 3 and int(model.gps_queue_ptr) == 3
+    model.enqueue_locations(points[3:6])  # 4, 5, 6 -> 4 fills the end, 5 and 6 overwrite the oldest (1, 2)
+    assert torch.equal(model.gps_queue[:, 0], torch.tensor([5.0, 6.0, 3.0, 4.0]))
+    assert int(model.gps_queue_count) == 4 and int(model.gps_queue_ptr) == 2
+    model.enqueue_locations(torch.tensor([[float(i), 0.0] for i in range(10, 16)]))  # more than the queue
+    assert sorted(model.gps_queue[:, 0].tolist()) == [12.0, 13.0, 14.0, 15.0]
+    with pytest.raises(ValueError, match=r"latitude must be in \[-90, 90\]"):
+        model.enqueue_locations(torch.tensor([[95.0, 0.0]]))
+
+
+# ------------------------------------------------------------------------------------ bad coordinates
+@pytest.mark.parametrize(
+    "locations, message",
+    [
+        ([[0.0, 0.0], [90.5, 10.0]], r"locations\[1\] = \(90\.5, 10\.0\): latitude must be in \[-90, 90\]"),
+        ([[-91.0, 0.0]], r"\(-91\.0, 0\.0\): latitude"),
+        ([[10.0, 180.5]], r"\(10\.0, 180\.5\): longitude must be in \[-180, 180\]"),
+        ([[10.0, -181.0]], "longitude must be in"),
+        ([[float("nan"), 0.0]], "must be finite"),
+        ([[0.0, float("inf")]], "must be finite"),
+        ([1.0, 2.0], r"shape \(N, 2\).*got \(2,\)"),
+        ([[1.0, 2.0, 3.0]], r"shape \(N, 2\).*got \(1, 3\)"),
+        ([["north", "east"]], "must be numbers"),
+    ],
+)
+def test_bad_locations_raise(model, locations, message):
+    with pytest.raises(ValueError, match=message):
+        model.get_location_features(locations)
+    with pytest.raises(ValueError, match=message):
+        model.set_gallery(locations)
+    assert model.config.gallery_size == len(GALLERY)  # a failed set_gallery keeps the old gallery
+
+
+def test_edge_coordinates_are_valid(model):
+    edges = torch.tensor([[90.0, 180.0], [-90.0, -180.0], [0.0, 180.0], [0.0, -180.0]])
+    assert torch.isfinite(model.get_location_features(edges)).all()
+
+
+# -------------------------------------------------------------------------------------- bad arguments
+@pytest.mark.parametrize("top_k", [0, -1, len(GALLERY) + 1, 2.0, True, "3"])
+def test_bad_top_k_raises(model, top_k):
+    with pytest.raises(ValueError, match="top_k must be"):
+        model.geolocate(pixel_values=_pixels(1), top_k=top_k)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(pixel_values=torch.zeros(0, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)), r"N>=1.*got \(0, 3, 32, 32\)"),
+        (dict(pixel_values=torch.zeros(3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)), r"got \(3, 32, 32\)"),
+        (dict(clip_image_embeds=torch.zeros(0, 64)), r"N>=1, 64\), got \(0, 64\)"),
+        (dict(clip_image_embeds=torch.zeros(2, 65)), r"got \(2, 65\)"),
+        (dict(input_ids=torch.zeros(0, 5, dtype=torch.long)), r"N>=1, L\), got \(0, 5\)"),
+        (dict(), "exactly one of"),
+        (dict(pixel_values=_pixels(1), clip_image_embeds=torch.zeros(1, 64)), "exactly one of"),
+    ],
+)
+def test_bad_query_tensors_raise(model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        model.geolocate(top_k=1, **kwargs)
+
+
+def test_model_without_gallery_or_text_tower_raises():
+    model = GeoCLIPModel(tiny_geoclip_config(use_text_tower=False)).eval()
+    with pytest.raises(ValueError, match="no gallery"):
+        model.geolocate(pixel_values=_pixels(1))
+    with pytest.raises(ValueError, match="without a text tower"):
+        model.get_text_features(torch.ones(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="needs locations"):
+        model(pixel_values=_pixels(1))
+    with pytest.raises(ValueError, match="one location per image, got 2 images and 3 locations"):
+        model(pixel_values=_pixels(2), locations=torch.tensor(GALLERY[:3]), return_loss=True)
+    with pytest.raises(ValueError, match="at least one location"):
+        model.set_gallery(torch.zeros(0, 2))
+
+
+# ----------------------------------------------------------------------------------------- bad images
+def _png_claiming(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose header claims width x height pixels (a decompression bomb, without the memory)."""
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    header = b"IHDR" + struct.pack(">II", width, height) + bytes(data[24:29])
+    data[12:29] = header
+    data[29:33] = struct.pack(">I", zlib.crc32(header))
+    return bytes(data)
+
+
+def test_bad_image_files_raise_naming_the_file(processor, tmp_path):
+    empty, text, truncated, bomb = (tmp_path / name for name in ("empty.jpg", "notes.jpg", "cut.jpg", "bomb.png"))
+    empty.write_bytes(b"")
+    text.write_text("not an image")
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(buffer, format="JPEG")
+    truncated.write_bytes(buffer.getvalue()[:300])
+    bomb.write_bytes(_png_claiming(20_000, 20_000))
+    cases = [(tmp_path / "missing.jpg", "does not exist"), (empty, "is empty"), (text, "not an image file"),
+             (truncated, "truncated or corrupt"), (bomb, "too large")]
+    for path, message in cases:
+        with pytest.raises(ValueError, match=message) as error:
+            processor(str(path), return_tensors="pt")
+        assert str(path) in str(error.value)
+    with pytest.raises(ValueError, match="batch is empty"):
+        processor([], return_tensors="pt")
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "CMYK", "L", "P", "I;16", "LA", "1", "F"])
+def test_odd_image_modes_become_rgb_pixels(processor, mode):
+    image = Image.new(mode, (40, 30))
+    pixels = processor(image, return_tensors="pt").pixel_values
+    assert pixels.shape == (1, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE) and torch.isfinite(pixels).all()
+
+
+def test_rgba_transparency_becomes_white_and_sixteen_bit_keeps_contrast():
+    transparent = load_image(Image.new("RGBA", (4, 4), (255, 0, 0, 0)))
+    assert transparent.mode == "RGB" and transparent.getpixel((0, 0)) == (255, 255, 255)
+    deep = np.array([[0, 65535], [1000, 30000]], dtype=np.uint16)
+    grey = load_image(Image.fromarray(deep, mode="I;16"))
+    assert grey.getpixel((0, 0)) == (0, 0, 0) and grey.getpixel((1, 0)) == (255, 255, 255)
+
+
+def test_exif_rotation_is_applied(processor, tmp_path):
+    image = Image.new("RGB", (60, 20), "blue")  # wide, stored sideways: orientation 6 = rotate 270
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.jpg"
+    image.save(path, exif=exif)
+    assert load_image(str(path)).size == (20, 60)
+    assert processor(str(path), return_tensors="pt").pixel_values.shape == (1, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
