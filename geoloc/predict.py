@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _resolve_model(model: str | None) -> str:
     if model is not None:
+        looks_local = Path(model).is_absolute() or model.startswith(".") or model.count("/") > 1
+        if looks_local and not Path(model).is_dir():
+            raise ValueError(f"Model folder '{model}' does not exist (pass a checkpoint folder or a Hub id).")
         return model
     if not DEFAULT_MODEL.is_dir():
         raise ValueError(
@@ -78,7 +81,8 @@ def _predict_texts(args, model_id: str) -> list[dict]:
 
 
 def _predict_images(args, model_id: str) -> list[dict]:
-    geolocator = pipeline(TASK, model=model_id)
+    # Loaded here (not by `pipeline`) so that a bad checkpoint gives our error, not the pipeline's retry report.
+    geolocator = pipeline(TASK, model=AutoModel.from_pretrained(model_id), image_processor=model_id)
     if args.gallery:
         _set_gallery(geolocator.model, args.gallery)
     results = []

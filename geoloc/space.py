@@ -16,7 +16,7 @@ Example:
     >>> geolocator = load_geolocators("")[0]  # bundled or random tiny model  # doctest: +SKIP
     >>> prediction = geolocator.from_text("a beach with palm trees", top_k=3)  # doctest: +SKIP
     >>> prediction_table(prediction).columns.tolist()  # doctest: +SKIP
-    ['rank', 'latitude', 'longitude', 'lat, lon', 'probability', 'nearest place', 'country', 'km to place']
+    ['rank', 'nearest place', 'country', 'km to place', 'probability', 'lat, lon', 'latitude', 'longitude']
 """
 
 import argparse
@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
-from modeling_geoclip import GeoCLIPImageProcessor, GeoCLIPModel, byte_level_clip_tokenizer
+from modeling_geoclip import GeoCLIPImageProcessor, GeoCLIPModel, byte_level_clip_tokenizer, check_top_k
 
 from .configs import TINY_IMAGE_SIZE, tiny_geoclip_config
 from .geodesy import geodesic_distance_km
@@ -48,17 +48,18 @@ MODEL_ENV = "GEOLOC_MODEL"
 BUNDLED_MODEL = Path(__file__).parent / "assets" / "geoclip-worldmap-tiny"
 RANDOM_GALLERY_SIZE = 4096
 HEAT_POINTS = 3000  # the most probable gallery points drawn as the heat layer
+MAX_TOP_K = 20  # places listed at most
 MAX_TEXT_CHARS = 300
-TABLE_COLUMNS = ["rank", "latitude", "longitude", "lat, lon", "probability", "nearest place", "country",
-                 "km to place"]
+TABLE_COLUMNS = ["rank", "nearest place", "country", "km to place", "probability", "lat, lon", "latitude",
+                 "longitude"]
 MERCATOR_MAX_LATITUDE = 85.0511287798066  # Web Mercator's edge: the square world tile of MapLibre
 
 NOTES = {
     "configured": "",
     "bundled": (
         "No model is configured (set GEOLOC_MODEL to Hub ids or folders), so this page runs the small bundled "
-        "demo model geoclip-worldmap-tiny. It was trained only on crops of a Natural Earth map: it places map "
-        "crops like the examples, not photos, and understands no text."
+        "demo model geoclip-worldmap-tiny. It was trained only on crops of a Natural Earth map: it can place map "
+        "crops like the examples, not photos or descriptions."
     ),
     "random": (
         "No model is configured (set GEOLOC_MODEL to Hub ids or folders) and the bundled demo model is not "
@@ -168,6 +169,7 @@ class Geolocator:
 
     def _geolocate(self, top_k: int, **inputs) -> Prediction:
         """One `model.geolocate` call; with a gallery it also returns the most probable points for the heat layer."""
+        top_k = check_top_k(top_k, MAX_TOP_K)  # the model checks it against its own number of candidates
         gallery_size = getattr(self.model.config, "gallery_size", 0)
         output = self.model.geolocate(**inputs, top_k=max(top_k, min(HEAT_POINTS, gallery_size)))
         latitudes, longitudes, probabilities = (
@@ -241,11 +243,12 @@ def nearest_places(latitudes, longitudes) -> list[dict]:
 
 
 def prediction_table(prediction: Prediction) -> pd.DataFrame:
-    """The top-k as a table (`TABLE_COLUMNS`), best first, with a copyable "lat, lon" column."""
+    """The top-k as a table (`TABLE_COLUMNS`), best first: the nearest place and its distance, the
+    probability, a copyable "lat, lon" text and the coordinates as numbers."""
     places = nearest_places(prediction.latitudes, prediction.longitudes)
     rows = [
-        [rank, round(lat, 5), round(lon, 5), f"{lat:.5f}, {lon:.5f}", float(f"{p:.4g}"), place["city"],
-         place["country"], round(place["km"])]
+        [rank, place["city"], place["country"], round(place["km"]), float(f"{p:.4g}"), f"{lat:.5f}, {lon:.5f}",
+         round(lat, 5), round(lon, 5)]
         for rank, (lat, lon, p, place) in enumerate(
             zip(prediction.latitudes.tolist(), prediction.longitudes.tolist(), prediction.probabilities.tolist(),
                 places), start=1)
@@ -267,7 +270,8 @@ def world_map_image() -> str:
 
 
 def world_map(prediction: Prediction, labels: list[str] | None = None) -> go.Figure:
-    """A MapLibre map of the top-k (markers sized by probability, numbered by rank) over the heat layer.
+    """A MapLibre map of the top-k (markers sized by probability; rank, place and probability on hover) over
+    the heat layer. Markers carry no text labels: those would fetch fonts from the internet.
 
     Args:
         labels: a hover label per prediction (e.g. the nearest place), best first.
@@ -281,9 +285,8 @@ def world_map(prediction: Prediction, labels: list[str] | None = None) -> go.Fig
     probabilities = prediction.probabilities
     labels = labels or [""] * len(probabilities)
     figure.add_trace(go.Scattermap(
-        lat=prediction.latitudes, lon=prediction.longitudes, mode="markers+text",
+        lat=prediction.latitudes, lon=prediction.longitudes, mode="markers",
         marker=dict(size=10 + 30 * np.sqrt(probabilities / probabilities.max()), color="#1f4e9c", opacity=0.85),
-        text=[str(rank) for rank in range(1, len(probabilities) + 1)], textfont=dict(color="white", size=11),
         hovertext=[f"#{rank} {label}<br>{lat:.4f}, {lon:.4f}<br>p = {p:.3g}" for rank, (label, lat, lon, p)
                    in enumerate(zip(labels, prediction.latitudes, prediction.longitudes, probabilities), start=1)],
         hoverinfo="text", name="top-k",
@@ -291,7 +294,7 @@ def world_map(prediction: Prediction, labels: list[str] | None = None) -> go.Fig
     edge = MERCATOR_MAX_LATITUDE
     figure.update_layout(
         map=dict(
-            style="white-bg", zoom=0.4, center=dict(lat=20, lon=float(prediction.longitudes[0])),
+            style="white-bg", zoom=0, center=dict(lat=20, lon=float(prediction.longitudes[0])),
             layers=[dict(sourcetype="image", source=world_map_image(), below="traces",
                          coordinates=[[-180, edge], [180, edge], [180, -edge], [-180, -edge]])],
         ),

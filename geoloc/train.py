@@ -244,6 +244,8 @@ def save_checkpoint(accelerator, output_dir: str, step: int, keep: int) -> None:
     checkpoint behind) and delete all but the newest `keep` checkpoints."""
     folder = os.path.join(output_dir, CHECKPOINTS)
     final, partial = os.path.join(folder, f"step_{step:08d}"), os.path.join(folder, f"partial_{step:08d}")
+    os.makedirs(partial, exist_ok=True)  # before any process writes its RNG state into it
+    accelerator.wait_for_everyone()
     # torch serialisation: safetensors would drop the model's empty gallery buffers, failing a strict reload
     accelerator.save_state(partial, safe_serialization=False)
     accelerator.wait_for_everyone()

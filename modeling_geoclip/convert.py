@@ -48,11 +48,12 @@ WHEEL_WEIGHTS = {
 WHEEL_GALLERY = "gps_gallery/coordinates_100K.csv"
 # Official key -> ours. `LocEnc{i}.capsule.0` is the random Fourier feature layer; the capsule's Linear
 # layers sit at odd indices (1, 3, 5) with ReLUs between them, ours at even indices (0, 2, 4).
+_CAPSULE = r"location_encoder\.LocEnc(\d+)\."
 _KEY_RULES = (
-    (re.compile(r"location_encoder\.LocEnc(\d+)\.capsule\.0\.b"), lambda m: f"location_encoder.capsules.{m[1]}.rff_matrix"),
-    (re.compile(r"location_encoder\.LocEnc(\d+)\.capsule\.(\d*[13579])\.(weight|bias)"),
+    (re.compile(_CAPSULE + r"capsule\.0\.b"), lambda m: f"location_encoder.capsules.{m[1]}.rff_matrix"),
+    (re.compile(_CAPSULE + r"capsule\.(\d*[13579])\.(weight|bias)"),
      lambda m: f"location_encoder.capsules.{m[1]}.layers.{int(m[2]) - 1}.{m[3]}"),
-    (re.compile(r"location_encoder\.LocEnc(\d+)\.head\.0\.(weight|bias)"), lambda m: f"location_encoder.capsules.{m[1]}.head.{m[2]}"),
+    (re.compile(_CAPSULE + r"head\.0\.(weight|bias)"), lambda m: f"location_encoder.capsules.{m[1]}.head.{m[2]}"),
     (re.compile(r"image_encoder\.mlp\.([02])\.(weight|bias)"), lambda m: f"image_mlp.{m[1]}.{m[2]}"),
     (re.compile(r"logit_scale"), lambda m: "logit_scale"),
 )
@@ -86,7 +87,7 @@ def read_gallery_csv(source, name: str | None = None) -> np.ndarray:
         >>> read_gallery_csv(io.StringIO("LAT,LON\\n48.8566,2.3522\\n"), "paris.csv")
         array([[48.8566,  2.3522]])
     """
-    name = name or str(source)
+    name = name or f"'{source}'"
     opened = open(source, newline="", encoding="utf-8") if isinstance(source, (str, Path)) else None
     with opened or contextlib.nullcontext(source) as stream:
         reader = csv.reader(stream)
@@ -171,8 +172,11 @@ def _read_release(folder: Path) -> tuple[dict, dict]:
         # `LocationEncoder.from_pretrained` loads this file's keys straight into the encoder: no prefix.
         return {"location_encoder." + key: value for key, value in weights.items()}, metadata
     gallery_file = config.get("gallery_file")
-    if not isinstance(gallery_file, str) or not gallery_file.endswith(".csv") or Path(gallery_file).name != gallery_file:
-        raise ValueError(f"{folder / 'config.json'}: gallery_file must name a CSV file in the release, got {gallery_file!r}.")
+    is_csv_name = isinstance(gallery_file, str) and gallery_file.endswith(".csv")
+    if not is_csv_name or Path(gallery_file).name != gallery_file:  # as the official `read_gallery`
+        raise ValueError(
+            f"{folder / 'config.json'}: gallery_file must name a CSV file in the release, got {gallery_file!r}."
+        )
     metadata["gallery"] = read_gallery_csv(folder / gallery_file)
     backbone = config.get("backbone")
     if isinstance(backbone, dict) and isinstance(backbone.get("repo_id"), str):

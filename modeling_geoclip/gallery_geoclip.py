@@ -53,13 +53,14 @@ def default_faiss_index(size: int) -> str:
     """The FAISS factory string used for a gallery of `size` points when `index` is not given.
 
     Up to 131,072 points: `Flat` (exact, brute force). Up to 2**20: `IVF{nlist},Flat` (exact codes, ~sqrt(N)/2
-    lists). Above: `IVF{nlist}_HNSW32,PQ64` (64 bytes per point, an HNSW coarse quantizer so that adding
-    millions of points stays fast); compressed codes are re-scored exactly.
+    lists). Above: `IVF{nlist}_HNSW32,PQ64np` (64 bytes per point; an HNSW coarse quantizer so that adding
+    millions of points stays fast; `np`: no polysemous training, which is slow and unused here). Compressed
+    codes are re-scored exactly.
     """
     if size <= 2**17:
         return "Flat"
     nlist = 2 ** max(6, round(math.log2(math.sqrt(size) / 2)))
-    return f"IVF{nlist},Flat" if size <= 2**20 else f"IVF{nlist}_HNSW32,PQ64"
+    return f"IVF{nlist},Flat" if size <= 2**20 else f"IVF{nlist}_HNSW32,PQ64np"
 
 
 def resolve_gallery_options(backend: str, size: int, options: dict) -> dict:

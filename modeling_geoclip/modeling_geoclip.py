@@ -146,21 +146,30 @@ class GeoCLIPPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, strict: bool = True, output_loading_info: bool = False, **kwargs):
-        """`PreTrainedModel.from_pretrained`, but a checkpoint with missing or unexpected weights raises a
-        `ValueError` (transformers v5 only logs them and randomly initialises what is missing). Pass
-        `strict=False` to load a partial checkpoint on purpose."""
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        """`PreTrainedModel.from_pretrained`, but a checkpoint with missing, unexpected or wrongly shaped
+        weights raises a `ValueError` naming them (transformers v5 only logs the first two and randomly
+        initialises what is missing). `strict=False` loads a partial checkpoint on purpose;
+        `ignore_mismatched_sizes=True` re-initialises wrongly shaped weights, as in transformers."""
+        ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
+        model, info = super().from_pretrained(
+            *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+        )
         state = model.state_dict()
         # save_pretrained drops empty tensors (e.g. unused gallery buffers): nothing is missing there.
         problems = {
-            "missing": sorted(key for key in info["missing_keys"] if key not in state or state[key].numel() > 0),
-            "unexpected": sorted(info["unexpected_keys"]),
+            "missing": sorted(key for key in info["missing_keys"] if key not in state or state[key].numel() > 0)
+            if strict else [],
+            "unexpected": sorted(info["unexpected_keys"]) if strict else [],
+            "wrong shape (checkpoint vs model)": [
+                f"{key}: {tuple(checkpoint)} vs {tuple(expected)}"
+                for key, checkpoint, expected in sorted(info["mismatched_keys"])
+            ] if not ignore_mismatched_sizes else [],
         }
-        problems = {kind: keys for kind, keys in problems.items() if keys}
-        if strict and problems:
-            details = "; ".join(f"{kind}: {keys}" for kind, keys in problems.items())
+        details = "; ".join(f"{kind}: {keys}" for kind, keys in problems.items() if keys)
+        if details:
             raise ValueError(
-                f"The checkpoint does not match {cls.__name__} ({details}). Pass strict=False to load it anyway."
+                f"The checkpoint does not match {cls.__name__} ({details}). Pass strict=False to load a partial "
+                "checkpoint, ignore_mismatched_sizes=True to re-initialise wrongly shaped weights."
             )
         return (model, info) if output_loading_info else model
 

@@ -29,7 +29,7 @@ def optimize_for_cpu(
         model: a `GeoCLIPModel` (anything with an `image_tower` `CLIPVisionModelWithProjection`).
         bf16 (`bool`): cast the image tower to bfloat16 (needs a CPU with native bf16, see `cpu_supports_bf16`;
             `get_clip_image_embeds` casts the pixels to the tower's dtype).
-        int8 (`bool`): dynamic int8 quantisation of the tower's `nn.Linear` layers (int8 weights, activations
+        int8 (`bool`): dynamic int8 quantisation of the transformer layers' `nn.Linear`s (int8 weights, activations
             quantised per batch; `torch.ao.quantization.quantize_dynamic`, still present in torch 2.13 though
             deprecated). float32 only: not combinable with `bf16`.
         channels_last (`bool`): channels-last memory format for the patch-embedding convolution.
@@ -56,7 +56,11 @@ def optimize_for_cpu(
     if int8:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*deprecated.*")
-            torch.ao.quantization.quantize_dynamic(tower, {nn.Linear}, dtype=torch.qint8, inplace=True)
+            # The transformer layers hold ~all the compute; `visual_projection` stays float (its dtype is the
+            # tower's input dtype for `get_clip_image_embeds`).
+            torch.ao.quantization.quantize_dynamic(
+                tower.vision_model.encoder, {nn.Linear}, dtype=torch.qint8, inplace=True
+            )
     if channels_last:
         tower.to(memory_format=torch.channels_last)
     if compile:

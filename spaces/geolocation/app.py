@@ -11,12 +11,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from geoloc.space import MAX_TEXT_CHARS, load_geolocators, prediction_table, world_map
+from geoloc.space import MAX_TEXT_CHARS, MAX_TOP_K, load_geolocators, prediction_table, world_map
 from modeling_geoclip import load_image
 
 EXAMPLES_DIR = Path(__file__).parent / "examples"
 MAX_FILE_SIZE = "10mb"
-MAX_TOP_K = 20
 CONCURRENCY_LIMIT = 2  # model calls at a time; the rest wait in the queue
 QUEUE_SIZE = 64
 TEXT_EXAMPLES = [
@@ -82,7 +81,7 @@ def read_examples() -> tuple[list[list[str]], list[str]]:
 
 
 with gr.Blocks(title="geoloc: where is this?") as demo:
-    gr.Markdown("# 🌍 Where is this?\nGeolocate a photo or a description of a place: the most probable "
+    gr.Markdown("# Where is this?\nGeolocate a photo or a description of a place: the most probable "
                 "places on a world map and in a table.")
     gr.Markdown(banner(), elem_id="model-banner")
     with gr.Row():
@@ -105,10 +104,11 @@ with gr.Blocks(title="geoloc: where is this?") as demo:
                 text_examples = gr.Examples([[t] for t in TEXT_EXAMPLES], inputs=[text], cache_examples=False,
                                             api_visibility="private")
             with gr.Group(visible=any(g.has_attention_maps for g in GEOLOCATORS.values())):
-                scene = gr.Label(label="Scene", num_top_classes=3)
-                attention = gr.Gallery(label="Where the model looked, per hierarchy level", columns=3)
+                scene = gr.Label(label="Scene (GeoHier models)", num_top_classes=3)
+                attention = gr.Gallery(label="Where the model looked, per hierarchy level (GeoHier models)",
+                                       columns=3)
         with gr.Column():
-            world = gr.Plot(label="Top-k places (numbered) and probability", elem_id="world-map")
+            world = gr.Plot(label="Top-k places (hover for details) and probability", elem_id="world-map")
             table = gr.Dataframe(label="Top-k places", elem_id="top-k-table", buttons=["copy"],
                                  interactive=False, wrap=True)
     outputs = [table, world, scene, attention]

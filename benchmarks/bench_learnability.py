@@ -1,0 +1,113 @@
+"""CPU learnability benchmark: can tiny GeoCLIP and tiny GeoHier learn where world-map crops come from?
+
+Builds the world-map crops task (`geoloc.worldmap`, Natural Earth shaded relief, disjoint train/test points),
+trains both tiny models with `geoloc.train` on the CPU for a few minutes, and prints a markdown table of
+accuracy within 25/200/750/2500 km and median error on the test points, next to two chance baselines:
+always predicting the (spherical) mean of the training coordinates, and a random training coordinate.
+Metrics come from `geoloc.metrics.geolocation_metrics`.
+
+    python benchmarks/bench_learnability.py [--train 2000 --test 500 --output-dir runs/learnability]
+"""
+
+import argparse
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+from transformers import AutoImageProcessor, AutoModel
+
+import geoloc  # noqa: F401  (registers the models with the Auto classes)
+import modeling_geohier  # noqa: F401
+from geoloc import train
+from geoloc.metrics import geolocation_metrics
+from geoloc.worldmap import build_worldmap_splits, write_imagefolder
+
+THRESHOLDS_KM = (25, 200, 750, 2500)
+
+
+def predict(model_dir: str, images, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Top-1 (latitudes, longitudes) of a trained checkpoint for a list of PIL images."""
+    model = AutoModel.from_pretrained(model_dir).eval()
+    processor = AutoImageProcessor.from_pretrained(model_dir)
+    latitudes, longitudes = [], []
+    for start in range(0, len(images), batch_size):
+        pixel_values = processor(images[start : start + batch_size], return_tensors="pt").pixel_values
+        with torch.no_grad():
+            output = model.geolocate(pixel_values=pixel_values, top_k=1)
+        latitudes.append(output.latitudes[:, 0].numpy())
+        longitudes.append(output.longitudes[:, 0].numpy())
+    return np.concatenate(latitudes), np.concatenate(longitudes)
+
+
+def spherical_mean(latitudes, longitudes) -> tuple[float, float]:
+    """Mean direction of points on the unit sphere, as (lat, lon) degrees."""
+    lat, lon = np.radians(latitudes), np.radians(longitudes)
+    x, y, z = (np.cos(lat) * np.cos(lon)).mean(), (np.cos(lat) * np.sin(lon)).mean(), np.sin(lat).mean()
+    return float(np.degrees(np.arctan2(z, np.hypot(x, y)))), float(np.degrees(np.arctan2(y, x)))
+
+
+def run(train_size: int, test_size: int, output_dir: str, geoclip_steps: int, geohier_steps: int,
+        seed: int = 0, models=("geoclip", "geohier")) -> list[tuple[str, dict, float]]:
+    """Train the tiny `models` on world-map crops; return (name, metrics, train seconds) rows, the two
+    chance baselines first."""
+    splits = build_worldmap_splits(train_size, test_size, seed=seed)
+    data_dir = os.path.join(output_dir, "data")
+    write_imagefolder(splits, data_dir)
+    test = splits["test"]
+    ref_lat, ref_lon = np.asarray(test["latitude"]), np.asarray(test["longitude"])
+    train_lat, train_lon = np.asarray(splits["train"]["latitude"]), np.asarray(splits["train"]["longitude"])
+    rows = []
+    mean_lat, mean_lon = spherical_mean(train_lat, train_lon)
+    rows.append(("chance: train mean", geolocation_metrics(np.full_like(ref_lat, mean_lat),
+                                                           np.full_like(ref_lon, mean_lon), ref_lat, ref_lon), 0.0))
+    picks = np.random.default_rng(seed).integers(0, len(train_lat), len(ref_lat))
+    rows.append(("chance: random gallery point",
+                 geolocation_metrics(train_lat[picks], train_lon[picks], ref_lat, ref_lon), 0.0))
+    common = ["--model-config", "tiny", "--dataset", data_dir, "--seed", str(seed), "--log-every", "50",
+              "--checkpoint-every", "100000", "--learning-rate", "2e-3"]
+    runs = [
+        ("tiny GeoCLIP", "geoclip", geoclip_steps, ["--batch-size", "128", "--warmup-steps", "50", "--cache-features",
+                                                   "--cache-dir", os.path.join(output_dir, "features")]),
+        ("tiny GeoHier", "geohier", geohier_steps, ["--batch-size", "32", "--warmup-steps", "30",
+                                                   "--geocell-levels", "10:400,10:150,10:60"]),
+    ]
+    images = list(test["image"])
+    for name, model, steps, extra in (run for run in runs if run[1] in models):
+        model_dir = os.path.join(output_dir, model)
+        started = time.perf_counter()
+        train.main(["--model", model, "--output-dir", model_dir, "--max-steps", str(steps), *common, *extra])
+        seconds = time.perf_counter() - started
+        pred_lat, pred_lon = predict(model_dir, images)
+        rows.append((f"{name} ({steps} steps)", geolocation_metrics(pred_lat, pred_lon, ref_lat, ref_lon), seconds))
+    return rows
+
+
+def markdown_table(rows) -> str:
+    header = "| method | " + " | ".join(f"acc@{t} km" for t in THRESHOLDS_KM) + " | median error (km) | train time (s) |"
+    lines = [header, "|" + "---|" * (len(THRESHOLDS_KM) + 3)]
+    for name, metrics, seconds in rows:
+        accuracies = " | ".join(f"{100 * metrics[f'acc_{t}km']:.1f}%" for t in THRESHOLDS_KM)
+        lines.append(f"| {name} | {accuracies} | {metrics['median_km']:.0f} | {seconds:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train", type=int, default=2000)
+    parser.add_argument("--test", type=int, default=500)
+    parser.add_argument("--geoclip-steps", type=int, default=600)
+    parser.add_argument("--geohier-steps", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output-dir", help="keep data and models here (default: a temporary folder)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as scratch:
+        rows = run(args.train, args.test, args.output_dir or scratch, args.geoclip_steps, args.geohier_steps,
+                   args.seed)
+    print(f"\nWorld-map crops, {args.train} train / {args.test} test points, CPU:\n")
+    print(markdown_table(rows))
+
+
+if __name__ == "__main__":
+    main()
