@@ -109,8 +109,8 @@ def main(argv=None) -> None:
 
     agree = 0
     for (gps, probabilities), predictions in zip(official_results, our_results):
-        ours_gps = torch.tensor([[p["latitude"], p["longitude"]] for p in predictions])
-        ours_probabilities = torch.tensor([p["probability"] for p in predictions])
+        ours_gps = torch.tensor([[p["latitude"], p["longitude"]] for p in predictions], dtype=torch.float64)
+        ours_probabilities = torch.tensor([p["probability"] for p in predictions], dtype=torch.float64)
         agree += bool(torch.allclose(ours_gps, gps.double(), atol=1e-5)
                       and torch.allclose(ours_probabilities, probabilities.double(), rtol=1e-3))
 

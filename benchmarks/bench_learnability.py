@@ -97,7 +97,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", type=int, default=2000)
     parser.add_argument("--test", type=int, default=500)
-    parser.add_argument("--geoclip-steps", type=int, default=600)
+    parser.add_argument("--geoclip-steps", type=int, default=500)
     parser.add_argument("--geohier-steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", help="keep data and models here (default: a temporary folder)")

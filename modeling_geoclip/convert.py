@@ -117,40 +117,42 @@ def _wheel_model_root(path: Path) -> Path:
     )
 
 
-def _load_pth(data: bytes, name: str) -> dict[str, torch.Tensor]:
+def _load_pth(data: bytes, name: str):
     try:
-        loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
         raise ValueError(f"Cannot read official weights {name}: {error}") from None
-    return {"": loaded} if isinstance(loaded, torch.Tensor) else loaded
 
 
-def _prefixed(prefix: str, weights) -> dict[str, torch.Tensor]:
-    if prefix == "logit_scale":
-        return {"logit_scale": weights[""]}
-    return {prefix + key: value for key, value in weights.items()}
+def _read_wheel_files(read, where: str) -> tuple[dict, dict]:
+    """Weights (Hub release key names) and metadata from the wheel's `geoclip/model/` files; `read(filename)`
+    returns a file's bytes, `where` names the folder in error messages."""
+    weights = {}
+    for filename, prefix in WHEEL_WEIGHTS.items():
+        loaded = _load_pth(read(filename), f"{where}/{filename}")
+        if isinstance(loaded, torch.Tensor):  # logit_scale_weights.pth holds the bare scalar
+            weights[prefix] = loaded
+        else:
+            weights.update({prefix + key: value for key, value in loaded.items()})
+    gallery_csv = io.StringIO(read(WHEEL_GALLERY).decode("utf-8"), newline="")
+    gallery = read_gallery_csv(gallery_csv, f"{where}/{WHEEL_GALLERY}")
+    return weights, {"sigmas": list(OFFICIAL_SIGMAS), "gallery": gallery, "backbone": OFFICIAL_BACKBONE}
 
 
 def _read_wheel(source: Path) -> tuple[dict, dict]:
     """Weights and metadata of the PyPI wheel, a `.whl` file or its unpacked folder."""
-    weights = {}
-    if source.is_file():
-        with zipfile.ZipFile(source) as archive:
-            members = {name.removeprefix("geoclip/model/"): name for name in archive.namelist()
-                       if name.startswith("geoclip/model/")}
-            for filename in (*WHEEL_WEIGHTS, WHEEL_GALLERY):
-                if filename not in members:
-                    raise ValueError(f"{source} is not a GeoCLIP wheel: geoclip/model/{filename} is missing.")
-            for filename, prefix in WHEEL_WEIGHTS.items():
-                weights.update(_prefixed(prefix, _load_pth(archive.read(members[filename]), f"{source}!{filename}")))
-            gallery_csv = archive.read(members[WHEEL_GALLERY]).decode("utf-8")
-            gallery = read_gallery_csv(io.StringIO(gallery_csv, newline=""), f"{source}!{WHEEL_GALLERY}")
-    else:
+    if source.is_dir():
         root = _wheel_model_root(source)
-        for filename, prefix in WHEEL_WEIGHTS.items():
-            weights.update(_prefixed(prefix, _load_pth((root / filename).read_bytes(), str(root / filename))))
-        gallery = read_gallery_csv(root / WHEEL_GALLERY)
-    return weights, {"sigmas": list(OFFICIAL_SIGMAS), "gallery": gallery, "backbone": OFFICIAL_BACKBONE}
+        return _read_wheel_files(lambda filename: (root / filename).read_bytes(), str(root))
+    with zipfile.ZipFile(source) as archive:
+        members = set(archive.namelist())
+
+        def read(filename):
+            if f"geoclip/model/{filename}" not in members:
+                raise ValueError(f"{source} is not a GeoCLIP wheel: geoclip/model/{filename} is missing.")
+            return archive.read(f"geoclip/model/{filename}")
+
+        return _read_wheel_files(read, f"{source}!geoclip/model")
 
 
 def _read_release(folder: Path) -> tuple[dict, dict]:

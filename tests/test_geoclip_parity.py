@@ -8,6 +8,7 @@ image MLP, logit scale, gallery) do not depend on it.
 
 import copy
 import json
+import zipfile
 
 import numpy as np
 import pandas as pd
@@ -149,6 +150,14 @@ def wheel_weights(wheel):
     return read_official_geoclip(wheel)[0]
 
 
+def test_unpacked_wheel_folders_read_like_the_wheel(official, wheel_weights):
+    for folder in (official.root.parent.parent, official.root):  # the unpacked wheel, its geoclip/model
+        weights, metadata = read_official_geoclip(folder)
+        assert weights.keys() == wheel_weights.keys()
+        assert all(torch.equal(weights[key], wheel_weights[key]) for key in weights)
+        assert metadata["gallery"].shape == (100_000, 2) and metadata["sigmas"] == [1.0, 16.0, 256.0]
+
+
 def test_geolocation_release_folder(official, converted, wheel_weights, tmp_path):
     gallery = official.model.gps_gallery[:50]
     release = _release(tmp_path / "release", wheel_weights, gallery)
@@ -224,6 +233,10 @@ def test_convert_cli_errors(tmp_path, capsys):
     assert "--location-encoder-only" in capsys.readouterr().out
     assert main([str(tmp_path / "missing.whl"), str(tmp_path / "out")]) == 1
     assert "missing.whl does not exist" in capsys.readouterr().err
+    with zipfile.ZipFile(tmp_path / "other.whl", "w") as archive:
+        archive.writestr("other/__init__.py", "")
+    assert main([str(tmp_path / "other.whl"), str(tmp_path / "out")]) == 1
+    assert "not a GeoCLIP wheel: geoclip/model/weights/" in capsys.readouterr().err
     (tmp_path / "notes.txt").write_text("not a wheel")
     assert main([str(tmp_path / "notes.txt"), str(tmp_path / "out"), "--location-encoder-only"]) == 1
     assert "not a wheel" in capsys.readouterr().err
