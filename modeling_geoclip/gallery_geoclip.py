@@ -29,7 +29,6 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers.utils import logging
 
 GALLERY_BACKENDS = ("exact", "faiss")

@@ -104,8 +104,10 @@ class GeolocationOutput(ModelOutput):
         latitudes (`torch.FloatTensor` of shape `(batch_size, top_k)`): predicted latitudes, degrees, best first.
         longitudes (`torch.FloatTensor` of shape `(batch_size, top_k)`): predicted longitudes, degrees.
         probabilities (`torch.FloatTensor` of shape `(batch_size, top_k)`): the model's probability of each
-            prediction (softmax over the whole gallery for GeoCLIP).
-        indices (`torch.LongTensor` of shape `(batch_size, top_k)`): gallery rows of the predictions.
+            prediction (for GeoCLIP, the softmax over the whole gallery; `GeoCLIPModel.set_gallery` says how each
+            gallery backend computes it).
+        indices (`torch.LongTensor` of shape `(batch_size, top_k)`): gallery rows of the predictions (-1 for
+            points found by GeoCLIP's `refine=True` around the hits).
     """
 
     latitudes: torch.Tensor | None = None
@@ -477,7 +479,7 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
         options = resolve_gallery_options(backend, len(locations), index_options)
         coordinates = torch.round(locations * MICRODEGREES).to(torch.int32)
         rounded = coordinates.to(torch.float64) / MICRODEGREES
-        embed = lambda rows: self._embed_locations(rounded[rows])  # noqa: E731
+        embed = lambda rows: self._embed_locations(rounded[rows])
         if backend == "exact":
             dtype = EMBEDDING_DTYPES[options["embedding_dtype"]]
             batches = torch.arange(len(coordinates)).split(batch_size)
