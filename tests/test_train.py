@@ -70,7 +70,7 @@ def test_geoclip_trains_and_saves_a_loadable_model(worldmap, tmp_path):
 
 
 def test_killed_run_resumes_to_the_same_weights(worldmap, tmp_path):
-    args = ["--model", "geoclip", "--dataset", worldmap, "--max-steps", "60", "--checkpoint-every", "8",
+    args = ["--model", "geoclip", "--dataset", worldmap, "--max-steps", "24", "--checkpoint-every", "4",
             "--gps-noise-km", "50", "--gradient-accumulation-steps", "2", *TINY]
     killed, reference = str(tmp_path / "killed"), str(tmp_path / "reference")
     process = run_module([*args, "--output-dir", killed])
