@@ -211,6 +211,14 @@ class GeoCLIPCapsule(nn.Module):
         self.layers = nn.Sequential(*layers)
         self.head = nn.Linear(width, config.projection_dim)
 
+    def _apply(self, fn, recurse=True):
+        # `model.to(torch.bfloat16)` must not round the Fourier matrix (entries up to ~1000 at sigma=256, where
+        # bf16 keeps 3 digits): move it to the new device but keep its fp32 values.
+        rff_matrix = self.rff_matrix
+        super()._apply(fn, recurse)
+        self.rff_matrix = rff_matrix.to(device=self.rff_matrix.device)
+        return self
+
     def forward(self, projected: torch.Tensor) -> torch.Tensor:
         # Phases in fp32 whatever the model dtype; same operation order as the official `rff` package.
         phases = 2 * np.pi * projected.float() @ self.rff_matrix.float().T
@@ -384,7 +392,8 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
         image_embeds = F.normalize(self.get_image_features(pixel_values, clip_image_embeds), dim=-1)
         location_embeds = F.normalize(self.get_location_features(locations), dim=-1)
         scale = self.logit_scale.exp()
-        logits_per_image = scale * image_embeds @ location_embeds.to(image_embeds.dtype).T
+        # Scale after the matmul, in the official code's order, so converted weights give identical logits.
+        logits_per_image = scale * (image_embeds @ location_embeds.to(image_embeds.dtype).T)
         loss = None
         if return_loss:
             if locations.shape[0] != image_embeds.shape[0]:

@@ -110,6 +110,17 @@ def test_loading_a_checkpoint_with_wrong_shapes_raises(model, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- training
+def test_bf16_cast_keeps_the_fourier_matrix_in_fp32(model):
+    locations = torch.tensor([[51.5, -0.1], [-33.9, 151.2], [89.9, 180.0]])
+    reference = model.get_location_features(locations)
+    fourier = [capsule.rff_matrix.clone() for capsule in model.location_encoder.capsules]
+    model.to(torch.bfloat16)
+    for capsule, original in zip(model.location_encoder.capsules, fourier):
+        assert capsule.rff_matrix.dtype == torch.float32 and torch.equal(capsule.rff_matrix, original)
+    cosine = F.cosine_similarity(model.get_location_features(locations).float(), reference, dim=-1)
+    assert cosine.min() > 0.99
+
+
 def test_contrastive_loss_decreases_with_the_queue():
     model = GeoCLIPModel(tiny_geoclip_config(queue_size=32)).train()
     features = torch.randn(8, model.config.vision_config.projection_dim)
