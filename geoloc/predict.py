@@ -3,6 +3,7 @@
     geoloc predict photo.jpg more/*.jpg --model ./geoclip-vit-l14 --top-k 5 --batch-size 8 [--json]
     geoloc predict --text "a beach with palm trees" --model ./geoclip-vit-l14
     geoloc predict photo.jpg --gallery my_points.csv     # search another GPS gallery (GeoCLIP only)
+    geoloc predict                                         # the built-in demo: a map crop of the Sahara
 """
 
 import argparse
@@ -11,15 +12,20 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer, pipeline
 
 from modeling_geoclip.pipeline_geoclip import TASK
 
 from .gallery import load_gallery
+from .geodesy import geodesic_distance_km
 
-# The bundled tiny world-map GeoCLIP (trained by `geoloc train`; absent from source checkouts until built).
+# The bundled tiny world-map GeoCLIP (a toy trained on Natural Earth map crops: see its README.md).
 DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "geoclip-worldmap-tiny"
+# With no input, `geoloc predict` geolocates a crop of the bundled world map around this point.
+DEMO_NAME, DEMO_LATITUDE, DEMO_LONGITUDE = "Sahara", 23.0, 10.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="geoloc predict",
         description="Predict the GPS location of images (or of text descriptions, for GeoCLIP models).",
     )
-    parser.add_argument("images", nargs="*", metavar="IMAGE", help="image files to geolocate")
+    parser.add_argument("images", nargs="*", metavar="IMAGE",
+                        help="image files to geolocate (none: a built-in demo crop of the Natural Earth map)")
     parser.add_argument("--text", action="append", metavar="TEXT",
                         help="a text query instead of images (repeat for several; GeoCLIP models only)")
     parser.add_argument("--model", help=f"checkpoint folder or Hub id (default: the bundled {DEFAULT_MODEL.name})")
@@ -80,6 +87,13 @@ def _predict_texts(args, model_id: str) -> list[dict]:
     return results
 
 
+def _demo_image() -> Image.Image:
+    """A 32x32 crop of the bundled Natural Earth map around the demo point, as the default model was trained on."""
+    from .worldmap import render_crop
+
+    return render_crop(DEMO_LATITUDE, DEMO_LONGITUDE, np.random.default_rng(0), jitter=0.0, brightness=0.0)
+
+
 def _predict_images(args, model_id: str) -> list[dict]:
     # Loaded here (not by `pipeline`) so that a bad checkpoint gives our error, not the pipeline's retry report.
     geolocator = pipeline(TASK, model=AutoModel.from_pretrained(model_id), image_processor=model_id)
@@ -90,7 +104,8 @@ def _predict_images(args, model_id: str) -> list[dict]:
         for start in range(0, len(args.images), args.batch_size):
             images = args.images[start : start + args.batch_size]
             predictions = geolocator(images, top_k=args.top_k, batch_size=len(images))
-            results += [{"input": image, "predictions": rows} for image, rows in zip(images, predictions)]
+            results += [{"input": image if isinstance(image, str) else f"demo crop ({DEMO_NAME})", "predictions": rows}
+                        for image, rows in zip(images, predictions)]
             progress.update(len(images))
     return results
 
@@ -107,8 +122,15 @@ def main(argv=None) -> int:
     """Run `geoloc predict`; returns the exit status (0 ok, 1 bad input or model, 2 bad arguments)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if bool(args.images) == bool(args.text):
+    if args.images and args.text:
         parser.error("give image files or --text queries (not both)")
+    demo = not args.images and not args.text
+    if demo:
+        args.images = [_demo_image()]
+        print(f"No image given: geolocating a built-in demo, a crop of the Natural Earth map around "
+              f"({DEMO_LATITUDE}, {DEMO_LONGITUDE}) ({DEMO_NAME}), with "
+              f"{'the bundled toy model ' + DEFAULT_MODEL.name if args.model is None else args.model}.",
+              file=sys.stderr)
     if args.top_k < 1:
         parser.error(f"--top-k must be >= 1, got {args.top_k}")
     if args.batch_size < 1:
@@ -123,6 +145,11 @@ def main(argv=None) -> int:
         print(json.dumps(results, indent=2))
     else:
         _print_table(results)
+    if demo:
+        best = results[0]["predictions"][0]
+        error = geodesic_distance_km([best["latitude"]], [best["longitude"]], [DEMO_LATITUDE], [DEMO_LONGITUDE])[0]
+        print(f"True location: ({DEMO_LATITUDE}, {DEMO_LONGITUDE}); the top prediction is {float(error):.0f} km away.",
+              file=sys.stderr)
     return 0
 
 

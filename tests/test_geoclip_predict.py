@@ -130,7 +130,6 @@ def test_predict_cli_bad_input_is_a_readable_error(checkpoint, photos, tmp_path,
 @pytest.mark.parametrize(
     "argv, message",
     [
-        ([], "give image files or --text"),
         (["a.jpg", "--text", "x"], "give image files or --text"),
         (["a.jpg", "--top-k", "0"], "--top-k must be >= 1, got 0"),
         (["a.jpg", "--batch-size", "0"], "--batch-size must be >= 1"),
@@ -141,6 +140,17 @@ def test_predict_cli_bad_arguments_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         predict.main(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_predict_without_input_runs_the_bundled_demo(capsys):
+    """The README's first command: the bundled world-map model locates a map crop of the Sahara."""
+    assert predict.main(["--json", "--top-k", "3"]) == 0
+    captured = capsys.readouterr()
+    [result] = json.loads(captured.out)
+    best = result["predictions"][0]
+    assert result["input"] == "demo crop (Sahara)" and len(result["predictions"]) == 3
+    assert abs(best["latitude"] - predict.DEMO_LATITUDE) < 10 and abs(best["longitude"] - predict.DEMO_LONGITUDE) < 10
+    assert "built-in demo" in captured.err and "the top prediction is" in captured.err
 
 
 def test_predict_cli_missing_models(photos, tmp_path, monkeypatch, capsys):
