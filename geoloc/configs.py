@@ -39,7 +39,11 @@ def tiny_geoclip_config(**overrides) -> GeoCLIPConfig:
 
 
 def tiny_geohier_config(**overrides) -> GeoHierConfig:
-    """Tiny GeoHier: the tiny CLIP vision tower as backbone, 4 scenes x 3 levels of (8, 16, 32) cells, N=2, E=1."""
+    """Tiny GeoHier: the tiny CLIP vision tower as backbone, 4 scenes x 3 levels of (8, 16, 32) cells, N=2, E=1.
+
+    The decoder's linear layers start with std 0.15 (about 1 / sqrt(hidden_size)) instead of the paper-scale
+    0.02: at width 32 a std of 0.02 shrinks every projection's output ~9x, so the image tokens barely reached
+    the queries and the tiny model stayed at chance on the world-map crops."""
     vision, _ = tiny_clip_configs()
     options = dict(
         vision_config=vision,
@@ -50,6 +54,7 @@ def tiny_geohier_config(**overrides) -> GeoHierConfig:
         hidden_size=32,
         num_attention_heads=4,
         intermediate_size=64,
+        initializer_range=0.15,
     )
     options.update(overrides)
     return GeoHierConfig(**options)

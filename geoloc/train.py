@@ -13,7 +13,8 @@ the epoch, and the batches of the current epoch that were already used are skipp
 GeoCLIP trains its image MLP, location encoder and temperature (the CLIP towers stay frozen) with the
 contrastive loss against the batch and the GPS queue; the coordinates of every process's batch are gathered
 and enqueued on every process, so the queues stay identical. `--cache-features` computes the frozen CLIP
-image embeddings once (cached on disk, keyed by the image tower, processor and dataset) and trains on them.
+image embeddings once (cached on disk, keyed by the image tower, processor and dataset) and trains on them,
+held in memory as tensors.
 GeoHier gets geocells built from the training coordinates (`geoloc.geocells.build_geocells`), stored in the
 model as its cell table, and trains end to end on the per-level cell labels (+ `scene` when the dataset has
 that column).
@@ -205,12 +206,35 @@ def cache_clip_features(model, image_processor, dataset, cache_dir: str, acceler
         return datasets.load_from_disk(path)
 
 
-def collate_embeddings(rows: list[dict]) -> dict:
-    """Batch of cached features: `clip_image_embeds` (B, D) float, `locations` (B, 2) float64."""
-    return {
-        "clip_image_embeds": torch.tensor(np.array([row["clip_image_embeds"] for row in rows]), dtype=torch.float32),
-        "locations": torch.tensor([[row[LATITUDE], row[LONGITUDE]] for row in rows], dtype=torch.float64),
-    }
+class CachedFeatures(torch.utils.data.Dataset):
+    """Cached CLIP features held in memory: `clip_image_embeds` `(N, D)` float32 and `locations` `(N, 2)`
+    float64 (lat, lon), read once from the feature Dataset as whole columns.
+
+    The DataLoader fetches a batch with one `__getitems__` call (a single tensor index per column) instead of
+    N per-row Arrow reads and a collator; its sampler is unchanged, so the seeded order and the skipping of
+    used batches on resume are the same as on raw images.
+    """
+
+    def __init__(self, features: datasets.Dataset):
+        columns = features.with_format("numpy")[:]
+        self.embeddings = torch.from_numpy(np.asarray(columns["clip_image_embeds"], dtype=np.float32))
+        locations = np.stack([columns[LATITUDE], columns[LONGITUDE]], axis=1).astype(np.float64)
+        self.locations = torch.from_numpy(locations)
+
+    def __len__(self) -> int:
+        return len(self.locations)
+
+    def __getitems__(self, indices: list[int]) -> dict:
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        return {"clip_image_embeds": self.embeddings[indices], "locations": self.locations[indices]}
+
+    def __getitem__(self, index: int) -> dict:
+        return {"clip_image_embeds": self.embeddings[index], "locations": self.locations[index]}
+
+    @staticmethod
+    def collate(batch: dict) -> dict:
+        """The DataLoader's `collate_fn`: `__getitems__` already returns the batch."""
+        return batch
 
 
 def add_gps_noise(locations: torch.Tensor, km: float) -> torch.Tensor:
@@ -246,7 +270,9 @@ def save_checkpoint(accelerator, output_dir: str, step: int, keep: int) -> None:
     final, partial = os.path.join(folder, f"step_{step:08d}"), os.path.join(folder, f"partial_{step:08d}")
     os.makedirs(partial, exist_ok=True)  # before any process writes its RNG state into it
     accelerator.wait_for_everyone()
-    # torch serialisation: safetensors would drop the model's empty gallery buffers, failing a strict reload
+    # The model weights are torch-serialised until GeoCLIP stops registering size-0 gallery buffers:
+    # safetensors takes those for shared tensors, accelerate drops them and the strict reload fails.
+    # (The optimizer, scheduler and RNG states are always torch.save'd by accelerate: files this run wrote.)
     accelerator.save_state(partial, safe_serialization=False)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -287,8 +313,8 @@ def main(argv=None) -> int:
     if is_geoclip:
         model, image_processor, tokenizer = build_geoclip(args.model_config)
         if args.cache_features:
-            dataset = cache_clip_features(model, image_processor, dataset, args.cache_dir, accelerator)
-            collate = collate_embeddings
+            dataset = CachedFeatures(cache_clip_features(model, image_processor, dataset, args.cache_dir, accelerator))
+            collate = CachedFeatures.collate
         else:
             collate = GeoCollator(image_processor)
     else:

@@ -28,6 +28,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model-config", "tiny", "--batch-size", "16", "--learning-rate", "3e-3", "--warmup-steps", "5"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Train the tiny models on one torch thread (in-process runs; subprocesses get OMP_NUM_THREADS=1): their
+    ops are too small to gain from intra-op threads, which only wait on each other on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def worldmap(tmp_path_factory):
     folder = tmp_path_factory.mktemp("worldmap")
@@ -36,7 +46,8 @@ def worldmap(tmp_path_factory):
 
 
 def run_module(args, launcher=(sys.executable, "-m"), env=None, **kwargs):
-    return subprocess.Popen([*launcher, "geoloc.train", *args], cwd=REPO, env={**os.environ, **(env or {})},
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.Popen([*launcher, "geoloc.train", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
