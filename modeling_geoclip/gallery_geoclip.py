@@ -71,7 +71,9 @@ def resolve_gallery_options(backend: str, size: int, options: dict) -> dict:
     visited per query, default max(16, nlist // 32)), `ef_search` (HNSW, default 128), `n_candidates` (hits
     retrieved and scored exactly per query, default 64), `rescore` (re-encode candidates for exact scores;
     default: True for compressed codes, PQ or SQ), `train_size` (points used to train the index, default
-    max(64 * nlist, 10,000)), `normaliser_sample_size` (default 4096), `seed` (default 0).
+    max(64 * nlist, 10,000)), `normaliser_sample_size` (default 4096), `seed` (default 0), `search_threads`
+    (FAISS OpenMP threads while searching, default 1: a small-batch search gains little from threads, and an
+    active FAISS thread pool slowed PyTorch's own threads ~20x on a 2-core CPU, re-encoding included).
 
     Raises:
         ValueError: for an unknown backend or option, or a bad value.
@@ -99,8 +101,10 @@ def resolve_gallery_options(backend: str, size: int, options: dict) -> dict:
         "train_size": max(64 * nlist, 10_000),
         "normaliser_sample_size": 4096,
         "seed": 0,
+        "search_threads": 1,
     })
-    _check_positive(resolved, ("nprobe", "ef_search", "n_candidates", "train_size", "normaliser_sample_size"))
+    _check_positive(resolved, ("nprobe", "ef_search", "n_candidates", "train_size", "normaliser_sample_size",
+                               "search_threads"))
     if not isinstance(resolved["rescore"], bool):
         raise ValueError(f"rescore must be True or False, got {resolved['rescore']!r}.")
     return resolved
@@ -206,6 +210,7 @@ class FaissGallery:
         rows = torch.arange(size).split(batch_size)
         for batch in logging.tqdm(rows, desc="Encoding gallery", disable=not show_progress):
             index.add(_as_faiss(embed(batch)))
+        faiss.omp_set_num_threads(options["search_threads"])
         sample = torch.randperm(size, generator=generator)[: options["normaliser_sample_size"]].sort().values
         return cls(index, sample, embed(sample).float(), options)
 
@@ -243,6 +248,7 @@ class FaissGallery:
         scale = scale.float().cpu()
         size = self.index.ntotal
         n_candidates = min(max(self.options["n_candidates"], top_k), size)
+        faiss.omp_set_num_threads(self.options.get("search_threads", 1))
         parameters = faiss.ParameterSpace()
         if _ivf_lists(self.options["index"]):
             parameters.set_index_parameter(self.index, "nprobe", self.options["nprobe"])
