@@ -270,10 +270,9 @@ def save_checkpoint(accelerator, output_dir: str, step: int, keep: int) -> None:
     final, partial = os.path.join(folder, f"step_{step:08d}"), os.path.join(folder, f"partial_{step:08d}")
     os.makedirs(partial, exist_ok=True)  # before any process writes its RNG state into it
     accelerator.wait_for_everyone()
-    # The model weights are torch-serialised until GeoCLIP stops registering size-0 gallery buffers:
-    # safetensors takes those for shared tensors, accelerate drops them and the strict reload fails.
-    # (The optimizer, scheduler and RNG states are always torch.save'd by accelerate: files this run wrote.)
-    accelerator.save_state(partial, safe_serialization=False)
+    # Weights go to safetensors; accelerate always torch.saves the optimizer, scheduler and RNG states
+    # (files this run wrote itself, read back only by --resume).
+    accelerator.save_state(partial, safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         os.replace(partial, final)

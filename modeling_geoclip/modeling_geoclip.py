@@ -156,11 +156,8 @@ class GeoCLIPPreTrainedModel(PreTrainedModel):
         model, info = super().from_pretrained(
             *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
         )
-        state = model.state_dict()
-        # save_pretrained drops empty tensors (e.g. unused gallery buffers): nothing is missing there.
         problems = {
-            "missing": sorted(key for key in info["missing_keys"] if key not in state or state[key].numel() > 0)
-            if strict else [],
+            "missing": sorted(info["missing_keys"]) if strict else [],
             "unexpected": sorted(info["unexpected_keys"]) if strict else [],
             "wrong shape (checkpoint vs model)": [
                 f"{key}: {tuple(checkpoint)} vs {tuple(expected)}"
@@ -288,7 +285,7 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
         self.location_encoder = GeoCLIPLocationEncoder._from_config(config.location_config)
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
         # GPS queue: a ring buffer of recent training coordinates used as extra negatives.
-        self.register_buffer("gps_queue", torch.zeros(config.queue_size, 2))
+        self._register_state("gps_queue", torch.zeros(config.queue_size, 2))
         self.register_buffer("gps_queue_ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("gps_queue_count", torch.zeros((), dtype=torch.long))
         self._register_gallery()
@@ -301,7 +298,8 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
     def _register_gallery(self) -> None:
         """(Re)create the gallery buffers with the shapes the config describes (zeros until loaded or set).
 
-        Always the same five buffers, so checkpoints have stable keys: `gallery_coordinates` (N, 2) int32
+        Five buffers, saved when non-empty (their shapes follow the config, so saving and loading agree on the
+        keys): `gallery_coordinates` (N, 2) int32
         micro-degrees; `gallery_embeddings` (N, D) for `exact` (in `embedding_dtype`), (0, D) for `faiss`;
         `gallery_index` (nbytes,) uint8, the serialised FAISS index; `gallery_sample_indices` (S,) int64 and
         `gallery_sample_embeddings` (S, D) float32, the FAISS normaliser sample (empty for `exact`).
@@ -311,12 +309,16 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
         exact = config.gallery_backend == "exact"
         dtype = EMBEDDING_DTYPES[options.get("embedding_dtype", "float32")] if exact else torch.float32
         sample = 0 if exact else min(options.get("normaliser_sample_size", 0), config.gallery_size)
-        self.register_buffer("gallery_coordinates", torch.zeros(config.gallery_size, 2, dtype=torch.int32))
-        self.register_buffer("gallery_embeddings", torch.zeros(config.gallery_size if exact else 0, dim, dtype=dtype))
-        self.register_buffer("gallery_index", torch.zeros(config.gallery_index_nbytes, dtype=torch.uint8))
-        self.register_buffer("gallery_sample_indices", torch.zeros(sample, dtype=torch.long))
-        self.register_buffer("gallery_sample_embeddings", torch.zeros(sample, dim))
+        self._register_state("gallery_coordinates", torch.zeros(config.gallery_size, 2, dtype=torch.int32))
+        self._register_state("gallery_embeddings", torch.zeros(config.gallery_size if exact else 0, dim, dtype=dtype))
+        self._register_state("gallery_index", torch.zeros(config.gallery_index_nbytes, dtype=torch.uint8))
+        self._register_state("gallery_sample_indices", torch.zeros(sample, dtype=torch.long))
+        self._register_state("gallery_sample_embeddings", torch.zeros(sample, dim))
         self._faiss_gallery = None
+
+    def _register_state(self, name: str, tensor: torch.Tensor) -> None:
+        # Empty tensors stay out of checkpoints: safetensors would take them for shared storage.
+        self.register_buffer(name, tensor, persistent=tensor.numel() > 0)
 
     # ----------------------------------------------------------------------------------------- features
     def get_image_features(
@@ -586,7 +588,7 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
             query = self.get_image_features(pixel_values, clip_image_embeds)
         query = F.normalize(query.float(), dim=-1)
         logits, indices, log_normaliser = self._search(query, top_k)
-        coordinates = self.gallery_locations[indices]
+        coordinates = self.gallery_coordinates[indices].to(torch.float64) / MICRODEGREES
         if refine:
             coordinates, probabilities, source = refine_hits(
                 query, self.logit_scale.exp(), coordinates, logits, log_normaliser, self._embed_locations,

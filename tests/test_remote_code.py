@@ -5,34 +5,52 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
-from geoloc.configs import tiny_geoclip_config
+from geoloc.configs import tiny_geoclip_config, tiny_geohier_config
 from modeling_geoclip import GeoCLIPConfig, GeoCLIPModel
+from modeling_geohier import GeoHierConfig, GeoHierModel
+from tests.test_geohier import synthetic_cells
 
 LOAD_AND_PREDICT = """
 import sys, torch
 from transformers import AutoModel
 model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
-assert "modeling_geoclip" not in sys.modules and "geoloc" not in sys.modules, "package was imported"
+assert not {"modeling_geoclip", "modeling_geohier", "geoloc"} & set(sys.modules), "the package was imported"
 print(type(model).__module__)
 torch.manual_seed(1)
-out = model.geolocate(pixel_values=torch.randn(2, 3, 32, 32), top_k=2)
-print(out.probabilities.tolist())
+print(model.geolocate(pixel_values=torch.randn(2, 3, 32, 32), top_k=2).probabilities.tolist())
 """
 
 
-def test_geoclip_loads_as_remote_code(tmp_path, monkeypatch):
-    model = GeoCLIPModel(tiny_geoclip_config()).eval()
+def _geoclip():
+    model = GeoCLIPModel(tiny_geoclip_config())
     model.set_gallery([[0.0, 0.0], [10.0, 10.0], [-20.0, 170.0]])
+    return model
+
+
+def _geohier():
+    model = GeoHierModel(tiny_geohier_config())
+    model.set_cell_table(synthetic_cells())
+    return model
+
+
+@pytest.mark.parametrize(
+    "build, config_class, model_class, module",
+    [(_geoclip, GeoCLIPConfig, GeoCLIPModel, "geoclip"), (_geohier, GeoHierConfig, GeoHierModel, "geohier")],
+)
+def test_model_loads_as_remote_code(build, config_class, model_class, module, tmp_path, monkeypatch):
+    model = build().eval()
     # register_for_auto_class sets class attributes: undo them after the test.
-    monkeypatch.setattr(GeoCLIPConfig, "_auto_class", None)
-    monkeypatch.setattr(GeoCLIPModel, "_auto_class", None)
-    GeoCLIPConfig.register_for_auto_class()
-    GeoCLIPModel.register_for_auto_class("AutoModel")
+    monkeypatch.setattr(config_class, "_auto_class", None)
+    monkeypatch.setattr(model_class, "_auto_class", None)
+    config_class.register_for_auto_class()
+    model_class.register_for_auto_class("AutoModel")
     model.save_pretrained(tmp_path)
-    assert {"configuration_geoclip.py", "modeling_geoclip.py"} <= {p.name for p in tmp_path.iterdir()}
-    assert json.loads((tmp_path / "config.json").read_text())["auto_map"]["AutoModel"] == "modeling_geoclip.GeoCLIPModel"
+    assert {f"configuration_{module}.py", f"modeling_{module}.py"} <= {p.name for p in tmp_path.iterdir()}
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModel"] == f"modeling_{module}.{model_class.__name__}"
 
     # Run from tmp with a bare environment so that only the copied module files can be used.
     result = subprocess.run(
@@ -41,8 +59,8 @@ def test_geoclip_loads_as_remote_code(tmp_path, monkeypatch):
         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONNOUSERSITE": "1"},
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    module, probabilities = result.stdout.strip().splitlines()[-2:]
-    assert module.startswith("transformers_modules.")
+    loaded_module, probabilities = result.stdout.strip().splitlines()[-2:]
+    assert loaded_module.startswith("transformers_modules.")
     torch.manual_seed(1)
     expected = model.geolocate(pixel_values=torch.randn(2, 3, 32, 32), top_k=2).probabilities
     torch.testing.assert_close(torch.tensor(json.loads(probabilities)), expected)

@@ -113,7 +113,7 @@ def test_two_processes_share_the_work(worldmap, tmp_path):
     summary = json.load(open(os.path.join(out, "train_summary.json")))
     assert summary["num_processes"] == 2 and summary["samples_per_process"] == [96, 96]
     assert sorted(os.listdir(os.path.join(out, "checkpoints", "step_00000006"))) == [
-        "optimizer.bin", "pytorch_model.bin", "random_states_0.pkl", "random_states_1.pkl", "scheduler.bin"]
+        "model.safetensors", "optimizer.bin", "random_states_0.pkl", "random_states_1.pkl", "scheduler.bin"]
     model = AutoModel.from_pretrained(out)
     assert int(model.gps_queue_count) == 6 * 2 * 16  # every process enqueued both processes' coordinates
 
