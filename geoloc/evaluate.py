@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N rows")
     parser.add_argument("--data-dir", default=None,
                         help="local copy of a benchmark in its original layout (see geoloc.benchmarks)")
-    parser.add_argument("--split", default="test", help="split of a dataset path / Hub id")
+    parser.add_argument("--split", help="split of a dataset path / Hub id (default: test; a local folder without "
+                        "a test/ subfolder is one split, which `imagefolder` calls train)")
     parser.add_argument("--image-column", default="image", help="image column of a dataset path / Hub id")
     parser.add_argument("--lat-column", default="latitude", help="latitude column of a dataset path / Hub id")
     parser.add_argument("--lon-column", default="longitude", help="longitude column of a dataset path / Hub id")
@@ -78,8 +79,12 @@ def load_evaluation_dataset(args: argparse.Namespace):
             f"--data-dir is for the benchmarks ({', '.join(sorted(BENCHMARKS))}); for a dataset path pass it "
             f"as --dataset (got --dataset {args.dataset!r})."
         )
+    split = args.split
+    if split is None:
+        local_single_split = os.path.isdir(args.dataset) and not os.path.isdir(os.path.join(args.dataset, "test"))
+        split = "train" if local_single_split else "test"
     return load_geo_dataset(
-        args.dataset, split=args.split,
+        args.dataset, split=split,
         image_column=args.image_column, lat_column=args.lat_column, lon_column=args.lon_column,
     )
 
@@ -185,11 +190,22 @@ def write_results(predictions: ShardPredictions, output_dir: str, model: str, da
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run `geoloc evaluate`; returns the exit status (0 ok, 1 bad input, model or data, 2 bad arguments)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}.")
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.max_samples is not None and args.max_samples < 1:
-        raise ValueError(f"--max-samples must be >= 1, got {args.max_samples}.")
+        parser.error(f"--max-samples must be >= 1, got {args.max_samples}")
+    try:
+        return evaluate(args)
+    except (ValueError, OSError) as error:
+        print(f"geoloc evaluate: error: {error}", file=sys.stderr)
+        return 1
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """Predict the whole dataset (sharded over the accelerate processes) and write the results."""
     accelerator = Accelerator()
     model = AutoModel.from_pretrained(args.model).to(accelerator.device).eval()
     image_processor = AutoImageProcessor.from_pretrained(args.model)

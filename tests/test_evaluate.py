@@ -120,6 +120,11 @@ def test_image_folder_top_k_and_max_samples_through_the_cli(model_dir, tmp_path)
     metrics, predictions = _read(out)
     assert predictions["id"].tolist() == names[:6] and metrics["n"] == 6 and metrics["n_unreadable"] == 0
     assert not (out / "unreadable.csv").exists()
+    # A folder of images + metadata.csv without split subfolders is read as its one split.
+    assert cli_main(["evaluate", "--model", str(model_dir), "--dataset", str(data), "--lat-column", "lat",
+                     "--lon-column", "lon", "--output-dir", str(tmp_path / "single"), "--max-samples", "6"]) == 0
+    single, _ = _read(tmp_path / "single")
+    assert {key: single[key] for key in ("n", "median_km")} == {"n": 6, "median_km": metrics["median_km"]}
     lat, lon = _expected(model_dir, [data / name for name in names[:6]], top_k=5)
     np.testing.assert_allclose(predictions["pred_latitude"], lat[:, 0], atol=1e-6)
     truth = np.array(POINTS[:6])
@@ -129,18 +134,19 @@ def test_image_folder_top_k_and_max_samples_through_the_cli(model_dir, tmp_path)
     assert metrics["best_of_top_k"]["mean_km"] <= metrics["mean_km"]
 
 
-def test_all_unreadable_and_bad_arguments(model_dir, tmp_path):
+def test_all_unreadable_and_bad_arguments(model_dir, tmp_path, capsys):
     _im2gps3k(tmp_path / "bench")
     for path in (tmp_path / "bench" / "images").iterdir():
         path.write_bytes(b"")
-    with pytest.raises(ValueError, match="No image of 'im2gps3k' could be read"):
-        main(["--model", str(model_dir), "--dataset", "im2gps3k", "--data-dir", str(tmp_path / "bench"),
-              "--output-dir", str(tmp_path / "out")])
-    with pytest.raises(ValueError, match="--data-dir is for the benchmarks"):
-        main(["--model", str(model_dir), "--dataset", str(tmp_path), "--data-dir", str(tmp_path),
-              "--output-dir", str(tmp_path / "out")])
-    with pytest.raises(ValueError, match="--batch-size must be >= 1"):
+    assert main(["--model", str(model_dir), "--dataset", "im2gps3k", "--data-dir", str(tmp_path / "bench"),
+                 "--output-dir", str(tmp_path / "out")]) == 1
+    assert "geoloc evaluate: error: No image of 'im2gps3k' could be read" in capsys.readouterr().err
+    assert main(["--model", str(model_dir), "--dataset", str(tmp_path), "--data-dir", str(tmp_path),
+                 "--output-dir", str(tmp_path / "out")]) == 1
+    assert "--data-dir is for the benchmarks" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
         main(["--model", str(model_dir), "--dataset", "im2gps3k", "--output-dir", "x", "--batch-size", "0"])
+    assert exit_info.value.code == 2 and "--batch-size must be >= 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("name", "csv", "columns", "image_dir"), [
