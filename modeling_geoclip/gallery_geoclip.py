@@ -362,7 +362,7 @@ def refine_hits(
     best, order = logits.topk(top_k, dim=1)
     chosen = locations.gather(1, order.cpu()[..., None].expand(-1, -1, 2))
     source = torch.where(order < top_k, order, -1)
-    return chosen, torch.exp(best - log_normaliser[:, None]), source
+    return chosen.to(query.device), torch.exp(best - log_normaliser[:, None]), source
 
 
 __all__ = [

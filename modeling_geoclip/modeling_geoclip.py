@@ -184,7 +184,7 @@ class GeoCLIPPreTrainedModel(PreTrainedModel):
                 init.uniform_(module.bias, -bound, bound)
         elif isinstance(module, GeoCLIPModel):
             init.constant_(module.logit_scale, module.config.logit_scale_init_value)
-            for buffer in (module.gps_queue, module.gps_queue_ptr, module.gps_queue_count,
+            for buffer in (module.gps_queue_coordinates, module.gps_queue_ptr, module.gps_queue_count,
                            module.gallery_coordinates, module.gallery_embeddings, module.gallery_index,
                            module.gallery_sample_indices, module.gallery_sample_embeddings):
                 init.zeros_(buffer)
@@ -285,7 +285,8 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
         self.location_encoder = GeoCLIPLocationEncoder._from_config(config.location_config)
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
         # GPS queue: a ring buffer of recent training coordinates used as extra negatives.
-        self._register_state("gps_queue", torch.zeros(config.queue_size, 2))
+        # Stored as int32 micro-degrees, like the gallery, so that no dtype cast can round the coordinates.
+        self._register_state("gps_queue_coordinates", torch.zeros(config.queue_size, 2, dtype=torch.int32))
         self.register_buffer("gps_queue_ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("gps_queue_count", torch.zeros((), dtype=torch.long))
         self._register_gallery()
@@ -391,6 +392,7 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
         """
         if locations is None:
             raise ValueError("forward needs locations of shape (M, 2); use geolocate() to search the gallery.")
+        locations = validate_locations(locations)
         image_embeds = F.normalize(self.get_image_features(pixel_values, clip_image_embeds), dim=-1)
         location_embeds = F.normalize(self.get_location_features(locations), dim=-1)
         scale = self.logit_scale.exp()
@@ -427,11 +429,17 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
         size = self.config.queue_size
         if size == 0:
             return
-        locations = validate_locations(locations)[-size:].to(self.gps_queue)
+        locations = validate_locations(locations)[-size:].to(torch.float64)
+        coordinates = torch.round(locations * MICRODEGREES).to(self.gps_queue_coordinates)
         positions = (int(self.gps_queue_ptr) + torch.arange(len(locations))) % size
-        self.gps_queue[positions.to(self.gps_queue.device)] = locations
+        self.gps_queue_coordinates[positions.to(coordinates.device)] = coordinates
         self.gps_queue_ptr.fill_((int(self.gps_queue_ptr) + len(locations)) % size)
         self.gps_queue_count.fill_(min(size, int(self.gps_queue_count) + len(locations)))
+
+    @property
+    def gps_queue(self) -> torch.Tensor:
+        """The GPS queue as (queue_size, 2) float64 degrees (lat, lon); rows past `gps_queue_count` are unused."""
+        return self.gps_queue_coordinates.to(torch.float64) / MICRODEGREES
 
     # ------------------------------------------------------------------------------------------- gallery
     @property

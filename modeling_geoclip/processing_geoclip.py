@@ -15,6 +15,7 @@ from transformers import CLIPImageProcessorPil, CLIPTokenizer
 
 # Pillow raises DecompressionBombError above 2 * MAX_IMAGE_PIXELS (~179 Mpx); we refuse anything above it.
 MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+ORIENTATION_TAG = 0x0112  # EXIF Orientation
 
 
 def _describe(source) -> str:
@@ -63,12 +64,19 @@ def load_image(source) -> Image.Image:
         array = source
         if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)) or array.size == 0:
             raise ValueError(f"Image array {name} must have shape (H, W), (H, W, 3) or (H, W, 4), got {array.shape}.")
+        if array.ndim == 3 and array.shape[2] == 1:
+            array = array[..., 0]
         if array.dtype.kind == "f":
             if not np.isfinite(array).all():
                 raise ValueError(f"Image array {name} contains NaN or inf.")
             array = np.clip(array, 0, 1) * 255
-        image = Image.fromarray(np.ascontiguousarray(array.squeeze(-1) if array.ndim == 3 and array.shape[2] == 1
-                                                     else array).astype(np.uint8))
+        elif array.dtype == np.uint16 and array.ndim == 2:
+            array = array.astype(np.int32)  # 16-bit greyscale: rescaled to 8 bits like PIL's I;16 below
+        elif array.dtype not in (np.uint8, np.bool_):
+            raise ValueError(
+                f"Image array {name} has dtype {array.dtype}: pass uint8, floats in [0, 1], or 2-D uint16."
+            )
+        image = Image.fromarray(np.ascontiguousarray(array if array.dtype.kind == "i" else array.astype(np.uint8)))
     elif isinstance(source, (str, os.PathLike, bytes, bytearray)):
         if isinstance(source, (str, os.PathLike)):
             if not os.path.isfile(source):
@@ -79,10 +87,10 @@ def load_image(source) -> Image.Image:
             raise ValueError("Image bytes are empty.")
         stream = source if isinstance(source, (str, os.PathLike)) else io.BytesIO(source)
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), Image.open(stream) as opened:
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = Image.open(stream)
-                image.load()
+                opened.load()  # the pixels stay in memory when the file is closed (multi-frame files: frame 0)
+                image = opened
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ValueError(f"Image {name} is too large (more than {MAX_IMAGE_PIXELS} pixels).") from None
         except UnidentifiedImageError:
@@ -95,8 +103,9 @@ def load_image(source) -> Image.Image:
         raise ValueError(f"Image {name} is too large ({image.width}x{image.height} > {MAX_IMAGE_PIXELS} pixels).")
     if image.width == 0 or image.height == 0:
         raise ValueError(f"Image {name} has no pixels.")
-    image = ImageOps.exif_transpose(image)
-    return _to_rgb(image)
+    if image.mode == "RGB" and image.getexif().get(ORIENTATION_TAG, 1) == 1:
+        return image  # already upright RGB (e.g. decoded earlier in the pipeline): no copies
+    return _to_rgb(ImageOps.exif_transpose(image))
 
 
 class GeoCLIPImageProcessor(CLIPImageProcessorPil):

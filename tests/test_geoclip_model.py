@@ -110,15 +110,18 @@ def test_loading_a_checkpoint_with_wrong_shapes_raises(model, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- training
-def test_bf16_cast_keeps_the_fourier_matrix_in_fp32(model):
+def test_bf16_cast_keeps_the_fourier_matrix_in_fp32_and_coordinates_exact(model):
     locations = torch.tensor([[51.5, -0.1], [-33.9, 151.2], [89.9, 180.0]])
     reference = model.get_location_features(locations)
+    model.enqueue_locations(torch.tensor([[48.8566, 2.3522]], dtype=torch.float64))
     fourier = [capsule.rff_matrix.clone() for capsule in model.location_encoder.capsules]
     model.to(torch.bfloat16)
     for capsule, original in zip(model.location_encoder.capsules, fourier):
         assert capsule.rff_matrix.dtype == torch.float32 and torch.equal(capsule.rff_matrix, original)
     cosine = F.cosine_similarity(model.get_location_features(locations).float(), reference, dim=-1)
     assert cosine.min() > 0.99
+    assert model.gps_queue[0].tolist() == [48.8566, 2.3522]
+    torch.testing.assert_close(model.gallery_locations, torch.tensor(GALLERY, dtype=torch.float64))
 
 
 def test_contrastive_loss_decreases_with_the_queue():
@@ -151,7 +154,7 @@ def test_enqueue_is_a_ring_buffer():
     model.enqueue_locations(points[:3])
     assert int(model.gps_queue_count) == 3 and int(model.gps_queue_ptr) == 3
     model.enqueue_locations(points[3:6])  # 4, 5, 6 -> 4 fills the end, 5 and 6 overwrite the oldest (1, 2)
-    assert torch.equal(model.gps_queue[:, 0], torch.tensor([5.0, 6.0, 3.0, 4.0]))
+    assert model.gps_queue[:, 0].tolist() == [5.0, 6.0, 3.0, 4.0]
     assert int(model.gps_queue_count) == 4 and int(model.gps_queue_ptr) == 2
     model.enqueue_locations(torch.tensor([[float(i), 0.0] for i in range(10, 16)]))  # more than the queue
     assert sorted(model.gps_queue[:, 0].tolist()) == [12.0, 13.0, 14.0, 15.0]
@@ -278,3 +281,10 @@ def test_exif_rotation_is_applied(processor, tmp_path):
     image.save(path, exif=exif)
     assert load_image(str(path)).size == (20, 60)
     assert processor(str(path), return_tensors="pt").pixel_values.shape == (1, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
+
+
+def test_image_arrays_of_other_integer_types_are_refused_not_wrapped():
+    with pytest.raises(ValueError, match="has dtype int32: pass uint8"):
+        load_image(np.full((4, 4, 3), 300, dtype=np.int32))
+    sixteen_bit = np.array([[0, 1000], [2000, 4000]], dtype=np.uint16)  # rescaled to 0..255, not wrapped
+    assert np.asarray(load_image(sixteen_bit))[..., 0].tolist() == [[0, 64], [128, 255]]
