@@ -34,7 +34,11 @@ def main(argv=None) -> int:
         return 0
     namespace = parser.parse_args(argv[:1])
     module = importlib.import_module(SUBCOMMANDS[namespace.command][0])
-    return module.main(argv[1:]) or 0
+    try:
+        return module.main(argv[1:]) or 0
+    except (ValueError, OSError) as error:  # bad input, model or data: a message, not a traceback
+        print(f"geoloc {namespace.command}: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -226,7 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.space_id and not args.space:
+        parser.error("--space-id needs --space")
     space_id = (args.space_id or f"{args.repo_id}-demo") if args.space else None
     commits = publish(
         args.model_dir, args.repo_id, eval_dirs=args.eval_dir, private=args.private, revision=args.revision,
