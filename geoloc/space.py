@@ -6,7 +6,7 @@
 - `Geolocator.from_image` / `from_text` make one `model.geolocate(...)` call, whatever the model, and return a
   `Prediction`. Extras come from what the model offers: a probability heat layer where it has a retrieval
   gallery (GeoCLIP), the scene and per-level attention maps where `geolocate` returns scene probabilities and
-  `forward` takes `output_attentions` (GeoHier).
+  takes `output_attentions` (GeoHier: the same forward pass gives the top-k and the maps).
 - `prediction_table` and `world_map` turn a `Prediction` into the page's table and plotly map. The map is a
   MapLibre map whose only base layer is the bundled Natural Earth raster: it draws without a token and
   without any network access (no tile server), in a Space as in an offline test.
@@ -135,15 +135,16 @@ class Geolocator:
             ValueError: for an unreadable or oversized image, or a bad `top_k`.
         """
         pixel_values = self.image_processor(image, return_tensors="pt").pixel_values
-        prediction = self._geolocate(top_k, pixel_values=pixel_values)
+        extra = {"output_attentions": True} if self.has_attention_maps else {}
+        prediction, output = self._geolocate(top_k, pixel_values=pixel_values, **extra)
         if self.has_attention_maps:
-            prediction.attention = self._attention_overlays(pixel_values)
+            prediction.attention = self._attention_overlays(pixel_values, output)
         return prediction
 
     @property
     def has_attention_maps(self) -> bool:
-        """Whether the model's forward returns cross-attention maps over the image (GeoHier's queries)."""
-        return "output_attentions" in inspect.signature(self.model.forward).parameters
+        """Whether the model's `geolocate` returns cross-attention maps over the image (GeoHier's queries)."""
+        return "output_attentions" in inspect.signature(self.model.geolocate).parameters
 
     def from_text(self, text: str, top_k: int) -> Prediction:
         """Geolocate a description such as "a beach with palm trees and volcanic rock".
@@ -165,10 +166,11 @@ class Geolocator:
                 f"The text is too long for this model ({tokens.input_ids.shape[1]} tokens, it reads at most "
                 f"{limit}): shorten it."
             )
-        return self._geolocate(top_k, input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
+        return self._geolocate(top_k, input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)[0]
 
-    def _geolocate(self, top_k: int, **inputs) -> Prediction:
-        """One `model.geolocate` call; with a gallery it also returns the most probable points for the heat layer."""
+    def _geolocate(self, top_k: int, **inputs) -> tuple[Prediction, object]:
+        """One `model.geolocate` call -> the `Prediction` (with a gallery, also the most probable points for the
+        heat layer) and the model's raw output."""
         top_k = check_top_k(top_k, MAX_TOP_K)  # the model checks it against its own number of candidates
         gallery_size = getattr(self.model.config, "gallery_size", 0)
         output = self.model.geolocate(**inputs, top_k=max(top_k, min(HEAT_POINTS, gallery_size)))
@@ -182,7 +184,7 @@ class Geolocator:
             probabilities=probabilities[:top_k],
             heat=np.stack([latitudes, longitudes, probabilities], axis=1) if gallery_size else None,
             scenes=None if scene_probabilities is None else self._scene_names(scene_probabilities[0]),
-        )
+        ), output
 
     def _scene_names(self, probabilities: torch.Tensor) -> dict[str, float]:
         """Scene probabilities keyed by the config's `id2label` names when it has one per scene."""
@@ -191,11 +193,14 @@ class Geolocator:
         return {labels[i] if named else f"scene {i}": float(p) for i, p in enumerate(probabilities.tolist())}
 
     @torch.no_grad()
-    def _attention_overlays(self, pixel_values: torch.Tensor) -> list[tuple[Image.Image, str]]:
+    def _attention_overlays(self, pixel_values: torch.Tensor, output) -> list[tuple[Image.Image, str]]:
         """Last decoder layer's cross-attention (mean over heads) of the chosen scene's query at each level,
-        drawn in red over the image the model saw (min-max scaled: red marks where it looked most)."""
-        output = self.model(pixel_values=pixel_values, output_attentions=True)
-        num_levels = output.cross_attentions.shape[3] // output.scene_logits.shape[1]
+        drawn in red over the image the model saw (min-max scaled: red marks where it looked most).
+
+        Args:
+            output: the `geolocate(..., output_attentions=True)` answer for `pixel_values` (no second forward).
+        """
+        num_levels = output.cross_attentions.shape[3] // output.scene_probabilities.shape[1]
         scene = int(output.selected_scenes[0])
         patches = output.cross_attentions[0, -1].float().mean(0)[:, 1:]  # drop the [CLS] token
         side = math.isqrt(patches.shape[1])

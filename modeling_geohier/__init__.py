@@ -13,7 +13,10 @@ API for training and inference code:
   config with `cells_per_level=[len(level["tokens"]) for level in cells]` and call `model.set_cell_table(cells)`
   before saving, so the checkpoint can geolocate.
 - `model.geolocate(pixel_values, top_k=5)` -> `GeoHierGeolocationOutput` with `latitudes`, `longitudes`,
-  `probabilities`, `indices` (each `(B, top_k)`, best first), `level_probabilities`, `scene_probabilities`.
+  `probabilities`, `indices` (each `(B, top_k)`, best first), `level_probabilities`, `scene_probabilities`,
+  `selected_scenes`, and with `output_attentions=True` the same forward pass's `cross_attentions`.
+- `GeoHierModel.from_pretrained` is strict: missing, unexpected or wrongly shaped weights (cell table included)
+  raise `ValueError`; `strict=False` loads a partial checkpoint.
 """
 
 from transformers import AutoConfig, AutoModel

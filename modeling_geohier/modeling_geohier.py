@@ -25,6 +25,48 @@ from .configuration_geohier import GeoHierConfig
 MICRODEGREES = 1_000_000
 
 
+def validate_locations(locations, name: str = "locations") -> torch.Tensor:
+    """Check GPS coordinates and return them as a floating tensor of shape (N, 2), (latitude, longitude).
+
+    Verbatim copy of `modeling_geoclip.validate_locations` (same messages); repeated here because this folder is
+    loaded as remote code without `modeling_geoclip`, so it cannot import it.
+
+    The one place where coordinates are validated: latitudes must lie in [-90, 90], longitudes in
+    [-180, 180], all finite. Nothing is wrapped or clipped.
+
+    Args:
+        locations: tensor, numpy array or nested list of shape (N, 2), degrees.
+        name: how the argument is called in error messages.
+
+    Raises:
+        ValueError: naming the first bad row and value.
+
+    Example:
+        >>> validate_locations([[48.8566, 2.3522]]).shape
+        torch.Size([1, 2])
+    """
+    if not isinstance(locations, torch.Tensor):
+        try:
+            locations = torch.as_tensor(np.asarray(locations, dtype=np.float64))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{name} must be numbers of shape (N, 2) as (latitude, longitude): {error}") from None
+    if locations.ndim != 2 or locations.shape[-1] != 2:
+        raise ValueError(f"{name} must have shape (N, 2) as (latitude, longitude), got {tuple(locations.shape)}.")
+    if not locations.is_floating_point():
+        locations = locations.float()
+    checks = (
+        (~torch.isfinite(locations).all(dim=1), "coordinates must be finite (no NaN or inf)"),
+        (locations[:, 0].abs() > 90, "latitude must be in [-90, 90]"),
+        (locations[:, 1].abs() > 180, "longitude must be in [-180, 180]"),
+    )
+    for bad, rule in checks:
+        if bad.any():
+            row = int(bad.nonzero()[0, 0])
+            lat, lon = locations[row].tolist()
+            raise ValueError(f"{name}[{row}] = ({lat}, {lon}): {rule} (degrees, (latitude, longitude) order).")
+    return locations
+
+
 def check_top_k(top_k, n_candidates: int) -> int:
     """Return `top_k` as an int, or raise ValueError unless 1 <= top_k <= n_candidates.
 
@@ -95,6 +137,8 @@ class GeoHierGeolocationOutput(ModelOutput):
         level_probabilities (`tuple[torch.FloatTensor]`, one per level, each `(B, cells_per_level[l])`): the
             hierarchical probability of every cell of every level, coarse to fine (for maps).
         scene_probabilities (`torch.FloatTensor` of shape `(B, num_scenes)`): softmax of the scene logits.
+        selected_scenes (`torch.LongTensor` of shape `(B,)`): the predicted scene whose queries were classified.
+        cross_attentions (`torch.FloatTensor`, *optional*): with `output_attentions=True`, as in `GeoHierOutput`.
     """
 
     latitudes: torch.Tensor | None = None
@@ -103,6 +147,8 @@ class GeoHierGeolocationOutput(ModelOutput):
     indices: torch.Tensor | None = None
     level_probabilities: tuple[torch.Tensor, ...] | None = None
     scene_probabilities: torch.Tensor | None = None
+    selected_scenes: torch.Tensor | None = None
+    cross_attentions: torch.Tensor | None = None
 
 
 class GeoHierAttention(nn.Module):
@@ -224,6 +270,35 @@ class GeoHierPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = False
     _supports_sdpa = True
     _no_split_modules = ["GeoHierDecoderLayer"]
+
+    # Same as `modeling_geoclip.GeoCLIPPreTrainedModel.from_pretrained`; repeated here because this folder is
+    # loaded as remote code without `modeling_geoclip`, so it cannot import it.
+    @classmethod
+    def from_pretrained(cls, *args, strict: bool = True, output_loading_info: bool = False, **kwargs):
+        """`PreTrainedModel.from_pretrained`, but a checkpoint with missing, unexpected or wrongly shaped
+        weights raises a `ValueError` naming them (transformers v5 only logs the first two and randomly
+        initialises what is missing; a missing `cell_table.*` buffer would silently be zeros). `strict=False`
+        loads a partial checkpoint on purpose; `ignore_mismatched_sizes=True` re-initialises wrongly shaped
+        weights, as in transformers."""
+        ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
+        model, info = super().from_pretrained(
+            *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+        )
+        problems = {
+            "missing": sorted(info["missing_keys"]) if strict else [],
+            "unexpected": sorted(info["unexpected_keys"]) if strict else [],
+            "wrong shape (checkpoint vs model)": [
+                f"{key}: {tuple(checkpoint)} vs {tuple(expected)}"
+                for key, checkpoint, expected in sorted(info["mismatched_keys"])
+            ] if not ignore_mismatched_sizes else [],
+        }
+        details = "; ".join(f"{kind}: {keys}" for kind, keys in problems.items() if keys)
+        if details:
+            raise ValueError(
+                f"The checkpoint does not match {cls.__name__} ({details}). Pass strict=False to load a partial "
+                "checkpoint, ignore_mismatched_sizes=True to re-initialise wrongly shaped weights."
+            )
+        return (model, info) if output_loading_info else model
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -437,6 +512,8 @@ class GeoHierModel(GeoHierPreTrainedModel):
         """
         if len(cells) != self.config.num_levels:
             raise ValueError(f"The cell table has {len(cells)} levels but the model has {self.config.num_levels}.")
+        # Validate and convert every level before writing any buffer: a bad level leaves the stored table intact.
+        levels = []
         for level, (table, expected) in enumerate(zip(cells, self.config.cells_per_level)):
             tokens = list(table["tokens"])
             if len(tokens) != expected:
@@ -444,17 +521,15 @@ class GeoHierModel(GeoHierPreTrainedModel):
                     f"Level {level} of the cell table has {len(tokens)} cells but the model has {expected}; build the "
                     f"config with cells_per_level={[len(t['tokens']) for t in cells]}."
                 )
-            coordinates = np.stack(
-                [np.asarray(table["latitudes"], dtype=np.float64), np.asarray(table["longitudes"], dtype=np.float64)],
-                axis=1,
-            )
-            bad = ~np.isfinite(coordinates).all(axis=1) | (np.abs(coordinates) > [90, 180]).any(axis=1)
-            if bad.any():
-                row = int(np.flatnonzero(bad)[0])
+            latitudes = np.asarray(table["latitudes"], dtype=np.float64).reshape(-1)
+            longitudes = np.asarray(table["longitudes"], dtype=np.float64).reshape(-1)
+            if len(latitudes) != expected or len(longitudes) != expected:
                 raise ValueError(
-                    f"Level {level}, cell {row}: centroid {tuple(coordinates[row])} is not a (latitude, longitude) "
-                    f"in [-90, 90] x [-180, 180]."
+                    f"Level {level}: {len(latitudes)} latitudes and {len(longitudes)} longitudes for {expected} cells."
                 )
+            coordinates = validate_locations(
+                np.stack([latitudes, longitudes], axis=1), f"cell table level {level} centroids"
+            ).numpy()
             parents = np.asarray(table.get("parents", np.full(expected, -1)), dtype=np.int64).reshape(-1)
             if len(parents) != expected:
                 raise ValueError(f"Level {level}: {len(parents)} parents for {expected} cells.")
@@ -467,12 +542,13 @@ class GeoHierModel(GeoHierPreTrainedModel):
             counts = np.asarray(table["counts"], dtype=np.int64).reshape(-1)
             if len(counts) != expected or (counts < 0).any():
                 raise ValueError(f"Level {level}: counts must be {expected} integers >= 0.")
-            values = {
+            levels.append({
                 "cell_ids": torch.tensor([s2_token_to_id(token) for token in tokens], dtype=torch.long),
                 "centroids": torch.from_numpy(np.round(coordinates * MICRODEGREES).astype(np.int32)),
                 "parents": torch.from_numpy(parents),
                 "counts": torch.from_numpy(counts),
-            }
+            })
+        for level, values in enumerate(levels):
             for name, value in values.items():
                 self.cell_table.get(name, level).copy_(value)
         self.config.has_cell_table = True
@@ -519,6 +595,7 @@ class GeoHierModel(GeoHierPreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         top_k: int = 5,
         backbone_hidden_states: torch.Tensor | None = None,
+        output_attentions: bool = False,
     ) -> GeoHierGeolocationOutput:
         """The `top_k` most probable fine cells of each image, at their centroids, using the predicted scene.
 
@@ -526,13 +603,19 @@ class GeoHierModel(GeoHierPreTrainedModel):
             pixel_values (`torch.FloatTensor` of shape `(B, 3, H, W)`), or backbone_hidden_states
                 (`(B, T, vision_hidden_size)`).
             top_k (`int`): predictions per image, 1 <= top_k <= number of fine cells.
+            output_attentions (`bool`): also return the decoder's cross-attention maps (same forward pass).
 
         Returns: [`GeoHierGeolocationOutput`]: `latitudes`, `longitudes`, `probabilities`, `indices`, each
-        `(B, top_k)` best first, plus `level_probabilities` and `scene_probabilities`.
+        `(B, top_k)` best first, plus `level_probabilities`, `scene_probabilities`, `selected_scenes` and, with
+        `output_attentions`, `cross_attentions`.
         """
         top_k = check_top_k(top_k, self.config.cells_per_level[-1])
         self._require_cell_table()
-        output = self(pixel_values=pixel_values, backbone_hidden_states=backbone_hidden_states)
+        output = self(
+            pixel_values=pixel_values,
+            backbone_hidden_states=backbone_hidden_states,
+            output_attentions=output_attentions,
+        )
         level_probabilities = self.hierarchical_probabilities(output.logits)
         probabilities, indices = level_probabilities[-1].topk(top_k, dim=1)
         fine = self.config.num_levels - 1
@@ -544,6 +627,8 @@ class GeoHierModel(GeoHierPreTrainedModel):
             indices=indices,
             level_probabilities=level_probabilities,
             scene_probabilities=output.scene_logits.float().softmax(dim=-1),
+            selected_scenes=output.selected_scenes,
+            cross_attentions=output.cross_attentions,
         )
 
 
@@ -557,4 +642,5 @@ __all__ = [
     "check_top_k",
     "s2_id_to_token",
     "s2_token_to_id",
+    "validate_locations",
 ]

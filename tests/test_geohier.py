@@ -197,7 +197,8 @@ def test_bad_config_values(overrides, message):
         (lambda cells: cells[0]["parents"].__setitem__(0, 0), "level 0 has no parent"),
         (lambda cells: cells.pop(), "2 levels"),
         (lambda cells: cells[1]["tokens"].pop(), "cells_per_level=\\[8, 15, 32\\]"),
-        (lambda cells: cells[0]["latitudes"].__setitem__(2, 91.0), "Level 0, cell 2: centroid"),
+        (lambda cells: cells[0]["latitudes"].__setitem__(2, 91.0),
+         r"cell table level 0 centroids\[2\] = \(91.0, .*\): latitude must be in \[-90, 90\]"),
         (lambda cells: cells[0]["tokens"].__setitem__(0, "xyz"), "not an S2 cell token"),
     ],
 )
@@ -208,6 +209,65 @@ def test_inconsistent_cell_tables_are_rejected(edit, message):
     with pytest.raises(ValueError, match=message):
         model.set_cell_table(cells)
     assert not model.config.has_cell_table
+
+
+def test_bad_cell_table_leaves_the_previous_one_intact():
+    model = GeoHierModel(tiny_geohier_config())
+    model.set_cell_table(synthetic_cells())
+    before = {name: tensor.clone() for name, tensor in model.cell_table.state_dict().items()}
+    cells = synthetic_cells()
+    for level in cells:  # every level differs from the stored table ...
+        level["counts"] = level["counts"] + 1
+        level["latitudes"] = level["latitudes"] / 2
+    cells[2]["parents"][5] = 99  # ... but the last one is invalid
+    with pytest.raises(ValueError, match=r"Level 2, cell 5: parent index 99"):
+        model.set_cell_table(cells)
+    assert model.config.has_cell_table
+    for name, tensor in model.cell_table.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+
+
+def test_cell_table_coordinates_use_the_shared_validator():
+    from modeling_geoclip import validate_locations
+
+    cells = synthetic_cells()
+    cells[1]["longitudes"][4] = float("nan")
+    with pytest.raises(ValueError) as raised:
+        GeoHierModel(tiny_geohier_config()).set_cell_table(cells)
+    coordinates = np.stack([cells[1]["latitudes"], cells[1]["longitudes"]], axis=1)
+    with pytest.raises(ValueError) as expected:
+        validate_locations(coordinates, "cell table level 1 centroids")
+    assert str(raised.value) == str(expected.value)
+
+
+def test_from_pretrained_is_strict(model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["cell_table.centroids_2"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing: \['cell_table.centroids_2'\]"):
+        AutoModel.from_pretrained(tmp_path)
+    partial, info = GeoHierModel.from_pretrained(tmp_path, strict=False, output_loading_info=True)
+    assert "cell_table.centroids_2" in info["missing_keys"]
+    assert torch.equal(partial.cell_table.parents_2, model.cell_table.parents_2)
+
+    weights["extra.weight"] = torch.zeros(1)
+    weights["cell_table.centroids_2"] = torch.zeros(5, 2, dtype=torch.int32)
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    message = r"unexpected: \['extra.weight'\].*cell_table.centroids_2: \(5, 2\) vs \(32, 2\)"
+    with pytest.raises(ValueError, match=message):
+        GeoHierModel.from_pretrained(tmp_path)
+
+
+def test_geolocate_returns_the_attention_of_the_same_forward(model):
+    pixel_values = images(2)
+    located = model.geolocate(pixel_values=pixel_values, top_k=3, output_attentions=True)
+    forward = model(pixel_values=pixel_values, output_attentions=True)
+    torch.testing.assert_close(located.cross_attentions, forward.cross_attentions)
+    torch.testing.assert_close(located.selected_scenes, forward.selected_scenes)
+    assert model.geolocate(pixel_values=pixel_values, top_k=3).cross_attentions is None
 
 
 def test_save_load_round_trip(model, tmp_path):
