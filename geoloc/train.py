@@ -10,6 +10,13 @@ optimizer, scheduler, every process's RNG) goes to `OUTPUT_DIR/checkpoints/step_
 continues from the newest one at the exact step: the data order of each epoch is a function of the seed and
 the epoch, and the batches of the current epoch that were already used are skipped.
 
+`--streaming` trains from a `datasets.IterableDataset` (Hub id or local shards read as they go, for sets too
+big for disk): a seeded shuffle buffer (the order is a function of the seed and the epoch), each process reads
+its own part (`datasets.distributed.split_dataset_by_node`) and moves on to its next epoch by itself, so
+processes never wait on each other's epoch end. Each checkpoint also gets `stream_position_<process>.json`
+(epoch, micro-batches used in it); `--resume` reads those batches again and drops them. The coordinates are
+read once before training (only the latitude/longitude columns) for GeoCLIP's gallery and GeoHier's geocells.
+
 GeoCLIP trains its image MLP, location encoder and temperature (the CLIP towers stay frozen) with the
 contrastive loss against the batch and the GPS queue; the coordinates of every process's batch are gathered
 and enqueued on every process, so the queues stay identical. `--cache-features` computes the frozen CLIP
@@ -38,7 +45,8 @@ import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
-from accelerate.utils import is_tensorboard_available, set_seed
+from accelerate.utils import is_tensorboard_available, send_to_device, set_seed
+from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoTokenizer, get_cosine_schedule_with_warmup
@@ -78,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--train-fraction", type=float, default=1.0,
                        help="train on a seeded random subset of this fraction of the rows")
     group.add_argument("--output-dir", required=True)
+    group.add_argument("--streaming", action="store_true",
+                       help="stream the dataset instead of loading it (sets too big for disk): a seeded shuffle "
+                            "buffer, one part per process, resume re-reads the used part of the epoch. One pass "
+                            "over only the latitude/longitude columns comes first (GeoCLIP gallery, GeoHier "
+                            "geocells). Not with --cache-features or --train-fraction")
+    group.add_argument("--shuffle-buffer", type=int, default=10_000,
+                       help="examples in the --streaming shuffle buffer")
 
     group = parser.add_argument_group("optimisation")
     group.add_argument("--max-steps", type=int, default=1000, help="optimizer steps")
@@ -117,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args) -> None:
     """Raise ValueError on option values that cannot train."""
     positive = ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every",
-                "checkpoints_to_keep", "log_every", "gallery_size")
+                "checkpoints_to_keep", "log_every", "gallery_size", "shuffle_buffer")
     for name in positive:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
@@ -127,6 +142,8 @@ def check_args(args) -> None:
         raise ValueError("--warmup-steps, --gps-noise-km, --max-grad-norm and --num-workers must be >= 0.")
     if args.model == "geohier" and (args.cache_features or args.gps_noise_km):
         raise ValueError("--cache-features and --gps-noise-km are GeoCLIP options (GeoHier trains end to end).")
+    if args.streaming and (args.cache_features or args.train_fraction < 1.0):
+        raise ValueError("--cache-features and --train-fraction need the whole dataset: not with --streaming.")
 
 
 def parse_geocell_levels(text: str) -> list[tuple[int, int]]:
@@ -237,6 +254,61 @@ class CachedFeatures(torch.utils.data.Dataset):
         return batch
 
 
+def training_coordinates(dataset) -> tuple[np.ndarray, np.ndarray]:
+    """(latitudes, longitudes) of every training row; a streaming dataset is read once for them, only these
+    two columns."""
+    if not isinstance(dataset, datasets.IterableDataset):
+        return np.asarray(dataset[LATITUDE]), np.asarray(dataset[LONGITUDE])
+    latitudes, longitudes = [], []
+    for rows in dataset.select_columns([LATITUDE, LONGITUDE]).iter(batch_size=65_536):
+        latitudes.extend(rows[LATITUDE])
+        longitudes.extend(rows[LONGITUDE])
+    return np.asarray(latitudes, dtype=np.float64), np.asarray(longitudes, dtype=np.float64)
+
+
+def training_dataloader(dataset, collate, args, accelerator) -> DataLoader:
+    """The training DataLoader. Map-style: reshuffled every epoch (accelerate's seedable sampler orders it by
+    seed and epoch; `accelerator.prepare` splits it across processes). Streaming: a seeded shuffle buffer and
+    this process's part of the stream (`split_dataset_by_node`); it is not prepared, `BatchStream` moves its
+    batches to the device.
+
+    The loader's own generator keeps iterator creation off the global RNG, so a resumed run draws the same
+    GPS noise and dropout as an uninterrupted one."""
+    generator = torch.Generator().manual_seed(args.seed)
+    if not args.streaming:
+        return DataLoader(dataset, batch_size=args.batch_size, shuffle=True, collate_fn=collate,
+                          num_workers=args.num_workers, generator=generator)
+    dataset = dataset.shuffle(seed=args.seed, buffer_size=args.shuffle_buffer)
+    dataset = split_dataset_by_node(dataset, rank=accelerator.process_index, world_size=accelerator.num_processes)
+    return DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate, num_workers=args.num_workers,
+                      generator=generator)
+
+
+class BatchStream:
+    """The micro-batches of a DataLoader, epoch after epoch without end, from a position (`epoch`, `batches`
+    already used in it): `set_epoch` reseeds each epoch's order and the used batches are skipped, so the
+    stream continues exactly where a checkpoint left it. Batches are put on the accelerator's device."""
+
+    def __init__(self, dataloader, accelerator, epoch: int = 0, batches: int = 0):
+        self.dataloader, self.accelerator, self.epoch, self.batches = dataloader, accelerator, epoch, batches
+
+    def __iter__(self):
+        while True:
+            # a prepared map-style loader and a streaming `datasets.IterableDataset` each know `set_epoch`
+            (self.dataloader if hasattr(self.dataloader, "set_epoch") else self.dataloader.dataset).set_epoch(
+                self.epoch)
+            used = self.batches
+            for batch in self.accelerator.skip_first_batches(self.dataloader, used) if used else self.dataloader:
+                self.batches += 1
+                yield send_to_device(batch, self.accelerator.device)
+            if self.batches == used == 0:
+                raise ValueError("An epoch gave this process no batch: too few rows for the number of processes.")
+            self.epoch, self.batches = self.epoch + 1, 0
+
+    def position(self) -> dict:
+        return {"epoch": self.epoch, "batches": self.batches}
+
+
 def add_gps_noise(locations: torch.Tensor, km: float) -> torch.Tensor:
     """GeoCLIP's GPS augmentation: move each (lat, lon) of `locations` (B, 2) by Gaussian noise of std `km`
     kilometres; latitudes are clamped at the poles and longitudes wrapped into [-180, 180)."""
@@ -263,9 +335,15 @@ def checkpoint_steps(output_dir: str) -> list[int]:
     return sorted(int(name[5:]) for name in os.listdir(folder) if name.startswith("step_") and name[5:].isdigit())
 
 
-def save_checkpoint(accelerator, output_dir: str, step: int, keep: int) -> None:
+def stream_position_file(checkpoint: str, process_index: int) -> str:
+    """Where a checkpoint keeps one process's `BatchStream.position()` (streaming runs)."""
+    return os.path.join(checkpoint, f"stream_position_{process_index}.json")
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, keep: int, stream_position: dict | None = None) -> None:
     """Save the training state to `checkpoints/step_XXXXXXXX` atomically (a killed save leaves no half
-    checkpoint behind) and delete all but the newest `keep` checkpoints."""
+    checkpoint behind) and delete all but the newest `keep` checkpoints. `stream_position` (streaming: this
+    process's `BatchStream.position()`) goes next to it as JSON."""
     folder = os.path.join(output_dir, CHECKPOINTS)
     final, partial = os.path.join(folder, f"step_{step:08d}"), os.path.join(folder, f"partial_{step:08d}")
     os.makedirs(partial, exist_ok=True)  # before any process writes its RNG state into it
@@ -273,6 +351,9 @@ def save_checkpoint(accelerator, output_dir: str, step: int, keep: int) -> None:
     # Weights go to safetensors; accelerate always torch.saves the optimizer, scheduler and RNG states
     # (files this run wrote itself, read back only by --resume).
     accelerator.save_state(partial, safe_serialization=True)
+    if stream_position is not None:
+        with open(stream_position_file(partial, accelerator.process_index), "w") as handle:
+            json.dump(stream_position, handle)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         os.replace(partial, final)
@@ -298,14 +379,14 @@ def main(argv=None) -> int:
 
     # data
     dataset = load_geo_dataset(args.dataset, args.split, image_column=args.image_column,
-                               lat_column=args.lat_column, lon_column=args.lon_column)
+                               lat_column=args.lat_column, lon_column=args.lon_column, streaming=args.streaming)
     if args.train_fraction < 1.0:
         count = max(1, round(args.train_fraction * len(dataset)))
         rows = np.random.default_rng(args.seed).choice(len(dataset), count, replace=False)
         dataset = dataset.select(np.sort(rows))
-    if len(dataset) == 0:
+    latitudes, longitudes = training_coordinates(dataset)
+    if len(latitudes) == 0:
         raise ValueError(f"No valid rows to train on in '{args.dataset}' ({args.split}).")
-    latitudes, longitudes = np.asarray(dataset[LATITUDE]), np.asarray(dataset[LONGITUDE])
 
     # model
     tokenizer = None
@@ -317,27 +398,39 @@ def main(argv=None) -> int:
         else:
             collate = GeoCollator(image_processor)
     else:
-        from .geocells import build_geocells
+        from .geocells import assign_geocells, build_geocells
 
         cells, labels = build_geocells(latitudes, longitudes, levels=parse_geocell_levels(args.geocell_levels))
         model, image_processor = build_geohier(args.model_config, cells)
-        dataset = dataset.add_column("labels", labels.tolist())
+        if args.streaming:  # label each row as it streams by
+            dataset = dataset.map(lambda rows: {"labels": assign_geocells(cells, rows[LATITUDE],
+                                                                          rows[LONGITUDE]).tolist()}, batched=True)
+        else:
+            dataset = dataset.add_column("labels", labels.tolist())
         collate = GeoCollator(image_processor, label_columns=["labels"] + (["scene"] if "scene" in
-                                                                            dataset.column_names else []))
-    # The loader's own generator keeps iterator creation off the global RNG, so a resumed run draws the
-    # same GPS noise and dropout as an uninterrupted one; the epoch order is seeded by (seed, epoch).
-    dataloader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, collate_fn=collate,
-                            num_workers=args.num_workers, generator=torch.Generator().manual_seed(args.seed))
+                                                                            (dataset.column_names or []) else []))
+    dataloader = training_dataloader(dataset, collate, args, accelerator)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(args.warmup_steps, args.max_steps), args.max_steps)
-    model, optimizer, dataloader, scheduler = accelerator.prepare(model, optimizer, dataloader, scheduler)
-    steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
+    if args.streaming:  # already split across processes by `training_dataloader`
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    else:
+        model, optimizer, dataloader, scheduler = accelerator.prepare(model, optimizer, dataloader, scheduler)
+    stream = BatchStream(dataloader, accelerator)
 
     step = 0
     if args.resume and checkpoint_steps(args.output_dir):
         step = checkpoint_steps(args.output_dir)[-1]
-        accelerator.load_state(os.path.join(args.output_dir, CHECKPOINTS, f"step_{step:08d}"))
+        checkpoint = os.path.join(args.output_dir, CHECKPOINTS, f"step_{step:08d}")
+        accelerator.load_state(checkpoint)
+        if args.streaming:
+            with open(stream_position_file(checkpoint, accelerator.process_index)) as handle:
+                stream = BatchStream(dataloader, accelerator, **json.load(handle))
+        else:
+            steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
+            epoch, step_in_epoch = divmod(step, steps_per_epoch)
+            stream = BatchStream(dataloader, accelerator, epoch, step_in_epoch * args.gradient_accumulation_steps)
         accelerator.print(f"Resumed from step {step}.")
     elif args.resume:
         accelerator.print(f"No checkpoint in {args.output_dir}: starting from step 0.")
@@ -352,50 +445,47 @@ def main(argv=None) -> int:
     samples_seen, step_losses, started = 0, [], time.perf_counter()
     log_path = os.path.join(args.output_dir, "log.jsonl")
     model.train()
+    micro_batches = iter(stream)
     while step < args.max_steps:
-        epoch, step_in_epoch = divmod(step, steps_per_epoch)
-        dataloader.set_epoch(epoch)
-        skip = step_in_epoch * args.gradient_accumulation_steps
-        for batch in accelerator.skip_first_batches(dataloader, skip) if skip else dataloader:
-            with accelerator.accumulate(model):
-                locations = batch.pop("locations")
-                if is_geoclip:
-                    if args.gps_noise_km:
-                        locations = add_gps_noise(locations, args.gps_noise_km)
-                    outputs = model(**batch, locations=locations, return_loss=True)
-                else:
-                    outputs = model(**batch)
-                accelerator.backward(outputs.loss)
-                if accelerator.sync_gradients and args.max_grad_norm:
-                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            if is_geoclip:  # every process enqueues every process's coordinates: identical queues
-                padded = accelerator.pad_across_processes(locations.to(accelerator.device), pad_index=math.nan)
-                gathered = accelerator.gather(padded)
-                accelerator.unwrap_model(model).enqueue_locations(gathered[torch.isfinite(gathered).all(dim=1)])
-            samples_seen += len(locations)
-            step_losses.append(outputs.loss.detach())
-            if not accelerator.sync_gradients:
-                continue
-            scheduler.step()
-            step += 1
-            progress.update(1)
-            if step % args.log_every == 0 or step == args.max_steps:
-                loss = accelerator.reduce(torch.stack(step_losses).mean(), "mean").item()
-                record = {"step": step, "epoch": epoch, "loss": loss, "lr": scheduler.get_last_lr()[0],
-                          "samples_per_second": samples_seen * accelerator.num_processes
-                          / (time.perf_counter() - started)}
-                accelerator.log(record, step=step)
-                progress.set_postfix(loss=f"{loss:.4f}")
-                if accelerator.is_main_process:
-                    with open(log_path, "a") as handle:
-                        handle.write(json.dumps(record) + "\n")
-            step_losses = []
-            if step % args.checkpoint_every == 0:
-                save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_to_keep)
-            if step >= args.max_steps:
-                break
+        batch = next(micro_batches)
+        with accelerator.accumulate(model):
+            locations = batch.pop("locations")
+            if is_geoclip:
+                if args.gps_noise_km:
+                    locations = add_gps_noise(locations, args.gps_noise_km)
+                outputs = model(**batch, locations=locations, return_loss=True)
+            else:
+                outputs = model(**batch)
+            accelerator.backward(outputs.loss)
+            if accelerator.sync_gradients and args.max_grad_norm:
+                accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad()
+        if is_geoclip:  # every process enqueues every process's coordinates: identical queues
+            padded = accelerator.pad_across_processes(locations.to(accelerator.device), pad_index=math.nan)
+            gathered = accelerator.gather(padded)
+            accelerator.unwrap_model(model).enqueue_locations(gathered[torch.isfinite(gathered).all(dim=1)])
+        samples_seen += len(locations)
+        step_losses.append(outputs.loss.detach())
+        if not accelerator.sync_gradients:
+            continue
+        scheduler.step()
+        step += 1
+        progress.update(1)
+        if step % args.log_every == 0 or step == args.max_steps:
+            loss = accelerator.reduce(torch.stack(step_losses).mean(), "mean").item()
+            record = {"step": step, "epoch": stream.epoch, "loss": loss, "lr": scheduler.get_last_lr()[0],
+                      "samples_per_second": samples_seen * accelerator.num_processes
+                      / (time.perf_counter() - started)}
+            accelerator.log(record, step=step)
+            progress.set_postfix(loss=f"{loss:.4f}")
+            if accelerator.is_main_process:
+                with open(log_path, "a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+        step_losses = []
+        if step % args.checkpoint_every == 0:
+            save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_to_keep,
+                            stream.position() if args.streaming else None)
     progress.close()
 
     # save: the model (+ gallery or cell table), its processor (+ tokenizer), and a summary
@@ -412,7 +502,7 @@ def main(argv=None) -> int:
             tokenizer.save_pretrained(args.output_dir)
         summary = {"model": args.model, "steps": step, "num_processes": accelerator.num_processes,
                    "samples_per_process": counts, "skipped_images_per_process": skipped,
-                   "train_rows": len(dataset), "args": vars(args)}
+                   "train_rows": len(latitudes), "args": vars(args)}
         with open(os.path.join(args.output_dir, "train_summary.json"), "w") as handle:
             json.dump(summary, handle, indent=2)
         if args.push_to_hub:

@@ -1,4 +1,5 @@
-"""geoloc.train: one loop for both models, with checkpoints, exact resume, multi-process and cached features.
+"""geoloc.train: one loop for both models, with checkpoints, exact resume, multi-process, cached features
+and streaming.
 
 Runs on tiny world-map crops; the multi-process and kill/resume tests start real `accelerate launch` /
 `python -m geoloc.train` processes."""
@@ -6,11 +7,13 @@ Runs on tiny world-map crops; the multi-process and kill/resume tests start real
 import glob
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
 import time
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -20,6 +23,7 @@ from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
 import geoloc  # noqa: F401
 import modeling_geohier  # noqa: F401
+from geoloc import train
 from geoloc.data import GeoCollator, load_geo_dataset
 from geoloc.train import build_parser, check_args, main, tiny_image_processor
 from geoloc.worldmap import build_worldmap_splits, write_imagefolder
@@ -164,12 +168,67 @@ def test_geohier_trains_with_geocells(worldmap, tmp_path):
     assert model.geolocate(pixel_values=pixel_values, top_k=3).latitudes.shape == (1, 3)
 
 
+@pytest.fixture(scope="module")
+def parquet_shards(worldmap, tmp_path_factory):
+    """The world-map training split as 3 self-contained parquet shards (image bytes inside)."""
+    folder = tmp_path_factory.mktemp("shards")
+    dataset = load_geo_dataset(worldmap).map(
+        lambda row: {"image": {"bytes": pathlib.Path(row["image"]["path"]).read_bytes(), "path": None}})
+    for index in range(3):
+        dataset.shard(3, index).to_parquet(str(folder / f"train-{index:05d}.parquet"))
+    return str(folder)
+
+
+class Stopped(Exception):
+    """Raised right after the first checkpoint to stop a run as a kill would."""
+
+
+def test_streaming_run_resumes_to_the_same_weights(parquet_shards, tmp_path, monkeypatch):
+    args = ["--model", "geoclip", "--dataset", parquet_shards, "--streaming", "--shuffle-buffer", "24",
+            "--max-steps", "8", "--checkpoint-every", "4", "--gps-noise-km", "50",
+            "--gradient-accumulation-steps", "2", *TINY]
+    stopped, reference = str(tmp_path / "stopped"), str(tmp_path / "reference")
+    # datasets waits 5 s for its reader threads after each full pass over parquet shards (an Arrow shutdown
+    # workaround); this process keeps running, so no need to wait
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
+    save_checkpoint = train.save_checkpoint
+
+    def save_then_stop(*save_args, **save_kwargs):
+        save_checkpoint(*save_args, **save_kwargs)
+        raise Stopped
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "save_checkpoint", save_then_stop)
+        with pytest.raises(Stopped):
+            main([*args, "--output-dir", stopped])
+    # 96 rows = 6 batches of 16 = 3 steps per epoch: step 4 is 2 micro-batches into the second epoch
+    position = pathlib.Path(stopped, "checkpoints", "step_00000004", "stream_position_0.json").read_text()
+    assert json.loads(position) == {"epoch": 1, "batches": 2}
+    assert main([*args, "--output-dir", stopped, "--resume"]) == 0
+    assert main([*args, "--output-dir", reference]) == 0
+    resumed, uninterrupted = final_weights(stopped), final_weights(reference)
+    assert resumed.keys() == uninterrupted.keys()
+    for name in uninterrupted:
+        torch.testing.assert_close(resumed[name], uninterrupted[name], atol=1e-6, rtol=0, msg=name)
+    summary = json.loads(pathlib.Path(reference, "train_summary.json").read_text())
+    assert summary["train_rows"] == 96 and summary["samples_per_process"] == [8 * 2 * 16]
+    assert AutoModel.from_pretrained(reference).config.gallery_size == 96
+
+
+def test_geohier_streams_an_image_folder(worldmap, tmp_path):
+    out = str(tmp_path / "geohier")
+    assert main(["--model", "geohier", "--dataset", worldmap, "--streaming", "--output-dir", out, "--max-steps",
+                 "4", "--checkpoint-every", "100", "--geocell-levels", "2:40,2:20,2:10", *TINY]) == 0
+    assert AutoModel.from_pretrained(out).config.has_cell_table
+
+
 def test_cli_contract_and_argument_errors(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])
     assert "--model-config" in capsys.readouterr().out
     base = ["--model", "geoclip", "--dataset", "d", "--output-dir", "o"]
     for extra, message in ((["--max-steps", "0"], "--max-steps"), (["--train-fraction", "1.5"], "train-fraction"),
-                           (["--model", "geohier", "--cache-features"], "GeoCLIP options")):
+                           (["--model", "geohier", "--cache-features"], "GeoCLIP options"),
+                           (["--streaming", "--cache-features"], "not with --streaming")):
         with pytest.raises(ValueError, match=message):
             check_args(build_parser().parse_args(base + extra))
