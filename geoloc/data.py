@@ -203,6 +203,24 @@ def decode_image(value):
     return load_image(value)
 
 
+def decode_images(cells: Sequence) -> tuple[list, list[int], list[tuple[int, str]]]:
+    """Decode a batch of `image` cells, skipping the unreadable ones with a warning, never raising.
+
+    Returns: `(images, kept, errors)`: the RGB PIL images, the positions in `cells` they came from, and
+    `(position, message)` for every cell that could not be read.
+    """
+    images, kept, errors = [], [], []
+    for position, cell in enumerate(cells):
+        try:
+            images.append(decode_image(cell))
+        except ValueError as error:
+            logger.warning(f"Skipping an unreadable image: {error}")
+            errors.append((position, str(error)))
+            continue
+        kept.append(position)
+    return images, kept, errors
+
+
 class GeoCollator:
     """Turn a list of dataset rows into a training batch, skipping (and counting) unreadable images.
 
@@ -225,15 +243,9 @@ class GeoCollator:
         self.skipped = 0
 
     def __call__(self, rows: list[dict]) -> dict:
-        images, kept = [], []
-        for row in rows:
-            try:
-                images.append(decode_image(row[IMAGE]))
-            except ValueError as error:
-                self.skipped += 1
-                logger.warning(f"Skipping an unreadable image ({self.skipped} so far): {error}")
-                continue
-            kept.append(row)
+        images, positions, errors = decode_images([row[IMAGE] for row in rows])
+        self.skipped += len(errors)
+        kept = [rows[position] for position in positions]
         if images:
             pixel_values = self.image_processor(images, return_tensors="pt").pixel_values
         else:
@@ -253,6 +265,7 @@ __all__ = [
     "CANONICAL_COLUMNS",
     "GeoCollator",
     "decode_image",
+    "decode_images",
     "invalid_coordinate_rows",
     "load_geo_dataset",
 ]

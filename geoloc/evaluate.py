@@ -32,14 +32,12 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoModel
-from transformers.utils import logging
 
 from .benchmarks import BENCHMARKS, load_benchmark
-from .data import decode_image, load_geo_dataset
+from .data import decode_images, load_geo_dataset
 from .geodesy import geodesic_distance_km
 from .metrics import distance_metrics
 
-logger = logging.get_logger(__name__)
 
 PREDICTION_COLUMNS = ["id", "latitude", "longitude", "pred_latitude", "pred_longitude", "error_km"]
 
@@ -125,16 +123,11 @@ def predict(model, image_processor, dataset, batch_size: int, top_k: int, offset
     device, dtype = model.device, model.dtype
     progress = tqdm(total=len(dataset), desc="Evaluating", unit="img", disable=not show_progress)
     for start in range(0, len(dataset), batch_size):
-        rows = dataset.select(range(start, min(start + batch_size, len(dataset))))
-        images, kept = [], []
-        for index, row in enumerate(rows, start=offset + start):
-            try:
-                images.append(decode_image(row["image"]))
-            except ValueError as error:
-                logger.warning(f"Skipping an unreadable image: {error}")
-                result.unreadable.append((_row_id(row, index), str(error)))
-                continue
-            kept.append((index, row))
+        rows = list(dataset.select(range(start, min(start + batch_size, len(dataset)))))
+        images, positions, errors = decode_images([row["image"] for row in rows])
+        first = offset + start
+        result.unreadable += [(_row_id(rows[position], first + position), error) for position, error in errors]
+        kept = [(first + position, rows[position]) for position in positions]
         if images:
             pixel_values = image_processor(images, return_tensors="pt").pixel_values.to(device, dtype)
             output = model.geolocate(pixel_values=pixel_values, top_k=top_k)

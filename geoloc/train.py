@@ -55,7 +55,7 @@ from modeling_geoclip import GeoCLIPImageProcessor, GeoCLIPModel, byte_level_cli
 from modeling_geohier import GeoHierModel
 
 from .configs import TINY_IMAGE_SIZE, tiny_geoclip_config, tiny_geohier_config
-from .data import IMAGE, LATITUDE, LONGITUDE, GeoCollator, decode_image, load_geo_dataset
+from .data import IMAGE, LATITUDE, LONGITUDE, GeoCollator, decode_images, load_geo_dataset
 
 logger = get_logger(__name__)
 
@@ -200,13 +200,7 @@ def cache_clip_features(model, image_processor, dataset, cache_dir: str, acceler
         tower = model.to(accelerator.device).eval()
 
         def embed(rows):
-            kept, images = [], []
-            for index, cell in enumerate(rows[IMAGE]):
-                try:
-                    images.append(decode_image(cell))
-                    kept.append(index)
-                except ValueError as error:
-                    logger.warning(f"Skipping an unreadable image: {error}")
+            images, kept, _ = decode_images(rows[IMAGE])
             embeds = np.zeros((0, model.config.vision_config.projection_dim), dtype=np.float32)
             if images:
                 pixel_values = image_processor(images, return_tensors="pt").pixel_values.to(accelerator.device)
