@@ -128,12 +128,15 @@ def invalid_coordinate_rows(latitudes, longitudes) -> list[tuple[int, str]]:
     return bad
 
 
-def _has_valid_coordinates(example: dict) -> bool:
-    """Streaming filter: keep the example when its coordinates validate, warn once per dropped row."""
-    if invalid_coordinate_rows([example[LATITUDE]], [example[LONGITUDE]]):
-        logger.warning(f"Skipping a row with invalid coordinates ({example[LATITUDE]!r}, {example[LONGITUDE]!r}).")
-        return False
-    return True
+def _has_valid_coordinates(batch: dict) -> list[bool]:
+    """Batched streaming filter: keep the rows whose coordinates validate, warn once per dropped row."""
+    bad = invalid_coordinate_rows(batch[LATITUDE], batch[LONGITUDE])
+    for _, reason in bad:
+        logger.warning(f"Skipping a row with invalid coordinates: {reason}")
+    keep = [True] * len(batch[LATITUDE])
+    for row, _ in bad:
+        keep[row] = False
+    return keep
 
 
 def load_geo_dataset(
@@ -173,7 +176,7 @@ def load_geo_dataset(
     dataset = _canonical_names(dataset, image_column, lat_column, lon_column)
     dataset = dataset.cast_column(IMAGE, ImageFeature(decode=False))
     if streaming:
-        return dataset.filter(_has_valid_coordinates)
+        return dataset.filter(_has_valid_coordinates, batched=True, batch_size=1000)
     bad = invalid_coordinate_rows(dataset[LATITUDE], dataset[LONGITUDE])
     if bad:
         logger.warning(
