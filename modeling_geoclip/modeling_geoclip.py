@@ -32,6 +32,16 @@ logger = logging.get_logger(__name__)
 # `from_pretrained(..., dtype=...)` can never round them (bf16 keeps ~3 significant digits).
 MICRODEGREES = 1_000_000
 
+
+def to_microdegrees(locations: torch.Tensor) -> torch.Tensor:
+    """(N, 2) degrees -> (N, 2) int32 micro-degrees, the dtype-proof storage of coordinates."""
+    return torch.round(locations.to(torch.float64) * MICRODEGREES).to(torch.int32)
+
+
+def from_microdegrees(coordinates: torch.Tensor) -> torch.Tensor:
+    """(..., 2) int32 micro-degrees -> float64 degrees."""
+    return coordinates.to(torch.float64) / MICRODEGREES
+
 # Equal Earth projection constants (Šavrič, Patterson & Jenny 2018), as in the official GeoCLIP code.
 _A1, _A2, _A3, _A4 = 1.340264, -0.081106, 0.000893, 0.003796
 _SCALE = 66.50336
@@ -430,7 +440,7 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
         if size == 0:
             return
         locations = validate_locations(locations)[-size:].to(torch.float64)
-        coordinates = torch.round(locations * MICRODEGREES).to(self.gps_queue_coordinates)
+        coordinates = to_microdegrees(locations).to(self.gps_queue_coordinates.device)
         positions = (int(self.gps_queue_ptr) + torch.arange(len(locations))) % size
         self.gps_queue_coordinates[positions.to(coordinates.device)] = coordinates
         self.gps_queue_ptr.fill_((int(self.gps_queue_ptr) + len(locations)) % size)
@@ -439,18 +449,18 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
     @property
     def gps_queue(self) -> torch.Tensor:
         """The GPS queue as (queue_size, 2) float64 degrees (lat, lon); rows past `gps_queue_count` are unused."""
-        return self.gps_queue_coordinates.to(torch.float64) / MICRODEGREES
+        return from_microdegrees(self.gps_queue_coordinates)
 
     # ------------------------------------------------------------------------------------------- gallery
     @property
     def gallery_locations(self) -> torch.Tensor:
         """The gallery as (G, 2) float64 degrees (lat, lon)."""
-        return self.gallery_coordinates.to(torch.float64) / MICRODEGREES
+        return from_microdegrees(self.gallery_coordinates)
 
     def _embed_gallery_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """(R,) int64 gallery rows -> (R, D) float32 normalised embeddings, encoded from the coordinates."""
-        return self._embed_locations(self.gallery_coordinates[rows.to(self.gallery_coordinates.device)]
-                                     .to(torch.float64) / MICRODEGREES)
+        rows = rows.to(self.gallery_coordinates.device)
+        return self._embed_locations(from_microdegrees(self.gallery_coordinates[rows]))
 
     def _embed_locations(self, locations: torch.Tensor) -> torch.Tensor:
         """(M, 2) degrees -> (M, D) float32 normalised location embeddings."""
@@ -496,8 +506,8 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
         options = resolve_gallery_options(backend, len(locations), index_options)
-        coordinates = torch.round(locations * MICRODEGREES).to(torch.int32)
-        rounded = coordinates.to(torch.float64) / MICRODEGREES
+        coordinates = to_microdegrees(locations)
+        rounded = from_microdegrees(coordinates)
         embed = lambda rows: self._embed_locations(rounded[rows])
         if backend == "exact":
             dtype = EMBEDDING_DTYPES[options["embedding_dtype"]]
@@ -596,7 +606,7 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
             query = self.get_image_features(pixel_values, clip_image_embeds)
         query = F.normalize(query.float(), dim=-1)
         logits, indices, log_normaliser = self._search(query, top_k)
-        coordinates = self.gallery_coordinates[indices].to(torch.float64) / MICRODEGREES
+        coordinates = from_microdegrees(self.gallery_coordinates[indices])
         if refine:
             coordinates, probabilities, source = refine_hits(
                 query, self.logit_scale.exp(), coordinates, logits, log_normaliser, self._embed_locations,
