@@ -5,6 +5,8 @@ import argparse
 import importlib
 import sys
 
+from .threads import add_threads_argument, set_threads
+
 SUBCOMMANDS = {
     "predict": ("geoloc.predict", "geolocate images or text with a GeoCLIP or GeoHier checkpoint"),
     "train": ("geoloc.train", "train GeoCLIP or GeoHier (also: accelerate launch -m geoloc.train)"),
@@ -23,6 +25,7 @@ def main(argv=None) -> int:
         description="Worldwide image geolocation with GeoCLIP and GeoHier.",
         epilog="Run `geoloc COMMAND --help` for the options of each command.",
     )
+    add_threads_argument(parser)
     parser.add_argument("command", choices=sorted(SUBCOMMANDS), help="; ".join(
         f"{name}: {text}" for name, (_, text) in sorted(SUBCOMMANDS.items())))
     parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -32,10 +35,12 @@ def main(argv=None) -> int:
     if argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0
-    namespace = parser.parse_args(argv[:1])
+    # Options before the command are the dispatcher's (`geoloc --threads 1 train ...`); the rest is the command's.
+    namespace = parser.parse_args(argv)
     module = importlib.import_module(SUBCOMMANDS[namespace.command][0])
     try:
-        return module.main(argv[1:]) or 0
+        set_threads(namespace.threads)
+        return module.main(namespace.args) or 0
     except (ValueError, OSError) as error:  # bad input, model or data: a message, not a traceback
         print(f"geoloc {namespace.command}: error: {error}", file=sys.stderr)
         return 1
