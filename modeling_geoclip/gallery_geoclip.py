@@ -11,15 +11,27 @@ Backends (`GeoCLIPModel.set_gallery(locations, backend=..., **options)`):
 * `exact`: a chunked matmul + running top-k + streaming logsumexp; never holds (B, N) logits. Embeddings can be
   stored in float16/bfloat16 (`embedding_dtype`) to halve memory and bandwidth; scores are accumulated in
   float32. Probabilities are the exact softmax over the gallery (of the stored, possibly rounded, embeddings).
-* `faiss` (optional dependency, `pip install faiss-cpu`): an inner-product FAISS index (flat, IVF-flat or
-  IVF-PQ by gallery size) retrieves `n_candidates` hits per query. Their scores are exact model scores: the
-  index stores the vectors exactly (flat codes) or, for compressed codes (PQ/SQ), the candidates are re-scored
-  by re-encoding their coordinates with the location encoder. The normaliser adds the retrieved candidates'
+* `faiss` (optional dependency, `pip install faiss-cpu`): an inner-product FAISS index (flat, IVF with 8-bit
+  codes re-ranked on the float32 vectors, or IVF-PQ, by gallery size) retrieves `n_candidates` hits per query.
+  Their scores are exact model scores: the index ranks them on the float32 vectors (`Flat`, `RFlat`) or, for
+  compressed codes alone (PQ/SQ), the candidates are re-scored by re-encoding their coordinates with the location
+  encoder. The normaliser adds the retrieved candidates'
   exact mass to an estimate of the rest: a fixed uniform random sample of `normaliser_sample_size` gallery rows
   (drawn with `seed` at build time, stored with the index) is scored exactly, the rows that are among the
   candidates are dropped, and the sum of `exp(logit)` over the others is scaled by (N - C) / (their count).
   That estimator is unbiased for the non-retrieved mass; since the retrieved candidates hold nearly all of it
   for a peaked query, the probabilities of the top hits are close to the exact softmax (tests bound the error).
+
+  Recall is calibrated at build time. Queries are image or text embeddings, far from every gallery embedding
+  (cosine ~0.2 to the best one for a random-backbone GeoCLIP), where an inverted index needs many more lists
+  visited than for queries near gallery points. `FaissGallery.build` computes the exact top-5 of calibration
+  queries while it fills the index, picks the smallest `nprobe` whose recall@5 on half of them reaches
+  `target_recall` (unless `nprobe` is given), and measures recall@5 on the other, held-out half: that estimate
+  is stored in the options as `recall_estimate`. Calibration queries are the caller's (real query embeddings)
+  or, by default, a proxy: random unit vectors (isotropic Gaussian directions). They share the property that
+  matters, being far from every gallery point with no preferred direction; in `benchmarks/bench_scale.py` their
+  recall tracks that of image and text queries through a random-backbone GeoCLIP within about 0.01 at every
+  `nprobe` on a 1M-point gallery, while queries near gallery points are far easier (recall 1.0 at 6% of lists).
 
 This module imports only torch and numpy; `faiss` is imported lazily inside the `faiss` backend.
 """
@@ -31,9 +43,12 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
+logger = logging.get_logger(__name__)
+
 GALLERY_BACKENDS = ("exact", "faiss")
 EMBEDDING_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 EARTH_RADIUS_KM = 6371.0088
+RECALL_AT = 5  # the FAISS calibration measures recall@5 against exact search
 
 # `embed(rows)`: (R,) int64 gallery rows -> (R, D) float32 L2-normalised embeddings of those rows.
 EmbedRows = Callable[[torch.Tensor], torch.Tensor]
@@ -51,15 +66,21 @@ def _check_options(backend: str, options: dict, allowed: dict) -> dict:
 def default_faiss_index(size: int) -> str:
     """The FAISS factory string used for a gallery of `size` points when `index` is not given.
 
-    Up to 131,072 points: `Flat` (exact, brute force). Up to 2**20: `IVF{nlist},Flat` (exact codes, ~sqrt(N)/2
-    lists). Above: `IVF{nlist}_HNSW32,PQ64np` (64 bytes per point; an HNSW coarse quantizer so that adding
-    millions of points stays fast; `np`: no polysemous training, which is slow and unused here). Compressed
-    codes are re-scored exactly.
+    Up to 131,072 points: `Flat` (exact, brute force). Up to 2**20: `IVF{nlist},SQ8,RFlat`: ~4 sqrt(N) inverted
+    lists (4096 at 1M) of 8-bit codes (512 bytes per point at D=512) scanned, and the best
+    `k_factor_rf * n_candidates` re-ranked on the float32 vectors (`RFlat`, 2 KB per point). Finer lists than the
+    usual sqrt(N) because image and text queries, far from the gallery, need a large share of the lists visited,
+    and finer lists predict better where the hits lie (recall@5 of such queries with 12.5% of the lists visited:
+    0.90 with 1024 lists, 0.95 with 4096, on a 1M-point gallery); 8-bit codes scan 4x less memory than floats
+    for the same recall. Above 2**20: `IVF{nlist}_HNSW32,PQ64np` (~sqrt(N)/2 lists, 64 bytes per point: 0.76 GB
+    with coordinates and sample at 10M; an HNSW coarse quantizer so that adding millions of points stays fast;
+    `np`: no polysemous training, which is slow and unused here), whose candidates are re-scored exactly.
     """
     if size <= 2**17:
         return "Flat"
-    nlist = 2 ** max(6, round(math.log2(math.sqrt(size) / 2)))
-    return f"IVF{nlist},Flat" if size <= 2**20 else f"IVF{nlist}_HNSW32,PQ64np"
+    if size <= 2**20:
+        return f"IVF{2 ** round(math.log2(4 * math.sqrt(size)))},SQ8,RFlat"
+    return f"IVF{2 ** max(6, round(math.log2(math.sqrt(size) / 2)))}_HNSW32,PQ64np"
 
 
 def resolve_gallery_options(backend: str, size: int, options: dict) -> dict:
@@ -68,12 +89,16 @@ def resolve_gallery_options(backend: str, size: int, options: dict) -> dict:
     `exact` options: `embedding_dtype` ("float32" | "float16" | "bfloat16", default "float32"), `chunk_size`
     (gallery rows scored at a time, default 32768).
     `faiss` options: `index` (a FAISS factory string, default `default_faiss_index(size)`), `nprobe` (IVF lists
-    visited per query, default max(16, nlist // 32)), `ef_search` (HNSW, default 128), `n_candidates` (hits
-    retrieved and scored exactly per query, default 64), `rescore` (re-encode candidates for exact scores;
-    default: True for compressed codes, PQ or SQ), `train_size` (points used to train the index, default
-    max(64 * nlist, 10,000)), `normaliser_sample_size` (default 4096), `seed` (default 0), `search_threads`
-    (FAISS OpenMP threads while searching, default 1: a small-batch search gains little from threads, and an
-    active FAISS thread pool slowed PyTorch's own threads ~20x on a 2-core CPU, re-encoding included).
+    visited per query; default None: calibrated at build time, see the module docstring), `target_recall`
+    (recall@5 the calibration aims at, default 0.99), `calibration_size` (proxy calibration queries, half to tune
+    and half held out to estimate recall, default 512), `ef_search` (HNSW, default 128), `n_candidates` (hits
+    retrieved and scored exactly per query, default 64), `k_factor_rf` (with a refinement stage such as `RFlat`:
+    code hits re-ranked per candidate, default 4), `rescore` (re-encode candidates for exact scores; default
+    True when the index does not end with float32 vectors, `Flat` or `RFlat`), `train_size` (points used to
+    train the index, default max(40 * nlist, 10,000)), `normaliser_sample_size` (default 4096), `seed` (default
+    0), `search_threads` (FAISS OpenMP threads while searching, default 1: a small-batch search gains little from
+    threads, and an active FAISS thread pool slowed PyTorch's own threads ~20x on a 2-core CPU, re-encoding
+    included).
 
     Raises:
         ValueError: for an unknown backend or option, or a bad value.
@@ -94,19 +119,28 @@ def resolve_gallery_options(backend: str, size: int, options: dict) -> dict:
     nlist = _ivf_lists(index)
     resolved = _check_options(backend, options, {
         "index": index,
-        "nprobe": max(16, nlist // 32),
+        "nprobe": None,
+        "target_recall": 0.99,
+        "calibration_size": 512,
         "ef_search": 128,
         "n_candidates": 64,
-        "rescore": "PQ" in index or "SQ" in index,
-        "train_size": max(64 * nlist, 10_000),
+        "k_factor_rf": 4,
+        "rescore": not index.endswith("Flat"),  # Flat, RFlat: ranked on the float32 vectors
+        "train_size": max(40 * nlist, 10_000),
         "normaliser_sample_size": 4096,
         "seed": 0,
         "search_threads": 1,
     })
-    _check_positive(resolved, ("nprobe", "ef_search", "n_candidates", "train_size", "normaliser_sample_size",
-                               "search_threads"))
+    _check_positive(resolved, ("ef_search", "n_candidates", "k_factor_rf", "train_size", "normaliser_sample_size",
+                               "search_threads") + (("nprobe",) if resolved["nprobe"] is not None else ()))
     if not isinstance(resolved["rescore"], bool):
         raise ValueError(f"rescore must be True or False, got {resolved['rescore']!r}.")
+    target = resolved["target_recall"]
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
+        raise ValueError(f"target_recall must be a number in (0, 1], got {target!r}.")
+    calibration_size = resolved["calibration_size"]
+    if isinstance(calibration_size, bool) or not isinstance(calibration_size, (int, np.integer)) or calibration_size < 2:
+        raise ValueError(f"calibration_size must be an integer >= 2 (half tunes, half estimates), got {calibration_size!r}.")
     return resolved
 
 
@@ -140,6 +174,12 @@ def import_faiss():
 
 
 # ----------------------------------------------------------------------------------------------- exact
+# Reduced-precision gallery rows upcast at a time into one reused float32 buffer (8 MB at D=512): small
+# enough to stay in the CPU caches, so memory traffic is the 2-byte rows alone; upcasting a whole chunk
+# allocated (and page-faulted) a fresh 64 MB tensor per chunk, ~6x slower than float32 storage.
+UPCAST_ROWS = 4096
+
+
 def exact_search(
     query: torch.Tensor, embeddings: torch.Tensor, scale: torch.Tensor, top_k: int, chunk_size: int = 32768
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -148,7 +188,8 @@ def exact_search(
     Args:
         query (`torch.FloatTensor` of shape `(B, D)`): L2-normalised queries.
         embeddings (`torch.Tensor` of shape `(N, D)`): L2-normalised gallery embeddings, float32/16 or bfloat16;
-            reduced-precision chunks are upcast so that scores are computed and accumulated in float32.
+            reduced-precision rows are upcast `UPCAST_ROWS` at a time so that scores are computed and
+            accumulated in float32 (the same scores as `embeddings.float()`, up to summation order).
         scale (`torch.Tensor` of shape `()`): the logit scale (exp of the log temperature).
         top_k (`int`): hits per query, <= N.
         chunk_size (`int`): gallery rows scored at a time.
@@ -162,14 +203,39 @@ def exact_search(
     best_logits = query.new_empty(batch, 0)
     best_indices = torch.empty(batch, 0, dtype=torch.long, device=query.device)
     log_normaliser = query.new_full((batch,), -math.inf)
+    upcast = None
+    if embeddings.dtype != torch.float32:
+        upcast = query.new_empty(min(UPCAST_ROWS, len(embeddings)), embeddings.shape[1])
     for start in range(0, len(embeddings), chunk_size):
-        logits = scale * (query @ embeddings[start : start + chunk_size].float().T)
+        logits = scale * _similarities(query, embeddings[start : start + chunk_size], upcast)
         log_normaliser = torch.logaddexp(log_normaliser, torch.logsumexp(logits, dim=1))
         chunk_logits, chunk_indices = logits.topk(min(top_k, logits.shape[1]), dim=1)
-        merged_logits = torch.cat([best_logits, chunk_logits], 1)
-        best_logits, order = merged_logits.topk(min(top_k, merged_logits.shape[1]), dim=1)
-        best_indices = torch.cat([best_indices, chunk_indices + start], 1).gather(1, order)
+        best_logits, best_indices = merge_top_k(
+            (best_logits, best_indices), (chunk_logits, chunk_indices + start), top_k
+        )
     return best_logits, best_indices, log_normaliser
+
+
+def merge_top_k(
+    first: tuple[torch.Tensor, torch.Tensor], second: tuple[torch.Tensor, torch.Tensor], top_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best `top_k` of two `(scores, indices)` lists of shapes `(B, k1)` and `(B, k2)`: `(B, min(top_k,
+    k1 + k2))` scores and their indices, best first (for top-k over a gallery that arrives in parts)."""
+    scores, order = torch.cat([first[0], second[0]], 1).topk(min(top_k, first[0].shape[1] + second[0].shape[1]), dim=1)
+    return scores, torch.cat([first[1], second[1]], 1).gather(1, order)
+
+
+def _similarities(query: torch.Tensor, rows: torch.Tensor, upcast: torch.Tensor | None) -> torch.Tensor:
+    """(B, D) float32 queries x (n, D) rows -> (B, n) float32 inner products; `upcast` (`(U, D)` float32, reused)
+    receives reduced-precision rows U at a time."""
+    if upcast is None:
+        return query @ rows.T
+    transposed = query.new_empty(len(rows), len(query))  # (n, B): each block's product lands contiguous
+    for start in range(0, len(rows), len(upcast)):
+        block = upcast[: min(len(upcast), len(rows) - start)]
+        block.copy_(rows[start : start + len(block)])
+        torch.mm(block, query.T, out=transposed[start : start + len(block)])
+    return transposed.T
 
 
 # ----------------------------------------------------------------------------------------------- faiss
@@ -180,7 +246,8 @@ class FaissGallery:
         index: a trained, filled `faiss.Index` (inner product) over the N gallery embeddings.
         sample_indices (`torch.LongTensor` of shape `(S,)`): the gallery rows of the normaliser sample.
         sample_embeddings (`torch.FloatTensor` of shape `(S, D)`): their embeddings.
-        options (`dict`): resolved options (see `resolve_gallery_options`).
+        options (`dict`): resolved options (see `resolve_gallery_options`); after `build`, `nprobe` is set and
+            `recall_estimate` is added.
     """
 
     def __init__(self, index, sample_indices: torch.Tensor, sample_embeddings: torch.Tensor, options: dict):
@@ -191,15 +258,19 @@ class FaissGallery:
 
     @classmethod
     def build(
-        cls, embed: EmbedRows, size: int, dim: int, options: dict, batch_size: int = 16384,
-        show_progress: bool = False,
+        cls, embed: EmbedRows, size: int, dim: int, options: dict, calibration_queries: torch.Tensor | None = None,
+        batch_size: int = 16384, show_progress: bool = False,
     ) -> "FaissGallery":
-        """Train and fill an index from `embed`, batch by batch (peak memory: the index plus one batch).
+        """Train and fill an index from `embed`, batch by batch (peak memory: the index plus one batch), and
+        calibrate its recall (see the module docstring).
 
         Args:
             embed: `(R,)` rows -> `(R, D)` normalised float32 embeddings (the location encoder in the model).
             size (`int`): N, the number of gallery points. dim (`int`): D.
-            options (`dict`): resolved options. batch_size (`int`), show_progress (`bool`): encoding batches.
+            options (`dict`): resolved options; `nprobe` and `recall_estimate` are filled in.
+            calibration_queries (`torch.FloatTensor` of shape `(Q, D)`, *optional*): query embeddings like those
+                the gallery will serve (Q >= 2; normalised here); default: `calibration_size` random unit vectors.
+            batch_size (`int`), show_progress (`bool`): encoding batches.
         """
         faiss = import_faiss()
         index = faiss.index_factory(dim, options["index"], faiss.METRIC_INNER_PRODUCT)
@@ -207,12 +278,69 @@ class FaissGallery:
         if not index.is_trained:
             train_rows = torch.randperm(size, generator=generator)[: options["train_size"]].sort().values
             index.train(_as_faiss(torch.cat([embed(rows) for rows in train_rows.split(batch_size)])))
+        if calibration_queries is None:
+            source = f"proxy: {options['calibration_size']} random unit vectors"
+            calibration_queries = torch.randn(options["calibration_size"], dim, generator=generator)
+        else:
+            source = f"calibration_queries ({len(calibration_queries)})"
+        queries = torch.nn.functional.normalize(calibration_queries.detach().float().cpu(), dim=-1)
+        top_k = min(RECALL_AT, size)
+        truth = (queries.new_empty(len(queries), 0), torch.empty(len(queries), 0, dtype=torch.long))
         rows = torch.arange(size).split(batch_size)
         for batch in logging.tqdm(rows, desc="Encoding gallery", disable=not show_progress):
-            index.add(_as_faiss(embed(batch)))
-        faiss.omp_set_num_threads(options["search_threads"])
+            embeddings = embed(batch)
+            index.add(_as_faiss(embeddings))
+            scores, hits, _ = exact_search(queries, embeddings, torch.ones(()), top_k)
+            truth = merge_top_k(truth, (scores, hits + batch[0]), top_k)
         sample = torch.randperm(size, generator=generator)[: options["normaliser_sample_size"]].sort().values
-        return cls(index, sample, embed(sample).float(), options)
+        gallery = cls(index, sample, embed(sample).float(), options)
+        gallery.calibrate(queries, truth[1], embed, source)
+        faiss.omp_set_num_threads(options["search_threads"])
+        return gallery
+
+    def calibrate(self, queries: torch.Tensor, truth: torch.Tensor, embed: EmbedRows, source: str) -> None:
+        """Choose `nprobe` (when the options leave it None) on the even-numbered queries, and store the recall@5
+        on the odd-numbered, held-out ones in `options["recall_estimate"]`.
+
+        `nprobe` climbs by factors of sqrt(2) from nlist / 256 and stops at the first value whose recall reaches
+        `target_recall`, or where two steps in a row gained less than 0.002 (recall limited by the codes, not by
+        the lists visited: more lists would only cost time).
+
+        Args:
+            queries (`torch.FloatTensor` of shape `(Q, D)`): normalised calibration queries.
+            truth (`torch.LongTensor` of shape `(Q, k)`): their exact top-k gallery rows, k <= 5.
+            embed: rows -> embeddings, for re-scoring. source (`str`): where the queries come from, stored.
+        """
+        tune, held_out = slice(0, None, 2), slice(1, None, 2)
+        nlist = _ivf_lists(self.options["index"])
+        if self.options["nprobe"] is None:
+            self.options["nprobe"] = 1
+            recalls, ladder = [], _nprobe_ladder(nlist) if nlist else []
+            for nprobe in ladder:
+                self.options["nprobe"] = nprobe
+                recalls.append(self._recall(queries[tune], truth[tune], embed))
+                if recalls[-1] >= self.options["target_recall"]:
+                    break
+                if len(recalls) >= 3 and recalls[-1] - recalls[-2] < 0.002 and recalls[-2] - recalls[-3] < 0.002:
+                    self.options["nprobe"] = ladder[len(recalls) - 3]
+                    break
+        recall = self._recall(queries[held_out], truth[held_out], embed)
+        self.options["recall_estimate"] = {
+            f"recall_at_{truth.shape[1]}": round(recall, 4), "queries": len(truth[held_out]), "query_source": source,
+            "nprobe": self.options["nprobe"],
+        }
+        if recall < self.options["target_recall"]:
+            logger.warning(
+                f"The FAISS gallery reaches recall@{truth.shape[1]} {recall:.3f} against exact search on held-out "
+                f"calibration queries, below target_recall={self.options['target_recall']}: pass a larger nprobe, "
+                f"another index, or use backend='exact'."
+            )
+
+    def _recall(self, queries: torch.Tensor, truth: torch.Tensor, embed: EmbedRows) -> float:
+        """Mean |found top-k ∩ exact top-k| / k over `(Q, D)` queries with `(Q, k)` exact rows."""
+        logits, indices = self._candidates(queries, torch.ones(()), truth.shape[1], embed)
+        found = indices.gather(1, logits.topk(truth.shape[1], dim=1).indices)
+        return (found[:, :, None] == truth[:, None, :]).any(-1).float().mean().item()
 
     def serialize(self) -> torch.Tensor:
         """The index as a `(nbytes,)` uint8 tensor (`faiss.serialize_index`; no pickle)."""
@@ -243,17 +371,38 @@ class FaissGallery:
         Raises:
             ValueError: when the index returns fewer than `top_k` hits for a query (raise `nprobe`).
         """
-        faiss = import_faiss()
         query = query.float().cpu()
         scale = scale.float().cpu()
         size = self.index.ntotal
-        n_candidates = min(max(self.options["n_candidates"], top_k), size)
+        logits, indices = self._candidates(query, scale, top_k, embed)
+        found = indices >= 0
+        candidate_mass = torch.logsumexp(logits, dim=1)
+        sample_logits = scale * query @ self.sample_embeddings.T
+        in_candidates = (self.sample_indices[None, :, None] == indices[:, None, :]).any(-1)
+        sample_logits = sample_logits.masked_fill(in_candidates, -math.inf)
+        others = (~in_candidates).sum(1)
+        rest = size - found.sum(1)
+        rest_mass = torch.logsumexp(sample_logits, dim=1) + torch.log(rest / others.clamp(min=1))
+        rest_mass = rest_mass.masked_fill((rest == 0) | (others == 0), -math.inf)
+        log_normaliser = torch.logaddexp(candidate_mass, rest_mass)
+        best_logits, order = logits.topk(top_k, dim=1)
+        return best_logits, indices.gather(1, order), log_normaliser
+
+    def _candidates(
+        self, query: torch.Tensor, scale: torch.Tensor, top_k: int, embed: EmbedRows
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(logits, indices)`, both `(B, C)`: the index's `C = max(n_candidates, top_k)` hits for `(B, D)` float32
+        CPU queries, with exact logits (-inf and index -1 where the index found fewer than C)."""
+        faiss = import_faiss()
+        n_candidates = min(max(self.options["n_candidates"], top_k), self.index.ntotal)
         faiss.omp_set_num_threads(self.options.get("search_threads", 1))
         parameters = faiss.ParameterSpace()
         if _ivf_lists(self.options["index"]):
             parameters.set_index_parameter(self.index, "nprobe", self.options["nprobe"])
         if "HNSW" in self.options["index"]:
             parameters.set_index_parameter(self.index, "efSearch", self.options["ef_search"])
+        if "RFlat" in self.options["index"] or "Refine(" in self.options["index"]:
+            parameters.set_index_parameter(self.index, "k_factor_rf", self.options.get("k_factor_rf", 4))
         similarities, indices = self.index.search(_as_faiss(query), n_candidates)
         indices = torch.from_numpy(indices)
         found = indices >= 0
@@ -268,18 +417,21 @@ class FaissGallery:
             logits = scale * torch.einsum("bd,bcd->bc", query, candidates)
         else:
             logits = scale * torch.from_numpy(similarities)
-        logits = logits.masked_fill(~found, -math.inf)
-        candidate_mass = torch.logsumexp(logits, dim=1)
-        sample_logits = scale * query @ self.sample_embeddings.T
-        in_candidates = (self.sample_indices[None, :, None] == indices[:, None, :]).any(-1)
-        sample_logits = sample_logits.masked_fill(in_candidates, -math.inf)
-        others = (~in_candidates).sum(1)
-        rest = size - found.sum(1)
-        rest_mass = torch.logsumexp(sample_logits, dim=1) + torch.log(rest / others.clamp(min=1))
-        rest_mass = rest_mass.masked_fill((rest == 0) | (others == 0), -math.inf)
-        log_normaliser = torch.logaddexp(candidate_mass, rest_mass)
-        best_logits, order = logits.topk(top_k, dim=1)
-        return best_logits, indices.gather(1, order), log_normaliser
+        return logits.masked_fill(~found, -math.inf), indices
+
+
+def _nprobe_ladder(nlist: int) -> list[int]:
+    """The `nprobe` values calibration tries: from nlist / 256 (at least 1) up to nlist by factors of sqrt(2).
+
+    Example:
+        >>> _nprobe_ladder(64)
+        [1, 2, 3, 4, 6, 8, 11, 16, 23, 32, 45, 64]
+    """
+    values, value = [], max(1.0, nlist / 256)
+    while round(value) < nlist:
+        values.append(round(value))
+        value *= math.sqrt(2)
+    return sorted(set(values)) + [nlist]
 
 
 def _as_faiss(embeddings: torch.Tensor) -> np.ndarray:
@@ -372,6 +524,7 @@ __all__ = [
     "default_faiss_index",
     "exact_search",
     "import_faiss",
+    "merge_top_k",
     "refine_hits",
     "resolve_gallery_options",
     "sample_around",

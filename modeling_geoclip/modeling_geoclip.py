@@ -481,7 +481,7 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
     @torch.no_grad()
     def set_gallery(
         self, locations, batch_size: int = 16384, show_progress: bool = False, backend: str = "exact",
-        **index_options,
+        calibration_queries: torch.Tensor | None = None, **index_options,
     ) -> None:
         """Replace the retrieval gallery: encode `locations` in batches and build the search structure.
 
@@ -496,21 +496,37 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
           (`normaliser_sample_size` rows stored at build time) scaled by (N - hits) / sample rows. Close to the
           exact softmax for the top hits (see `modeling_geoclip.gallery_geoclip`).
 
+        How close `"faiss"` hits are to `"exact"` ones is measured while the index is built: the exact top-5 of
+        calibration queries is computed alongside, `nprobe` (when not given) is raised until recall@5 on half of
+        them reaches `target_recall` (default 0.99), and recall@5 on the other, held-out half is stored as
+        `model.config.gallery_options["recall_estimate"]` (saved by `save_pretrained`), e.g.
+        `{"recall_at_5": 0.996, "queries": 256, "query_source": "proxy: 512 random unit vectors", "nprobe": 1448}`.
+        Pass real query embeddings as `calibration_queries` (e.g. `F.normalize(model.get_image_features(...))`
+        of a few hundred validation images) for an estimate about your queries; without them the proxy is random
+        unit vectors, which are, like image and text embeddings, far from every gallery point (see
+        `benchmarks/bench_scale.py` for how their recall compares with real image and text queries).
+
         Args:
             locations: (N, 2) degrees (lat, lon) as a tensor, numpy array or list (`geoloc.gallery` loads them
                 from a CSV, a Dataset or the Hub).
             batch_size (`int`): points encoded at a time.
             show_progress (`bool`): show a progress bar while encoding.
             backend (`str`): `"exact"` or `"faiss"` (needs `pip install faiss-cpu`, also for remote-code users).
+            calibration_queries (`torch.FloatTensor` of shape `(Q, projection_dim)`, *optional*): `faiss` only:
+                query embeddings to calibrate and estimate recall on (Q >= 2: even rows tune, odd rows estimate).
             **index_options: backend options, see `gallery_geoclip.resolve_gallery_options`, e.g.
-                `embedding_dtype="bfloat16"` for `exact`; `index="IVF1024,Flat"`, `nprobe=32` for `faiss`.
+                `embedding_dtype="bfloat16"` for `exact`; `index="IVF1024,Flat"`, `nprobe=32`,
+                `target_recall=0.995` for `faiss`.
 
         Raises:
-            ValueError: bad locations, an empty gallery, or a bad backend or option. ImportError: `faiss`
+            ValueError: bad locations, an empty gallery, a bad backend or option, or calibration queries that
+            are not (Q >= 2, projection_dim) finite numbers or come with `backend="exact"`. ImportError: `faiss`
             backend without faiss installed.
 
         Example:
-            >>> model.set_gallery(locations, backend="faiss", nprobe=32)  # doctest: +SKIP
+            >>> model.set_gallery(locations, backend="faiss")  # doctest: +SKIP
+            >>> model.config.gallery_options["recall_estimate"]["recall_at_5"]  # doctest: +SKIP
+            0.996
         """
         locations = validate_locations(locations, "gallery locations").to(torch.float64)
         if len(locations) == 0:
@@ -518,6 +534,8 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
         options = resolve_gallery_options(backend, len(locations), index_options)
+        if calibration_queries is not None:
+            calibration_queries = self._check_calibration_queries(calibration_queries, backend)
         coordinates = to_microdegrees(locations)
         rounded = from_microdegrees(coordinates)
         embed = lambda rows: self._embed_locations(rounded[rows])
@@ -530,7 +548,7 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
             ])
         else:
             built = FaissGallery.build(embed, len(coordinates), self.config.projection_dim, options,
-                                       batch_size=batch_size, show_progress=show_progress)
+                                       calibration_queries, batch_size=batch_size, show_progress=show_progress)
             index_bytes = built.serialize()
         self.config.gallery_size, self.config.gallery_backend = len(coordinates), backend
         self.config.gallery_options = options
@@ -545,6 +563,19 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
             self.gallery_sample_indices = built.sample_indices.to(device)
             self.gallery_sample_embeddings = built.sample_embeddings.to(device)
             self._faiss_gallery = built
+
+    def _check_calibration_queries(self, queries, backend: str) -> torch.Tensor:
+        """`(Q, projection_dim)` calibration queries as a float32 tensor, or a ValueError saying what is wrong."""
+        if backend != "faiss":
+            raise ValueError(f"calibration_queries only apply to backend='faiss' (exact search needs none), got {backend!r}.")
+        queries = torch.as_tensor(queries)
+        dim = self.config.projection_dim
+        if queries.ndim != 2 or queries.shape[0] < 2 or queries.shape[1] != dim:
+            raise ValueError(f"calibration_queries must have shape (Q>=2, {dim}), got {tuple(queries.shape)}.")
+        queries = queries.float()
+        if not torch.isfinite(queries).all() or (queries.norm(dim=1) == 0).any():
+            raise ValueError("calibration_queries must be finite, non-zero query embeddings.")
+        return queries
 
     def _search(self, query_embeds: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`(logits, indices, log_normaliser)`: `(B, top_k)`, `(B, top_k)`, `(B,)`; see `search_gallery`."""

@@ -1,5 +1,6 @@
-"""Gallery search at scale: the exact backend (chunked, reduced-precision storage), the FAISS backend (recall,
-normaliser approximation, persistence without re-encoding) and the local refinement around the top hits."""
+"""Gallery search at scale: the exact backend (chunked, reduced-precision storage), the FAISS backend (recall on
+queries far from the gallery, its build-time calibration and estimate, normaliser approximation, persistence
+without re-encoding) and the local refinement around the top hits."""
 
 import math
 import sys
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 
 from geoloc.configs import tiny_geoclip_config
 from modeling_geoclip import GeoCLIPModel
-from modeling_geoclip.gallery_geoclip import resolve_gallery_options, sample_around
+from modeling_geoclip.gallery_geoclip import exact_search, resolve_gallery_options, sample_around
 
 faiss = pytest.importorskip("faiss")
 
@@ -38,6 +39,26 @@ def queries_near(model, locations: torch.Tensor, noise: float, seed: int) -> tor
     with torch.no_grad():
         embeds = F.normalize(model.get_location_features(locations), dim=-1)
     return F.normalize(embeds + noise * torch.randn(embeds.shape, generator=generator) / math.sqrt(embeds.shape[1]), dim=-1)
+
+
+def queries_far(model, count: int, seed: int) -> torch.Tensor:
+    """Queries like real image embeddings: the image MLP on random CLIP embeddings. Far from every gallery
+    point (best cosine ~0.25) and spread out, unlike `queries_near`."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        clip_embeds = torch.randn(count, 64, generator=generator)
+        return F.normalize(model.get_image_features(clip_image_embeds=clip_embeds), dim=-1)
+
+
+def text_queries(model, count: int, seed: int) -> torch.Tensor:
+    """Text embeddings of random byte strings through the tiny text tower and the image MLP."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        return F.normalize(model.get_text_features(torch.randint(0, 512, (count, 12), generator=generator)), dim=-1)
+
+
+def recall_at_5(found: torch.Tensor, truth: torch.Tensor) -> float:
+    return (found[:, :, None] == truth[:, None, :]).any(-1).float().mean().item()
 
 
 def brute_force(model, gallery, query):
@@ -129,6 +150,9 @@ def test_faiss_missing_is_a_clear_import_error(model, monkeypatch):
     ("exact", {"embedding_dtype": "int8"}, "embedding_dtype must be one of"),
     ("faiss", {"n_candidates": 0}, "n_candidates must be a positive integer"),
     ("faiss", {"rescore": "yes"}, "rescore must be True or False"),
+    ("faiss", {"nprobe": 0}, "nprobe must be a positive integer"),
+    ("faiss", {"target_recall": 1.5}, r"target_recall must be a number in \(0, 1\], got 1.5"),
+    ("faiss", {"calibration_size": 1}, "calibration_size must be an integer >= 2"),
 ])
 def test_bad_gallery_options_are_value_errors(backend, options, message):
     with pytest.raises(ValueError, match=message):
@@ -138,9 +162,83 @@ def test_bad_gallery_options_are_value_errors(backend, options, message):
 def test_default_faiss_index_grows_with_the_gallery():
     assert resolve_gallery_options("faiss", 50_000, {})["index"] == "Flat"
     million = resolve_gallery_options("faiss", 1_000_000, {})
-    assert million["index"] == "IVF512,Flat" and million["rescore"] is False
+    assert million["index"] == "IVF4096,SQ8,RFlat" and million["rescore"] is False and million["nprobe"] is None
     ten_million = resolve_gallery_options("faiss", 10_000_000, {})
-    assert "PQ" in ten_million["index"] and ten_million["rescore"] is True
+    assert ten_million["index"] == "IVF2048_HNSW32,PQ64np" and ten_million["rescore"] is True
+    assert resolve_gallery_options("faiss", 1_000_000, {"index": "IVF64,SQ8"})["rescore"] is True
+
+
+@pytest.fixture(scope="module")
+def far_queries(model, gallery):
+    """Image-like and text queries and their exact top-5 over the gallery."""
+    queries = torch.cat([queries_far(model, 160, seed=20), text_queries(model, 40, seed=21)])
+    return queries, brute_force(model, gallery, queries).topk(5, dim=1).indices
+
+
+def test_faiss_calibration_reaches_the_target_on_queries_far_from_the_gallery(model, gallery, far_queries):
+    """The structure of the 1M-point default (IVF, 8-bit codes, float32 re-ranking) at 12K points: nprobe is
+    calibrated on the proxy, and the stored estimate predicts the recall of image and text queries."""
+    queries, truth = far_queries
+    model.set_gallery(gallery, backend="faiss", index="IVF64,SQ8,RFlat")
+    options = model.config.gallery_options
+    estimate = options["recall_estimate"]
+    assert estimate["query_source"] == "proxy: 512 random unit vectors" and estimate["queries"] == 256
+    assert estimate["nprobe"] == options["nprobe"] < 64 and estimate["recall_at_5"] >= 0.98
+    recall = recall_at_5(model.search_gallery(queries, top_k=5)[1], truth)
+    assert recall >= 0.97 and abs(recall - estimate["recall_at_5"]) < 0.03, (recall, estimate)
+
+    # Too few lists visited: recall collapses on these queries, and the stored estimate says so.
+    model.set_gallery(gallery, backend="faiss", index="IVF64,SQ8,RFlat", nprobe=2)
+    estimate = model.config.gallery_options["recall_estimate"]
+    recall = recall_at_5(model.search_gallery(queries, top_k=5)[1], truth)
+    assert recall < 0.6 and abs(recall - estimate["recall_at_5"]) < 0.1, (recall, estimate)
+
+
+def test_faiss_calibration_queries_are_used_and_the_estimate_is_saved(model, gallery, far_queries, tmp_path):
+    queries, truth = far_queries
+    model.set_gallery(gallery, backend="faiss", index="IVF64,Flat", calibration_queries=queries_far(model, 200, 30),
+                      target_recall=0.95)
+    estimate = model.config.gallery_options["recall_estimate"]
+    assert estimate["query_source"] == "calibration_queries (200)" and estimate["queries"] == 100
+    recall = recall_at_5(model.search_gallery(queries, top_k=5)[1], truth)
+    assert recall >= 0.93 and abs(recall - estimate["recall_at_5"]) < 0.04, (recall, estimate)
+    model.save_pretrained(tmp_path)
+    loaded = GeoCLIPModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.gallery_options["recall_estimate"] == estimate
+    assert loaded.config.gallery_options["nprobe"] == estimate["nprobe"] == model.config.gallery_options["nprobe"]
+    torch.testing.assert_close(loaded.search_gallery(queries, top_k=5), model.search_gallery(queries, top_k=5))
+
+
+@pytest.mark.parametrize("backend, queries, message", [
+    ("exact", torch.randn(4, 64), "calibration_queries only apply to backend='faiss'"),
+    ("faiss", torch.randn(4, 32), r"calibration_queries must have shape \(Q>=2, 64\), got \(4, 32\)"),
+    ("faiss", torch.randn(1, 64), r"calibration_queries must have shape \(Q>=2, 64\), got \(1, 64\)"),
+    ("faiss", torch.full((4, 64), float("nan")), "calibration_queries must be finite, non-zero"),
+])
+def test_bad_calibration_queries_are_value_errors(model, backend, queries, message):
+    with pytest.raises(ValueError, match=message):
+        model.set_gallery([[0.0, 0.0], [1.0, 1.0]], backend=backend, calibration_queries=queries)
+
+
+def test_reduced_precision_exact_search_ranks_like_float32_without_ties():
+    """bf16/fp16 rows are upcast block by block: the scores are those of the upcast rows, and the top-k equals
+    the float32 gallery's wherever consecutive scores differ by more than the rounding can move them."""
+    generator = torch.Generator().manual_seed(40)
+    embeddings = F.normalize(torch.randn(9_000, 64, generator=generator), dim=-1)  # > 2 upcast blocks of 4096
+    query = F.normalize(embeddings[:512] + 0.8 * torch.randn(512, 64, generator=generator) / 8, dim=-1)
+    scale = torch.tensor(20.0)
+    logits, indices, log_normaliser = exact_search(query, embeddings, scale, 5, chunk_size=5000)
+    for dtype in (torch.bfloat16, torch.float16):
+        stored = embeddings.to(dtype)
+        found = exact_search(query, stored, scale, 5, chunk_size=5000)
+        upcast = exact_search(query, stored.float(), scale, 5, chunk_size=5000)
+        torch.testing.assert_close(found, upcast, rtol=1e-6, atol=1e-5)
+        # |<q, e - round(e)>| <= |e - round(e)| <= 2**-8 (bf16) for unit vectors: scores move by at most that.
+        top6 = (query @ embeddings.T).topk(6, dim=1).values
+        tie_free = (top6[:, :-1] - top6[:, 1:]).min(1).values > 2 * 2**-8
+        assert tie_free.sum() >= 16
+        assert torch.equal(found[1][tie_free], indices[tie_free])
+        torch.testing.assert_close(found[2], log_normaliser, rtol=0, atol=0.05)
 
 
 def test_refine_never_lowers_the_best_score(model, gallery):
