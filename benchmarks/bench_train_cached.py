@@ -1,21 +1,44 @@
-"""Training throughput of tiny GeoCLIP on raw images vs on cached CLIP image features (CPU, one run each).
+"""Training throughput of tiny GeoCLIP on raw images vs on cached CLIP image features (CPU), on a quiet machine
+and under a concurrent CPU load, with default settings and with one torch thread per core forced.
 
 The raw path decodes, preprocesses and runs the frozen CLIP tower on every batch; `--cache-features`
 computes the tower's embeddings once (`Dataset.map`, cached on disk) and trains the MLP and location encoder
-on them. Samples/s are measured by `geoloc.train` itself (last `log.jsonl` record, which excludes setup
-and the one-off feature caching; the caching time is printed separately).
+on them. Every run is `geoloc train` in a fresh process (so the dispatcher picks its torch threads at start,
+as for a user; `geoloc.threads.pick_threads`); samples/s are measured by `geoloc.train` itself (last
+`log.jsonl` record, which excludes setup and the one-off feature caching; the caching time is printed
+separately). The load is one busy-loop process per core, started `--load-warmup` seconds before the loaded
+runs so that the 1-minute load average, which the thread picker reads, has seen it. "Quiet" means no load of
+ours: the machine's own load average is printed beside every figure.
 
-    python benchmarks/bench_train_cached.py [--train 2000 --steps 200 --batch-size 64]
+    python benchmarks/bench_train_cached.py [--train 2000 --steps 200 --batch-size 64 --load-warmup 60]
 """
 
 import argparse
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
-from geoloc import train
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from geoloc.threads import available_cores
 from geoloc.worldmap import build_worldmap_splits, write_imagefolder
+
+BUSY_LOOP = "while True: pass"
+
+
+def train(arguments: list[str], output_dir: str, threads: int | None) -> str:
+    """Run `geoloc [--threads N] train ARGUMENTS --output-dir OUTPUT_DIR` in a fresh process without
+    OMP_NUM_THREADS (the default settings); return the conditions (load average at start, torch threads)."""
+    load = os.getloadavg()[0]
+    dispatcher = ["--threads", str(threads)] if threads else []
+    environment = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
+    command = [sys.executable, "-m", "geoloc.cli", *dispatcher, "train", *arguments, "--output-dir", output_dir]
+    subprocess.run(command, check=True, env=environment, stdout=subprocess.DEVNULL)
+    return f"load {load:.1f}, threads {'picked' if threads is None else threads}"
 
 
 def samples_per_second(output_dir: str) -> float:
@@ -28,26 +51,51 @@ def main(argv=None) -> None:
     parser.add_argument("--train", type=int, default=2000)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--load-warmup", type=float, default=60.0,
+                        help="seconds the busy loops run before the loaded runs (default: 60)")
     args = parser.parse_args(argv)
+    cores = available_cores()
+    rows = []
     with tempfile.TemporaryDirectory() as scratch:
         data_dir = os.path.join(scratch, "data")
         write_imagefolder(build_worldmap_splits(args.train, 0), data_dir)
         common = ["--model", "geoclip", "--model-config", "tiny", "--dataset", data_dir, "--max-steps",
                   str(args.steps), "--batch-size", str(args.batch_size), "--log-every", str(args.steps),
                   "--checkpoint-every", str(10 * args.steps)]
-        train.main([*common, "--output-dir", os.path.join(scratch, "raw")])
-        raw = samples_per_second(os.path.join(scratch, "raw"))
         cache = ["--cache-features", "--cache-dir", os.path.join(scratch, "features")]
         started = time.perf_counter()
-        train.main([*common, *cache, "--output-dir", os.path.join(scratch, "cached-first"), "--max-steps", "1"])
+        train([*common, *cache, "--max-steps", "1"], os.path.join(scratch, "cached-first"), None)
         caching_seconds = time.perf_counter() - started
-        train.main([*common, *cache, "--output-dir", os.path.join(scratch, "cached")])
-        cached = samples_per_second(os.path.join(scratch, "cached"))
-    print(f"\nTiny GeoCLIP training, {args.train} world-map crops, batch {args.batch_size}, {args.steps} steps, CPU:\n")
-    print("| input | samples/s |\n|---|---|")
-    print(f"| raw images (decode + preprocess + frozen CLIP tower per batch) | {raw:.0f} |")
-    print(f"| cached CLIP features (`--cache-features`) | {cached:.0f} |")
-    print(f"\nSpeed-up: {cached / raw:.1f}x (one-off feature caching run, incl. setup: {caching_seconds:.1f} s)")
+        inputs = {"raw images": common, "cached features": [*common, *cache]}
+
+        def measure(condition: str) -> None:
+            for threads in (None, cores):  # default pick, then torch's own default (one per core)
+                for name, arguments in inputs.items():
+                    output = os.path.join(scratch, f"{name}-{condition}-{threads}".replace(" ", "-"))
+                    note = train(arguments, output, threads)
+                    rows.append((name, condition, "default (picked at start)" if threads is None else
+                                 f"{threads} (one per core, forced)", samples_per_second(output), note))
+                    print(rows[-1], flush=True)
+
+        measure("quiet")
+        loops = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(cores)]
+        try:
+            time.sleep(args.load_warmup)
+            measure(f"{cores} busy-loop processes")
+        finally:
+            for loop in loops:
+                loop.kill()
+                loop.wait()
+    print(f"\nTiny GeoCLIP training, {args.train} world-map crops, batch {args.batch_size}, {args.steps} steps, "
+          f"{cores} cores:\n")
+    print("| input | machine | torch threads | samples/s | conditions at start |\n|---|---|---|---|---|")
+    for name, condition, threads, samples, note in rows:
+        print(f"| {name} | {condition} | {threads} | {samples:.0f} | {note} |")
+    by_key = {(name, condition, threads): samples for name, condition, threads, samples, _ in rows}
+    print("\nCached vs raw, same machine and threads: " + "; ".join(
+        f"{condition}, {threads}: {by_key['cached features', condition, threads] / samples:.1f}x"
+        for name, condition, threads, samples, _ in rows if name == "raw images"))
+    print(f"One-off feature caching run (incl. setup): {caching_seconds:.1f} s")
 
 
 if __name__ == "__main__":

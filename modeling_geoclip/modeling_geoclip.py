@@ -498,7 +498,7 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
 
         How close `"faiss"` hits are to `"exact"` ones is measured while the index is built: the exact top-5 of
         calibration queries is computed alongside, `nprobe` (when not given) is raised until recall@5 on half of
-        them reaches `target_recall` (default 0.99), and recall@5 on the other, held-out half is stored as
+        them reaches `target_recall` (default 0.995), and recall@5 on the other, held-out half is stored as
         `model.config.gallery_options["recall_estimate"]` (saved by `save_pretrained`), e.g.
         `{"recall_at_5": 0.996, "queries": 256, "query_source": "proxy: 512 random unit vectors", "nprobe": 1448}`.
         Pass real query embeddings as `calibration_queries` (e.g. `F.normalize(model.get_image_features(...))`

@@ -162,7 +162,8 @@ def test_bad_gallery_options_are_value_errors(backend, options, message):
 def test_default_faiss_index_grows_with_the_gallery():
     assert resolve_gallery_options("faiss", 50_000, {})["index"] == "Flat"
     million = resolve_gallery_options("faiss", 1_000_000, {})
-    assert million["index"] == "IVF4096,SQ8,RFlat" and million["rescore"] is False and million["nprobe"] is None
+    assert million["index"] == "IVF4096,SQ8,RFlat" and million["rescore"] is False
+    assert million["nprobe"] is None and million["target_recall"] == 0.995  # calibrated at build time
     ten_million = resolve_gallery_options("faiss", 10_000_000, {})
     assert ten_million["index"] == "IVF2048_HNSW32,PQ64np" and ten_million["rescore"] is True
     assert resolve_gallery_options("faiss", 1_000_000, {"index": "IVF64,SQ8"})["rescore"] is True
@@ -179,7 +180,7 @@ def test_faiss_calibration_reaches_the_target_on_queries_far_from_the_gallery(mo
     """The structure of the 1M-point default (IVF, 8-bit codes, float32 re-ranking) at 12K points: nprobe is
     calibrated on the proxy, and the stored estimate predicts the recall of image and text queries."""
     queries, truth = far_queries
-    model.set_gallery(gallery, backend="faiss", index="IVF64,SQ8,RFlat")
+    model.set_gallery(gallery, backend="faiss", index="IVF64,SQ8,RFlat", target_recall=0.99)
     options = model.config.gallery_options
     estimate = options["recall_estimate"]
     assert estimate["query_source"] == "proxy: 512 random unit vectors" and estimate["queries"] == 256
