@@ -310,7 +310,7 @@ def synthetic_gallery_row(model, embeddings: torch.Tensor, size: int, queries: d
 def encoding_row(official, model, locations: torch.Tensor) -> str:
     """Location encoding throughput, ours vs the official encoder on the same 50K points, timed alternately."""
     encoder, probe = official.LocationEncoder(from_pretrained=True).eval(), locations[:50_000].float()
-    same = torch.equal(encoder(probe[:4096]), model.get_location_features(probe[:4096]))
+    same = torch.equal(encoder(probe), torch.cat([model.get_location_features(batch) for batch in probe.split(16384)]))
     encoding = interleaved_medians({
         "theirs": lambda: encoder(probe),
         "ours": lambda: [model.get_location_features(batch) for batch in probe.split(16384)],
