@@ -17,29 +17,19 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-from transformers import AutoImageProcessor, AutoModel
 
-import geoloc  # noqa: F401  (registers the models with the Auto classes)
-import modeling_geohier  # noqa: F401
 from geoloc import train
+from geoloc.inference import Geolocator
 from geoloc.metrics import geolocation_metrics
 from geoloc.worldmap import build_worldmap_splits, write_imagefolder
 
 THRESHOLDS_KM = (25, 200, 750, 2500)
 
 
-def predict(model_dir: str, images, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def top1_coordinates(model_dir: str, images, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """Top-1 (latitudes, longitudes) of a trained checkpoint for a list of PIL images."""
-    model = AutoModel.from_pretrained(model_dir).eval()
-    processor = AutoImageProcessor.from_pretrained(model_dir)
-    latitudes, longitudes = [], []
-    for start in range(0, len(images), batch_size):
-        pixel_values = processor(images[start : start + batch_size], return_tensors="pt").pixel_values
-        with torch.no_grad():
-            output = model.geolocate(pixel_values=pixel_values, top_k=1)
-        latitudes.append(output.latitudes[:, 0].numpy())
-        longitudes.append(output.longitudes[:, 0].numpy())
-    return np.concatenate(latitudes), np.concatenate(longitudes)
+    results = Geolocator.from_pretrained(model_dir).locate_images(images, top_k=1, batch_size=batch_size)
+    return np.array([r.latitudes[0] for r in results]), np.array([r.longitudes[0] for r in results])
 
 
 @contextmanager
@@ -96,7 +86,7 @@ def run(train_size: int, test_size: int, output_dir: str, geoclip_steps: int, ge
             started = time.perf_counter()
             train.main(["--model", model, "--output-dir", model_dir, "--max-steps", str(steps), *common, *extra])
             seconds = time.perf_counter() - started
-            pred_lat, pred_lon = predict(model_dir, images)
+            pred_lat, pred_lon = top1_coordinates(model_dir, images)
         rows.append((f"{name} ({steps} steps)", geolocation_metrics(pred_lat, pred_lon, ref_lat, ref_lon), seconds))
     return rows
 

@@ -1,5 +1,5 @@
-"""GeoCLIP as a transformers model. Importing this package registers it with the Auto classes and the
-`image-geolocation` pipeline."""
+"""GeoCLIP as a transformers model. Importing this package registers it with the Auto classes (the
+`image-geolocation` pipeline, which serves every model, is registered by `geoloc.pipeline`)."""
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
@@ -12,7 +12,6 @@ from .modeling_geoclip import (
     check_top_k,
     validate_locations,
 )
-from .pipeline_geoclip import ImageGeolocationPipeline  # registers the image-geolocation pipeline
 from .processing_geoclip import GeoCLIPImageProcessor, byte_level_clip_tokenizer, load_image
 
 AutoConfig.register(GeoCLIPConfig.model_type, GeoCLIPConfig, exist_ok=True)
@@ -29,7 +28,6 @@ __all__ = [
     "GeoCLIPModel",
     "GeoCLIPOutput",
     "GeolocationOutput",
-    "ImageGeolocationPipeline",
     "byte_level_clip_tokenizer",
     "check_top_k",
     "load_image",

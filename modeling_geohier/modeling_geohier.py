@@ -350,6 +350,22 @@ class GeoHierModel(GeoHierPreTrainedModel):
 
     config: GeoHierConfig
 
+    # What front ends may ask of `geolocate` (read by `geoloc.inference`, never probed from signatures).
+    supports_text_queries = False  # images only
+    returns_attention_maps = True  # `geolocate(..., output_attentions=True)` -> `cross_attentions`
+    candidate_kind = "cells"  # candidates are the fine geocells (centroids)
+
+    @property
+    def predicts_scenes(self) -> bool:
+        """Whether `scene_probabilities` mean something: the model was trained with scene labels. (Until
+        `GeoHierConfig` declares `trained_with_scenes`, a config without it counts as trained without.)"""
+        return self.config.num_scenes > 0 and bool(getattr(self.config, "trained_with_scenes", False))
+
+    @property
+    def num_candidates(self) -> int:
+        """The largest `top_k` of `geolocate`: the number of fine cells."""
+        return self.config.cells_per_level[-1]
+
     def __init__(self, config: GeoHierConfig):
         super().__init__(config)
         vision = config.vision_config

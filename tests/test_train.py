@@ -21,7 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
-import geoloc  # noqa: F401
+import geoloc.models  # noqa: F401  (registers the models with the Auto classes)
 import modeling_geohier  # noqa: F401
 from geoloc import train
 from geoloc.data import GeoCollator, load_geo_dataset
