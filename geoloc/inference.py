@@ -11,8 +11,8 @@ Contract (these names are kept stable):
   Hub id, `geoloc.DEFAULT_MODEL` or "default") with the image processor and, for models that read text, the
   tokenizer saved next to it. `Geolocator(model, image_processor, tokenizer=None, name=None)` wraps objects
   already in memory.
-- Attributes: `model`, `image_processor`, `tokenizer` (None when the model reads no text), `name` (what it
-  was loaded from), `capabilities`: a frozen `Capabilities(text, scenes, attention, uncertainty)`:
+- Attributes: `model`, `image_processor`, `tokenizer` (None when the model reads no text; loaded on first
+  use), `name` (what it was loaded from), `capabilities`: a frozen `Capabilities(text, scenes, attention, uncertainty)`:
   `text`: `locate_texts` works; `scenes`: results carry scene probabilities (only for models trained with
   scene labels); `attention`: results can carry attention maps; `uncertainty`: what the candidates behind
   `GeolocationResult.uncertainty` are: "gallery" (GeoCLIP: points of a replaceable GPS gallery), "cells"
@@ -175,8 +175,17 @@ class Geolocator:
         self.model = model.eval()
         self.image_processor = image_processor
         self.capabilities = Capabilities.of(model)
-        self.tokenizer = tokenizer if self.capabilities.text else None
+        self._tokenizer = tokenizer if self.capabilities.text else None
+        self._tokenizer_source = None  # where `from_pretrained` loads the tokenizer from, on first use
         self.name = name or type(model).__name__
+
+    @property
+    def tokenizer(self):
+        """The tokenizer (None when the model reads no text). `from_pretrained` loads it on first use, so
+        image-only work needs no tokenizer files."""
+        if self._tokenizer is None and self._tokenizer_source is not None:
+            self._tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_source)
+        return self._tokenizer
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike, *, device=None, dtype=None) -> "Geolocator":
@@ -190,8 +199,10 @@ class Geolocator:
         model = AutoModel.from_pretrained(source, **({} if dtype is None else {"dtype": dtype}))
         if device is not None:
             model = model.to(device)
-        tokenizer = AutoTokenizer.from_pretrained(source) if Capabilities.of(model).text else None
-        return cls(model, AutoImageProcessor.from_pretrained(source), tokenizer, name=source)
+        geolocator = cls(model, AutoImageProcessor.from_pretrained(source), name=source)
+        if geolocator.capabilities.text:
+            geolocator._tokenizer_source = source
+        return geolocator
 
     # --------------------------------------------------------------------------------------------- inputs
     def locate_images(self, images: Iterable, top_k: int = 5, *, places: bool = False, extras: bool = False,
