@@ -28,7 +28,9 @@ read with `geoloc.data.load_geo_dataset`):
   (`OUTPUT.parts/manifest.json`). A rerun once OUTPUT exists does nothing: an existing output is never
   rewritten.
 - Many processes: chunk c is done by process `c % num_processes`, so each image is geolocated exactly once, in
-  the same batches as on one process (the same answers), and a resumed run may use another process count:
+  the same batches as on one process (the same answers: the same rows and coordinates; on CPU, probabilities
+  equal to float32 rounding, since MKL's sums depend on memory alignment, and bit-identical with
+  `MKL_CBWR=AUTO,STRICT` set), and a resumed run may use another process count:
 
       accelerate launch --num_processes 8 -m geoloc.predict --dataset DIR --output predictions.parquet
       # CPU-only machine: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 4 -m geoloc.predict ...
