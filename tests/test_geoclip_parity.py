@@ -19,10 +19,11 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModel
 
+from geoloc.cli import main as cli_main
 from geoloc.configs import tiny_clip_configs
+from geoloc.convert import convert_geoclip, main, read_official_geoclip
 from geoloc.official_geoclip import fetch_official_wheel, load_official_geoclip
 from modeling_geoclip import GeoCLIPLocationEncoder, GeoCLIPModel
-from modeling_geoclip.convert import convert_geoclip, main, read_official_geoclip
 
 TOLERANCE = 1e-5
 # Poles, the antimeridian from both sides, their corners, the origin.
@@ -233,6 +234,9 @@ def test_convert_cli_errors(tmp_path, capsys):
     assert "--location-encoder-only" in capsys.readouterr().out
     assert main([str(tmp_path / "missing.whl"), str(tmp_path / "out")]) == 1
     assert "missing.whl does not exist" in capsys.readouterr().err
+    assert cli_main(["convert", str(tmp_path / "missing.whl"), str(tmp_path / "out")]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("geoloc convert: error: ") and error.count("\n") == 1
     with zipfile.ZipFile(tmp_path / "other.whl", "w") as archive:
         archive.writestr("other/__init__.py", "")
     assert main([str(tmp_path / "other.whl"), str(tmp_path / "out")]) == 1
