@@ -41,19 +41,25 @@ for name in BLOCKED:
         continue
     raise SystemExit(f"{{name}} is importable")
 
-from transformers import AutoImageProcessor, AutoModel
+from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
-repo, images = sys.argv[1], sys.argv[2:]
+repo, text, images = sys.argv[1], sys.argv[2], sys.argv[3:]
 model = AutoModel.from_pretrained(repo, trust_remote_code=True).eval()
 processor = AutoImageProcessor.from_pretrained(repo, trust_remote_code=True)
 output = model.geolocate(pixel_values=processor(images, return_tensors="pt").pixel_values, top_k=3)
-print(json.dumps({{
+answer = {{
     "model": f"{{type(model).__module__}}.{{type(model).__name__}}",
     "processor": f"{{type(processor).__module__}}.{{type(processor).__name__}}",
     "output_types": [cls.__name__ for cls in type(output).__mro__],
     **{{key: getattr(output, key).tolist() for key in ("latitudes", "longitudes", "probabilities", "indices")}},
-}}))
+}}
+if text:
+    tokens = AutoTokenizer.from_pretrained(repo, trust_remote_code=True)([text], return_tensors="pt")
+    answer["text_latitudes"] = model.geolocate(
+        input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, top_k=3).latitudes.tolist()
+print(json.dumps(answer))
 """
+TEXT = "a sandy desert under a blue sky"
 
 
 def _geoclip_checkpoint(folder):
@@ -84,6 +90,7 @@ def test_published_folder_loads_as_remote_code_without_the_package(
     build, model_module, model_class, processor_module, processor_class, tmp_path
 ):
     model, processor = build(tmp_path / "checkpoint")
+    has_text = model_class == "GeoCLIPModel"  # GeoHier reads images only
     write_local_repo(tmp_path / "checkpoint", "me/tiny", tmp_path / "repo")
     images = []
     for seed, size in enumerate([(40, 60), (50, 30)]):
@@ -92,7 +99,8 @@ def test_published_folder_loads_as_remote_code_without_the_package(
         images.append(str(tmp_path / f"image{seed}.png"))
 
     result = subprocess.run(
-        [sys.executable, "-c", LOAD_AND_PREDICT.format(blocked=BLOCKED), str(tmp_path / "repo"), *images],
+        [sys.executable, "-c", LOAD_AND_PREDICT.format(blocked=BLOCKED), str(tmp_path / "repo"),
+         TEXT if has_text else "", *images],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONNOUSERSITE": "1",
              "HF_MODULES_CACHE": str(tmp_path / "modules")},
@@ -110,6 +118,10 @@ def test_published_folder_loads_as_remote_code_without_the_package(
     for key in ("latitudes", "longitudes", "probabilities"):
         torch.testing.assert_close(torch.tensor(loaded[key], dtype=torch.float64), getattr(expected, key).double())
     assert loaded["indices"] == expected.indices.tolist()
+    if has_text:
+        tokens = byte_level_clip_tokenizer()([TEXT], return_tensors="pt")
+        expected = model.geolocate(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, top_k=3)
+        torch.testing.assert_close(torch.tensor(loaded["text_latitudes"], dtype=torch.float64), expected.latitudes)
 
 
 def test_shared_module_copies_match_their_source():
