@@ -118,19 +118,11 @@ class GeoCLIPCapsule(nn.Module):
         self.layers = nn.Sequential(*layers)
         self.head = nn.Linear(width, config.projection_dim)
 
-    def _apply(self, fn, recurse=True):
-        # `model.to(torch.bfloat16)` must not round the Fourier matrix (entries up to ~1000 at sigma=256, where
-        # bf16 keeps 3 digits): move it to the new device but keep its fp32 values.
-        rff_matrix = self.rff_matrix
-        super()._apply(fn, recurse)
-        self.rff_matrix = rff_matrix.to(device=self.rff_matrix.device)
-        return self
-
     def forward(self, projected: torch.Tensor) -> torch.Tensor:
-        # Phases in fp32 whatever the model dtype; same operation order as the official `rff` package.
-        phases = 2 * np.pi * projected.float() @ self.rff_matrix.float().T
-        features = torch.cat((torch.cos(phases), torch.sin(phases)), dim=-1).to(self.head.weight.dtype)
-        return self.head(self.layers(features))
+        """(N, 2) fp32 Equal Earth coordinates -> (N, projection_dim); same operation order as the official `rff`
+        package. Runs in fp32: `GeoCLIPLocationEncoder` turns autocast off and keeps these weights fp32."""
+        phases = 2 * np.pi * projected @ self.rff_matrix.T
+        return self.head(self.layers(torch.cat((torch.cos(phases), torch.sin(phases)), dim=-1)))
 
 
 class GeoCLIPLocationEncoder(GeoCLIPPreTrainedModel):
@@ -152,19 +144,31 @@ class GeoCLIPLocationEncoder(GeoCLIPPreTrainedModel):
         self.capsules = nn.ModuleList(GeoCLIPCapsule(config, sigma) for sigma in config.sigmas)
         self.post_init()
 
+    def _apply(self, fn, recurse=True):
+        # `model.to(torch.bfloat16)` / `.half()` must not reach the encoder: at sigma=256 the Fourier phases are
+        # ~1e3 rad, which bf16 (3 significant digits) scrambles. Its fp32 tensors follow device moves only, with
+        # their original values (taken before the cast, so nothing is rounded).
+        def keep_fp32(tensor: torch.Tensor) -> torch.Tensor:
+            converted = fn(tensor)
+            if tensor.dtype == torch.float32 and converted.dtype in (torch.float16, torch.bfloat16):
+                return tensor.to(converted.device)
+            return converted
+
+        return super()._apply(keep_fp32, recurse)
+
     def forward(self, locations: torch.Tensor) -> torch.Tensor:
         """Args: locations (`torch.Tensor` of shape `(N, 2)`): (latitude, longitude) in degrees.
 
-        Returns: `torch.FloatTensor` of shape `(N, projection_dim)`, unnormalised.
+        Returns: `torch.FloatTensor` of shape `(N, projection_dim)`, unnormalised, always computed in fp32 (autocast
+        is turned off inside: under bf16/fp16 autocast the sigma=256 phases would lose their meaning).
         """
         locations = validate_locations(locations)
-        projected = equal_earth_projection(locations.to(self.capsules[0].rff_matrix.device, torch.float32))
-        embeddings = torch.zeros(
-            projected.shape[0], self.config.projection_dim, device=projected.device,
-            dtype=self.capsules[0].head.weight.dtype,
-        )
-        for capsule in self.capsules:
-            embeddings += capsule(projected)
+        device = self.capsules[0].rff_matrix.device
+        with torch.autocast(device_type=device.type, enabled=False):
+            projected = equal_earth_projection(locations.to(device, torch.float32))
+            embeddings = self.capsules[0](projected)
+            for capsule in self.capsules[1:]:
+                embeddings = embeddings + capsule(projected)
         return embeddings
 
 

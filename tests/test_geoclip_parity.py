@@ -98,6 +98,21 @@ def test_location_embeddings_match_official(official, location_encoder):
     assert (ours - reference).abs().max().item() <= TOLERANCE
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_location_embeddings_are_fp32_under_autocast_and_half_casts(official, location_encoder, dtype):
+    """Mixed precision (what `geoloc train --mixed-precision` turns on) and `model.to(half)` leave the official
+    encoder's embeddings equal to fp32: the sigma=256 Fourier phases (~1e3 rad) would be noise in bf16/fp16."""
+    points = _test_points(official.model.gps_gallery, n_gallery=1_000, n_uniform=1_000)
+    with torch.no_grad():
+        reference = location_encoder(points)
+        with torch.autocast("cpu", dtype=dtype):
+            autocast = location_encoder(points)
+        half = copy.deepcopy(location_encoder).to(dtype)(points)
+    for embeddings in (autocast, half):
+        assert embeddings.dtype == torch.float32
+        torch.testing.assert_close(embeddings, reference, rtol=0, atol=0)
+
+
 def test_converted_gallery_matches_official(official, converted):
     assert isinstance(converted, GeoCLIPModel)
     reference_gallery = official.model.gps_gallery  # float32, as the official code reads the CSV
