@@ -1,8 +1,8 @@
 """The model families geoloc serves, registered with the transformers Auto classes on import.
 
-`modeling_geoclip` and `modeling_geohier` register their configs and models themselves; GeoHier checkpoints
-written by geoloc carry GeoCLIP's image processor, registered for `GeoHierConfig` here. Every geoloc module
-that loads checkpoints imports this one (`import geoloc` alone stays free of torch, so `geoloc --help` is fast).
+`modeling_geoclip` and `modeling_geohier` register their config, model and image processor themselves; this
+module is what geoloc code imports to have both registered (`import geoloc` alone stays free of torch, so that
+`geoloc --help` is fast). Every geoloc module that loads checkpoints imports it, the inference adapter included.
 
 Example:
     >>> import geoloc.models  # noqa: F401
@@ -11,11 +11,5 @@ Example:
     'geoclip'
 """
 
-import modeling_geoclip
-import modeling_geohier
-from transformers import AutoImageProcessor
-
-AutoImageProcessor.register(
-    modeling_geohier.GeoHierConfig, image_processor_classes={"pil": modeling_geoclip.GeoCLIPImageProcessor},
-    exist_ok=True,
-)
+import modeling_geoclip  # noqa: F401
+import modeling_geohier  # noqa: F401

@@ -54,7 +54,6 @@ from transformers import AutoImageProcessor, AutoTokenizer, get_cosine_schedule_
 from modeling_geoclip import GeoCLIPImageProcessor, GeoCLIPModel, byte_level_clip_tokenizer
 from modeling_geohier import GeoHierModel
 
-from . import models  # noqa: F401  (GeoHier checkpoints' image processor for AutoImageProcessor)
 from .configs import TINY_IMAGE_SIZE, tiny_geoclip_config, tiny_geohier_config
 from .data import IMAGE, LATITUDE, LONGITUDE, GeoCollator, decode_images, load_geo_dataset
 
