@@ -32,6 +32,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from .benchmarks import BENCHMARKS, load_benchmark
+from .cli import HelpFormatter
 from .data import load_geo_dataset
 from .geodesy import geodesic_distance_km
 from .inference import Geolocator
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="geoloc evaluate",
         description="Evaluate a geolocation checkpoint: writes metrics.json and predictions.csv.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--model", required=True,
                         help="checkpoint folder or Hub id (GeoCLIP or GeoHier); 'default' is the bundled toy model")

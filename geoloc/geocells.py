@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import s2geometry
 
+from geoloc.cli import HelpFormatter
 from geoloc.geodesy import unit_vectors, validate_lat_lon, vector_directions
 
 logger = logging.getLogger(__name__)
@@ -286,17 +287,20 @@ def _load_coordinates(dataset: str, split: str, latitude_column: str, longitude_
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="geoloc geocells", description="Build or import S2 geocell hierarchies.")
+    parser = argparse.ArgumentParser(prog="geoloc geocells", description="Build or import S2 geocell hierarchies.",
+                                     formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    build = commands.add_parser("build", help="adaptive S2 cells from a dataset's coordinates")
+    build = commands.add_parser("build", help="adaptive S2 cells from a dataset's coordinates",
+                                formatter_class=HelpFormatter)
     build.add_argument("--dataset", required=True, help="CSV / parquet / JSON file, save_to_disk folder or Hub id")
-    build.add_argument("--split", default="train", help="split of a Hub dataset (default: train)")
-    build.add_argument("--latitude-column", default="latitude")
-    build.add_argument("--longitude-column", default="longitude")
+    build.add_argument("--split", default="train", help="split of a Hub dataset")
+    build.add_argument("--latitude-column", default="latitude", help="latitude column of --dataset")
+    build.add_argument("--longitude-column", default="longitude", help="longitude column of --dataset")
     build.add_argument("--levels", nargs="+", type=_level, default=list(GEOESTIMATION_LEVELS),
                        metavar="TAU_MIN:TAU_MAX", help="one per level, coarse to fine (default: 50:5000 50:2000 50:1000)")
     build.add_argument("--output", required=True, help="cell table JSON to write")
-    imported = commands.add_parser("import", help="read GeoEstimation partition CSVs (cells_50_5000.csv ...)")
+    imported = commands.add_parser("import", help="read GeoEstimation partition CSVs (cells_50_5000.csv ...)",
+                                   formatter_class=HelpFormatter)
     imported.add_argument("files", nargs="+", help="partition files, coarse to fine")
     imported.add_argument("--output", required=True, help="cell table JSON to write")
     return parser

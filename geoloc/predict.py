@@ -59,11 +59,13 @@ ERROR_COLUMNS = ["id", "error"]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .cli import HelpFormatter
+
     parser = argparse.ArgumentParser(
         prog="geoloc predict",
         description="Predict the GPS location of images (or of text descriptions, for GeoCLIP models), of files "
         "or of a whole dataset (see `python -m pydoc geoloc.predict` for resuming and multi-process runs).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("images", nargs="*", metavar="IMAGE",
                         help="image files to geolocate (none, and no --text or --dataset: a built-in demo crop of "

@@ -36,6 +36,7 @@ from PIL import Image
 
 from modeling_geoclip import GeoCLIPImageProcessor, GeoCLIPModel, byte_level_clip_tokenizer, check_top_k
 
+from .cli import HelpFormatter
 from . import DEFAULT_MODEL
 from .configs import TINY_IMAGE_SIZE, tiny_geoclip_config
 from .inference import GeolocationResult, Geolocator, nearest_places
@@ -215,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="geoloc space",
         description="Assemble the Gradio Space (app, examples, requirements and the package sources) in a "
         "folder ready to upload, e.g. `hf upload USER/SPACE OUTPUT_DIR --repo-type space`.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("output_dir", help="new or empty folder to write the Space into")
     return parser

@@ -54,6 +54,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, get_cosine_schedule_
 from modeling_geoclip import GeoCLIPImageProcessor, GeoCLIPModel, byte_level_clip_tokenizer
 from modeling_geohier import GeoHierModel
 
+from .cli import HelpFormatter
 from .configs import TINY_IMAGE_SIZE, tiny_geoclip_config, tiny_geohier_config
 from .data import IMAGE, LATITUDE, LONGITUDE, GeoCollator, decode_images, load_geo_dataset
 
@@ -71,21 +72,22 @@ def build_parser() -> argparse.ArgumentParser:
         prog="geoloc train",
         description="Train GeoCLIP or GeoHier on a geolocation dataset (run under `accelerate launch` for "
                     "several processes).",
+        formatter_class=HelpFormatter,
     )
     group = parser.add_argument_group("model and data")
-    group.add_argument("--model", choices=("geoclip", "geohier"), required=True)
+    group.add_argument("--model", choices=("geoclip", "geohier"), required=True, help="which model to train")
     group.add_argument("--model-config", default="tiny",
                        help="'tiny' (random toy model from geoloc.configs), or a checkpoint folder / Hub id to "
                             "start from")
     group.add_argument("--dataset", required=True,
                        help="image folder with metadata.csv, parquet/webdataset shards, or a Hub dataset id")
-    group.add_argument("--split", default="train")
-    group.add_argument("--image-column", default=IMAGE)
-    group.add_argument("--lat-column", default=LATITUDE)
-    group.add_argument("--lon-column", default=LONGITUDE)
+    group.add_argument("--split", default="train", help="split of --dataset")
+    group.add_argument("--image-column", default=IMAGE, help="image column of --dataset")
+    group.add_argument("--lat-column", default=LATITUDE, help="latitude column of --dataset")
+    group.add_argument("--lon-column", default=LONGITUDE, help="longitude column of --dataset")
     group.add_argument("--train-fraction", type=float, default=1.0,
                        help="train on a seeded random subset of this fraction of the rows")
-    group.add_argument("--output-dir", required=True)
+    group.add_argument("--output-dir", required=True, help="where the model and checkpoints are written")
     group.add_argument("--streaming", action="store_true",
                        help="stream the dataset instead of loading it (sets too big for disk): a seeded shuffle "
                             "buffer, one part per process, resume re-reads the used part of the epoch. One pass "
@@ -97,14 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("optimisation")
     group.add_argument("--max-steps", type=int, default=1000, help="optimizer steps")
     group.add_argument("--batch-size", type=int, default=32, help="images per process per micro-batch")
-    group.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    group.add_argument("--learning-rate", type=float, default=3e-4)
-    group.add_argument("--weight-decay", type=float, default=1e-6)
+    group.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per step")
+    group.add_argument("--learning-rate", type=float, default=3e-4, help="peak learning rate (AdamW)")
+    group.add_argument("--weight-decay", type=float, default=1e-6, help="AdamW weight decay")
     group.add_argument("--warmup-steps", type=int, default=100,
                        help="linear warm-up, then cosine decay to 0 at --max-steps")
     group.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
-    group.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
-    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
+                       help="autocast dtype of the forward pass")
+    group.add_argument("--seed", type=int, default=0, help="seed of the data order, noise and initialisation")
     group.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
 
     group = parser.add_argument_group("GeoCLIP")
@@ -122,9 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     group = parser.add_argument_group("checkpoints and logging")
     group.add_argument("--checkpoint-every", type=int, default=500, help="save the training state every N steps")
-    group.add_argument("--checkpoints-to-keep", type=int, default=2)
+    group.add_argument("--checkpoints-to-keep", type=int, default=2, help="older checkpoints are deleted")
     group.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
-    group.add_argument("--log-every", type=int, default=10)
+    group.add_argument("--log-every", type=int, default=10, help="log the loss every N steps")
     group.add_argument("--push-to-hub", metavar="REPO", help="upload the trained model to this Hub repo")
     return parser
 
