@@ -31,7 +31,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from .benchmarks import BENCHMARKS, load_benchmark
+from .benchmark_datasets import BENCHMARKS, load_benchmark
 from .cli import HelpFormatter
 from .data import load_geo_dataset
 from .geodesy import geodesic_distance_km
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="candidates per image; metrics use the best-ranked, best_of_top_k the closest")
     parser.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N rows")
     parser.add_argument("--data-dir", default=None,
-                        help="local copy of a benchmark in its original layout (see geoloc.benchmarks)")
+                        help="local copy of a benchmark in its original layout (see geoloc.benchmark_datasets)")
     parser.add_argument("--split", help="split of a dataset path / Hub id (default: test; a local folder without "
                         "a test/ subfolder is one split, which `imagefolder` calls train)")
     parser.add_argument("--image-column", default="image", help="image column of a dataset path / Hub id")

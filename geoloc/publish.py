@@ -36,7 +36,7 @@ import jinja2
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, SpaceCard
 from transformers import AutoConfig
 
-from .benchmarks import BENCHMARKS
+from .benchmark_datasets import BENCHMARKS
 from .cli import HelpFormatter
 from .metrics import DEFAULT_THRESHOLDS_KM, threshold_key
 from .remote_code import auto_maps, remote_code_files
