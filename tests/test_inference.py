@@ -15,10 +15,9 @@ from transformers import AutoModel, pipeline
 
 import geoloc
 import geoloc.pipeline  # noqa: F401  (registers the image-geolocation task)
-from geoloc.configs import tiny_geoclip_config, tiny_geohier_config
+from geoloc.configs import tiny_geoclip_config, tiny_geohier_config, tiny_image_processor
 from geoloc.geocells import build_geocells
 from geoloc.inference import UNCERTAINTY_POINTS, Capabilities, GeolocationResult, Geolocator
-from geoloc.train import tiny_image_processor
 from geoloc.worldmap import sample_points
 from modeling_geoclip import GeoCLIPModel, byte_level_clip_tokenizer
 from modeling_geohier import GeoHierModel
@@ -49,7 +48,7 @@ def geoclip() -> Geolocator:
 
 @pytest.fixture(scope="module")
 def geohier() -> Geolocator:
-    return Geolocator(tiny_geohier(trained_with_scenes=True), tiny_image_processor())
+    return Geolocator(tiny_geohier(trained_with_scenes=True), tiny_image_processor("geohier"))
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +123,7 @@ def test_capabilities_are_what_the_models_declare(geoclip, geohier):
     assert geohier.capabilities == Capabilities(text=False, scenes=True, attention=True, uncertainty="cells")
     without_text = GeoCLIPModel(tiny_geoclip_config(use_text_tower=False))
     assert Geolocator(without_text, tiny_image_processor()).capabilities.text is False
-    assert Geolocator(tiny_geohier(trained_with_scenes=False), tiny_image_processor()).capabilities.scenes is False
+    assert Geolocator(tiny_geohier(trained_with_scenes=False), tiny_image_processor("geohier")).capabilities.scenes is False
     with pytest.raises(ValueError, match="Linear does not declare its geolocation capabilities"):
         Geolocator(torch.nn.Linear(2, 2), tiny_image_processor())
 
@@ -158,7 +157,7 @@ def test_geohier_extras_are_scenes_attention_and_cells(geohier, pictures):
     for level in result.attention:
         assert level.weights.shape == (4, 4) and level.weights.min() == 0 and level.weights.max() == 1
         assert level.overlay.size == (224, 224)
-    untrained = Geolocator(tiny_geohier(trained_with_scenes=False), tiny_image_processor())
+    untrained = Geolocator(tiny_geohier(trained_with_scenes=False), tiny_image_processor("geohier"))
     [result] = untrained.locate_images(pictures[:1], top_k=3, extras=True)
     assert result.scenes is None and len(result.attention) == 3
 
