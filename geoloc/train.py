@@ -143,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--checkpoints-to-keep", type=int, default=2)
     group.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
     group.add_argument("--log-every", type=int, default=10)
-    group.add_argument("--push-to-hub", metavar="REPO", help="upload the trained model to this Hub repo")
+    group.add_argument("--push-to-hub", metavar="REPO",
+                       help="upload the trained model to this Hub repo, as `geoloc publish` does (model, processors, "
+                            "card, remote code; never checkpoints or logs)")
     return parser
 
 
@@ -496,13 +498,11 @@ def main(argv=None) -> int:
                    "args": {key: value for key, value in vars(args).items() if key != "given_options"}}
         with open(os.path.join(args.output_dir, "train_summary.json"), "w") as handle:
             json.dump(summary, handle, indent=2)
-        if args.push_to_hub:
-            from huggingface_hub import HfApi
+        if args.push_to_hub:  # the files `geoloc publish` uploads: the model, its card and remote code, no state
+            from .publish import publish
 
-            api = HfApi()
-            api.create_repo(args.push_to_hub, exist_ok=True)
-            api.upload_folder(repo_id=args.push_to_hub, folder_path=args.output_dir,
-                              ignore_patterns=[f"{CHECKPOINTS}/**", "tensorboard/**"])
+            publish(args.output_dir, args.push_to_hub,
+                    training_data=f"Trained with `geoloc train` (recipe {args.recipe}) on {args.dataset!r}.")
         print(f"Saved the trained {args.model} to {args.output_dir} ({step} steps"
               f"{f', {sum(skipped)} unreadable images skipped' if sum(skipped) else ''}).", file=sys.stderr)
     accelerator.end_training()
