@@ -52,6 +52,7 @@ import datasets
 import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.state import AcceleratorState
 from accelerate.utils import is_tensorboard_available, send_to_device, set_seed
 from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader
@@ -386,6 +387,14 @@ def main(argv=None) -> int:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
         step_scheduler_with_optimizer=False,
     )
+    try:
+        return train(args, accelerator)
+    finally:  # accelerate keeps its settings process-wide: a later run in this Python may want others
+        AcceleratorState._reset_state()
+
+
+def train(args: argparse.Namespace, accelerator: Accelerator) -> int:
+    """The training run of resolved `args` (see `resolve_args`) on `accelerator`."""
     prepare_output_dir(args, accelerator)
     set_seed(args.seed)  # the same model on every process
     task = TRAINING_TASKS[args.model](args, accelerator)

@@ -317,6 +317,18 @@ def test_geohier_trains_with_geocells(worldmap, tmp_path):
     assert model.geolocate(pixel_values=pixel_values, top_k=3).latitudes.shape == (1, 3)
 
 
+@pytest.mark.parametrize(("model", "precision"), [("geoclip", "fp16"), ("geohier", "bf16")])
+def test_mixed_precision_trains_and_saves(worldmap, tmp_path, model, precision):
+    out = str(tmp_path / "run")
+    levels = ["--geocell-levels", "2:80,2:40"] if model == "geohier" else []
+    assert main(["--model", model, "--dataset", worldmap, "--output-dir", out, "--max-steps", "4", "--log-every", "1",
+                 "--checkpoint-every", "100", "--mixed-precision", precision, *levels, *TINY]) == 0
+    losses = [json.loads(line)["loss"] for line in open(os.path.join(out, "log.jsonl"))]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    loaded = AutoModel.from_pretrained(out)
+    assert all(torch.isfinite(parameter).all() for parameter in loaded.parameters())
+
+
 def test_geohier_auto_levels_and_cell_table_files(tmp_path):
     folder = tmp_path / "data"
     write_imagefolder(build_worldmap_splits(800, 0, seed=2), str(folder))
