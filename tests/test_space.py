@@ -52,7 +52,7 @@ def save_tiny_checkpoints(root: Path) -> tuple[Path, Path]:
     points = sample_points(3000, np.random.default_rng(2))
     cells, _ = build_geocells(points[:, 0], points[:, 1], levels=[(5, 400), (5, 150), (5, 60)])
     geohier = GeoHierModel(tiny_geohier_config(cells_per_level=[len(level["tokens"]) for level in cells],
-                                               trained_with_scenes=True))
+                                               trained_with_scene_labels=True))
     geohier.set_cell_table(cells)
     for name, model in (("geoclip", geoclip), ("geohier", geohier)):
         model.save_pretrained(root / name)
