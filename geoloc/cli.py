@@ -7,10 +7,23 @@ import sys
 
 from .threads import add_threads_argument, set_threads
 
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """The formatter of every `geoloc` parser: each option's help ends with its default, unless it has none
+    (None, off, empty) or its help already says it."""
+
+    def _get_help_string(self, action):
+        default = action.default
+        if default is None or default is False or default == [] or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 SUBCOMMANDS = {
     "predict": ("geoloc.predict", "geolocate images or text with a GeoCLIP or GeoHier checkpoint"),
     "train": ("geoloc.train", "train GeoCLIP or GeoHier (also: accelerate launch -m geoloc.train)"),
     "evaluate": ("geoloc.evaluate", "evaluate a checkpoint on a benchmark (metrics.json + predictions.csv)"),
+    "convert": ("geoloc.convert", "convert an official GeoCLIP release (wheel or Hub folder) into a checkpoint"),
     "publish": ("geoloc.publish", "push a checkpoint, its model card and results to the Hugging Face Hub"),
     "geocells": ("geoloc.geocells", "build S2 geocell hierarchies from training coordinates"),
     "worldmap": ("geoloc.worldmap", "build the world-map crops dataset used by the CPU learnability benchmark"),

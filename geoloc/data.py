@@ -16,6 +16,7 @@ Example:
 
 import glob
 import os
+import zlib
 from collections.abc import Sequence
 
 import datasets
@@ -27,7 +28,7 @@ from transformers.utils import logging
 
 from modeling_geoclip import load_image
 
-from .geodesy import validate_coordinates
+from .geodesy import validate_lat_lon
 
 logger = logging.get_logger(__name__)
 
@@ -64,6 +65,13 @@ def _load_raw(source: str, split: str, streaming: bool):
         if not files:
             raise ValueError(f"No {builder} shards match '{source}'.")
         return datasets.load_dataset(builder, data_files={split: files}, split=split, streaming=streaming)
+    if os.path.isdir(source) and is_saved_dataset(source):
+        saved = datasets.load_from_disk(source)
+        if isinstance(saved, datasets.DatasetDict):
+            if split not in saved:
+                raise ValueError(f"Saved dataset '{source}' has no split {split!r} (splits: {sorted(saved)}).")
+            saved = saved[split]
+        return saved.to_iterable_dataset() if streaming else saved
     if os.path.isdir(source):
         has_metadata = any(name == "metadata.csv" for _, _, names in os.walk(source) for name in names)
         if not has_metadata:
@@ -77,6 +85,11 @@ def _load_raw(source: str, split: str, streaming: bool):
             "shards, or a Hugging Face Hub dataset id."
         )
     return datasets.load_dataset(source, split=split, streaming=streaming)
+
+
+def is_saved_dataset(folder: str) -> bool:
+    """Whether `folder` was written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`."""
+    return any(os.path.isfile(os.path.join(folder, name)) for name in ("state.json", "dataset_dict.json"))
 
 
 def _canonical_names(dataset, image_column: str, lat_column: str, lon_column: str):
@@ -104,7 +117,7 @@ def _as_floats(values) -> np.ndarray:
 
 
 def invalid_coordinate_rows(latitudes, longitudes) -> list[tuple[int, str]]:
-    """Rows whose coordinates `geoloc.geodesy.validate_coordinates` rejects, as `(row, reason)` pairs.
+    """Rows whose coordinates `geoloc.geodesy.validate_lat_lon` rejects, as `(row, reason)` pairs.
 
     Args:
         latitudes, longitudes: sequences of length N (numbers, numeric strings, None).
@@ -118,11 +131,11 @@ def invalid_coordinate_rows(latitudes, longitudes) -> list[tuple[int, str]]:
     for start in range(0, len(latitudes), _VALIDATION_CHUNK):
         stop = start + _VALIDATION_CHUNK
         try:
-            validate_coordinates(latitudes[start:stop], longitudes[start:stop])
+            validate_lat_lon(latitudes[start:stop], longitudes[start:stop])
         except ValueError:
             for row in range(start, min(stop, len(latitudes))):
                 try:
-                    validate_coordinates(latitudes[row : row + 1], longitudes[row : row + 1])
+                    validate_lat_lon(latitudes[row : row + 1], longitudes[row : row + 1])
                 except ValueError as error:
                     bad.append((row, f"row {row}: {error}"))
     return bad
@@ -153,7 +166,8 @@ def load_geo_dataset(
     Args:
         source: an image folder with `metadata.csv` (`file_name,latitude,longitude`; `train/`, `test/`
             subfolders become splits), a `.parquet`/`.tar` (webdataset) shard, a glob or folder of shards,
-            or a Hugging Face Hub dataset id.
+            a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`, or a Hugging Face Hub
+            dataset id.
         split: which split to read.
         image_column, lat_column, lon_column: the source's names for the image and coordinates.
         streaming: return an `IterableDataset` (rows are checked as they stream by) instead of a `Dataset`.
@@ -227,28 +241,38 @@ def decode_images(cells: Sequence) -> tuple[list, list[int], list[tuple[int, str
 class GeoCollator:
     """Turn a list of dataset rows into a training batch, skipping (and counting) unreadable images.
 
-    Returns a dict with `pixel_values` `(B, 3, H, W)` float, `locations` `(B, 2)` float64 (lat, lon), and
-    one `(B,)` or `(B, L)` long tensor per name in `label_columns` (e.g. geocell labels, `scene`). `B` may
-    be smaller than the number of rows when images were skipped, and 0 when all of them were.
+    Returns a dict with `pixel_values` `(B, 3, H, W)` float, `locations` `(B, 2)` float64 (lat, lon), one `(B,)`
+    or `(B, L)` long tensor per name in `label_columns` (e.g. geocell labels, scene labels), and `unreadable`
+    (int): how many rows were skipped because their image could not be decoded. `B` may be smaller than the
+    number of rows when images were skipped, and 0 when all of them were.
+
+    With `augment` (see `geoloc.augment`), each decoded image is augmented before the processor with a random
+    generator seeded by `(seed, epoch, the image's bytes or path)`: set `epoch` before each epoch (the training
+    loop does), and an image gets the same augmentation in a resumed run as in an uninterrupted one, in the main
+    process or in DataLoader workers.
 
     Args:
         image_processor: a `GeoCLIPImageProcessor` (or any image processor taking PIL images).
         label_columns: integer columns passed through as tensors.
+        augment: `(image, rng) -> image`, or None.
+        seed: the run's seed for `augment`.
 
     Example:
         >>> collate = GeoCollator(GeoCLIPImageProcessor(size={"shortest_edge": 32},
         ...                       crop_size={"height": 32, "width": 32}))  # doctest: +SKIP
     """
 
-    def __init__(self, image_processor, label_columns: Sequence[str] = ()):
+    def __init__(self, image_processor, label_columns: Sequence[str] = (), augment=None, seed: int = 0):
         self.image_processor = image_processor
         self.label_columns = tuple(label_columns)
-        self.skipped = 0
+        self.augment, self.seed, self.epoch = augment, seed, 0
 
     def __call__(self, rows: list[dict]) -> dict:
-        images, positions, errors = decode_images([row[IMAGE] for row in rows])
-        self.skipped += len(errors)
+        cells = [row[IMAGE] for row in rows]
+        images, positions, errors = decode_images(cells)
         kept = [rows[position] for position in positions]
+        if self.augment is not None:
+            images = [self.augment(image, self._generator(cells[position])) for image, position in zip(images, positions)]
         if images:
             pixel_values = self.image_processor(images, return_tensors="pt").pixel_values
         else:
@@ -258,10 +282,18 @@ class GeoCollator:
             "pixel_values": pixel_values,
             "locations": torch.tensor([[row[LATITUDE], row[LONGITUDE]] for row in kept],
                                       dtype=torch.float64).reshape(-1, 2),
+            "unreadable": len(errors),
         }
         for column in self.label_columns:
             batch[column] = torch.tensor([row[column] for row in kept], dtype=torch.long)
         return batch
+
+    def _generator(self, cell) -> np.random.Generator:
+        """The augmentation generator of one image this epoch: a function of the seed, the epoch and the image."""
+        if isinstance(cell, dict):
+            cell = cell.get("bytes") or cell.get("path") or b""
+        identity = cell if isinstance(cell, bytes) else str(cell).encode()
+        return np.random.default_rng([self.seed, self.epoch, zlib.crc32(identity)])
 
 
 __all__ = [

@@ -15,69 +15,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CLIPVisionModel, PreTrainedModel, ViTModel
+from transformers import AutoConfig, CLIPVisionModel, PreTrainedModel, ViTModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from .configuration_geohier import GeoHierConfig
-
-# Cell centroids are stored as integer micro-degrees so that casting the model to bf16/fp16 never rounds them.
-MICRODEGREES = 1_000_000
-
-
-def validate_locations(locations, name: str = "locations") -> torch.Tensor:
-    """Check GPS coordinates and return them as a floating tensor of shape (N, 2), (latitude, longitude).
-
-    Verbatim copy of `modeling_geoclip.validate_locations` (same messages); repeated here because this folder is
-    loaded as remote code without `modeling_geoclip`, so it cannot import it.
-
-    The one place where coordinates are validated: latitudes must lie in [-90, 90], longitudes in
-    [-180, 180], all finite. Nothing is wrapped or clipped.
-
-    Args:
-        locations: tensor, numpy array or nested list of shape (N, 2), degrees.
-        name: how the argument is called in error messages.
-
-    Raises:
-        ValueError: naming the first bad row and value.
-
-    Example:
-        >>> validate_locations([[48.8566, 2.3522]]).shape
-        torch.Size([1, 2])
-    """
-    if not isinstance(locations, torch.Tensor):
-        try:
-            locations = torch.as_tensor(np.asarray(locations, dtype=np.float64))
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"{name} must be numbers of shape (N, 2) as (latitude, longitude): {error}") from None
-    if locations.ndim != 2 or locations.shape[-1] != 2:
-        raise ValueError(f"{name} must have shape (N, 2) as (latitude, longitude), got {tuple(locations.shape)}.")
-    if not locations.is_floating_point():
-        locations = locations.float()
-    checks = (
-        (~torch.isfinite(locations).all(dim=1), "coordinates must be finite (no NaN or inf)"),
-        (locations[:, 0].abs() > 90, "latitude must be in [-90, 90]"),
-        (locations[:, 1].abs() > 180, "longitude must be in [-180, 180]"),
-    )
-    for bad, rule in checks:
-        if bad.any():
-            row = int(bad.nonzero()[0, 0])
-            lat, lon = locations[row].tolist()
-            raise ValueError(f"{name}[{row}] = ({lat}, {lon}): {rule} (degrees, (latitude, longitude) order).")
-    return locations
-
-
-def check_top_k(top_k, n_candidates: int) -> int:
-    """Return `top_k` as an int, or raise ValueError unless 1 <= top_k <= n_candidates.
-
-    Same contract as `modeling_geoclip.check_top_k`; repeated here because this folder is loaded as remote code
-    without `modeling_geoclip`.
-    """
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
-        raise ValueError(f"top_k must be an integer, got {top_k!r}.")
-    if not 1 <= top_k <= n_candidates:
-        raise ValueError(f"top_k must be between 1 and {n_candidates} (the number of fine cells), got {top_k}.")
-    return int(top_k)
+from .configuration_geohier import SUPPORTED_BACKBONES, GeoHierConfig
+from .geo_common import (
+    GeolocationOutput,
+    StrictFromPretrainedMixin,
+    check_top_k,
+    from_microdegrees,
+    to_microdegrees,
+    validate_locations,
+)
 
 
 def s2_token_to_id(token: str) -> int:
@@ -123,28 +73,24 @@ class GeoHierOutput(ModelOutput):
 
 
 @dataclass
-class GeoHierGeolocationOutput(ModelOutput):
-    """The answer of [`GeoHierModel.geolocate`]; its first three fields mean what they mean in
-    `modeling_geoclip.GeolocationOutput`.
+class GeoHierGeolocationOutput(GeolocationOutput):
+    """The answer of [`GeoHierModel.geolocate`]: the shared `GeolocationOutput` fields plus GeoHier's extras.
 
     Args:
         latitudes (`torch.FloatTensor` of shape `(B, top_k)`): centroid latitudes of the best fine cells, degrees.
         longitudes (`torch.FloatTensor` of shape `(B, top_k)`): centroid longitudes, degrees.
-        probabilities (`torch.FloatTensor` of shape `(B, top_k)`): hierarchical probability of each cell, best
-            first: its softmax probability times those of its ancestors (the paper's product; these do not sum to 1
-            over the fine cells).
+        probabilities (`torch.FloatTensor` of shape `(B, top_k)`): probability of each fine cell, best first: its
+            softmax probability times its parent's hierarchical probability (the paper's product, which sets the
+            ranking), normalised over all fine cells so that the fine cells' probabilities sum to 1.
         indices (`torch.LongTensor` of shape `(B, top_k)`): fine-cell indices (rows of the finest level).
         level_probabilities (`tuple[torch.FloatTensor]`, one per level, each `(B, cells_per_level[l])`): the
-            hierarchical probability of every cell of every level, coarse to fine (for maps).
+            normalised hierarchical probability of every cell of every level, coarse to fine (for maps); each row
+            sums to 1.
         scene_probabilities (`torch.FloatTensor` of shape `(B, num_scenes)`): softmax of the scene logits.
         selected_scenes (`torch.LongTensor` of shape `(B,)`): the predicted scene whose queries were classified.
         cross_attentions (`torch.FloatTensor`, *optional*): with `output_attentions=True`, as in `GeoHierOutput`.
     """
 
-    latitudes: torch.Tensor | None = None
-    longitudes: torch.Tensor | None = None
-    probabilities: torch.Tensor | None = None
-    indices: torch.Tensor | None = None
     level_probabilities: tuple[torch.Tensor, ...] | None = None
     scene_probabilities: torch.Tensor | None = None
     selected_scenes: torch.Tensor | None = None
@@ -262,7 +208,7 @@ class GeoHierDecoderLayer(nn.Module):
         return queries + self.dropout(update), cross_weights
 
 
-class GeoHierPreTrainedModel(PreTrainedModel):
+class GeoHierPreTrainedModel(StrictFromPretrainedMixin, PreTrainedModel):
     config: GeoHierConfig
     base_model_prefix = "geohier"
     main_input_name = "pixel_values"
@@ -270,35 +216,6 @@ class GeoHierPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = False
     _supports_sdpa = True
     _no_split_modules = ["GeoHierDecoderLayer"]
-
-    # Same as `modeling_geoclip.GeoCLIPPreTrainedModel.from_pretrained`; repeated here because this folder is
-    # loaded as remote code without `modeling_geoclip`, so it cannot import it.
-    @classmethod
-    def from_pretrained(cls, *args, strict: bool = True, output_loading_info: bool = False, **kwargs):
-        """`PreTrainedModel.from_pretrained`, but a checkpoint with missing, unexpected or wrongly shaped
-        weights raises a `ValueError` naming them (transformers v5 only logs the first two and randomly
-        initialises what is missing; a missing `cell_table.*` buffer would silently be zeros). `strict=False`
-        loads a partial checkpoint on purpose; `ignore_mismatched_sizes=True` re-initialises wrongly shaped
-        weights, as in transformers."""
-        ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
-        model, info = super().from_pretrained(
-            *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
-        )
-        problems = {
-            "missing": sorted(info["missing_keys"]) if strict else [],
-            "unexpected": sorted(info["unexpected_keys"]) if strict else [],
-            "wrong shape (checkpoint vs model)": [
-                f"{key}: {tuple(checkpoint)} vs {tuple(expected)}"
-                for key, checkpoint, expected in sorted(info["mismatched_keys"])
-            ] if not ignore_mismatched_sizes else [],
-        }
-        details = "; ".join(f"{kind}: {keys}" for kind, keys in problems.items() if keys)
-        if details:
-            raise ValueError(
-                f"The checkpoint does not match {cls.__name__} ({details}). Pass strict=False to load a partial "
-                "checkpoint, ignore_mismatched_sizes=True to re-initialise wrongly shaped weights."
-            )
-        return (model, info) if output_loading_info else model
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -350,6 +267,21 @@ class GeoHierModel(GeoHierPreTrainedModel):
 
     config: GeoHierConfig
 
+    # What front ends may ask of `geolocate` (read by `geoloc.inference`, never probed from signatures).
+    supports_text_queries = False  # images only
+    returns_attention_maps = True  # `geolocate(..., output_attentions=True)` -> `cross_attentions`
+    candidate_kind = "cells"  # candidates are the fine geocells (centroids)
+
+    @property
+    def predicts_scenes(self) -> bool:
+        """Whether `scene_probabilities` mean something: the model was trained with scene labels."""
+        return self.config.trained_with_scene_labels
+
+    @property
+    def num_candidates(self) -> int:
+        """The largest `top_k` of `geolocate`: the number of fine cells."""
+        return self.config.cells_per_level[-1]
+
     def __init__(self, config: GeoHierConfig):
         super().__init__(config)
         vision = config.vision_config
@@ -359,6 +291,10 @@ class GeoHierModel(GeoHierPreTrainedModel):
             self.backbone = CLIPVisionModel._from_config(vision)
         if config.freeze_backbone:
             self.backbone.requires_grad_(False)
+        if vision.model_type == "clip_vision_model":
+            # The decoder reads CLIP's `last_hidden_state`, which comes before `post_layernorm` (that norm only makes
+            # the pooled [CLS] output): frozen, so that it is not a parameter without a gradient (DDP refuses those).
+            self.backbone.post_layernorm.requires_grad_(False)
         self.token_projection = nn.Linear(vision.hidden_size, config.hidden_size)
         self.token_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         # Row s * num_levels + l is the query of scene s at level l.
@@ -373,6 +309,37 @@ class GeoHierModel(GeoHierPreTrainedModel):
         self.classifiers = nn.ModuleList(nn.Linear(config.hidden_size, n) for n in config.cells_per_level)
         self.cell_table = GeoHierCellTable(config.cells_per_level)
         self.post_init()
+
+    @classmethod
+    def from_backbone(cls, backbone: str, **config_kwargs) -> "GeoHierModel":
+        """GeoHier on a pretrained image encoder, with a freshly initialised decoder and classifiers.
+
+        Args:
+            backbone (`str`): Hub id or folder of a ViT checkpoint (e.g. `google/vit-base-patch16-224-in21k`, the
+                co-author's choice) or of a CLIP checkpoint (its vision tower is used).
+            **config_kwargs: the other `GeoHierConfig` fields (e.g. `cells_per_level`).
+
+        Raises:
+            ValueError: when the checkpoint is neither a ViT nor a CLIP model.
+
+        Example:
+            >>> model = GeoHierModel.from_backbone("google/vit-base-patch16-224-in21k", cells_per_level=[10, 40])  # doctest: +SKIP
+        """
+        backbone_config = AutoConfig.from_pretrained(backbone)
+        if backbone_config.model_type == "clip":
+            backbone_config = backbone_config.vision_config
+        if backbone_config.model_type not in SUPPORTED_BACKBONES:
+            raise ValueError(
+                f"The backbone '{backbone}' is a {backbone_config.model_type!r} model; GeoHier sits on a ViT or a "
+                "CLIP vision tower."
+            )
+        if backbone_config.model_type == "vit":
+            pretrained = ViTModel.from_pretrained(backbone, add_pooling_layer=False, dtype=torch.float32)
+        else:
+            pretrained = CLIPVisionModel.from_pretrained(backbone, dtype=torch.float32)
+        model = cls(GeoHierConfig(vision_config=pretrained.config, **config_kwargs))
+        model.backbone.load_state_dict(pretrained.state_dict(), strict=True)
+        return model
 
     # ------------------------------------------------------------------------------------------ features
     def get_backbone_hidden_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -429,9 +396,9 @@ class GeoHierModel(GeoHierPreTrainedModel):
                 (only with a frozen backbone).
             labels (`torch.LongTensor` of shape `(B, num_levels)`): cell index of each image at each level, coarse to
                 fine; -1 where the image has no cell at that level (ignored).
-            scene_labels (`torch.LongTensor` of shape `(B,)`, *optional*): scene of each image, -1 if unknown. Where
-                given, that scene's queries are classified (as in training in the paper) and the scene loss is
-                added; elsewhere the predicted scene is used.
+            scene_labels (`torch.LongTensor` of shape `(B,)`, *optional*): scene of each image, -1 if unknown. With
+                labels the scene loss is added; the queries classified are those of the predicted scene, or of the
+                labelled one where known if `config.scene_selection == "label"`.
             output_attentions (`bool`): also return the cross-attention maps.
         """
         if (pixel_values is None) == (backbone_hidden_states is None):
@@ -444,7 +411,8 @@ class GeoHierModel(GeoHierPreTrainedModel):
         selected = scene_logits.argmax(dim=1)
         if scene_labels is not None:
             scene_labels = self._check_labels(scene_labels, (batch,), [self.config.num_scenes], "scene_labels")
-            selected = torch.where(scene_labels >= 0, scene_labels, selected)
+            if self.config.scene_selection == "label":
+                selected = torch.where(scene_labels >= 0, scene_labels, selected)
         chosen = queries[torch.arange(batch, device=queries.device), selected]  # (B, L, D)
         logits = tuple(classifier(chosen[:, level]) for level, classifier in enumerate(self.classifiers))
 
@@ -455,7 +423,7 @@ class GeoHierModel(GeoHierPreTrainedModel):
             )
             loss = sum(
                 weight * self._cross_entropy(level_logits, labels[:, level], self.config.label_smoothing)
-                for weight, level_logits, level in zip(self.config.level_loss_weights, logits, range(len(logits)))
+                for weight, level_logits, level in zip(self.config.loss_weights, logits, range(len(logits)))
             )
             if scene_labels is not None:
                 loss = loss + self.config.scene_loss_weight * self._cross_entropy(scene_logits, scene_labels, 0.0)
@@ -544,7 +512,7 @@ class GeoHierModel(GeoHierPreTrainedModel):
                 raise ValueError(f"Level {level}: counts must be {expected} integers >= 0.")
             levels.append({
                 "cell_ids": torch.tensor([s2_token_to_id(token) for token in tokens], dtype=torch.long),
-                "centroids": torch.from_numpy(np.round(coordinates * MICRODEGREES).astype(np.int32)),
+                "centroids": to_microdegrees(coordinates),
                 "parents": torch.from_numpy(parents),
                 "counts": torch.from_numpy(counts),
             })
@@ -557,7 +525,7 @@ class GeoHierModel(GeoHierPreTrainedModel):
         """The stored cell table in the form `set_cell_table` takes (numpy arrays, tokens as strings)."""
         table = []
         for level in range(self.config.num_levels):
-            centroids = self.cell_table.get("centroids", level).cpu().numpy().astype(np.float64) / MICRODEGREES
+            centroids = from_microdegrees(self.cell_table.get("centroids", level).cpu()).numpy()
             table.append({
                 "tokens": [s2_id_to_token(i) for i in self.cell_table.get("cell_ids", level).tolist()],
                 "latitudes": centroids[:, 0],
@@ -572,12 +540,17 @@ class GeoHierModel(GeoHierPreTrainedModel):
             raise ValueError("This GeoHier model has no cell table: call model.set_cell_table(cells) first.")
 
     def hierarchical_probabilities(self, logits: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        """Softmax per level, each cell's probability multiplied by its parent's hierarchical probability.
+        """The paper's hierarchical scores, normalised: a distribution over the cells of each level.
+
+        Level 0 is its softmax. At level l, each cell's softmax probability is multiplied by its parent's
+        probability (the paper's product, which ranks the cells) and the products are divided by their sum over
+        the level, so that each level's probabilities sum to 1 (the raw product does not: its sum is the expected
+        agreement of the levels, e.g. 0.0005 for an untrained model). The ranking is the paper's.
 
         Args:
             logits: one `(B, cells_per_level[l])` tensor per level, coarse to fine.
 
-        Returns: one `(B, cells_per_level[l])` tensor per level (float32).
+        Returns: one `(B, cells_per_level[l])` float32 tensor per level, each row summing to 1.
         """
         self._require_cell_table()
         probabilities = []
@@ -585,7 +558,8 @@ class GeoHierModel(GeoHierPreTrainedModel):
             level_probabilities = level_logits.float().softmax(dim=-1)
             if level:
                 parents = self.cell_table.get("parents", level).to(level_logits.device)
-                level_probabilities = level_probabilities * probabilities[-1][:, parents]
+                product = level_probabilities * probabilities[-1][:, parents]
+                level_probabilities = product / product.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(product.dtype).tiny)
             probabilities.append(level_probabilities)
         return tuple(probabilities)
 
@@ -619,7 +593,7 @@ class GeoHierModel(GeoHierPreTrainedModel):
         level_probabilities = self.hierarchical_probabilities(output.logits)
         probabilities, indices = level_probabilities[-1].topk(top_k, dim=1)
         fine = self.config.num_levels - 1
-        coordinates = self.cell_table.get("centroids", fine).to(indices.device)[indices].double() / MICRODEGREES
+        coordinates = from_microdegrees(self.cell_table.get("centroids", fine).to(indices.device)[indices])
         return GeoHierGeolocationOutput(
             latitudes=coordinates[..., 0],
             longitudes=coordinates[..., 1],
@@ -639,8 +613,6 @@ __all__ = [
     "GeoHierModel",
     "GeoHierOutput",
     "GeoHierPreTrainedModel",
-    "check_top_k",
     "s2_id_to_token",
     "s2_token_to_id",
-    "validate_locations",
 ]

@@ -1,4 +1,5 @@
-"""The image-geolocation pipeline, `geoloc predict` and `geoloc.gallery` on a tiny saved GeoCLIP."""
+"""The image-geolocation pipeline, `geoloc predict` (files and texts) and `geoloc.gallery` on a tiny saved
+GeoCLIP."""
 
 import json
 
@@ -9,6 +10,8 @@ import torch
 from PIL import Image
 from transformers import pipeline
 
+import geoloc.inference
+import geoloc.pipeline  # noqa: F401  (registers the image-geolocation task)
 from geoloc import predict
 from geoloc.configs import TINY_IMAGE_SIZE, tiny_geoclip_config
 from geoloc.gallery import load_gallery
@@ -130,7 +133,10 @@ def test_predict_cli_bad_input_is_a_readable_error(checkpoint, photos, tmp_path,
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["a.jpg", "--text", "x"], "give image files or --text"),
+        (["a.jpg", "--text", "x"], "give image files, --text queries or --dataset (one of them)"),
+        (["--dataset", "d"], "--dataset needs --output"),
+        (["--dataset", "d", "--output", "p.txt"], "--output must end in .csv or .parquet, got 'p.txt'"),
+        (["a.jpg", "--output", "p.csv"], "--output is for --dataset"),
         (["a.jpg", "--top-k", "0"], "--top-k must be >= 1, got 0"),
         (["a.jpg", "--batch-size", "0"], "--batch-size must be >= 1"),
         (["a.jpg", "--top-k", "three"], "invalid int value"),
@@ -154,7 +160,7 @@ def test_predict_without_input_runs_the_bundled_demo(capsys):
 
 
 def test_predict_cli_missing_models(photos, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(predict, "DEFAULT_MODEL", tmp_path / "not-built-yet")
+    monkeypatch.setattr(geoloc.inference, "DEFAULT_MODEL", str(tmp_path / "not-built-yet"))
     assert predict.main([photos[0]]) == 1
     assert "bundled default model is not installed" in capsys.readouterr().err
     assert predict.main([photos[0], "--model", str(tmp_path / "nowhere")]) == 1

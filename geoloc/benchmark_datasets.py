@@ -47,7 +47,7 @@ import pandas as pd
 from huggingface_hub import snapshot_download
 from huggingface_hub.constants import HF_HOME
 
-from .geodesy import validate_coordinates
+from .geodesy import validate_lat_lon
 
 # Accepted column names, first match wins (the CSVs of the im2gps family use upper case, OSV-5M lower).
 ID_COLUMNS = ("IMG_ID", "id")
@@ -107,7 +107,7 @@ def _first_existing(folder: Path, names: tuple[str, ...], what: str, benchmark: 
             return folder / name
     raise ValueError(
         f"'{folder}' is not a {benchmark} folder: no {what} ({' or '.join(names)}). "
-        f"See `geoloc.benchmarks` for the expected layout and where to get the files."
+        f"See `geoloc.benchmark_datasets` for the expected layout and where to get the files."
     )
 
 
@@ -152,7 +152,7 @@ def download_benchmark(name: str, data_dir=None) -> Path:
     if spec.hub_repo is None:
         raise ValueError(
             f"{name} has no public Hugging Face Hub copy: download it by hand (see the table in "
-            f"`geoloc.benchmarks`) and pass its folder as data_dir (--data-dir)."
+            f"`geoloc.benchmark_datasets`) and pass its folder as data_dir (--data-dir)."
         )
     target = Path(data_dir) if data_dir is not None else benchmark_dir(name)
     snapshot_download(
@@ -195,7 +195,7 @@ def load_benchmark(name: str, data_dir=None) -> datasets.Dataset:
     lat_column = _pick(header, LAT_COLUMNS, "latitude", csv_path)
     lon_column = _pick(header, LON_COLUMNS, "longitude", csv_path)
     table = pd.read_csv(csv_path, usecols=[id_column, lat_column, lon_column], dtype={id_column: str})
-    latitudes, longitudes = validate_coordinates(table[lat_column], table[lon_column], name=f"'{csv_path}' rows")
+    latitudes, longitudes = validate_lat_lon(table[lat_column], table[lon_column], name=f"'{csv_path}' rows")
 
     index = _image_index(image_dir)
     ids = table[id_column].tolist()
