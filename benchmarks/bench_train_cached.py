@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from geoloc.threads import available_cores
+from geoloc.threads import available_cores, pick_threads
 from geoloc.worldmap import build_worldmap_splits, write_imagefolder
 
 BUSY_LOOP = "while True: pass"
@@ -33,12 +33,14 @@ BUSY_LOOP = "while True: pass"
 def train(arguments: list[str], output_dir: str, threads: int | None) -> str:
     """Run `geoloc [--threads N] train ARGUMENTS --output-dir OUTPUT_DIR` in a fresh process without
     OMP_NUM_THREADS (the default settings); return the conditions (load average at start, torch threads)."""
-    load = os.getloadavg()[0]
-    dispatcher = ["--threads", str(threads)] if threads else []
     environment = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
+    conditions = f"load {os.getloadavg()[0]:.1f}, {pick_threads(threads, environ=environment)} torch threads"
+    dispatcher = ["--threads", str(threads)] if threads else []
     command = [sys.executable, "-m", "geoloc.cli", *dispatcher, "train", *arguments, "--output-dir", output_dir]
-    subprocess.run(command, check=True, env=environment, stdout=subprocess.DEVNULL)
-    return f"load {load:.1f}, threads {'picked' if threads is None else threads}"
+    result = subprocess.run(command, env=environment, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
+    return conditions
 
 
 def samples_per_second(output_dir: str) -> float:
@@ -59,7 +61,9 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         data_dir = os.path.join(scratch, "data")
         write_imagefolder(build_worldmap_splits(args.train, 0), data_dir)
-        common = ["--model", "geoclip", "--model-config", "tiny", "--dataset", data_dir, "--max-steps",
+        # A frozen tower without image augmentation on both paths: what feature caching requires.
+        common = ["--model", "geoclip", "--model-config", "tiny", "--no-train-backbone", "--augmentation", "none",
+                  "--dataset", data_dir, "--max-steps",
                   str(args.steps), "--batch-size", str(args.batch_size), "--log-every", str(args.steps),
                   "--checkpoint-every", str(10 * args.steps)]
         cache = ["--cache-features", "--cache-dir", os.path.join(scratch, "features")]
@@ -75,7 +79,8 @@ def main(argv=None) -> None:
                     note = train(arguments, output, threads)
                     rows.append((name, condition, "default (picked at start)" if threads is None else
                                  f"{threads} (one per core, forced)", samples_per_second(output), note))
-                    print(rows[-1], flush=True)
+                    print("| " + " | ".join(f"{cell:.0f}" if isinstance(cell, float) else cell for cell in rows[-1]) + " |",
+                          flush=True)
 
         measure("quiet")
         loops = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(cores)]
