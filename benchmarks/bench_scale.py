@@ -274,8 +274,8 @@ def faiss_rows(embeddings: torch.Tensor, scale: torch.Tensor, queries: dict, cal
     gallery.calibrate(calibration, calibration_truth, embed, f"calibration_queries ({len(calibration)})")
     estimate = gallery.options["recall_estimate"]
     rows.append(f"| same index, nprobe {gallery.options['nprobe']} calibrated on {len(calibration)} image queries "
-                f"of 15 other towers (`calibration_queries`, target_recall 0.99), batch 1 | {figures(gallery)}; stored estimate "
-                f"{estimate['recall_at_5']:.3f} | >= 0.99, <= 50 ms | {load_note()} |")
+                f"of 15 other towers (`calibration_queries`, target_recall 0.99), batch 1 | {figures(gallery)}; "
+                f"stored estimate {estimate['recall_at_5']:.3f} | >= 0.99, <= 50 ms | {load_note()} |")
     return rows
 
 

@@ -79,8 +79,8 @@ def main(argv=None) -> None:
                     note = train(arguments, output, threads)
                     rows.append((name, condition, "default (picked at start)" if threads is None else
                                  f"{threads} (one per core, forced)", samples_per_second(output), note))
-                    print("| " + " | ".join(f"{cell:.0f}" if isinstance(cell, float) else cell for cell in rows[-1]) + " |",
-                          flush=True)
+                    cells = (f"{cell:.0f}" if isinstance(cell, float) else cell for cell in rows[-1])
+                    print("| " + " | ".join(cells) + " |", flush=True)
 
         measure("quiet")
         loops = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(cores)]

@@ -14,11 +14,11 @@ Backends (`GeoCLIPModel.set_gallery(locations, backend=..., **options)`):
 * `faiss` (optional dependency, `pip install faiss-cpu`): an inner-product FAISS index (flat, IVF with 8-bit
   codes re-ranked on the float32 vectors, or IVF-PQ, by gallery size) retrieves `n_candidates` hits per query.
   Their scores are exact model scores: the index ranks them on the float32 vectors (`Flat`, `RFlat`) or, for
-  compressed codes alone (PQ/SQ), the candidates are re-scored by re-encoding their coordinates with the location
-  encoder. The normaliser adds the retrieved candidates'
-  exact mass to an estimate of the rest: a fixed uniform random sample of `normaliser_sample_size` gallery rows
-  (drawn with `seed` at build time, stored with the index) is scored exactly, the rows that are among the
-  candidates are dropped, and the sum of `exp(logit)` over the others is scaled by (N - C) / (their count).
+  compressed codes alone (PQ/SQ), the candidates are re-scored by re-encoding their coordinates with the
+  location encoder. The normaliser adds the retrieved candidates' exact mass to an estimate of the rest: a
+  fixed uniform random sample of `normaliser_sample_size` gallery rows (drawn with `seed` at build time, stored
+  with the index) is scored exactly, the rows that are among the candidates are dropped, and the sum of
+  `exp(logit)` over the others is scaled by (N - C) / (their count).
   That estimator is unbiased for the non-retrieved mass; since the retrieved candidates hold nearly all of it
   for a peaked query, the probabilities of the top hits are close to the exact softmax (tests bound the error).
 
@@ -142,9 +142,9 @@ def resolve_gallery_options(backend: str, size: int, options: dict) -> dict:
     target = resolved["target_recall"]
     if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
         raise ValueError(f"target_recall must be a number in (0, 1], got {target!r}.")
-    calibration_size = resolved["calibration_size"]
-    if isinstance(calibration_size, bool) or not isinstance(calibration_size, (int, np.integer)) or calibration_size < 2:
-        raise ValueError(f"calibration_size must be an integer >= 2 (half tunes, half estimates), got {calibration_size!r}.")
+    size = resolved["calibration_size"]
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 2:
+        raise ValueError(f"calibration_size must be an integer >= 2 (half tunes, half estimates), got {size!r}.")
     return resolved
 
 
@@ -225,7 +225,8 @@ def merge_top_k(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The best `top_k` of two `(scores, indices)` lists of shapes `(B, k1)` and `(B, k2)`: `(B, min(top_k,
     k1 + k2))` scores and their indices, best first (for top-k over a gallery that arrives in parts)."""
-    scores, order = torch.cat([first[0], second[0]], 1).topk(min(top_k, first[0].shape[1] + second[0].shape[1]), dim=1)
+    scores = torch.cat([first[0], second[0]], 1)
+    scores, order = scores.topk(min(top_k, scores.shape[1]), dim=1)
     return scores, torch.cat([first[1], second[1]], 1).gather(1, order)
 
 
@@ -303,8 +304,8 @@ class FaissGallery:
         return gallery
 
     def calibrate(self, queries: torch.Tensor, truth: torch.Tensor, embed: EmbedRows, source: str) -> None:
-        """Choose `nprobe` (when the options leave it None) on the even-numbered queries, and store the recall@5
-        on the odd-numbered, held-out ones in `options["recall_estimate"]`.
+        """Choose `nprobe` (for an IVF index whose options leave it None) on the even-numbered queries, and store
+        the recall@5 on the odd-numbered, held-out ones in `options["recall_estimate"]`.
 
         `nprobe` climbs by factors of sqrt(2) from nlist / 256 and stops at the first value whose recall reaches
         `target_recall`, or where two steps in a row gained less than 0.002 (recall limited by the codes, not by
@@ -317,9 +318,8 @@ class FaissGallery:
         """
         tune, held_out = slice(0, None, 2), slice(1, None, 2)
         nlist = _ivf_lists(self.options["index"])
-        if self.options["nprobe"] is None:
-            self.options["nprobe"] = 1
-            recalls, ladder = [], _nprobe_ladder(nlist) if nlist else []
+        if self.options["nprobe"] is None and nlist:
+            recalls, ladder = [], _nprobe_ladder(nlist)
             for nprobe in ladder:
                 self.options["nprobe"] = nprobe
                 recalls.append(self._recall(queries[tune], truth[tune], embed))

@@ -529,7 +529,9 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
     def _check_calibration_queries(self, queries, backend: str) -> torch.Tensor:
         """`(Q, projection_dim)` calibration queries as a float32 tensor, or a ValueError saying what is wrong."""
         if backend != "faiss":
-            raise ValueError(f"calibration_queries only apply to backend='faiss' (exact search needs none), got {backend!r}.")
+            raise ValueError(
+                f"calibration_queries only apply to backend='faiss' (exact search needs none), got {backend!r}."
+            )
         queries = torch.as_tensor(queries)
         dim = self.config.projection_dim
         if queries.ndim != 2 or queries.shape[0] < 2 or queries.shape[1] != dim:
