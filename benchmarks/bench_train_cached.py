@@ -8,7 +8,8 @@ as for a user; `geoloc.threads.pick_threads`); samples/s are measured by `geoloc
 `log.jsonl` record, which excludes setup and the one-off feature caching; the caching time is printed
 separately). The load is one busy-loop process per core, started `--load-warmup` seconds before the loaded
 runs so that the 1-minute load average, which the thread picker reads, has seen it. "Quiet" means no load of
-ours: the machine's own load average is printed beside every figure.
+ours (the quiet runs wait up to as long for the load of the feature-caching run to fade): the machine's own
+load average is printed beside every figure.
 
     python benchmarks/bench_train_cached.py [--train 2000 --steps 200 --batch-size 64 --load-warmup 60]
 """
@@ -43,6 +44,14 @@ def train(arguments: list[str], output_dir: str, threads: int | None) -> str:
     return conditions
 
 
+def wait_for_load_below(load: float, limit_seconds: float) -> float:
+    """Sleep until the 1-minute load average is below `load` or `limit_seconds` have passed; return it."""
+    deadline = time.monotonic() + limit_seconds
+    while os.getloadavg()[0] >= load and time.monotonic() < deadline:
+        time.sleep(5)
+    return os.getloadavg()[0]
+
+
 def samples_per_second(output_dir: str) -> float:
     with open(os.path.join(output_dir, "log.jsonl")) as handle:
         return json.loads(handle.read().splitlines()[-1])["samples_per_second"]
@@ -54,7 +63,8 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--load-warmup", type=float, default=60.0,
-                        help="seconds the busy loops run before the loaded runs (default: 60)")
+                        help="seconds the busy loops run before the loaded runs, and the longest wait for the "
+                        "load to settle before the quiet ones (default: 60)")
     args = parser.parse_args(argv)
     cores = available_cores()
     rows = []
@@ -82,7 +92,8 @@ def main(argv=None) -> None:
                     cells = (f"{cell:.0f}" if isinstance(cell, float) else cell for cell in rows[-1])
                     print("| " + " | ".join(cells) + " |", flush=True)
 
-        measure("quiet")
+        settled = wait_for_load_below(0.5, args.load_warmup)  # our own caching run must not count as load
+        measure(f"quiet (load settled to {settled:.1f})")
         loops = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(cores)]
         try:
             time.sleep(args.load_warmup)
