@@ -18,6 +18,12 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput, logging
 
 from .configuration_geoclip import GeoCLIPConfig, GeoCLIPLocationEncoderConfig
+from .integrity import (
+    check_config_against_checkpoint,
+    check_finite_answer,
+    check_finite_tensors,
+    tensor_sha256,
+)
 from .gallery_geoclip import (
     EMBEDDING_DTYPES,
     FaissGallery,
@@ -161,8 +167,15 @@ class GeoCLIPPreTrainedModel(PreTrainedModel):
         """`PreTrainedModel.from_pretrained`, but a checkpoint with missing, unexpected or wrongly shaped
         weights raises a `ValueError` naming them (transformers v5 only logs the first two and randomly
         initialises what is missing). `strict=False` loads a partial checkpoint on purpose;
-        `ignore_mismatched_sizes=True` re-initialises wrongly shaped weights, as in transformers."""
+        `ignore_mismatched_sizes=True` re-initialises wrongly shaped weights, as in transformers.
+
+        Also a `ValueError`, naming the tensor: a config whose sizes disagree with the safetensors header
+        (checked before anything is allocated), NaN/inf in a weight or buffer, and what `check_loaded_state`
+        refuses (see `modeling_geoclip.integrity`)."""
         ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
+        pretrained = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        if not ignore_mismatched_sizes and pretrained is not None and kwargs.get("state_dict") is None:
+            check_config_against_checkpoint(cls, pretrained, kwargs)
         model, info = super().from_pretrained(
             *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
         )
@@ -180,7 +193,12 @@ class GeoCLIPPreTrainedModel(PreTrainedModel):
                 f"The checkpoint does not match {cls.__name__} ({details}). Pass strict=False to load a partial "
                 "checkpoint, ignore_mismatched_sizes=True to re-initialise wrongly shaped weights."
             )
+        check_finite_tensors(model)
+        model.check_loaded_state()
         return (model, info) if output_loading_info else model
+
+    def check_loaded_state(self) -> None:
+        """Checks of a loaded checkpoint beyond shapes and finiteness (called by `from_pretrained`); none here."""
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -326,6 +344,44 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
         self._register_state("gallery_sample_indices", torch.zeros(sample, dtype=torch.long))
         self._register_state("gallery_sample_embeddings", torch.zeros(sample, dim))
         self._faiss_gallery = None
+
+    def check_loaded_state(self) -> None:
+        """Checks of a loaded checkpoint that shapes and finiteness cannot show (called by `from_pretrained`):
+        gallery and GPS-queue coordinates in range, the queue's pointers and the normaliser sample's rows in
+        bounds, and the FAISS index bytes matching the SHA-256 that `set_gallery` recorded in the config.
+
+        Raises:
+            ValueError: naming the bad tensor (and row).
+        """
+        validate_locations(self.gallery_locations, "checkpoint gallery_coordinates")
+        size, count, pointer = self.config.queue_size, int(self.gps_queue_count), int(self.gps_queue_ptr)
+        if not (0 <= count <= size and 0 <= pointer < max(size, 1)):
+            raise ValueError(
+                f"The checkpoint's GPS queue is out of range: gps_queue_count={count} and gps_queue_ptr={pointer} "
+                f"must lie in [0, {size}] and [0, {max(size, 1)}) (queue_size={size})."
+            )
+        validate_locations(self.gps_queue[:count], "checkpoint gps_queue_coordinates")
+        rows = self.gallery_sample_indices
+        if len(rows) and not (0 <= int(rows.min()) and int(rows.max()) < self.config.gallery_size):
+            raise ValueError(
+                f"The checkpoint's gallery_sample_indices must be gallery rows in [0, {self.config.gallery_size}), "
+                f"got values in [{int(rows.min())}, {int(rows.max())}]."
+            )
+        self._check_faiss_index_hash()
+
+    def _check_faiss_index_hash(self) -> None:
+        if not self.config.gallery_index_nbytes:
+            return
+        expected = self.config.gallery_index_sha256
+        if expected is None:
+            logger.warning("This checkpoint records no SHA-256 of its FAISS index (saved by an older version): "
+                           "the index bytes cannot be checked.")
+        elif tensor_sha256(self.gallery_index) != expected:
+            raise ValueError(
+                f"The checkpoint's FAISS index (gallery_index, {self.config.gallery_index_nbytes} bytes) does not "
+                f"match the SHA-256 recorded in its config ({expected[:12]}...): the file is corrupt or was edited. "
+                "Rebuild the gallery with set_gallery(..., backend='faiss') and save again."
+            )
 
     def _register_state(self, name: str, tensor: torch.Tensor) -> None:
         # Empty tensors stay out of checkpoints: safetensors would take them for shared storage.
@@ -523,6 +579,7 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
         self.config.gallery_size, self.config.gallery_backend = len(coordinates), backend
         self.config.gallery_options = options
         self.config.gallery_index_nbytes = 0 if backend == "exact" else len(index_bytes)
+        self.config.gallery_index_sha256 = None if backend == "exact" else tensor_sha256(index_bytes)
         self._register_gallery()
         device = self.logit_scale.device
         self.gallery_coordinates = coordinates.to(device)
@@ -616,6 +673,7 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
             indices = torch.where(source >= 0, indices.gather(1, source.clamp(min=0)), -1)
         else:
             probabilities = torch.exp(logits - log_normaliser[:, None])
+        check_finite_answer(latitudes=coordinates[..., 0], longitudes=coordinates[..., 1], probabilities=probabilities)
         return GeolocationOutput(
             latitudes=coordinates[..., 0],
             longitudes=coordinates[..., 1],

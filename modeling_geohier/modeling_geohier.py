@@ -20,6 +20,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_geohier import GeoHierConfig
+from .integrity import check_config_against_checkpoint, check_finite_answer, check_finite_tensors
 
 # Cell centroids are stored as integer micro-degrees so that casting the model to bf16/fp16 never rounds them.
 MICRODEGREES = 1_000_000
@@ -279,8 +280,15 @@ class GeoHierPreTrainedModel(PreTrainedModel):
         weights raises a `ValueError` naming them (transformers v5 only logs the first two and randomly
         initialises what is missing; a missing `cell_table.*` buffer would silently be zeros). `strict=False`
         loads a partial checkpoint on purpose; `ignore_mismatched_sizes=True` re-initialises wrongly shaped
-        weights, as in transformers."""
+        weights, as in transformers.
+
+        Also a `ValueError`, naming the tensor: a config whose sizes disagree with the safetensors header
+        (checked before anything is allocated), NaN/inf in a weight or buffer, and what `check_loaded_state`
+        refuses (see `modeling_geohier.integrity`)."""
         ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
+        pretrained = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        if not ignore_mismatched_sizes and pretrained is not None and kwargs.get("state_dict") is None:
+            check_config_against_checkpoint(cls, pretrained, kwargs)
         model, info = super().from_pretrained(
             *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
         )
@@ -298,7 +306,12 @@ class GeoHierPreTrainedModel(PreTrainedModel):
                 f"The checkpoint does not match {cls.__name__} ({details}). Pass strict=False to load a partial "
                 "checkpoint, ignore_mismatched_sizes=True to re-initialise wrongly shaped weights."
             )
+        check_finite_tensors(model)
+        model.check_loaded_state()
         return (model, info) if output_loading_info else model
+
+    def check_loaded_state(self) -> None:
+        """Checks of a loaded checkpoint beyond shapes and finiteness (called by `from_pretrained`); none here."""
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -553,6 +566,19 @@ class GeoHierModel(GeoHierPreTrainedModel):
                 self.cell_table.get(name, level).copy_(value)
         self.config.has_cell_table = True
 
+    def check_loaded_state(self) -> None:
+        """Check a loaded cell table as `set_cell_table` checks a new one (called by `from_pretrained`): centroids
+        in range, parents rows of the level above, counts >= 0, valid S2 ids.
+
+        Raises:
+            ValueError: naming the level and cell.
+        """
+        if self.config.has_cell_table:
+            try:
+                self.set_cell_table(self.get_cell_table())
+            except ValueError as error:
+                raise ValueError(f"The checkpoint's cell table is invalid: {error}") from None
+
     def get_cell_table(self) -> list[dict]:
         """The stored cell table in the form `set_cell_table` takes (numpy arrays, tokens as strings)."""
         table = []
@@ -620,6 +646,7 @@ class GeoHierModel(GeoHierPreTrainedModel):
         probabilities, indices = level_probabilities[-1].topk(top_k, dim=1)
         fine = self.config.num_levels - 1
         coordinates = self.cell_table.get("centroids", fine).to(indices.device)[indices].double() / MICRODEGREES
+        check_finite_answer(probabilities=probabilities, scene_logits=output.scene_logits)
         return GeoHierGeolocationOutput(
             latitudes=coordinates[..., 0],
             longitudes=coordinates[..., 1],
