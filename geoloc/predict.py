@@ -18,7 +18,9 @@ from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer, pipeline
 
 from modeling_geoclip.pipeline_geoclip import TASK
+from modeling_geoclip.processing_geoclip import MAX_IMAGE_PIXELS
 
+from .data import decode_image
 from .gallery import load_gallery
 from .geodesy import geodesic_distance_km
 
@@ -95,31 +97,49 @@ def _demo_image() -> Image.Image:
 
 
 def _predict_images(args, model_id: str) -> list[dict]:
+    """One result per input, in order: `{"input", "predictions"}`, or `{"input", "error"}` for an unreadable image
+    (the others are still answered)."""
     # Loaded here (not by `pipeline`) so that a bad checkpoint gives our error, not the pipeline's retry report.
     geolocator = pipeline(TASK, model=AutoModel.from_pretrained(model_id), image_processor=model_id)
     if args.gallery:
         _set_gallery(geolocator.model, args.gallery)
+    max_pixels = getattr(geolocator.image_processor, "max_image_pixels", MAX_IMAGE_PIXELS)
     results = []
-    with tqdm(total=len(args.images), unit="image", desc="Geolocating", disable=len(args.images) < 2) as progress:
+    with tqdm(total=len(args.images), unit="image", desc="Geolocating",
+              disable=True if len(args.images) < 2 else None) as progress:  # None: off when stderr is no terminal
         for start in range(0, len(args.images), args.batch_size):
-            images = args.images[start : start + args.batch_size]
-            predictions = geolocator(images, top_k=args.top_k, batch_size=len(images))
-            results += [{"input": image if isinstance(image, str) else f"demo crop ({DEMO_NAME})", "predictions": rows}
-                        for image, rows in zip(images, predictions)]
-            progress.update(len(images))
+            inputs = args.images[start : start + args.batch_size]
+            batch = [{"input": image if isinstance(image, str) else f"demo crop ({DEMO_NAME})"} for image in inputs]
+            decoded = {}
+            for position, image in enumerate(inputs):
+                try:
+                    decoded[position] = decode_image(image, max_pixels)
+                except ValueError as error:
+                    batch[position]["error"] = str(error)
+            if decoded:
+                predictions = geolocator(list(decoded.values()), top_k=args.top_k, batch_size=len(decoded))
+                for position, rows in zip(decoded, predictions):
+                    batch[position]["predictions"] = rows
+            results += batch
+            progress.update(len(batch))
     return results
 
 
 def _print_table(results: list[dict]) -> None:
     for result in results:
         print(result["input"])
+        if "error" in result:
+            print(f"  unreadable: {result['error']}")
+            continue
         for rank, prediction in enumerate(result["predictions"], start=1):
             print(f"  {rank}. {prediction['latitude']:10.6f}, {prediction['longitude']:11.6f}"
                   f"   p={prediction['probability']:.4f}")
 
 
 def main(argv=None) -> int:
-    """Run `geoloc predict`; returns the exit status (0 ok, 1 bad input or model, 2 bad arguments)."""
+    """Run `geoloc predict`; returns 0, exits 2 on bad arguments, and raises ValueError (or another error) on bad
+    input or model, which `geoloc.cli` prints as one line with exit status 1. Unreadable images do not stop the
+    others: they are reported in the output, then a ValueError counts them."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.images and args.text:
@@ -135,16 +155,15 @@ def main(argv=None) -> int:
         parser.error(f"--top-k must be >= 1, got {args.top_k}")
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
-    try:
-        model_id = _resolve_model(args.model)
-        results = _predict_texts(args, model_id) if args.text else _predict_images(args, model_id)
-    except (ValueError, OSError, ImportError) as error:
-        print(f"geoloc predict: error: {error}", file=sys.stderr)
-        return 1
+    model_id = _resolve_model(args.model)
+    results = _predict_texts(args, model_id) if args.text else _predict_images(args, model_id)
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps(results, indent=2, allow_nan=False))
     else:
         _print_table(results)
+    failed = [result for result in results if "error" in result]
+    if failed:
+        raise ValueError(f"{len(failed)} of {len(results)} images could not be read (first: {failed[0]['error']})")
     if demo:
         best = results[0]["predictions"][0]
         error = geodesic_distance_km([best["latitude"]], [best["longitude"]], [DEMO_LATITUDE], [DEMO_LONGITUDE])[0]
@@ -154,4 +173,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .cli import run_command
+
+    run_command("predict")

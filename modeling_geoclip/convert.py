@@ -353,21 +353,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run the conversion (`geoloc convert` or `python -m modeling_geoclip.convert`); bad input raises."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.backbone_config and not args.random_backbone:
         parser.error("--backbone-config needs --random-backbone")
-    try:
-        model = convert_geoclip(
-            args.source, args.output_dir, backbone=args.backbone, location_encoder_only=args.location_encoder_only,
-            random_backbone=args.random_backbone, backbone_config=args.backbone_config, show_progress=True,
-        )
-    except (ValueError, OSError) as error:
-        print(f"convert: error: {error}", file=sys.stderr)
-        return 1
+    model = convert_geoclip(
+        args.source, args.output_dir, backbone=args.backbone, location_encoder_only=args.location_encoder_only,
+        random_backbone=args.random_backbone, backbone_config=args.backbone_config, show_progress=True,
+    )
     print(f"Wrote {type(model).__name__} to {args.output_dir}")
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `geoloc convert` does the same with `--debug` and the offline check
+    try:
+        sys.exit(main())
+    except (ValueError, OSError) as error:
+        sys.exit(f"convert: error: {' '.join(str(error).split())}")

@@ -7,6 +7,7 @@ processor with that decoding in front, so odd files never reach the model.
 
 import io
 import os
+import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -84,7 +85,9 @@ def _decode_file(source, name: str, max_pixels: int) -> Image.Image:
     elif len(source) == 0:
         raise ValueError("Image bytes are empty.")
     try:
-        opened = Image.open(source if isinstance(source, (str, os.PathLike)) else io.BytesIO(source))  # header only
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is checked below
+            opened = Image.open(source if isinstance(source, (str, os.PathLike)) else io.BytesIO(source))  # header
     except UnidentifiedImageError:
         raise ValueError(f"{name} is not an image file Pillow can read.") from None
     except Image.DecompressionBombError as error:

@@ -108,8 +108,9 @@ def test_killed_run_resumes_to_the_same_weights(worldmap, tmp_path):
 
 def test_two_processes_share_the_work(worldmap, tmp_path):
     out = str(tmp_path / "ddp")
-    launcher = ("accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no", "-m")
+    # by module, with this interpreter: the `accelerate` executable need not be on PATH
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m")
     process = run_module(["--model", "geoclip", "--dataset", worldmap, "--output-dir", out, "--max-steps", "6",
                           "--checkpoint-every", "3", *TINY], launcher=launcher, env={"ACCELERATE_USE_CPU": "1"})
     output = process.communicate(timeout=240)[0]
