@@ -27,9 +27,9 @@ from PIL import Image
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, pipeline
 
 from geoloc.configs import tiny_clip_configs
+from geoloc.convert import convert_geoclip
 from geoloc.official_geoclip import fetch_official_wheel, load_official_geoclip
 from modeling_geoclip import GeoCLIPConfig, GeoCLIPLocationEncoderConfig, GeoCLIPModel
-from modeling_geoclip.convert import convert_geoclip
 from modeling_geoclip.pipeline_geoclip import TASK
 
 TOP_K = 5

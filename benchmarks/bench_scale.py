@@ -26,10 +26,10 @@ from transformers import CLIPVisionConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from geoloc.convert import convert_official_state_dict, read_official_geoclip
 from geoloc.official_geoclip import fetch_official_wheel, load_official_geoclip
 from geoloc.worldmap import render_crop, sample_points
 from modeling_geoclip import GeoCLIPConfig, GeoCLIPImageProcessor, GeoCLIPModel
-from modeling_geoclip.convert import convert_official_state_dict, read_official_geoclip
 from modeling_geoclip.gallery_geoclip import (
     FaissGallery,
     exact_search,

@@ -52,7 +52,7 @@ from huggingface_hub import snapshot_download
 from huggingface_hub.constants import HF_HOME
 
 from .data import check_no_outside_links, confined_path
-from .geodesy import validate_coordinates
+from .geodesy import validate_lat_lon
 
 # Accepted column names, first match wins (the CSVs of the im2gps family use upper case, OSV-5M lower).
 ID_COLUMNS = ("IMG_ID", "id")
@@ -209,7 +209,7 @@ def load_benchmark(name: str, data_dir=None) -> datasets.Dataset:
     lat_column = _pick(header, LAT_COLUMNS, "latitude", csv_path)
     lon_column = _pick(header, LON_COLUMNS, "longitude", csv_path)
     table = pd.read_csv(csv_path, usecols=[id_column, lat_column, lon_column], dtype={id_column: str})
-    latitudes, longitudes = validate_coordinates(table[lat_column], table[lon_column], name=f"'{csv_path}' rows")
+    latitudes, longitudes = validate_lat_lon(table[lat_column], table[lon_column], name=f"'{csv_path}' rows")
 
     check_no_outside_links(image_dir)
     index = _image_index(image_dir)

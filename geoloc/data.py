@@ -34,7 +34,7 @@ from transformers.utils import logging
 from modeling_geoclip import load_image
 from modeling_geoclip.processing_geoclip import MAX_IMAGE_PIXELS
 
-from .geodesy import validate_coordinates
+from .geodesy import validate_lat_lon
 
 logger = logging.get_logger(__name__)
 
@@ -162,7 +162,7 @@ def _as_floats(values) -> np.ndarray:
 
 
 def invalid_coordinate_rows(latitudes, longitudes) -> list[tuple[int, str]]:
-    """Rows whose coordinates `geoloc.geodesy.validate_coordinates` rejects, as `(row, reason)` pairs.
+    """Rows whose coordinates `geoloc.geodesy.validate_lat_lon` rejects, as `(row, reason)` pairs.
 
     Args:
         latitudes, longitudes: sequences of length N (numbers, numeric strings, None).
@@ -176,11 +176,11 @@ def invalid_coordinate_rows(latitudes, longitudes) -> list[tuple[int, str]]:
     for start in range(0, len(latitudes), _VALIDATION_CHUNK):
         stop = start + _VALIDATION_CHUNK
         try:
-            validate_coordinates(latitudes[start:stop], longitudes[start:stop])
+            validate_lat_lon(latitudes[start:stop], longitudes[start:stop])
         except ValueError:
             for row in range(start, min(stop, len(latitudes))):
                 try:
-                    validate_coordinates(latitudes[row : row + 1], longitudes[row : row + 1])
+                    validate_lat_lon(latitudes[row : row + 1], longitudes[row : row + 1])
                 except ValueError as error:
                     bad.append((row, f"row {row}: {error}"))
     return bad

@@ -1,15 +1,76 @@
-"""Retrieval galleries: GPS coordinates from a CSV file, an array, a `datasets.Dataset` or the Hub.
+"""Galleries, the one home of reading and building them: GPS coordinates from a CSV file, an array, a
+`datasets.Dataset` or the Hub (`load_gallery`, `read_gallery_csv`), and the gallery a training run saves with its
+model (`training_gallery`).
 
-The model side (`GeoCLIPModel.set_gallery`) takes the (N, 2) array this module returns.
+The model side (`GeoCLIPModel.set_gallery`) takes the (N, 2) array these return and stores it with the weights.
 """
 
+import contextlib
+import csv
 import os
 
 import numpy as np
 import torch
 
 from modeling_geoclip import validate_locations
-from modeling_geoclip.convert import find_coordinate_columns, read_gallery_csv
+
+COORDINATE_COLUMNS = (("lat", "lon"), ("latitude", "longitude"))
+
+
+def find_coordinate_columns(names) -> tuple[str, str]:
+    """Return the (latitude, longitude) column names among `names`: `LAT`/`LON` or `latitude`/`longitude`,
+    case-insensitive. Raises ValueError listing the columns when neither pair is there, or naming the columns
+    that differ only in case.
+
+    Example:
+        >>> find_coordinate_columns(["id", "LAT", "LON"])
+        ('LAT', 'LON')
+    """
+    by_lower = {}
+    for name in names:
+        by_lower.setdefault(str(name).lower(), []).append(name)
+    for pair in COORDINATE_COLUMNS:
+        if all(column in by_lower for column in pair):
+            ambiguous = [by_lower[column] for column in pair if len(by_lower[column]) > 1]
+            if ambiguous:
+                raise ValueError(f"Columns {ambiguous[0]} differ only in case: keep one {pair[0]}/{pair[1]} pair.")
+            return by_lower[pair[0]][0], by_lower[pair[1]][0]
+    raise ValueError(
+        f"No coordinate columns among {list(names)}: expected LAT/LON or latitude/longitude (any case)."
+    )
+
+
+def read_gallery_csv(source, name: str | None = None) -> np.ndarray:
+    """Read gallery coordinates from a CSV file with a header row.
+
+    Args:
+        source: a path, or an open text stream.
+        name: how the CSV is called in error messages (defaults to the path).
+
+    Returns: `np.ndarray` of shape (N, 2), float64 degrees (latitude, longitude), validated.
+
+    Example:
+        >>> import io
+        >>> read_gallery_csv(io.StringIO("LAT,LON\\n48.8566,2.3522\\n"), "paris.csv")
+        array([[48.8566,  2.3522]])
+    """
+    name = name or f"'{source}'"
+    opened = open(source, newline="", encoding="utf-8") if isinstance(source, (str, os.PathLike)) else None
+    with opened or contextlib.nullcontext(source) as stream:
+        reader = csv.reader(stream)
+        header = next(reader, None)
+        if header is None:
+            raise ValueError(f"Gallery CSV {name} is empty.")
+        latitude, longitude = (header.index(column) for column in find_coordinate_columns(header))
+        rows = []
+        for line, row in enumerate(reader, start=2):
+            try:
+                rows.append((float(row[latitude]), float(row[longitude])))
+            except (ValueError, IndexError):
+                raise ValueError(f"Gallery CSV {name}, line {line}: expected two numbers, got {row!r}.") from None
+    if not rows:
+        raise ValueError(f"Gallery CSV {name} has a header but no coordinates.")
+    return validate_locations(np.asarray(rows, dtype=np.float64), f"gallery {name}").numpy()
 
 
 def load_gallery(source, split: str = "train", columns: tuple[str, str] | None = None) -> np.ndarray:
@@ -65,4 +126,24 @@ def load_gallery(source, split: str = "train", columns: tuple[str, str] | None =
     return validate_locations(locations, f"gallery {name}").to(torch.float64).numpy()
 
 
-__all__ = ["load_gallery"]
+def training_gallery(latitudes, longitudes, size: int, seed: int) -> np.ndarray:
+    """The gallery a training run saves with its GeoCLIP: the training coordinates deduplicated to the
+    micro-degree, at most `size` of them (a seeded random subset, in sorted order).
+
+    Args:
+        latitudes, longitudes: N training coordinates each, degrees.
+        size: the most points to keep. seed: seeds the subset.
+
+    Returns: `np.ndarray` of shape (M, 2), M <= size, float64 (latitude, longitude) degrees.
+
+    Example:
+        >>> training_gallery([10.0, 10.0000001, 20.0], [5.0, 5.0, 6.0], size=10, seed=0).tolist()
+        [[10.0, 5.0], [20.0, 6.0]]
+    """
+    points = np.unique(np.round(np.stack([latitudes, longitudes], axis=1), 6), axis=0)
+    if len(points) > size:
+        points = points[np.sort(np.random.default_rng(seed).choice(len(points), size, replace=False))]
+    return points
+
+
+__all__ = ["find_coordinate_columns", "load_gallery", "read_gallery_csv", "training_gallery"]

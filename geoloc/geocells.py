@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import s2geometry
 
-from geoloc.geodesy import validate_coordinates
+from geoloc.geodesy import unit_vectors, validate_lat_lon, vector_directions
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def leaf_cell_ids(latitudes, longitudes) -> np.ndarray:
         >>> hex(int(leaf_cell_ids([48.8566], [2.3522])[0]))[:6]
         '0x47e6'
     """
-    latitudes, longitudes = validate_coordinates(latitudes, longitudes)
+    latitudes, longitudes = validate_lat_lon(latitudes, longitudes)
     from_degrees, cell_id = s2geometry.S2LatLng.FromDegrees, s2geometry.S2CellId
     return np.fromiter(
         (cell_id(from_degrees(lat, lon)).id() for lat, lon in zip(latitudes.tolist(), longitudes.tolist())),
@@ -81,10 +81,8 @@ def _token_ids(tokens) -> np.ndarray:
 
 def _spherical_means(groups: np.ndarray, n_groups: int, latitudes: np.ndarray, longitudes: np.ndarray):
     """Mean position of the points of each group on the unit sphere (right across the antimeridian), degrees."""
-    lat, lon = np.radians(latitudes), np.radians(longitudes)
-    xyz = [np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)]
-    x, y, z = (np.bincount(groups, weights=c, minlength=n_groups) for c in xyz)
-    return np.degrees(np.arctan2(z, np.hypot(x, y))), np.degrees(np.arctan2(y, x))
+    sums = [np.bincount(groups, weights=c, minlength=n_groups) for c in unit_vectors(latitudes, longitudes).T]
+    return vector_directions(np.stack(sums, axis=-1))
 
 
 def _check_levels(levels) -> list[tuple[int, int]]:
@@ -130,7 +128,7 @@ def build_geocells(
     levels = _check_levels(levels)
     if not 0 <= min_level <= max_level <= MAX_LEVEL:
         raise ValueError(f"Need 0 <= min_level <= max_level <= 30, got min_level={min_level}, max_level={max_level}.")
-    latitudes, longitudes = validate_coordinates(latitudes, longitudes)
+    latitudes, longitudes = validate_lat_lon(latitudes, longitudes)
     leaves = leaf_cell_ids(latitudes, longitudes)
     point_levels = np.full(len(leaves), min_level, dtype=np.int64)
     alive = np.ones(len(leaves), dtype=bool)
@@ -198,7 +196,7 @@ def _read_geoestimation_csv(path) -> dict:
     rows.sort(key=lambda row: int(row["class_label"]))
     if [int(row["class_label"]) for row in rows] != list(range(len(rows))):
         raise ValueError(f"{path}: class_label must be 0..{len(rows) - 1}, each once.")
-    latitudes, longitudes = validate_coordinates(
+    latitudes, longitudes = validate_lat_lon(
         [float(row["latitude_mean"]) for row in rows], [float(row["longitude_mean"]) for row in rows], str(path)
     )
     return {
@@ -245,11 +243,8 @@ def load_geoestimation_partitions(paths) -> list[dict]:
 
 def _nearest(cells: dict, latitudes: np.ndarray, longitudes: np.ndarray) -> np.ndarray:
     """Row of the cell centroid nearest (great-circle) to each point."""
-    def unit(lat, lon):
-        lat, lon = np.radians(lat), np.radians(lon)
-        return np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)], axis=-1)
-
-    return np.argmax(unit(latitudes, longitudes) @ unit(cells["latitudes"], cells["longitudes"]).T, axis=1)
+    points, centroids = unit_vectors(latitudes, longitudes), unit_vectors(cells["latitudes"], cells["longitudes"])
+    return np.argmax(points @ centroids.T, axis=1)
 
 
 def save_cell_table(cells: list[dict], path) -> None:

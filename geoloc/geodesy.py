@@ -1,5 +1,7 @@
-"""Geodesy: coordinate validation at the package boundary, and distances in km — the package's one home
-of distances.
+"""Geodesy: coordinates and spherical maths for everything outside the models — validation at the package
+boundary, distances in km, unit vectors, the length of a degree. A leaf module: it imports no other `geoloc`
+module; its constants and its validator come from the models' shared module (`modeling_geoclip.geo_common`),
+so the package has one Earth radius and one coordinate validator.
 
 Two distances, both vectorised over N pairs:
 
@@ -12,30 +14,32 @@ Two distances, both vectorised over N pairs:
   long distances), which can move a pair across a threshold. A fast path for rough work (e.g.
   nearest-neighbour pre-filtering), not for benchmark numbers.
 
-Both validate their inputs with `validate_coordinates` (never wrapped or clipped).
+Both validate their inputs with `validate_lat_lon` (never wrapped or clipped).
 """
+
+import math
 
 import numpy as np
 from pyproj import Geod
 
-from modeling_geoclip import validate_locations
+from modeling_geoclip.geo_common import EARTH_MEAN_RADIUS_KM, validate_locations
 
-# IUGG mean Earth radius R1 = (2a + b) / 3 for WGS84, in km.
-EARTH_MEAN_RADIUS_KM = 6371.0088
+# Length of one degree of latitude (or of longitude on the equator) on the mean Earth sphere, km (~111.195).
+KM_PER_DEGREE = math.pi * EARTH_MEAN_RADIUS_KM / 180
 
 _WGS84 = Geod(ellps="WGS84")
 
 
-def validate_coordinates(latitudes, longitudes, name: str = "coordinates") -> tuple[np.ndarray, np.ndarray]:
-    """Check paired latitudes/longitudes (degrees) and return them as float64 arrays.
+def validate_lat_lon(latitudes, longitudes, name: str = "coordinates") -> tuple[np.ndarray, np.ndarray]:
+    """Check paired latitude and longitude columns (degrees) and return them as float64 arrays.
 
-    Wraps `modeling_geoclip.validate_locations`, the one coordinate validator of the package.
+    The column form of `validate_locations` (one `(N, 2)` array), the one coordinate validator of the package.
 
     Raises:
         ValueError: on different lengths, NaN/inf, |lat| > 90 or |lon| > 180, naming the first bad pair.
 
     Example:
-        >>> lat, lon = validate_coordinates([48.85], [2.35])
+        >>> lat, lon = validate_lat_lon([48.85], [2.35])
     """
     latitudes = np.asarray(latitudes, dtype=np.float64).reshape(-1)
     longitudes = np.asarray(longitudes, dtype=np.float64).reshape(-1)
@@ -47,8 +51,8 @@ def validate_coordinates(latitudes, longitudes, name: str = "coordinates") -> tu
 
 def _validate_pairs(lat1, lon1, lat2, lon2, names) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Validate both point sets and check they pair up one to one."""
-    lat1, lon1 = validate_coordinates(lat1, lon1, names[0])
-    lat2, lon2 = validate_coordinates(lat2, lon2, names[1])
+    lat1, lon1 = validate_lat_lon(lat1, lon1, names[0])
+    lat2, lon2 = validate_lat_lon(lat2, lon2, names[1])
     if lat1.shape != lat2.shape:
         raise ValueError(f"Got {len(lat1)} {names[0]} but {len(lat2)} {names[1]}; pass one pair per row.")
     return lat1, lon1, lat2, lon2
@@ -91,4 +95,36 @@ def haversine_distance_km(lat1, lon1, lat2, lon2, *, names=("first points", "sec
     return 2 * EARTH_MEAN_RADIUS_KM * np.arcsin(np.sqrt(np.clip(half_chord, 0.0, 1.0)))
 
 
-__all__ = ["EARTH_MEAN_RADIUS_KM", "geodesic_distance_km", "haversine_distance_km", "validate_coordinates"]
+def unit_vectors(latitudes, longitudes) -> np.ndarray:
+    """Points on the unit sphere, N (latitude, longitude) degrees -> `(N, 3)` float64 (x, y, z); x points at
+    (0, 0), z at the North Pole. Not validated: for coordinates already checked.
+
+    Example:
+        >>> unit_vectors([90.0], [0.0]).round(6).tolist()
+        [[0.0, 0.0, 1.0]]
+    """
+    lat, lon = np.radians(np.asarray(latitudes, np.float64)), np.radians(np.asarray(longitudes, np.float64))
+    return np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)], axis=-1)
+
+
+def vector_directions(vectors) -> tuple[np.ndarray, np.ndarray]:
+    """Directions of `(N, 3)` vectors (any length, e.g. sums of unit vectors) as (latitudes, longitudes) degrees;
+    the inverse of `unit_vectors`.
+
+    Example:
+        >>> [values.round(6).tolist() for values in vector_directions(unit_vectors([10.0], [-170.0]) * 3)]
+        [[10.0], [-170.0]]
+    """
+    x, y, z = np.moveaxis(np.asarray(vectors, np.float64), -1, 0)
+    return np.degrees(np.arctan2(z, np.hypot(x, y))), np.degrees(np.arctan2(y, x))
+
+
+__all__ = [
+    "EARTH_MEAN_RADIUS_KM",
+    "KM_PER_DEGREE",
+    "geodesic_distance_km",
+    "haversine_distance_km",
+    "unit_vectors",
+    "validate_lat_lon",
+    "vector_directions",
+]

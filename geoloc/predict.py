@@ -57,7 +57,7 @@ def _resolve_model(model: str | None) -> str:
     if not DEFAULT_MODEL.is_dir():
         raise ValueError(
             f"No --model given and the bundled default model is not installed at {DEFAULT_MODEL}. Pass "
-            "--model PATH_OR_HUB_ID, e.g. a folder written by `python -m modeling_geoclip.convert`."
+            "--model PATH_OR_HUB_ID, e.g. a folder written by `geoloc convert`."
         )
     return str(DEFAULT_MODEL)
 

@@ -1,23 +1,33 @@
 """`geoloc publish`: push a checkpoint, its model card and its evaluation results to the Hugging Face Hub,
 and optionally the Gradio Space that demos it.
 
-What the model repo receives, in one commit: the checkpoint folder as `save_pretrained` wrote it (config,
-weights with the GeoCLIP gallery or the GeoHier cell table, `preprocessor_config.json`, tokenizer files),
-`README.md` rendered from `hub_cards/<model_type>.md` with `huggingface_hub.ModelCard` (its YAML carries a
-`model-index` entry for every benchmark x metric of the given `geoloc evaluate` folders), and
-`eval_results/<dataset>.json` (each folder's metrics.json). With `--space`, the Space repo receives what
-`geoloc space` assembles (`spaces/geolocation/` plus the package sources), its README's YAML (the Space
-card of `spaces/geolocation/README.md`) gains `models: [<repo-id>]`, and its `GEOLOC_MODEL` variable is
-set to the model repo, which the app loads.
+What the model repo receives, in one commit (`hub_files` computes the set; `--local-dir` writes it to a folder
+instead, with no network):
+- from the checkpoint folder, only what `save_pretrained` writes (`checkpoint_files`): config.json,
+  model.safetensors (or its shards + index; the GeoCLIP gallery or the GeoHier cell table are inside),
+  preprocessor_config.json and tokenizer files. Training state (`checkpoints/`, TensorBoard logs, `log.jsonl`,
+  `train_summary.json`, pickles) and anything else in the folder stay local;
+- the model's remote code (`geoloc.remote_code`): its modeling folder's source files, with `auto_map` added to
+  config.json and preprocessor_config.json, so that `AutoModel` / `AutoImageProcessor.from_pretrained(repo,
+  trust_remote_code=True)` work without this package;
+- `README.md` rendered from `hub_cards/<model_type>.md` with `huggingface_hub.ModelCard` (its YAML carries a
+  `model-index` entry for every benchmark x metric of the given `geoloc evaluate` folders);
+- `eval_results/<dataset>.json`: each folder's metrics.json without local paths (`eval_record`).
+With `--space`, the Space repo receives what `geoloc space` assembles (`spaces/geolocation/` plus the package
+sources), its README's YAML (the Space card of `spaces/geolocation/README.md`) gains `models: [<repo-id>]`, and
+its `GEOLOC_MODEL` variable is set to the model repo, which the app loads.
 
 Example:
     geoloc publish ./checkpoints/geoclip --repo-id me/geoclip-vit-l14 --eval-dir eval/im2gps3k \\
         --eval-dir eval/yfcc4k --space
+    geoloc publish ./checkpoints/geoclip --repo-id me/geoclip-vit-l14 --local-dir repo/   # offline, inspect
 """
 
 import argparse
 import json
 import os
+import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -28,6 +38,7 @@ from transformers import AutoConfig
 
 from .benchmarks import BENCHMARKS
 from .metrics import DEFAULT_THRESHOLDS_KM, threshold_key
+from .remote_code import auto_maps, remote_code_files
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CARDS_DIR = REPO_ROOT / "hub_cards"
@@ -44,6 +55,17 @@ DEFAULT_TRAINING_DATA = (
     "geotagged Flickr photos from YFCC100M, without the photographers of the Im2GPS test sets)."
 )
 SKIPPED_NAMES = {"__pycache__", ".git", ".cache", ".gitattributes"}
+# What `save_pretrained` of a model, image processor or tokenizer writes: the only files of a checkpoint folder
+# that are uploaded. Never pickles (`*.bin`, `*.pt`, `*.pkl`), training state or logs.
+CHECKPOINT_FILES = (
+    "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+    "preprocessor_config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
+)
+WEIGHT_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+# The keys of a `geoloc evaluate` metrics.json that are published (no local paths: `model` is dropped and
+# `dataset` becomes the benchmark's id or the dataset folder's name).
+EVAL_RECORD_KEYS = (*METRIC_NAMES, "n", "n_unreadable", "top_k", "best_of_top_k")
 
 
 def load_eval_results(eval_dirs) -> list[dict]:
@@ -128,25 +150,123 @@ def render_model_card(config, repo_id: str, results: list[dict], training_data: 
     )
 
 
-def _folder_operations(folder: Path, skip=()) -> list[CommitOperationAdd]:
-    """One `CommitOperationAdd` per file under `folder` (sorted), leaving out caches, VCS files and `skip`."""
+def _folder_operations(folder: Path) -> list[CommitOperationAdd]:
+    """One `CommitOperationAdd` per file under `folder` (sorted), leaving out caches and VCS files."""
     operations = []
     for path in sorted(folder.rglob("*")):
         relative = path.relative_to(folder)
-        if path.is_file() and not SKIPPED_NAMES & set(relative.parts) and relative.as_posix() not in skip:
+        if path.is_file() and not SKIPPED_NAMES & set(relative.parts):
             operations.append(CommitOperationAdd(path_in_repo=relative.as_posix(), path_or_fileobj=str(path)))
     return operations
+
+
+def checkpoint_files(folder) -> list[Path]:
+    """The files of a checkpoint folder that go to the Hub: what `save_pretrained` writes (`CHECKPOINT_FILES`
+    and weight shards), top level only, sorted. A `geoloc train` output folder's training state, logs and
+    summaries are left out.
+
+    Raises:
+        ValueError: when the folder has no config.json, no safetensors weights, or no preprocessor_config.json.
+
+    Example:
+        >>> [path.name for path in checkpoint_files("runs/geoclip-tiny")]  # doctest: +SKIP
+        ['config.json', 'model.safetensors', 'preprocessor_config.json', 'tokenizer.json', 'tokenizer_config.json']
+    """
+    folder = Path(folder)
+    for required, hint in (("config.json", "it is not a checkpoint folder"),
+                           ("preprocessor_config.json", "save the image processor next to the model")):
+        if not (folder / required).is_file():
+            raise ValueError(f"'{folder}' has no {required}: {hint}.")
+    files = sorted(path for path in folder.iterdir()
+                   if path.is_file() and (path.name in CHECKPOINT_FILES or WEIGHT_SHARD.fullmatch(path.name)))
+    if not any(path.name in ("model.safetensors", "model.safetensors.index.json") for path in files):
+        raise ValueError(f"'{folder}' has no model.safetensors (pickled *.bin weights are never uploaded: save the "
+                         "model with save_pretrained, which writes safetensors).")
+    return files
+
+
+def eval_record(metrics: dict) -> dict:
+    """What `eval_results/<dataset>.json` publishes of a `geoloc evaluate` metrics.json: the metrics and counts,
+    with `dataset` reduced to the benchmark's id or the dataset folder's name and no local path."""
+    return {"dataset": _dataset_ids(metrics["dataset"])[1],
+            **{key: metrics[key] for key in EVAL_RECORD_KEYS if key in metrics}}
+
+
+def _with_auto_map(source: Path, destination: Path, auto_map: dict, image_processor: str | None = None) -> None:
+    """Copy a JSON settings file, adding `auto_map` (and naming the model's own image processor class)."""
+    settings = json.loads(source.read_text())
+    settings["auto_map"] = auto_map
+    if image_processor is not None:
+        settings["image_processor_type"] = image_processor
+    destination.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+
+
+def hub_files(checkpoint, repo_id: str, staging, *, eval_dirs=(), training_data: str = DEFAULT_TRAINING_DATA,
+              license: str = "mit") -> dict[str, Path]:
+    """Every file the model repo receives, as `{path in repo: file}`: the one place that decides what is
+    uploaded (`publish`, `geoloc publish --local-dir` and `geoloc train --push-to-hub` use it).
+
+    Allow-listed checkpoint files are referenced where they are; the files made for the repo (card, eval
+    results, config.json and preprocessor_config.json with `auto_map`, the modeling source files) are written
+    under `staging`, an empty folder that must live as long as the result is used.
+
+    Args:
+        checkpoint: a folder written by `save_pretrained` (model + image processor, and tokenizer for GeoCLIP),
+            e.g. a `geoloc train` output folder.
+        repo_id: the model repo, `namespace/name` (named in the card).
+        staging: a folder for the generated files.
+        eval_dirs: `geoloc evaluate` output folders whose metrics go into the card and `eval_results/`.
+
+    Raises:
+        ValueError: on a folder without config.json, weights or image processor, an unpublishable model type, or
+            bad eval dirs.
+    """
+    checkpoint, staging = Path(checkpoint), Path(staging)
+    files = {path.name: path for path in checkpoint_files(checkpoint)}
+    results = load_eval_results(eval_dirs)
+    config = AutoConfig.from_pretrained(checkpoint)
+    code = remote_code_files(config.model_type)
+    processor_class = auto_maps(config.model_type)["preprocessor_config.json"]["AutoImageProcessor"]
+    (staging / "eval_results").mkdir(parents=True, exist_ok=True)
+    for name, auto_map in auto_maps(config.model_type).items():
+        _with_auto_map(files[name], staging / name, auto_map,
+                       processor_class.split(".")[-1] if name == "preprocessor_config.json" else None)
+        files[name] = staging / name
+    files.update(code)
+    render_model_card(config, repo_id, results, training_data, license).save(staging / "README.md")
+    files["README.md"] = staging / "README.md"
+    for metrics in results:
+        record = eval_record(metrics)
+        path = staging / "eval_results" / f"{record['dataset'].replace('/', '--')}.json"
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        files[f"eval_results/{path.name}"] = path
+    return dict(sorted(files.items()))
+
+
+def write_local_repo(checkpoint, repo_id: str, output_dir, **options) -> list[str]:
+    """Write the files `publish` would upload to `output_dir` (absent or empty) instead, with no network; returns
+    their paths in the repo. `options` as for `hub_files`."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
+        raise ValueError(f"--local-dir '{output_dir}' must be a new or empty folder, so it holds exactly the repo.")
+    with tempfile.TemporaryDirectory(prefix="geoloc-publish-") as staging:
+        files = hub_files(checkpoint, repo_id, staging, **options)
+        for name, source in files.items():
+            (output_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, output_dir / name)
+    return list(files)
 
 
 def publish(model, repo_id: str, *, image_processor=None, eval_dirs=(), private: bool = False,
             revision: str | None = None, create_pr: bool = False, space_id: str | None = None,
             training_data: str = DEFAULT_TRAINING_DATA, token: str | None = None,
             api: HfApi | None = None) -> dict:
-    """Push a checkpoint with its card and results to `repo_id` (and the Space to `space_id`).
+    """Push a checkpoint with its card, remote code and results to `repo_id` (and the Space to `space_id`).
 
     Args:
-        model: a checkpoint folder written by `save_pretrained`, or a model object (then `image_processor`
-            is required; both are saved with `save_pretrained`, gallery / cell table included).
+        model: a checkpoint folder written by `save_pretrained` (only `checkpoint_files` of it are uploaded), or
+            a model object (then `image_processor` is required; both are saved with `save_pretrained`, gallery /
+            cell table included).
         repo_id: the model repo, `namespace/name`; created if missing.
         eval_dirs: `geoloc evaluate` output folders whose metrics go into the card and `eval_results/`.
         private, revision, create_pr: passed to `create_repo` / `create_commit`.
@@ -157,31 +277,24 @@ def publish(model, repo_id: str, *, image_processor=None, eval_dirs=(), private:
         `{"model": CommitInfo, "space": CommitInfo or None}`.
 
     Raises:
-        ValueError: on a folder without config.json, a model object without image processor, or bad eval dirs.
+        ValueError: as `hub_files`, or on a model object without image processor.
+
+    Example:
+        >>> publish("runs/geoclip-tiny", "me/geoclip-tiny", eval_dirs=["eval/im2gps3k"])  # doctest: +SKIP
     """
     api = api or HfApi(token=token)
-    results = load_eval_results(eval_dirs)
     with tempfile.TemporaryDirectory(prefix="geoloc-publish-") as staging:
         staging = Path(staging)
         if isinstance(model, (str, os.PathLike)):
             checkpoint = Path(model)
-            if not (checkpoint / "config.json").is_file():
-                raise ValueError(f"'{checkpoint}' is not a checkpoint folder: it has no config.json.")
         else:
             if image_processor is None:
                 raise ValueError("Publishing a model object needs its image_processor (saved next to it).")
             checkpoint = staging / "checkpoint"
             model.save_pretrained(checkpoint)
             image_processor.save_pretrained(checkpoint)
-        config = AutoConfig.from_pretrained(checkpoint)
-        extras = staging / "extras"
-        (extras / "eval_results").mkdir(parents=True)
-        render_model_card(config, repo_id, results, training_data).save(extras / "README.md")
-        for metrics in results:
-            name = _dataset_ids(metrics["dataset"])[1].replace("/", "--")
-            with open(extras / "eval_results" / f"{name}.json", "w") as handle:
-                json.dump(metrics, handle, indent=2)
-        operations = _folder_operations(checkpoint, skip={"README.md"}) + _folder_operations(extras)
+        files = hub_files(checkpoint, repo_id, staging / "repo", eval_dirs=eval_dirs, training_data=training_data)
+        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in files.items()]
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         model_commit = api.create_commit(
             repo_id, operations, commit_message="Upload checkpoint, model card and evaluation results with geoloc",
@@ -222,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--training-data", default=DEFAULT_TRAINING_DATA,
                         help="what the checkpoint was trained on (a sentence or two for the card)")
     parser.add_argument("--token", default=None, help="Hub token (default: the logged-in one / HF_TOKEN)")
+    parser.add_argument("--local-dir", default=None,
+                        help="write the files the model repo would receive to this new folder instead (no network)")
     return parser
 
 
@@ -230,6 +345,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.space_id and not args.space:
         parser.error("--space-id needs --space")
+    if args.local_dir is not None:
+        if args.space or args.private or args.revision or args.create_pr:
+            parser.error("--local-dir writes the model repo only: it takes no --space, --private, --revision or "
+                         "--create-pr (assemble the Space with `geoloc space`)")
+        names = write_local_repo(args.model_dir, args.repo_id, args.local_dir, eval_dirs=args.eval_dir,
+                                 training_data=args.training_data)
+        print(f"wrote {len(names)} files to {args.local_dir}: {', '.join(names)}")
+        return 0
     space_id = (args.space_id or f"{args.repo_id}-demo") if args.space else None
     commits = publish(
         args.model_dir, args.repo_id, eval_dirs=args.eval_dir, private=args.private, revision=args.revision,

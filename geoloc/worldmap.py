@@ -26,7 +26,7 @@ import datasets
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from .geodesy import validate_coordinates
+from .geodesy import validate_lat_lon
 
 MAP_FILE = "natural-earth-50m-shaded-relief-720x360.png"
 DEGREES_PER_PIXEL = 0.5
@@ -49,7 +49,7 @@ def coordinates_to_pixels(latitudes, longitudes) -> tuple[np.ndarray, np.ndarray
         >>> coordinates_to_pixels([90.0], [-180.0])
         (array([0.]), array([0.]))
     """
-    latitudes, longitudes = validate_coordinates(latitudes, longitudes)
+    latitudes, longitudes = validate_lat_lon(latitudes, longitudes)
     return (90.0 - latitudes) / DEGREES_PER_PIXEL, (longitudes + 180.0) / DEGREES_PER_PIXEL
 
 

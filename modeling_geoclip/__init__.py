@@ -4,16 +4,11 @@
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
 from .configuration_geoclip import GeoCLIPConfig, GeoCLIPLocationEncoderConfig
-from .modeling_geoclip import (
-    GeoCLIPLocationEncoder,
-    GeoCLIPModel,
-    GeoCLIPOutput,
-    GeolocationOutput,
-    check_top_k,
-    validate_locations,
-)
+from .geo_common import GeolocationOutput, check_top_k, validate_locations
+from .geo_image_processing import load_image
+from .modeling_geoclip import GeoCLIPLocationEncoder, GeoCLIPModel, GeoCLIPOutput
 from .pipeline_geoclip import ImageGeolocationPipeline  # registers the image-geolocation pipeline
-from .processing_geoclip import GeoCLIPImageProcessor, byte_level_clip_tokenizer, load_image
+from .processing_geoclip import GeoCLIPImageProcessor, byte_level_clip_tokenizer
 
 AutoConfig.register(GeoCLIPConfig.model_type, GeoCLIPConfig, exist_ok=True)
 AutoConfig.register(GeoCLIPLocationEncoderConfig.model_type, GeoCLIPLocationEncoderConfig, exist_ok=True)

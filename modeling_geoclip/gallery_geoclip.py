@@ -21,7 +21,7 @@ Backends (`GeoCLIPModel.set_gallery(locations, backend=..., **options)`):
   That estimator is unbiased for the non-retrieved mass; since the retrieved candidates hold nearly all of it
   for a peaked query, the probabilities of the top hits are close to the exact softmax (tests bound the error).
 
-This module imports only torch and numpy; `faiss` is imported lazily inside the `faiss` backend.
+This module imports only torch, numpy and transformers; `faiss` is imported lazily inside the `faiss` backend.
 """
 
 import math
@@ -31,9 +31,10 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
+from .geo_common import EARTH_MEAN_RADIUS_KM
+
 GALLERY_BACKENDS = ("exact", "faiss")
 EMBEDDING_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-EARTH_RADIUS_KM = 6371.0088
 
 # `embed(rows)`: (R,) int64 gallery rows -> (R, D) float32 L2-normalised embeddings of those rows.
 EmbedRows = Callable[[torch.Tensor], torch.Tensor]
@@ -307,7 +308,7 @@ def sample_around(
     locations = locations.to(torch.float64)
     shape = (len(locations), num_samples)
     bearing = torch.rand(shape, generator=generator, dtype=torch.float64) * 2 * math.pi
-    angle = torch.randn(shape, generator=generator, dtype=torch.float64).abs() * radius_km / EARTH_RADIUS_KM
+    angle = torch.randn(shape, generator=generator, dtype=torch.float64).abs() * radius_km / EARTH_MEAN_RADIUS_KM
     lat0, lon0 = torch.deg2rad(locations[:, :1]), torch.deg2rad(locations[:, 1:])
     sin_lat = torch.sin(lat0) * torch.cos(angle) + torch.cos(lat0) * torch.sin(angle) * torch.cos(bearing)
     latitude = torch.asin(sin_lat.clamp(-1, 1))

@@ -18,12 +18,6 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput, logging
 
 from .configuration_geoclip import GeoCLIPConfig, GeoCLIPLocationEncoderConfig
-from .integrity import (
-    check_config_against_checkpoint,
-    check_finite_answer,
-    check_finite_tensors,
-    tensor_sha256,
-)
 from .gallery_geoclip import (
     EMBEDDING_DTYPES,
     FaissGallery,
@@ -31,74 +25,21 @@ from .gallery_geoclip import (
     refine_hits,
     resolve_gallery_options,
 )
+from .geo_common import (
+    GeolocationOutput,
+    StrictFromPretrainedMixin,
+    check_top_k,
+    from_microdegrees,
+    to_microdegrees,
+    validate_locations,
+)
+from .integrity import check_finite_answer, tensor_sha256
 
 logger = logging.get_logger(__name__)
-
-# Gallery coordinates are stored as integer micro-degrees so that `model.to(torch.bfloat16)` or
-# `from_pretrained(..., dtype=...)` can never round them (bf16 keeps ~3 significant digits).
-MICRODEGREES = 1_000_000
-
-
-def to_microdegrees(locations: torch.Tensor) -> torch.Tensor:
-    """(N, 2) degrees -> (N, 2) int32 micro-degrees, the dtype-proof storage of coordinates."""
-    return torch.round(locations.to(torch.float64) * MICRODEGREES).to(torch.int32)
-
-
-def from_microdegrees(coordinates: torch.Tensor) -> torch.Tensor:
-    """(..., 2) int32 micro-degrees -> float64 degrees."""
-    return coordinates.to(torch.float64) / MICRODEGREES
 
 # Equal Earth projection constants (Šavrič, Patterson & Jenny 2018), as in the official GeoCLIP code.
 _A1, _A2, _A3, _A4 = 1.340264, -0.081106, 0.000893, 0.003796
 _SCALE = 66.50336
-
-
-def validate_locations(locations, name: str = "locations") -> torch.Tensor:
-    """Check GPS coordinates and return them as a floating tensor of shape (N, 2), (latitude, longitude).
-
-    The one place where coordinates are validated: latitudes must lie in [-90, 90], longitudes in
-    [-180, 180], all finite. Nothing is wrapped or clipped.
-
-    Args:
-        locations: tensor, numpy array or nested list of shape (N, 2), degrees.
-        name: how the argument is called in error messages.
-
-    Raises:
-        ValueError: naming the first bad row and value.
-
-    Example:
-        >>> validate_locations([[48.8566, 2.3522]]).shape
-        torch.Size([1, 2])
-    """
-    if not isinstance(locations, torch.Tensor):
-        try:
-            locations = torch.as_tensor(np.asarray(locations, dtype=np.float64))
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"{name} must be numbers of shape (N, 2) as (latitude, longitude): {error}") from None
-    if locations.ndim != 2 or locations.shape[-1] != 2:
-        raise ValueError(f"{name} must have shape (N, 2) as (latitude, longitude), got {tuple(locations.shape)}.")
-    if not locations.is_floating_point():
-        locations = locations.float()
-    checks = (
-        (~torch.isfinite(locations).all(dim=1), "coordinates must be finite (no NaN or inf)"),
-        (locations[:, 0].abs() > 90, "latitude must be in [-90, 90]"),
-        (locations[:, 1].abs() > 180, "longitude must be in [-180, 180]"),
-    )
-    for bad, rule in checks:
-        if bad.any():
-            row = int(bad.nonzero()[0, 0])
-            lat, lon = locations[row].tolist()
-            raise ValueError(f"{name}[{row}] = ({lat}, {lon}): {rule} (degrees, (latitude, longitude) order).")
-    return locations
-
-
-def check_top_k(top_k, gallery_size: int) -> int:
-    """Return `top_k` as an int, or raise ValueError unless 1 <= top_k <= gallery_size."""
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
-        raise ValueError(f"top_k must be an integer, got {top_k!r}.")
-    if not 1 <= top_k <= gallery_size:
-        raise ValueError(f"top_k must be between 1 and {gallery_size} (the number of candidates), got {top_k}.")
-    return int(top_k)
 
 
 def equal_earth_projection(locations: torch.Tensor) -> torch.Tensor:
@@ -110,26 +51,6 @@ def equal_earth_projection(locations: torch.Tensor) -> torch.Tensor:
     x = (2 * sqrt3 * longitude * torch.cos(theta)) / denominator
     y = _A4 * theta**9 + _A3 * theta**7 + _A2 * theta**3 + _A1 * theta
     return (torch.stack((x, y), dim=1) * _SCALE) / 180
-
-
-@dataclass
-class GeolocationOutput(ModelOutput):
-    """The answer of `geolocate`, shared by every model of this package.
-
-    Args:
-        latitudes (`torch.FloatTensor` of shape `(batch_size, top_k)`): predicted latitudes, degrees, best first.
-        longitudes (`torch.FloatTensor` of shape `(batch_size, top_k)`): predicted longitudes, degrees.
-        probabilities (`torch.FloatTensor` of shape `(batch_size, top_k)`): the model's probability of each
-            prediction (for GeoCLIP, the softmax over the whole gallery; `GeoCLIPModel.set_gallery` says how each
-            gallery backend computes it).
-        indices (`torch.LongTensor` of shape `(batch_size, top_k)`): gallery rows of the predictions (-1 for
-            points found by GeoCLIP's `refine=True` around the hits).
-    """
-
-    latitudes: torch.Tensor | None = None
-    longitudes: torch.Tensor | None = None
-    probabilities: torch.Tensor | None = None
-    indices: torch.Tensor | None = None
 
 
 @dataclass
@@ -152,7 +73,7 @@ class GeoCLIPOutput(ModelOutput):
     location_embeds: torch.Tensor | None = None
 
 
-class GeoCLIPPreTrainedModel(PreTrainedModel):
+class GeoCLIPPreTrainedModel(StrictFromPretrainedMixin, PreTrainedModel):
     config: GeoCLIPConfig
     base_model_prefix = "geoclip"
     main_input_name = "pixel_values"
@@ -161,44 +82,6 @@ class GeoCLIPPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     # Random Fourier features at sigma=256 need fp32: bf16 would scramble the phases.
     _keep_in_fp32_modules = ["location_encoder"]
-
-    @classmethod
-    def from_pretrained(cls, *args, strict: bool = True, output_loading_info: bool = False, **kwargs):
-        """`PreTrainedModel.from_pretrained`, but a checkpoint with missing, unexpected or wrongly shaped
-        weights raises a `ValueError` naming them (transformers v5 only logs the first two and randomly
-        initialises what is missing). `strict=False` loads a partial checkpoint on purpose;
-        `ignore_mismatched_sizes=True` re-initialises wrongly shaped weights, as in transformers.
-
-        Also a `ValueError`, naming the tensor: a config whose sizes disagree with the safetensors header
-        (checked before anything is allocated), NaN/inf in a weight or buffer, and what `check_loaded_state`
-        refuses (see `modeling_geoclip.integrity`)."""
-        ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
-        pretrained = args[0] if args else kwargs.get("pretrained_model_name_or_path")
-        if not ignore_mismatched_sizes and pretrained is not None and kwargs.get("state_dict") is None:
-            check_config_against_checkpoint(cls, pretrained, kwargs)
-        model, info = super().from_pretrained(
-            *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
-        )
-        problems = {
-            "missing": sorted(info["missing_keys"]) if strict else [],
-            "unexpected": sorted(info["unexpected_keys"]) if strict else [],
-            "wrong shape (checkpoint vs model)": [
-                f"{key}: {tuple(checkpoint)} vs {tuple(expected)}"
-                for key, checkpoint, expected in sorted(info["mismatched_keys"])
-            ] if not ignore_mismatched_sizes else [],
-        }
-        details = "; ".join(f"{kind}: {keys}" for kind, keys in problems.items() if keys)
-        if details:
-            raise ValueError(
-                f"The checkpoint does not match {cls.__name__} ({details}). Pass strict=False to load a partial "
-                "checkpoint, ignore_mismatched_sizes=True to re-initialise wrongly shaped weights."
-            )
-        check_finite_tensors(model)
-        model.check_loaded_state()
-        return (model, info) if output_loading_info else model
-
-    def check_loaded_state(self) -> None:
-        """Checks of a loaded checkpoint beyond shapes and finiteness (called by `from_pretrained`); none here."""
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -236,19 +119,11 @@ class GeoCLIPCapsule(nn.Module):
         self.layers = nn.Sequential(*layers)
         self.head = nn.Linear(width, config.projection_dim)
 
-    def _apply(self, fn, recurse=True):
-        # `model.to(torch.bfloat16)` must not round the Fourier matrix (entries up to ~1000 at sigma=256, where
-        # bf16 keeps 3 digits): move it to the new device but keep its fp32 values.
-        rff_matrix = self.rff_matrix
-        super()._apply(fn, recurse)
-        self.rff_matrix = rff_matrix.to(device=self.rff_matrix.device)
-        return self
-
     def forward(self, projected: torch.Tensor) -> torch.Tensor:
-        # Phases in fp32 whatever the model dtype; same operation order as the official `rff` package.
-        phases = 2 * np.pi * projected.float() @ self.rff_matrix.float().T
-        features = torch.cat((torch.cos(phases), torch.sin(phases)), dim=-1).to(self.head.weight.dtype)
-        return self.head(self.layers(features))
+        """(N, 2) fp32 Equal Earth coordinates -> (N, projection_dim); same operation order as the official `rff`
+        package. Runs in fp32: `GeoCLIPLocationEncoder` turns autocast off and keeps these weights fp32."""
+        phases = 2 * np.pi * projected @ self.rff_matrix.T
+        return self.head(self.layers(torch.cat((torch.cos(phases), torch.sin(phases)), dim=-1)))
 
 
 class GeoCLIPLocationEncoder(GeoCLIPPreTrainedModel):
@@ -270,19 +145,31 @@ class GeoCLIPLocationEncoder(GeoCLIPPreTrainedModel):
         self.capsules = nn.ModuleList(GeoCLIPCapsule(config, sigma) for sigma in config.sigmas)
         self.post_init()
 
+    def _apply(self, fn, recurse=True):
+        # `model.to(torch.bfloat16)` / `.half()` must not reach the encoder: at sigma=256 the Fourier phases are
+        # ~1e3 rad, which bf16 (3 significant digits) scrambles. Its fp32 tensors follow device moves only, with
+        # their original values (taken before the cast, so nothing is rounded).
+        def keep_fp32(tensor: torch.Tensor) -> torch.Tensor:
+            converted = fn(tensor)
+            if tensor.dtype == torch.float32 and converted.dtype in (torch.float16, torch.bfloat16):
+                return tensor.to(converted.device)
+            return converted
+
+        return super()._apply(keep_fp32, recurse)
+
     def forward(self, locations: torch.Tensor) -> torch.Tensor:
         """Args: locations (`torch.Tensor` of shape `(N, 2)`): (latitude, longitude) in degrees.
 
-        Returns: `torch.FloatTensor` of shape `(N, projection_dim)`, unnormalised.
+        Returns: `torch.FloatTensor` of shape `(N, projection_dim)`, unnormalised, always computed in fp32 (autocast
+        is turned off inside: under bf16/fp16 autocast the sigma=256 phases would lose their meaning).
         """
         locations = validate_locations(locations)
-        projected = equal_earth_projection(locations.to(self.capsules[0].rff_matrix.device, torch.float32))
-        embeddings = torch.zeros(
-            projected.shape[0], self.config.projection_dim, device=projected.device,
-            dtype=self.capsules[0].head.weight.dtype,
-        )
-        for capsule in self.capsules:
-            embeddings += capsule(projected)
+        device = self.capsules[0].rff_matrix.device
+        with torch.autocast(device_type=device.type, enabled=False):
+            projected = equal_earth_projection(locations.to(device, torch.float32))
+            embeddings = self.capsules[0](projected)
+            for capsule in self.capsules[1:]:
+                embeddings = embeddings + capsule(projected)
         return embeddings
 
 
@@ -687,8 +574,5 @@ __all__ = [
     "GeoCLIPModel",
     "GeoCLIPOutput",
     "GeoCLIPPreTrainedModel",
-    "GeolocationOutput",
-    "check_top_k",
     "equal_earth_projection",
-    "validate_locations",
 ]

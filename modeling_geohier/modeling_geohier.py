@@ -20,65 +20,15 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_geohier import GeoHierConfig
-from .integrity import check_config_against_checkpoint, check_finite_answer, check_finite_tensors
-
-# Cell centroids are stored as integer micro-degrees so that casting the model to bf16/fp16 never rounds them.
-MICRODEGREES = 1_000_000
-
-
-def validate_locations(locations, name: str = "locations") -> torch.Tensor:
-    """Check GPS coordinates and return them as a floating tensor of shape (N, 2), (latitude, longitude).
-
-    Verbatim copy of `modeling_geoclip.validate_locations` (same messages); repeated here because this folder is
-    loaded as remote code without `modeling_geoclip`, so it cannot import it.
-
-    The one place where coordinates are validated: latitudes must lie in [-90, 90], longitudes in
-    [-180, 180], all finite. Nothing is wrapped or clipped.
-
-    Args:
-        locations: tensor, numpy array or nested list of shape (N, 2), degrees.
-        name: how the argument is called in error messages.
-
-    Raises:
-        ValueError: naming the first bad row and value.
-
-    Example:
-        >>> validate_locations([[48.8566, 2.3522]]).shape
-        torch.Size([1, 2])
-    """
-    if not isinstance(locations, torch.Tensor):
-        try:
-            locations = torch.as_tensor(np.asarray(locations, dtype=np.float64))
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"{name} must be numbers of shape (N, 2) as (latitude, longitude): {error}") from None
-    if locations.ndim != 2 or locations.shape[-1] != 2:
-        raise ValueError(f"{name} must have shape (N, 2) as (latitude, longitude), got {tuple(locations.shape)}.")
-    if not locations.is_floating_point():
-        locations = locations.float()
-    checks = (
-        (~torch.isfinite(locations).all(dim=1), "coordinates must be finite (no NaN or inf)"),
-        (locations[:, 0].abs() > 90, "latitude must be in [-90, 90]"),
-        (locations[:, 1].abs() > 180, "longitude must be in [-180, 180]"),
-    )
-    for bad, rule in checks:
-        if bad.any():
-            row = int(bad.nonzero()[0, 0])
-            lat, lon = locations[row].tolist()
-            raise ValueError(f"{name}[{row}] = ({lat}, {lon}): {rule} (degrees, (latitude, longitude) order).")
-    return locations
-
-
-def check_top_k(top_k, n_candidates: int) -> int:
-    """Return `top_k` as an int, or raise ValueError unless 1 <= top_k <= n_candidates.
-
-    Same contract as `modeling_geoclip.check_top_k`; repeated here because this folder is loaded as remote code
-    without `modeling_geoclip`.
-    """
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
-        raise ValueError(f"top_k must be an integer, got {top_k!r}.")
-    if not 1 <= top_k <= n_candidates:
-        raise ValueError(f"top_k must be between 1 and {n_candidates} (the number of fine cells), got {top_k}.")
-    return int(top_k)
+from .geo_common import (
+    GeolocationOutput,
+    StrictFromPretrainedMixin,
+    check_top_k,
+    from_microdegrees,
+    to_microdegrees,
+    validate_locations,
+)
+from .integrity import check_finite_answer
 
 
 def s2_token_to_id(token: str) -> int:
@@ -124,9 +74,8 @@ class GeoHierOutput(ModelOutput):
 
 
 @dataclass
-class GeoHierGeolocationOutput(ModelOutput):
-    """The answer of [`GeoHierModel.geolocate`]; its first three fields mean what they mean in
-    `modeling_geoclip.GeolocationOutput`.
+class GeoHierGeolocationOutput(GeolocationOutput):
+    """The answer of [`GeoHierModel.geolocate`]: the shared `GeolocationOutput` fields plus GeoHier's extras.
 
     Args:
         latitudes (`torch.FloatTensor` of shape `(B, top_k)`): centroid latitudes of the best fine cells, degrees.
@@ -142,10 +91,6 @@ class GeoHierGeolocationOutput(ModelOutput):
         cross_attentions (`torch.FloatTensor`, *optional*): with `output_attentions=True`, as in `GeoHierOutput`.
     """
 
-    latitudes: torch.Tensor | None = None
-    longitudes: torch.Tensor | None = None
-    probabilities: torch.Tensor | None = None
-    indices: torch.Tensor | None = None
     level_probabilities: tuple[torch.Tensor, ...] | None = None
     scene_probabilities: torch.Tensor | None = None
     selected_scenes: torch.Tensor | None = None
@@ -263,7 +208,7 @@ class GeoHierDecoderLayer(nn.Module):
         return queries + self.dropout(update), cross_weights
 
 
-class GeoHierPreTrainedModel(PreTrainedModel):
+class GeoHierPreTrainedModel(StrictFromPretrainedMixin, PreTrainedModel):
     config: GeoHierConfig
     base_model_prefix = "geohier"
     main_input_name = "pixel_values"
@@ -271,47 +216,6 @@ class GeoHierPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = False
     _supports_sdpa = True
     _no_split_modules = ["GeoHierDecoderLayer"]
-
-    # Same as `modeling_geoclip.GeoCLIPPreTrainedModel.from_pretrained`; repeated here because this folder is
-    # loaded as remote code without `modeling_geoclip`, so it cannot import it.
-    @classmethod
-    def from_pretrained(cls, *args, strict: bool = True, output_loading_info: bool = False, **kwargs):
-        """`PreTrainedModel.from_pretrained`, but a checkpoint with missing, unexpected or wrongly shaped
-        weights raises a `ValueError` naming them (transformers v5 only logs the first two and randomly
-        initialises what is missing; a missing `cell_table.*` buffer would silently be zeros). `strict=False`
-        loads a partial checkpoint on purpose; `ignore_mismatched_sizes=True` re-initialises wrongly shaped
-        weights, as in transformers.
-
-        Also a `ValueError`, naming the tensor: a config whose sizes disagree with the safetensors header
-        (checked before anything is allocated), NaN/inf in a weight or buffer, and what `check_loaded_state`
-        refuses (see `modeling_geohier.integrity`)."""
-        ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
-        pretrained = args[0] if args else kwargs.get("pretrained_model_name_or_path")
-        if not ignore_mismatched_sizes and pretrained is not None and kwargs.get("state_dict") is None:
-            check_config_against_checkpoint(cls, pretrained, kwargs)
-        model, info = super().from_pretrained(
-            *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
-        )
-        problems = {
-            "missing": sorted(info["missing_keys"]) if strict else [],
-            "unexpected": sorted(info["unexpected_keys"]) if strict else [],
-            "wrong shape (checkpoint vs model)": [
-                f"{key}: {tuple(checkpoint)} vs {tuple(expected)}"
-                for key, checkpoint, expected in sorted(info["mismatched_keys"])
-            ] if not ignore_mismatched_sizes else [],
-        }
-        details = "; ".join(f"{kind}: {keys}" for kind, keys in problems.items() if keys)
-        if details:
-            raise ValueError(
-                f"The checkpoint does not match {cls.__name__} ({details}). Pass strict=False to load a partial "
-                "checkpoint, ignore_mismatched_sizes=True to re-initialise wrongly shaped weights."
-            )
-        check_finite_tensors(model)
-        model.check_loaded_state()
-        return (model, info) if output_loading_info else model
-
-    def check_loaded_state(self) -> None:
-        """Checks of a loaded checkpoint beyond shapes and finiteness (called by `from_pretrained`); none here."""
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -557,7 +461,7 @@ class GeoHierModel(GeoHierPreTrainedModel):
                 raise ValueError(f"Level {level}: counts must be {expected} integers >= 0.")
             levels.append({
                 "cell_ids": torch.tensor([s2_token_to_id(token) for token in tokens], dtype=torch.long),
-                "centroids": torch.from_numpy(np.round(coordinates * MICRODEGREES).astype(np.int32)),
+                "centroids": to_microdegrees(coordinates),
                 "parents": torch.from_numpy(parents),
                 "counts": torch.from_numpy(counts),
             })
@@ -583,7 +487,7 @@ class GeoHierModel(GeoHierPreTrainedModel):
         """The stored cell table in the form `set_cell_table` takes (numpy arrays, tokens as strings)."""
         table = []
         for level in range(self.config.num_levels):
-            centroids = self.cell_table.get("centroids", level).cpu().numpy().astype(np.float64) / MICRODEGREES
+            centroids = from_microdegrees(self.cell_table.get("centroids", level).cpu()).numpy()
             table.append({
                 "tokens": [s2_id_to_token(i) for i in self.cell_table.get("cell_ids", level).tolist()],
                 "latitudes": centroids[:, 0],
@@ -645,7 +549,7 @@ class GeoHierModel(GeoHierPreTrainedModel):
         level_probabilities = self.hierarchical_probabilities(output.logits)
         probabilities, indices = level_probabilities[-1].topk(top_k, dim=1)
         fine = self.config.num_levels - 1
-        coordinates = self.cell_table.get("centroids", fine).to(indices.device)[indices].double() / MICRODEGREES
+        coordinates = from_microdegrees(self.cell_table.get("centroids", fine).to(indices.device)[indices])
         check_finite_answer(probabilities=probabilities, scene_logits=output.scene_logits)
         return GeoHierGeolocationOutput(
             latitudes=coordinates[..., 0],
@@ -666,8 +570,6 @@ __all__ = [
     "GeoHierModel",
     "GeoHierOutput",
     "GeoHierPreTrainedModel",
-    "check_top_k",
     "s2_id_to_token",
     "s2_token_to_id",
-    "validate_locations",
 ]

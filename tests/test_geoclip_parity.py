@@ -3,9 +3,8 @@
 The wheel is read from the cache `geoloc.official_geoclip.DEFAULT_CACHE` (`~/.cache/geoloc/wheels`), where
 `.ci/run` puts it before the tests (`python -m geoloc.official_geoclip`, a `pip download --no-deps` from PyPI);
 the tests never download it and are skipped, saying how to fetch it, when it is absent. Its code is imported
-from the unpacked wheel without installing anything. The
-CLIP backbone is a tiny random one with CLIP-L's 768-d projection: the converted parts (GPS encoder,
-image MLP, logit scale, gallery) do not depend on it.
+from the unpacked wheel without installing anything. The CLIP backbone is a tiny random one with CLIP-L's
+768-d projection: the converted parts (GPS encoder, image MLP, logit scale, gallery) do not depend on it.
 """
 
 import copy
@@ -24,9 +23,9 @@ from transformers import AutoModel
 
 from geoloc import cli
 from geoloc.configs import tiny_clip_configs
+from geoloc.convert import convert_geoclip, main, read_official_geoclip
 from geoloc.official_geoclip import DEFAULT_CACHE, cached_official_wheel, load_official_geoclip
 from modeling_geoclip import GeoCLIPLocationEncoder, GeoCLIPModel
-from modeling_geoclip.convert import convert_geoclip, main, read_official_geoclip
 
 TOLERANCE = 1e-5
 # Poles, the antimeridian from both sides, their corners, the origin.
@@ -100,6 +99,21 @@ def test_location_embeddings_match_official(official, location_encoder):
         ours, reference = location_encoder(points), official.model.location_encoder(points)
     assert ours.shape == (len(points), 512)
     assert (ours - reference).abs().max().item() <= TOLERANCE
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_location_embeddings_are_fp32_under_autocast_and_half_casts(official, location_encoder, dtype):
+    """Mixed precision (what `geoloc train --mixed-precision` turns on) and `model.to(half)` leave the official
+    encoder's embeddings equal to fp32: the sigma=256 Fourier phases (~1e3 rad) would be noise in bf16/fp16."""
+    points = _test_points(official.model.gps_gallery, n_gallery=1_000, n_uniform=1_000)
+    with torch.no_grad():
+        reference = location_encoder(points)
+        with torch.autocast("cpu", dtype=dtype):
+            autocast = location_encoder(points)
+        half = copy.deepcopy(location_encoder).to(dtype)(points)
+    for embeddings in (autocast, half):
+        assert embeddings.dtype == torch.float32
+        torch.testing.assert_close(embeddings, reference, rtol=0, atol=0)
 
 
 def test_converted_gallery_matches_official(official, converted):
@@ -237,7 +251,8 @@ def test_convert_cli_errors(tmp_path, capsys):
     assert exit_info.value.code == 0
     assert "--location-encoder-only" in capsys.readouterr().out
     assert cli.main(["convert", str(tmp_path / "missing.whl"), str(tmp_path / "out")]) == 1
-    assert "geoloc convert: error: GeoCLIP source" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert error.startswith("geoloc convert: error: ") and error.count("\n") == 1 and "missing.whl does not" in error
     with zipfile.ZipFile(tmp_path / "other.whl", "w") as archive:
         archive.writestr("other/__init__.py", "")
     assert cli.main(["convert", str(tmp_path / "other.whl"), str(tmp_path / "out")]) == 1

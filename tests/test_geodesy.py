@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 from geographiclib.geodesic import Geodesic
 
-from geoloc.geodesy import geodesic_distance_km, haversine_distance_km, validate_coordinates
+from geoloc.geodesy import (
+    EARTH_MEAN_RADIUS_KM,
+    KM_PER_DEGREE,
+    geodesic_distance_km,
+    haversine_distance_km,
+    unit_vectors,
+    validate_lat_lon,
+    vector_directions,
+)
 
 # Published WGS84 geodesic distances (km): city pairs, and the meridian half-circumference
 # (pole to pole, 20,003.931 km, also the equatorial antipodal distance: the geodesic runs over a pole).
@@ -77,8 +85,26 @@ def test_rejects_bad_coordinates(distance):
         distance([0.0, 1.0], [0.0, 1.0], [0.0], [0.0])
 
 
-def test_validate_coordinates_returns_float_arrays():
-    lat, lon = validate_coordinates([48], [2])
+def test_validate_lat_lon_returns_float_arrays():
+    lat, lon = validate_lat_lon([48], [2])
     assert lat.dtype == np.float64 and lon.tolist() == [2.0]
     with pytest.raises(ValueError, match="2 latitudes but 1 longitudes"):
-        validate_coordinates([1, 2], [3])
+        validate_lat_lon([1, 2], [3])
+
+
+def test_unit_vectors_round_trip_and_degree_length():
+    rng = np.random.default_rng(0)
+    latitudes, longitudes = rng.uniform(-89.9, 89.9, 1000), rng.uniform(-179.9, 179.9, 1000)
+    vectors = unit_vectors(latitudes, longitudes)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-12)
+    back_lat, back_lon = vector_directions(vectors * rng.uniform(0.1, 10, (1000, 1)))  # any length
+    np.testing.assert_allclose(back_lat, latitudes, atol=1e-9)
+    np.testing.assert_allclose(back_lon, longitudes, atol=1e-9)
+    # the angle between unit vectors times the radius is the haversine distance
+    angle = np.arccos(np.clip((vectors[:-1] * vectors[1:]).sum(axis=1), -1, 1))
+    np.testing.assert_allclose(
+        angle * EARTH_MEAN_RADIUS_KM,
+        haversine_distance_km(latitudes[:-1], longitudes[:-1], latitudes[1:], longitudes[1:]), rtol=1e-6)
+    # one degree along a meridian on the mean sphere
+    assert haversine_distance_km(10.0, 20.0, 11.0, 20.0)[0] == pytest.approx(KM_PER_DEGREE, rel=1e-12)
+    assert KM_PER_DEGREE == pytest.approx(111.195, abs=1e-3)

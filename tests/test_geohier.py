@@ -295,10 +295,26 @@ def test_save_load_round_trip(model, tmp_path):
 
 def test_image_processor_is_registered(tmp_path):
     from modeling_geoclip import GeoCLIPImageProcessor
+    from modeling_geohier import GeoHierImageProcessor
 
-    GeoCLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    options = {"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}}
     tiny_geohier_config().save_pretrained(tmp_path)
-    assert isinstance(AutoImageProcessor.from_pretrained(tmp_path), GeoCLIPImageProcessor)
+    GeoHierImageProcessor(**options).save_pretrained(tmp_path)
+    settings = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert settings["image_processor_type"] == "GeoHierImageProcessor"
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    assert type(processor) is GeoHierImageProcessor
+    # Without a named class, the GeoHier config picks GeoHier's processor.
+    del settings["image_processor_type"]
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(settings))
+    assert type(AutoImageProcessor.from_pretrained(tmp_path)) is GeoHierImageProcessor
+    # Checkpoints saved before GeoHier had its own processor name GeoCLIP's; they load it, with the same pixels.
+    GeoCLIPImageProcessor(**options).save_pretrained(tmp_path)
+    old = AutoImageProcessor.from_pretrained(tmp_path)
+    assert type(old) is GeoCLIPImageProcessor
+    image = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    torch.testing.assert_close(old(image, return_tensors="pt").pixel_values,
+                               processor(image, return_tensors="pt").pixel_values, rtol=0, atol=0)
 
 
 def test_built_geocells_drive_the_model():

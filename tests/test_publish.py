@@ -1,7 +1,9 @@
-"""`geoloc publish` up to the Hub commit, with a recording stand-in for `HfApi`: the exact files, the card's
-YAML (model-index for every benchmark x metric) and its round trip through `ModelCard.load`."""
+"""`geoloc publish` up to the Hub commit, with a recording stand-in for `HfApi`: the exact files (an allow-list:
+never training state, logs or pickles), the remote code and `auto_map`, `--local-dir`, the card's YAML
+(model-index for every benchmark x metric) and its round trip through `ModelCard.load`."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -11,11 +13,19 @@ from huggingface_hub.repocard_data import model_index_to_eval_results
 
 from geoloc import publish as publish_module
 from geoloc.configs import TINY_IMAGE_SIZE, tiny_geoclip_config, tiny_geohier_config
-from geoloc.publish import METRIC_NAMES, main, publish, render_model_card
+from geoloc.publish import METRIC_NAMES, checkpoint_files, hub_files, main, publish, render_model_card
+from geoloc.remote_code import PACKAGES_ROOT as REPO_ROOT
 from geoloc.space import export_space
-from modeling_geoclip import GeoCLIPImageProcessor, GeoCLIPModel
+from modeling_geoclip import GeoCLIPImageProcessor, GeoCLIPModel, byte_level_clip_tokenizer
+from modeling_geohier import GeoHierModel
+from tests.test_geohier import synthetic_cells
 
 METRICS = {"im2gps3k": 0.1, "osv5m": 0.02}
+GEOCLIP_CODE = ["configuration_geoclip.py", "gallery_geoclip.py", "geo_common.py", "geo_image_processing.py",
+                "integrity.py", "modeling_geoclip.py", "processing_geoclip.py"]
+GEOHIER_CODE = ["configuration_geohier.py", "geo_common.py", "geo_image_processing.py", "image_processing_geohier.py",
+                "integrity.py", "modeling_geohier.py"]
+GENERATED = {"README.md", "config.json", "preprocessor_config.json"}  # made for the repo, not copied
 
 
 class RecordingApi:
@@ -62,7 +72,7 @@ def eval_dirs(tmp_path):
         folder.mkdir(parents=True)
         metrics = {"acc_1km": accuracy, "acc_25km": 0.2, "acc_200km": 0.3, "acc_750km": 0.5, "acc_2500km": 0.75,
                    "mean_km": 1500.123, "median_km": 600.456, "geoscore": 2500.5, "n": 100, "n_unreadable": 1,
-                   "model": "ckpt", "dataset": dataset, "top_k": 1}
+                   "model": "/home/me/runs/ckpt", "dataset": dataset, "top_k": 1}
         (folder / "metrics.json").write_text(json.dumps(metrics))
         dirs.append(str(folder))
     return dirs
@@ -84,10 +94,25 @@ def test_publish_folder_with_results_and_space(checkpoint, eval_dirs, tmp_path):
     (model_repo, files, options), (space_repo, space_files, space_options) = api.commits
     assert model_repo == "me/tiny-geoclip"
     assert options["repo_type"] == "model" and options["revision"] == "main" and options["create_pr"] is True
-    assert sorted(files) == ["README.md", "config.json", "eval_results/im2gps3k.json",
-                             "eval_results/osv5m--osv5m.json", "model.safetensors", "preprocessor_config.json"]
+    assert sorted(files) == sorted(["README.md", "config.json", "eval_results/im2gps3k.json",
+                                    "eval_results/osv5m--osv5m.json", "model.safetensors",
+                                    "preprocessor_config.json", *GEOCLIP_CODE])
     assert files["model.safetensors"] == (checkpoint / "model.safetensors").read_bytes()  # gallery inside
-    assert json.loads(files["eval_results/im2gps3k.json"])["acc_1km"] == 0.1
+    assert files["geo_common.py"] == (REPO_ROOT / "modeling_geoclip" / "geo_common.py").read_bytes()
+    config = json.loads(files["config.json"])
+    assert config["auto_map"] == {"AutoConfig": "configuration_geoclip.GeoCLIPConfig",
+                                  "AutoModel": "modeling_geoclip.GeoCLIPModel"}
+    assert {k: v for k, v in config.items() if k != "auto_map"} == json.loads((checkpoint / "config.json").read_text())
+    processor = json.loads(files["preprocessor_config.json"])
+    assert processor["auto_map"] == {"AutoImageProcessor": "processing_geoclip.GeoCLIPImageProcessor"}
+    assert processor["image_processor_type"] == "GeoCLIPImageProcessor"
+    # eval results keep the metrics, name the dataset, and carry no local path
+    assert json.loads(files["eval_results/im2gps3k.json"]) == {
+        "dataset": "im2gps3k", "acc_1km": 0.1, "acc_25km": 0.2, "acc_200km": 0.3, "acc_750km": 0.5,
+        "acc_2500km": 0.75, "mean_km": 1500.123, "median_km": 600.456, "geoscore": 2500.5, "n": 100,
+        "n_unreadable": 1, "top_k": 1}
+    assert json.loads(files["eval_results/osv5m--osv5m.json"])["dataset"] == "osv5m/osv5m"
+    assert not any(b"/home/me" in content for content in files.values())
 
     card = _card(files)
     metadata = yaml.safe_load(files["README.md"].decode().split("---")[1])
@@ -107,6 +132,7 @@ def test_publish_folder_with_results_and_space(checkpoint, eval_dirs, tmp_path):
     assert "| Im2GPS3k | 100 (1 unreadable, skipped) | 10.0 | 20.0 | 30.0 | 50.0 | 75.0 | 600 | 2500 |" in text
     assert "not measured by us" in text and "| Im2GPS3k | 14.11 | 34.47 | 50.65 | 69.67 | 83.82 |" in text
     assert "locating people" in text and 'AutoModel.from_pretrained("me/tiny-geoclip")' in text
+    assert 'AutoModel.from_pretrained("me/tiny-geoclip", trust_remote_code=True)' in text
     assert "random-tiny-clip" in text and "16 GPS points" in text
 
     assert space_repo == "me/tiny-geoclip-demo" and space_options["repo_type"] == "space"
@@ -148,7 +174,8 @@ def test_publish_model_object_through_patched_hfapi(tiny_model, checkpoint, monk
     model, processor = tiny_model
     publish(model, "me/obj", image_processor=processor)
     files = api.commits[0][1]
-    assert sorted(files) == ["README.md", "config.json", "model.safetensors", "preprocessor_config.json"]
+    assert sorted(files) == sorted(["README.md", "config.json", "model.safetensors", "preprocessor_config.json",
+                                    *GEOCLIP_CODE])
     assert files["model.safetensors"] == (checkpoint / "model.safetensors").read_bytes()
     card = _card(files)
     assert card.data.eval_results is None and "has not been evaluated yet" in card.text
@@ -187,3 +214,105 @@ def test_rejects_bad_inputs(checkpoint, eval_dirs, tmp_path):
     with pytest.raises(ValueError, match="No card template"):
         render_model_card(type("Config", (), {"model_type": "unknown"})(), "me/x", [])
     assert api.repos == [] and api.commits == []
+
+
+def _training_folder(checkpoint):
+    """A `geoloc train` output folder: the saved model plus everything training leaves next to it."""
+    byte_level_clip_tokenizer().save_pretrained(checkpoint)
+    step = checkpoint / "checkpoints" / "step_00000010"
+    step.mkdir(parents=True)
+    for name in ("model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"):
+        (step / name).write_bytes(b"training state")
+    (checkpoint / "tensorboard").mkdir()
+    (checkpoint / "tensorboard" / "events.out.tfevents.1700000000.host").write_bytes(b"events")
+    (checkpoint / "log.jsonl").write_text('{"step": 10, "loss": 1.0}\n')
+    (checkpoint / "hparams.yml").write_text("dataset: /home/me/data\n")
+    (checkpoint / "train_summary.json").write_text(json.dumps({"args": {"dataset": "/home/me/data"}}))
+    for name in ("optimizer.pt", "rng_state.pkl", "pytorch_model.bin", "training_args.bin"):
+        (checkpoint / name).write_bytes(b"pickle")
+    (checkpoint / "modeling_geoclip.py").write_text("# stale code saved by register_for_auto_class\n")
+    (checkpoint / "README.md").write_text("a local note\n")
+    (checkpoint / "notes.txt").write_text("/home/me/secret\n")
+    (checkpoint / ".cache").mkdir()
+    (checkpoint / ".cache" / "x.lock").write_text("")
+    return checkpoint
+
+
+def test_training_folder_uploads_only_the_allow_list(checkpoint, eval_dirs, tmp_path, monkeypatch):
+    folder = _training_folder(checkpoint)
+    assert [path.name for path in checkpoint_files(folder)] == [
+        "config.json", "model.safetensors", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json"]
+    api = RecordingApi()
+    publish(folder, "me/trained", eval_dirs=eval_dirs, api=api)
+    uploaded = api.commits[0][1]
+    assert sorted(uploaded) == sorted([
+        "README.md", "config.json", "eval_results/im2gps3k.json", "eval_results/osv5m--osv5m.json",
+        "model.safetensors", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", *GEOCLIP_CODE])
+    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert uploaded[name] == (folder / name).read_bytes(), name
+    assert uploaded["modeling_geoclip.py"] == (REPO_ROOT / "modeling_geoclip" / "modeling_geoclip.py").read_bytes()
+    assert uploaded["README.md"].decode() != "a local note\n"
+    assert not any(b"/home/me" in content for content in uploaded.values())
+
+    # --local-dir writes the same files with the same bytes, and never builds an HfApi
+    monkeypatch.setattr(publish_module, "HfApi", lambda token=None: pytest.fail("--local-dir used the network"))
+    out = tmp_path / "repo"
+    assert main([str(folder), "--repo-id", "me/trained", "--local-dir", str(out),
+                 *(arg for folder_ in eval_dirs for arg in ("--eval-dir", folder_))]) == 0
+    written = {path.relative_to(out).as_posix(): path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    assert written == uploaded
+
+
+def test_local_dir_refuses_a_used_folder_and_remote_options(checkpoint, tmp_path, capsys):
+    out = tmp_path / "repo"
+    out.mkdir()
+    (out / "old.txt").write_text("x")
+    with pytest.raises(ValueError, match="must be a new or empty folder"):
+        main([str(checkpoint), "--repo-id", "me/x", "--local-dir", str(out)])
+    with pytest.raises(SystemExit) as exited:
+        main([str(checkpoint), "--repo-id", "me/x", "--local-dir", str(tmp_path / "new"), "--space"])
+    assert exited.value.code == 2 and "--local-dir writes the model repo only" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
+def test_geohier_repo_gets_its_own_processor_and_code(tmp_path):
+    model = GeoHierModel(tiny_geohier_config()).eval()
+    model.set_cell_table(synthetic_cells())
+    model.save_pretrained(tmp_path / "ckpt")
+    # saved before GeoHier had its own image processor: the folder names GeoCLIP's
+    GeoCLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32).save_pretrained(tmp_path / "ckpt")
+    files = hub_files(tmp_path / "ckpt", "me/geohier", tmp_path / "staging")
+    assert sorted(files) == sorted(["README.md", "config.json", "model.safetensors", "preprocessor_config.json",
+                                    *GEOHIER_CODE])
+    assert files["geo_common.py"] == REPO_ROOT / "modeling_geohier" / "geo_common.py"
+    processor = json.loads(files["preprocessor_config.json"].read_text())
+    original = json.loads((tmp_path / "ckpt" / "preprocessor_config.json").read_text())
+    assert processor == {**original, "image_processor_type": "GeoHierImageProcessor",
+                         "auto_map": {"AutoImageProcessor": "image_processing_geohier.GeoHierImageProcessor"}}
+    assert json.loads(files["config.json"].read_text())["auto_map"] == {
+        "AutoConfig": "configuration_geohier.GeoHierConfig", "AutoModel": "modeling_geohier.GeoHierModel"}
+    assert {name for name, path in files.items() if tmp_path / "staging" in path.parents} == GENERATED
+
+
+def test_sharded_weights_are_uploaded_with_their_index(tiny_model, tmp_path):
+    model, processor = tiny_model
+    model.save_pretrained(tmp_path / "ckpt", max_shard_size="200KB")
+    processor.save_pretrained(tmp_path / "ckpt")
+    shards = sorted(path.name for path in (tmp_path / "ckpt").glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1
+    files = hub_files(tmp_path / "ckpt", "me/sharded", tmp_path / "staging")
+    assert {*shards, "model.safetensors.index.json"} <= set(files)
+    index = json.loads(files["model.safetensors.index.json"].read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+
+
+def test_refuses_folders_without_safe_weights_or_processor(checkpoint, tmp_path):
+    folder = tmp_path / "pickled"
+    shutil.copytree(checkpoint, folder)
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="has no model.safetensors .pickled"):
+        checkpoint_files(folder)
+    (folder / "pytorch_model.bin").rename(folder / "model.safetensors")
+    (folder / "preprocessor_config.json").unlink()
+    with pytest.raises(ValueError, match="has no preprocessor_config.json: save the image processor"):
+        publish(folder, "me/x", api=RecordingApi())

@@ -1,66 +1,159 @@
-"""The modeling folders must work as Hub remote code: saved with `register_for_auto_class`, a checkpoint
-loads with `trust_remote_code=True` from the copied module files alone, without this package."""
+"""Hub remote code: a folder written by `geoloc publish --local-dir` loads both models and their image processors
+with `trust_remote_code=True` in a Python where `geoloc`, `modeling_geoclip` and `modeling_geohier` cannot be
+imported, and answers as the package does. The shared modules' copies never drift from their source."""
 
 import json
+import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from geoloc.configs import tiny_geoclip_config, tiny_geohier_config
-from modeling_geoclip import GeoCLIPConfig, GeoCLIPModel
-from modeling_geohier import GeoHierConfig, GeoHierModel
+from geoloc.configs import TINY_IMAGE_SIZE, tiny_geoclip_config, tiny_geohier_config
+from geoloc.publish import write_local_repo
+from geoloc.remote_code import COPY_HEADER, PACKAGES_ROOT, SHARED_MODULES, stale_shared_copies, sync_shared_copies
+from modeling_geoclip import GeoCLIPImageProcessor, GeoCLIPModel, byte_level_clip_tokenizer
+from modeling_geohier import GeoHierImageProcessor, GeoHierModel
 from tests.test_geohier import synthetic_cells
 
+BLOCKED = ("geoloc", "modeling_geoclip", "modeling_geohier")
+# Runs in a fresh interpreter: the package's modules cannot be imported, so only the repo's files can serve.
 LOAD_AND_PREDICT = """
-import sys, torch
-from transformers import AutoModel
-model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
-assert not {"modeling_geoclip", "modeling_geohier", "geoloc"} & set(sys.modules), "the package was imported"
-print(type(model).__module__)
-torch.manual_seed(1)
-print(model.geolocate(pixel_values=torch.randn(2, 3, 32, 32), top_k=2).probabilities.tolist())
+import importlib, importlib.abc, json, sys
+
+BLOCKED = {blocked!r}
+
+
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"{{name}} is blocked in this test")
+
+
+sys.meta_path.insert(0, Blocker())
+for name in BLOCKED:
+    try:
+        importlib.import_module(name)
+    except ModuleNotFoundError:
+        continue
+    raise SystemExit(f"{{name}} is importable")
+
+from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+repo, text, images = sys.argv[1], sys.argv[2], sys.argv[3:]
+model = AutoModel.from_pretrained(repo, trust_remote_code=True).eval()
+processor = AutoImageProcessor.from_pretrained(repo, trust_remote_code=True)
+output = model.geolocate(pixel_values=processor(images, return_tensors="pt").pixel_values, top_k=3)
+answer = {{
+    "model": f"{{type(model).__module__}}.{{type(model).__name__}}",
+    "processor": f"{{type(processor).__module__}}.{{type(processor).__name__}}",
+    "output_types": [cls.__name__ for cls in type(output).__mro__],
+    **{{key: getattr(output, key).tolist() for key in ("latitudes", "longitudes", "probabilities", "indices")}},
+}}
+if text:
+    tokens = AutoTokenizer.from_pretrained(repo, trust_remote_code=True)([text], return_tensors="pt")
+    answer["text_latitudes"] = model.geolocate(
+        input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, top_k=3).latitudes.tolist()
+print(json.dumps(answer))
 """
+TEXT = "a sandy desert under a blue sky"
 
 
-def _geoclip():
-    model = GeoCLIPModel(tiny_geoclip_config())
-    model.set_gallery([[0.0, 0.0], [10.0, 10.0], [-20.0, 170.0]])
-    return model
+def _geoclip_checkpoint(folder):
+    model = GeoCLIPModel(tiny_geoclip_config()).eval()
+    model.set_gallery(np.random.default_rng(0).uniform([-90, -180], [90, 180], size=(20, 2)))
+    model.save_pretrained(folder)
+    GeoCLIPImageProcessor(size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size=TINY_IMAGE_SIZE).save_pretrained(folder)
+    byte_level_clip_tokenizer().save_pretrained(folder)
+    return model, GeoCLIPImageProcessor.from_pretrained(folder)
 
 
-def _geohier():
-    model = GeoHierModel(tiny_geohier_config())
+def _geohier_checkpoint(folder):
+    model = GeoHierModel(tiny_geohier_config()).eval()
     model.set_cell_table(synthetic_cells())
-    return model
+    model.save_pretrained(folder)
+    GeoHierImageProcessor(size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size=TINY_IMAGE_SIZE).save_pretrained(folder)
+    return model, GeoHierImageProcessor.from_pretrained(folder)
 
 
 @pytest.mark.parametrize(
-    "build, config_class, model_class, module",
-    [(_geoclip, GeoCLIPConfig, GeoCLIPModel, "geoclip"), (_geohier, GeoHierConfig, GeoHierModel, "geohier")],
+    "build, model_module, model_class, processor_module, processor_class",
+    [
+        (_geoclip_checkpoint, "modeling_geoclip", "GeoCLIPModel", "processing_geoclip", "GeoCLIPImageProcessor"),
+        (_geohier_checkpoint, "modeling_geohier", "GeoHierModel", "image_processing_geohier", "GeoHierImageProcessor"),
+    ],
 )
-def test_model_loads_as_remote_code(build, config_class, model_class, module, tmp_path, monkeypatch):
-    model = build().eval()
-    # register_for_auto_class sets class attributes: undo them after the test.
-    monkeypatch.setattr(config_class, "_auto_class", None)
-    monkeypatch.setattr(model_class, "_auto_class", None)
-    config_class.register_for_auto_class()
-    model_class.register_for_auto_class("AutoModel")
-    model.save_pretrained(tmp_path)
-    assert {f"configuration_{module}.py", f"modeling_{module}.py"} <= {p.name for p in tmp_path.iterdir()}
-    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
-    assert auto_map["AutoModel"] == f"modeling_{module}.{model_class.__name__}"
+def test_published_folder_loads_as_remote_code_without_the_package(
+    build, model_module, model_class, processor_module, processor_class, tmp_path
+):
+    model, processor = build(tmp_path / "checkpoint")
+    has_text = model_class == "GeoCLIPModel"  # GeoHier reads images only
+    write_local_repo(tmp_path / "checkpoint", "me/tiny", tmp_path / "repo")
+    images = []
+    for seed, size in enumerate([(40, 60), (50, 30)]):
+        pixels = np.random.default_rng(seed).integers(0, 256, (*size, 4), dtype=np.uint8)  # RGBA: decoded too
+        Image.fromarray(pixels, mode="RGBA").save(tmp_path / f"image{seed}.png")
+        images.append(str(tmp_path / f"image{seed}.png"))
 
-    # Run from tmp with a bare environment so that only the copied module files can be used.
     result = subprocess.run(
-        [sys.executable, "-c", LOAD_AND_PREDICT, str(tmp_path)],
+        [sys.executable, "-c", LOAD_AND_PREDICT.format(blocked=BLOCKED), str(tmp_path / "repo"),
+         TEXT if has_text else "", *images],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONNOUSERSITE": "1"},
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONNOUSERSITE": "1",
+             "HF_MODULES_CACHE": str(tmp_path / "modules")},
     )
-    assert result.returncode == 0, result.stderr[-2000:]
-    loaded_module, probabilities = result.stdout.strip().splitlines()[-2:]
-    assert loaded_module.startswith("transformers_modules.")
-    torch.manual_seed(1)
-    expected = model.geolocate(pixel_values=torch.randn(2, 3, 32, 32), top_k=2).probabilities
-    torch.testing.assert_close(torch.tensor(json.loads(probabilities)), expected)
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert loaded["model"].startswith("transformers_modules.") and loaded["model"].endswith(
+        f".{model_module}.{model_class}")
+    assert loaded["processor"].startswith("transformers_modules.") and loaded["processor"].endswith(
+        f".{processor_module}.{processor_class}")
+    # Both models answer with the one shared output type (GeoHier's adds fields in a subclass).
+    assert "GeolocationOutput" in loaded["output_types"]
+
+    expected = model.geolocate(pixel_values=processor(images, return_tensors="pt").pixel_values, top_k=3)
+    for key in ("latitudes", "longitudes", "probabilities"):
+        torch.testing.assert_close(torch.tensor(loaded[key], dtype=torch.float64), getattr(expected, key).double())
+    assert loaded["indices"] == expected.indices.tolist()
+    if has_text:
+        tokens = byte_level_clip_tokenizer()([TEXT], return_tensors="pt")
+        expected = model.geolocate(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, top_k=3)
+        torch.testing.assert_close(torch.tensor(loaded["text_latitudes"], dtype=torch.float64), expected.latitudes)
+
+
+def test_shared_module_copies_match_their_source():
+    assert stale_shared_copies() == [], "run `python geoloc/remote_code.py --sync`"
+    for name in SHARED_MODULES:
+        copy = (PACKAGES_ROOT / "modeling_geohier" / name).read_text()
+        header = COPY_HEADER.format(source=f"modeling_geoclip/{name}")
+        assert copy == header + (PACKAGES_ROOT / "modeling_geoclip" / name).read_text()
+
+
+def test_a_drifted_copy_is_reported_and_resynced(tmp_path):
+    for package in ("modeling_geoclip", "modeling_geohier"):
+        shutil.copytree(PACKAGES_ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    assert stale_shared_copies(tmp_path) == []
+    source = tmp_path / "modeling_geoclip" / "geo_common.py"
+    source.write_text(source.read_text().replace("MICRODEGREES = 1_000_000", "MICRODEGREES = 1_000"))
+    (tmp_path / "modeling_geohier" / "geo_image_processing.py").unlink()
+    stale = ["modeling_geohier/geo_common.py", "modeling_geohier/geo_image_processing.py"]
+    assert stale_shared_copies(tmp_path) == stale
+
+    assert sync_shared_copies(tmp_path) == stale
+    assert stale_shared_copies(tmp_path) == []
+    assert "MICRODEGREES = 1_000\n" in (tmp_path / "modeling_geohier" / "geo_common.py").read_text()
+    # an edit of the copy alone is drift too
+    copy = tmp_path / "modeling_geohier" / "geo_common.py"
+    copy.write_text(copy.read_text() + "# local tweak\n")
+    assert stale_shared_copies(tmp_path) == ["modeling_geohier/geo_common.py"]
+
+
+def test_sync_script_runs_without_importing_the_packages(tmp_path):
+    # A source edit that the copies lack can break `import modeling_geohier`: the script must not need it, so it
+    # runs without site-packages (no torch, transformers or this package).
+    result = subprocess.run([sys.executable, "-I", "-S", str(PACKAGES_ROOT / "geoloc" / "remote_code.py"), "--check"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "all copies in sync", result.stderr

@@ -1,4 +1,4 @@
-"""Convert an official GeoCLIP release into transformers checkpoints.
+"""`geoloc convert`: convert an official GeoCLIP release into transformers checkpoints.
 
 Sources (read-only; nothing is installed or imported from them):
 - the PyPI wheel `geoclip-1.3.0-py3-none-any.whl` (read with `zipfile`), or the folder it unpacks to;
@@ -7,14 +7,15 @@ Sources (read-only; nothing is installed or imported from them):
   geolocation release) + `model.safetensors`.
 
 Usage:
-    python -m modeling_geoclip.convert geoclip-1.3.0-py3-none-any.whl ./geoclip-vit-l14
-    python -m modeling_geoclip.convert ./release-folder ./geoclip-location-encoder --location-encoder-only
-    python -m modeling_geoclip.convert geoclip.whl ./geoclip-random --random-backbone   # offline testing only
+    geoloc convert geoclip-1.3.0-py3-none-any.whl ./geoclip-vit-l14
+    geoloc convert ./release-folder ./geoclip-location-encoder --location-encoder-only
+    geoloc convert geoclip.whl ./geoclip-random --random-backbone   # offline testing only
+
+It lives in `geoloc`, not in `modeling_geoclip`, because it reads galleries with `geoloc.gallery` (the package's
+one gallery reader) and is no part of the model's Hub remote code.
 """
 
 import argparse
-import contextlib
-import csv
 import io
 import json
 import re
@@ -22,7 +23,6 @@ import sys
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file
 from transformers import (
@@ -34,9 +34,17 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from .configuration_geoclip import OFFICIAL_BACKBONE, OFFICIAL_SIGMAS, GeoCLIPConfig, GeoCLIPLocationEncoderConfig
-from .modeling_geoclip import GeoCLIPLocationEncoder, GeoCLIPModel, validate_locations
-from .processing_geoclip import GeoCLIPImageProcessor, byte_level_clip_tokenizer
+from modeling_geoclip import (
+    GeoCLIPConfig,
+    GeoCLIPImageProcessor,
+    GeoCLIPLocationEncoder,
+    GeoCLIPLocationEncoderConfig,
+    GeoCLIPModel,
+    byte_level_clip_tokenizer,
+)
+from modeling_geoclip.configuration_geoclip import OFFICIAL_BACKBONE, OFFICIAL_SIGMAS
+
+from .gallery import read_gallery_csv
 
 RELEASE_TYPES = ("geoclip-geolocation", "geoclip-location-encoder")
 # Files of the wheel's `geoclip/model/` folder and the official (Hub release) key prefix of each.
@@ -58,52 +66,6 @@ _KEY_RULES = (
     (re.compile(r"logit_scale"), lambda m: "logit_scale"),
 )
 _CONVERTED_PREFIXES = ("location_encoder.", "image_mlp.", "logit_scale")
-_COORDINATE_COLUMNS = (("lat", "lon"), ("latitude", "longitude"))
-
-
-# --------------------------------------------------------------------------------------------- galleries
-def find_coordinate_columns(names) -> tuple[str, str]:
-    """Return the (latitude, longitude) column names among `names`: `LAT`/`LON` or `latitude`/`longitude`,
-    case-insensitive. Raises ValueError listing the columns when neither pair is there."""
-    by_lower = {str(name).lower(): name for name in names}
-    for latitude, longitude in _COORDINATE_COLUMNS:
-        if latitude in by_lower and longitude in by_lower:
-            return by_lower[latitude], by_lower[longitude]
-    raise ValueError(
-        f"No coordinate columns among {list(names)}: expected LAT/LON or latitude/longitude (any case)."
-    )
-
-
-def read_gallery_csv(source, name: str | None = None) -> np.ndarray:
-    """Read gallery coordinates from a CSV file with a header row.
-
-    Args:
-        source: a path, or an open text stream.
-        name: how the CSV is called in error messages (defaults to the path).
-
-    Returns: `np.ndarray` of shape (N, 2), float64 degrees (latitude, longitude), validated.
-
-    Example:
-        >>> read_gallery_csv(io.StringIO("LAT,LON\\n48.8566,2.3522\\n"), "paris.csv")
-        array([[48.8566,  2.3522]])
-    """
-    name = name or f"'{source}'"
-    opened = open(source, newline="", encoding="utf-8") if isinstance(source, (str, Path)) else None
-    with opened or contextlib.nullcontext(source) as stream:
-        reader = csv.reader(stream)
-        header = next(reader, None)
-        if header is None:
-            raise ValueError(f"Gallery CSV {name} is empty.")
-        latitude, longitude = (header.index(column) for column in find_coordinate_columns(header))
-        rows = []
-        for line, row in enumerate(reader, start=2):
-            try:
-                rows.append((float(row[latitude]), float(row[longitude])))
-            except (ValueError, IndexError):
-                raise ValueError(f"Gallery CSV {name}, line {line}: expected two numbers, got {row!r}.") from None
-    if not rows:
-        raise ValueError(f"Gallery CSV {name} has a header but no coordinates.")
-    return validate_locations(np.asarray(rows, dtype=np.float64), f"gallery {name}").numpy()
 
 
 # ------------------------------------------------------------------------------------- official reading
@@ -333,7 +295,7 @@ def convert_geoclip(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m modeling_geoclip.convert",
+        prog="geoloc convert",
         description="Convert an official GeoCLIP release (PyPI wheel, its unpacked folder, or a Hub release "
         "folder) into a transformers checkpoint folder.",
     )
@@ -353,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """Run the conversion (`geoloc convert` or `python -m modeling_geoclip.convert`); bad input raises."""
+    """Run `geoloc convert`; bad input raises (`geoloc.cli` prints it as one line with exit status 1)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.backbone_config and not args.random_backbone:
@@ -366,8 +328,7 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # `geoloc convert` does the same with `--debug` and the offline check
-    try:
-        sys.exit(main())
-    except (ValueError, OSError) as error:
-        sys.exit(f"convert: error: {' '.join(str(error).split())}")
+if __name__ == "__main__":
+    from .cli import run_command
+
+    run_command("convert")

@@ -1,0 +1,162 @@
+"""What every model of this package shares: coordinate validation and storage, the `top_k` check, the
+`geolocate` output type and strict checkpoint loading.
+
+The single source is `modeling_geoclip/geo_common.py`; `modeling_geohier/geo_common.py` is a generated copy
+(each model folder is pushed to the Hub alone as remote code, which allows only relative imports, so each
+folder needs the file). Edit the source, then run `python geoloc/remote_code.py --sync`;
+`tests/test_remote_code.py` fails while a copy differs. Imports only torch, numpy and transformers.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers.utils import ModelOutput
+
+from .integrity import check_config_against_checkpoint, check_finite_tensors
+
+# IUGG mean Earth radius R1 = (2a + b) / 3 of WGS84, km: the sphere of every spherical formula of the models.
+EARTH_MEAN_RADIUS_KM = 6371.0088
+
+# Coordinates kept in a model (gallery, GPS queue, cell centroids) are stored as int32 micro-degrees so that
+# `model.to(torch.bfloat16)` or `from_pretrained(..., dtype=...)` can never round them (bf16 keeps ~3 digits).
+MICRODEGREES = 1_000_000
+
+
+def to_microdegrees(locations: torch.Tensor) -> torch.Tensor:
+    """(..., 2) degrees -> (..., 2) int32 micro-degrees, the dtype-proof storage of coordinates."""
+    return torch.round(torch.as_tensor(locations).to(torch.float64) * MICRODEGREES).to(torch.int32)
+
+
+def from_microdegrees(coordinates: torch.Tensor) -> torch.Tensor:
+    """(..., 2) int32 micro-degrees -> float64 degrees."""
+    return coordinates.to(torch.float64) / MICRODEGREES
+
+
+def validate_locations(locations, name: str = "locations") -> torch.Tensor:
+    """Check GPS coordinates and return them as a floating tensor of shape (N, 2), (latitude, longitude).
+
+    The one place where coordinates are validated: latitudes must lie in [-90, 90], longitudes in
+    [-180, 180], all finite. Nothing is wrapped or clipped.
+
+    Args:
+        locations: tensor, numpy array or nested list of shape (N, 2), degrees.
+        name: how the argument is called in error messages.
+
+    Raises:
+        ValueError: naming the first bad row and value.
+
+    Example:
+        >>> validate_locations([[48.8566, 2.3522]]).shape
+        torch.Size([1, 2])
+    """
+    if not isinstance(locations, torch.Tensor):
+        try:
+            locations = torch.as_tensor(np.asarray(locations, dtype=np.float64))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{name} must be numbers of shape (N, 2) as (latitude, longitude): {error}") from None
+    if locations.ndim != 2 or locations.shape[-1] != 2:
+        raise ValueError(f"{name} must have shape (N, 2) as (latitude, longitude), got {tuple(locations.shape)}.")
+    if not locations.is_floating_point():
+        locations = locations.float()
+    checks = (
+        (~torch.isfinite(locations).all(dim=1), "coordinates must be finite (no NaN or inf)"),
+        (locations[:, 0].abs() > 90, "latitude must be in [-90, 90]"),
+        (locations[:, 1].abs() > 180, "longitude must be in [-180, 180]"),
+    )
+    for bad, rule in checks:
+        if bad.any():
+            row = int(bad.nonzero()[0, 0])
+            lat, lon = locations[row].tolist()
+            raise ValueError(f"{name}[{row}] = ({lat}, {lon}): {rule} (degrees, (latitude, longitude) order).")
+    return locations
+
+
+def check_top_k(top_k, n_candidates: int) -> int:
+    """Return `top_k` as an int, or raise ValueError unless 1 <= top_k <= n_candidates.
+
+    Example:
+        >>> check_top_k(3, 10)
+        3
+    """
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
+        raise ValueError(f"top_k must be an integer, got {top_k!r}.")
+    if not 1 <= top_k <= n_candidates:
+        raise ValueError(f"top_k must be between 1 and {n_candidates} (the number of candidates), got {top_k}.")
+    return int(top_k)
+
+
+@dataclass
+class GeolocationOutput(ModelOutput):
+    """The answer of `geolocate`, shared by every model of this package (a model may return a subclass with
+    extra fields).
+
+    Args:
+        latitudes (`torch.FloatTensor` of shape `(batch_size, top_k)`): predicted latitudes, degrees, best first.
+        longitudes (`torch.FloatTensor` of shape `(batch_size, top_k)`): predicted longitudes, degrees.
+        probabilities (`torch.FloatTensor` of shape `(batch_size, top_k)`): the model's probability of each
+            prediction (each model's `geolocate` says how it is computed).
+        indices (`torch.LongTensor` of shape `(batch_size, top_k)`): the candidates' rows (GeoCLIP: gallery rows,
+            -1 for points found by `refine=True`; GeoHier: fine-cell rows).
+    """
+
+    latitudes: torch.Tensor | None = None
+    longitudes: torch.Tensor | None = None
+    probabilities: torch.Tensor | None = None
+    indices: torch.Tensor | None = None
+
+
+class StrictFromPretrainedMixin:
+    """Put before `PreTrainedModel` in the bases: `from_pretrained` refuses checkpoints that do not match."""
+
+    @classmethod
+    def from_pretrained(cls, *args, strict: bool = True, output_loading_info: bool = False, **kwargs):
+        """`PreTrainedModel.from_pretrained`, but a checkpoint with missing, unexpected or wrongly shaped
+        weights raises a `ValueError` naming them (transformers v5 only logs the first two and randomly
+        initialises what is missing; a missing buffer such as a gallery or cell table would silently be zeros).
+        `strict=False` loads a partial checkpoint on purpose; `ignore_mismatched_sizes=True` re-initialises
+        wrongly shaped weights, as in transformers.
+
+        Also a `ValueError`, naming the tensor: a config whose sizes disagree with the safetensors header
+        (checked before anything is allocated), NaN/inf in a weight or buffer, and what the model's
+        `check_loaded_state` refuses (see `integrity`)."""
+        ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
+        pretrained = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        if not ignore_mismatched_sizes and pretrained is not None and kwargs.get("state_dict") is None:
+            check_config_against_checkpoint(cls, pretrained, kwargs)
+        model, info = super().from_pretrained(
+            *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+        )
+        problems = {
+            "missing": sorted(info["missing_keys"]) if strict else [],
+            "unexpected": sorted(info["unexpected_keys"]) if strict else [],
+            "wrong shape (checkpoint vs model)": [
+                f"{key}: {tuple(checkpoint)} vs {tuple(expected)}"
+                for key, checkpoint, expected in sorted(info["mismatched_keys"])
+            ] if not ignore_mismatched_sizes else [],
+        }
+        details = "; ".join(f"{kind}: {keys}" for kind, keys in problems.items() if keys)
+        if details:
+            raise ValueError(
+                f"The checkpoint does not match {cls.__name__} ({details}). Pass strict=False to load a partial "
+                "checkpoint, ignore_mismatched_sizes=True to re-initialise wrongly shaped weights."
+            )
+        check_finite_tensors(model)
+        model.check_loaded_state()
+        return (model, info) if output_loading_info else model
+
+    def check_loaded_state(self) -> None:
+        """Checks of a loaded checkpoint beyond shapes and finiteness (called by `from_pretrained`): a model
+        overrides it for what only it knows (coordinates in range, hashes of stored bytes); none by default."""
+
+
+__all__ = [
+    "EARTH_MEAN_RADIUS_KM",
+    "MICRODEGREES",
+    "GeolocationOutput",
+    "StrictFromPretrainedMixin",
+    "check_top_k",
+    "from_microdegrees",
+    "to_microdegrees",
+    "validate_locations",
+]
