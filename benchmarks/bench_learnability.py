@@ -1,103 +1,131 @@
-"""CPU learnability benchmark: can tiny GeoCLIP and tiny GeoHier learn where world-map crops come from?
+"""CPU learnability benchmark: do the README's training commands teach the tiny models where world-map crops
+come from, better than trivial baselines?
 
-Builds the world-map crops task (`geoloc.worldmap`, Natural Earth shaded relief, disjoint train/test points),
-trains both tiny models with `geoloc.train` on the CPU for a few minutes, and prints a markdown table of
-accuracy within 25/200/750/2500 km and median error on the test points, next to two chance baselines:
-always predicting the (spherical) mean of the training coordinates, and a random training coordinate.
-Metrics come from `geoloc.metrics.geolocation_metrics`.
+Builds the world-map crops task (`geoloc worldmap`: Natural Earth shaded relief, disjoint train/test points),
+trains tiny GeoCLIP and tiny GeoHier with the README's command (`accelerate launch --multi_gpu --num_processes 2
+-m geoloc.train --model MODEL --dataset DIR --output-dir OUT`: the default recipes, nothing else), scores the
+held-out crops with `geoloc evaluate`, and prints a markdown table beside these baselines on the same crops:
 
-    python benchmarks/bench_learnability.py [--train 2000 --test 500 --output-dir runs/learnability]
+- chance: always the (spherical) mean of the training coordinates; a random training coordinate;
+- 1-NN on raw pixels: the location of the training crop nearest in pixel space (L2, the usual definition; and
+  cosine, a stronger variant that ignores brightness), i.e. the best a lookup of the training crops can do in
+  GeoCLIP's output space (its gallery is the training coordinates);
+- 1-NN on raw pixels snapped to the nearest centroid of GeoHier's finest cells, the same lookup in GeoHier's
+  output space (a classifier cannot beat its own cell resolution).
+
+    python benchmarks/bench_learnability.py [--train 2000 --test 500 --processes 2 --output-dir runs/learnability]
 """
 
 import argparse
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
-from contextlib import contextmanager
 
 import numpy as np
-import torch
-from transformers import AutoImageProcessor, AutoModel
+from transformers import AutoModel
 
 import geoloc  # noqa: F401  (registers the models with the Auto classes)
-import modeling_geohier  # noqa: F401
-from geoloc import train
+from geoloc.geodesy import unit_vectors, vector_directions
 from geoloc.metrics import geolocation_metrics
 from geoloc.worldmap import build_worldmap_splits, write_imagefolder
 
 THRESHOLDS_KM = (25, 200, 750, 2500)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def predict(model_dir: str, images, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Top-1 (latitudes, longitudes) of a trained checkpoint for a list of PIL images."""
-    model = AutoModel.from_pretrained(model_dir).eval()
-    processor = AutoImageProcessor.from_pretrained(model_dir)
-    latitudes, longitudes = [], []
-    for start in range(0, len(images), batch_size):
-        pixel_values = processor(images[start : start + batch_size], return_tensors="pt").pixel_values
-        with torch.no_grad():
-            output = model.geolocate(pixel_values=pixel_values, top_k=1)
-        latitudes.append(output.latitudes[:, 0].numpy())
-        longitudes.append(output.longitudes[:, 0].numpy())
-    return np.concatenate(latitudes), np.concatenate(longitudes)
+def pixels(images) -> np.ndarray:
+    """(N, H*W*3) float32 raw pixel vectors of PIL images."""
+    return np.stack([np.asarray(image.convert("RGB"), dtype=np.float32).ravel() for image in images])
 
 
-@contextmanager
-def single_thread():
-    """Run torch ops on one thread inside the block. The tiny models' ops are far too small to gain from
-    intra-op threads, and on a busy machine the threads wait on each other: a tiny GeoHier step took
-    ~2 s with 2 threads on 2 shared cores and ~0.05 s with 1."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+def nearest_neighbours(train: np.ndarray, test: np.ndarray, metric: str) -> np.ndarray:
+    """Index of each test vector's nearest training vector, by L2 distance or cosine similarity."""
+    if metric == "cosine":
+        train = train / np.linalg.norm(train, axis=1, keepdims=True)
+        test = test / np.linalg.norm(test, axis=1, keepdims=True)
+        return (test @ train.T).argmax(axis=1)
+    return ((train**2).sum(1)[None] - 2 * test @ train.T).argmin(axis=1)
+
+
+def snap(latitudes, longitudes, centroids: np.ndarray) -> np.ndarray:
+    """Each point moved to its nearest centroid (great-circle), (N, 2) degrees."""
+    points, centres = unit_vectors(latitudes, longitudes), unit_vectors(centroids[:, 0], centroids[:, 1])
+    return centroids[(points @ centres.T).argmax(axis=1)]
 
 
 def spherical_mean(latitudes, longitudes) -> tuple[float, float]:
     """Mean direction of points on the unit sphere, as (lat, lon) degrees."""
-    lat, lon = np.radians(latitudes), np.radians(longitudes)
-    x, y, z = (np.cos(lat) * np.cos(lon)).mean(), (np.cos(lat) * np.sin(lon)).mean(), np.sin(lat).mean()
-    return float(np.degrees(np.arctan2(z, np.hypot(x, y)))), float(np.degrees(np.arctan2(y, x)))
+    lat, lon = vector_directions(unit_vectors(latitudes, longitudes).mean(axis=0, keepdims=True))
+    return float(lat[0]), float(lon[0])
 
 
-def run(train_size: int, test_size: int, output_dir: str, geoclip_steps: int, geohier_steps: int,
-        seed: int = 0, models=("geoclip", "geohier"), geocell_levels: str = "10:100,10:40,5:20"
-        ) -> list[tuple[str, dict, float]]:
-    """Train the tiny `models` on world-map crops; return (name, metrics, train seconds) rows, the two
-    chance baselines first. `geocell_levels` (GeoHier's tau_min:tau_max per level) must suit `train_size`:
-    the default gives 50 / 86 / 126 cells for 2000 points."""
+def train_command(model: str, data_dir: str, output_dir: str, processes: int, train_args=()) -> list[str]:
+    """The README's training command for `model`, with `processes` CPU processes (and `train_args` added)."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+                "-m"] if processes > 1 else [sys.executable, "-m"]
+    return [*launcher, "geoloc.train", "--model", model, "--dataset", data_dir, "--output-dir", output_dir,
+            *train_args]
+
+
+def train_and_evaluate(model: str, data_dir: str, output_dir: str, processes: int, train_args=()
+                       ) -> tuple[dict, float, str]:
+    """Train with the README's command and score the test split with `geoloc evaluate`: (metrics, seconds,
+    recipe)."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    started = time.perf_counter()
+    subprocess.run(train_command(model, data_dir, output_dir, processes, train_args), cwd=REPO, env=env, check=True)
+    seconds = time.perf_counter() - started
+    evaluation = os.path.join(output_dir, "evaluation")
+    subprocess.run([sys.executable, "-m", "geoloc.evaluate", "--model", output_dir, "--dataset", data_dir,
+                    "--split", "test", "--output-dir", evaluation], cwd=REPO, env=env, check=True)
+    with open(os.path.join(evaluation, "metrics.json")) as handle:
+        metrics = json.load(handle)
+    with open(os.path.join(output_dir, "train_summary.json")) as handle:
+        recipe = json.load(handle)["recipe"]
+    return metrics, seconds, recipe
+
+
+def run(train_size: int, test_size: int, output_dir: str, processes: int = 2, seed: int = 0,
+        models=("geoclip", "geohier"), train_args=()) -> list[tuple[str, dict, float]]:
+    """Build the crops, train the tiny `models` (`train_args`: options added to the README's command, e.g. a
+    shorter `--max-steps` for tests), and return `(name, metrics, train seconds)` rows: the baselines first, then
+    each model after its own snapped baseline."""
     splits = build_worldmap_splits(train_size, test_size, seed=seed)
     data_dir = os.path.join(output_dir, "data")
     write_imagefolder(splits, data_dir)
-    test = splits["test"]
+    train, test = splits["train"], splits["test"]
+    train_lat, train_lon = np.asarray(train["latitude"]), np.asarray(train["longitude"])
     ref_lat, ref_lon = np.asarray(test["latitude"]), np.asarray(test["longitude"])
-    train_lat, train_lon = np.asarray(splits["train"]["latitude"]), np.asarray(splits["train"]["longitude"])
-    rows = []
+
+    def score(lat, lon):
+        return geolocation_metrics(np.asarray(lat), np.asarray(lon), ref_lat, ref_lon)
+
     mean_lat, mean_lon = spherical_mean(train_lat, train_lon)
-    rows.append(("chance: train mean", geolocation_metrics(np.full_like(ref_lat, mean_lat),
-                                                           np.full_like(ref_lon, mean_lon), ref_lat, ref_lon), 0.0))
     picks = np.random.default_rng(seed).integers(0, len(train_lat), len(ref_lat))
-    rows.append(("chance: random gallery point",
-                 geolocation_metrics(train_lat[picks], train_lon[picks], ref_lat, ref_lon), 0.0))
-    common = ["--model-config", "tiny", "--dataset", data_dir, "--seed", str(seed), "--log-every", "50",
-              "--checkpoint-every", "100000", "--learning-rate", "2e-3"]
-    runs = [
-        ("tiny GeoCLIP", "geoclip", geoclip_steps, ["--batch-size", "128", "--warmup-steps", "50", "--cache-features",
-                                                   "--cache-dir", os.path.join(output_dir, "features")]),
-        ("tiny GeoHier", "geohier", geohier_steps, ["--batch-size", "64", "--warmup-steps", "50",
-                                                   "--geocell-levels", geocell_levels]),
+    train_pixels, test_pixels = pixels(train["image"]), pixels(test["image"])
+    nearest = {metric: nearest_neighbours(train_pixels, test_pixels, metric) for metric in ("l2", "cosine")}
+    rows = [
+        ("chance: training mean", score(np.full_like(ref_lat, mean_lat), np.full_like(ref_lon, mean_lon)), 0.0),
+        ("chance: random training location", score(train_lat[picks], train_lon[picks]), 0.0),
+        ("1-NN raw pixels (L2)", score(train_lat[nearest["l2"]], train_lon[nearest["l2"]]), 0.0),
+        ("1-NN raw pixels (cosine)", score(train_lat[nearest["cosine"]], train_lon[nearest["cosine"]]), 0.0),
     ]
-    images = list(test["image"])
-    for name, model, steps, extra in (run for run in runs if run[1] in models):
+    for model in models:
         model_dir = os.path.join(output_dir, model)
-        with single_thread():
-            started = time.perf_counter()
-            train.main(["--model", model, "--output-dir", model_dir, "--max-steps", str(steps), *common, *extra])
-            seconds = time.perf_counter() - started
-            pred_lat, pred_lon = predict(model_dir, images)
-        rows.append((f"{name} ({steps} steps)", geolocation_metrics(pred_lat, pred_lon, ref_lat, ref_lon), seconds))
+        metrics, seconds, recipe = train_and_evaluate(model, data_dir, model_dir, processes, train_args)
+        if model == "geohier":
+            table = AutoModel.from_pretrained(model_dir).get_cell_table()[-1]
+            centroids = np.stack([table["latitudes"], table["longitudes"]], axis=1)
+            for metric, name in (("l2", "L2"), ("cosine", "cosine")):
+                snapped = snap(train_lat[nearest[metric]], train_lon[nearest[metric]], centroids)
+                rows.append((f"1-NN raw pixels ({name}) snapped to GeoHier's {len(centroids)} finest cells",
+                             score(snapped[:, 0], snapped[:, 1]), 0.0))
+        steps = f", {' '.join(train_args)}" if train_args else ""
+        rows.append((f"tiny {model} (`{recipe}`{steps}, {processes} process{'es' if processes > 1 else ''})",
+                     metrics, seconds))
     return rows
 
 
@@ -111,20 +139,20 @@ def markdown_table(rows) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train", type=int, default=2000)
-    parser.add_argument("--test", type=int, default=500)
-    parser.add_argument("--geoclip-steps", type=int, default=500)
-    parser.add_argument("--geohier-steps", type=int, default=800)
-    parser.add_argument("--geocell-levels", default="10:100,10:40,5:20",
-                        help="GeoHier's tau_min:tau_max per level (suited to --train 2000)")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--train", type=int, default=2000, help="training crops")
+    parser.add_argument("--test", type=int, default=500, help="held-out crops")
+    parser.add_argument("--processes", type=int, default=2, help="training processes (the README's command: 2)")
+    parser.add_argument("--models", nargs="+", default=["geoclip", "geohier"], choices=["geoclip", "geohier"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", help="keep data and models here (default: a temporary folder)")
     args = parser.parse_args(argv)
+    load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as scratch:
-        rows = run(args.train, args.test, args.output_dir or scratch, args.geoclip_steps, args.geohier_steps,
-                   args.seed, geocell_levels=args.geocell_levels)
-    print(f"\nWorld-map crops, {args.train} train / {args.test} test points, CPU:\n")
+        rows = run(args.train, args.test, args.output_dir or scratch, args.processes, args.seed, args.models)
+    print(f"\nWorld-map crops, {args.train} train / {args.test} test points, {os.cpu_count()} CPU cores, load "
+          f"{load:.1f} at the start:\n")
     print(markdown_table(rows))
 
 

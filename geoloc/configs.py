@@ -3,8 +3,8 @@
 
 from transformers import CLIPTextConfig, CLIPVisionConfig
 
-from modeling_geoclip import GeoCLIPConfig, GeoCLIPLocationEncoderConfig
-from modeling_geohier import GeoHierConfig
+from modeling_geoclip import GeoCLIPConfig, GeoCLIPImageProcessor, GeoCLIPLocationEncoderConfig
+from modeling_geohier import GeoHierConfig, GeoHierImageProcessor
 
 TINY_IMAGE_SIZE = 32
 
@@ -58,3 +58,11 @@ def tiny_geohier_config(**overrides) -> GeoHierConfig:
     )
     options.update(overrides)
     return GeoHierConfig(**options)
+
+
+def tiny_image_processor(model_type: str = "geoclip"):
+    """The image processor of the tiny configs (resize and centre-crop to 32 px, CLIP normalisation), of the
+    model family's own class: `GeoCLIPImageProcessor` for `"geoclip"`, `GeoHierImageProcessor` for `"geohier"`."""
+    processor_class = {"geoclip": GeoCLIPImageProcessor, "geohier": GeoHierImageProcessor}[model_type]
+    return processor_class(size={"shortest_edge": TINY_IMAGE_SIZE},
+                           crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE})

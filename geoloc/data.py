@@ -6,7 +6,7 @@ with the canonical columns `image`, `latitude`, `longitude` (plus whatever else 
 `scene` or `id`). Rows with bad coordinates are counted and dropped with one warning. Images are *not*
 decoded here (`Image(decode=False)`): `GeoCollator` decodes each one with `modeling_geoclip.load_image`
 when a batch is built, and drops (and counts) the unreadable ones, so a single broken file never stops a
-long run; a batch whose images are all unreadable collates to `None` (skip it).
+long run.
 
 An image folder is confined to itself: a `metadata.csv` `file_name` outside the folder (absolute, or `..`
 escaping it) or a symbolic link under it pointing outside makes `load_geo_dataset` raise a `ValueError`
@@ -21,6 +21,7 @@ Example:
 
 import glob
 import os
+import zlib
 from collections.abc import Sequence
 
 import datasets
@@ -118,6 +119,13 @@ def _load_raw(source: str, split: str, streaming: bool):
         if not files:
             raise ValueError(f"No {builder} shards match '{source}'.")
         return datasets.load_dataset(builder, data_files={split: files}, split=split, streaming=streaming)
+    if os.path.isdir(source) and is_saved_dataset(source):
+        saved = datasets.load_from_disk(source)
+        if isinstance(saved, datasets.DatasetDict):
+            if split not in saved:
+                raise ValueError(f"Saved dataset '{source}' has no split {split!r} (splits: {sorted(saved)}).")
+            saved = saved[split]
+        return saved.to_iterable_dataset() if streaming else saved
     if os.path.isdir(source):
         has_metadata = any(name == "metadata.csv" for _, _, names in os.walk(source) for name in names)
         if not has_metadata:
@@ -135,6 +143,11 @@ def _load_raw(source: str, split: str, streaming: bool):
             "shards, or a Hugging Face Hub dataset id."
         )
     return datasets.load_dataset(source, split=split, streaming=streaming)
+
+
+def is_saved_dataset(folder: str) -> bool:
+    """Whether `folder` was written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`."""
+    return any(os.path.isfile(os.path.join(folder, name)) for name in ("state.json", "dataset_dict.json"))
 
 
 def _canonical_names(dataset, image_column: str, lat_column: str, lon_column: str):
@@ -211,7 +224,8 @@ def load_geo_dataset(
     Args:
         source: an image folder with `metadata.csv` (`file_name,latitude,longitude`; `train/`, `test/`
             subfolders become splits), a `.parquet`/`.tar` (webdataset) shard, a glob or folder of shards,
-            or a Hugging Face Hub dataset id.
+            a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`, or a Hugging Face Hub
+            dataset id.
         split: which split to read.
         image_column, lat_column, lon_column: the source's names for the image and coordinates.
         streaming: return an `IterableDataset` (rows are checked as they stream by) instead of a `Dataset`.
@@ -291,41 +305,61 @@ def decode_images(
 class GeoCollator:
     """Turn a list of dataset rows into a training batch, skipping (and counting) unreadable images.
 
-    Returns a dict with `pixel_values` `(B, 3, H, W)` float, `locations` `(B, 2)` float64 (lat, lon), and
-    one `(B,)` or `(B, L)` long tensor per name in `label_columns` (e.g. geocell labels, `scene`). `B` is
-    smaller than the number of rows when images were skipped. When every image of the rows is unreadable the
-    collator returns `None` instead of a batch: consumers skip it (a DataLoader passes it through as is).
-    `skipped` counts the unreadable images over all calls.
+    Returns a dict with `pixel_values` `(B, 3, H, W)` float, `locations` `(B, 2)` float64 (lat, lon), one `(B,)`
+    or `(B, L)` long tensor per name in `label_columns` (e.g. geocell labels, scene labels), and `unreadable`
+    (int): how many rows were skipped because their image could not be decoded. `B` may be smaller than the
+    number of rows when images were skipped, and 0 when all of them were.
+
+    With `augment` (see `geoloc.augment`), each decoded image is augmented before the processor with a random
+    generator seeded by `(seed, epoch, the image's bytes or path)`: set `epoch` before each epoch (the training
+    loop does), and an image gets the same augmentation in a resumed run as in an uninterrupted one, in the main
+    process or in DataLoader workers.
 
     Args:
         image_processor: a `GeoCLIPImageProcessor` (or any image processor taking PIL images); its
             `max_image_pixels`, when it has one, also bounds decoding.
         label_columns: integer columns passed through as tensors.
+        augment: `(image, rng) -> image`, or None.
+        seed: the run's seed for `augment`.
 
     Example:
         >>> collate = GeoCollator(GeoCLIPImageProcessor(size={"shortest_edge": 32},
         ...                       crop_size={"height": 32, "width": 32}))  # doctest: +SKIP
     """
 
-    def __init__(self, image_processor, label_columns: Sequence[str] = ()):
+    def __init__(self, image_processor, label_columns: Sequence[str] = (), augment=None, seed: int = 0):
         self.image_processor = image_processor
         self.label_columns = tuple(label_columns)
+        self.augment, self.seed, self.epoch = augment, seed, 0
         self.max_pixels = getattr(image_processor, "max_image_pixels", MAX_IMAGE_PIXELS)
-        self.skipped = 0
 
-    def __call__(self, rows: list[dict]) -> dict | None:
-        images, positions, errors = decode_images([row[IMAGE] for row in rows], self.max_pixels)
-        self.skipped += len(errors)
-        if not images:
-            return None
+    def __call__(self, rows: list[dict]) -> dict:
+        cells = [row[IMAGE] for row in rows]
+        images, positions, errors = decode_images(cells, self.max_pixels)
         kept = [rows[position] for position in positions]
+        if self.augment is not None:
+            images = [self.augment(image, self._generator(cells[position])) for image, position in zip(images, positions)]
+        if images:
+            pixel_values = self.image_processor(images, return_tensors="pt").pixel_values
+        else:
+            size = self.image_processor.crop_size
+            pixel_values = torch.zeros(0, 3, size["height"], size["width"])
         batch = {
-            "pixel_values": self.image_processor(images, return_tensors="pt").pixel_values,
-            "locations": torch.tensor([[row[LATITUDE], row[LONGITUDE]] for row in kept], dtype=torch.float64),
+            "pixel_values": pixel_values,
+            "locations": torch.tensor([[row[LATITUDE], row[LONGITUDE]] for row in kept],
+                                      dtype=torch.float64).reshape(-1, 2),
+            "unreadable": len(errors),
         }
         for column in self.label_columns:
             batch[column] = torch.tensor([row[column] for row in kept], dtype=torch.long)
         return batch
+
+    def _generator(self, cell) -> np.random.Generator:
+        """The augmentation generator of one image this epoch: a function of the seed, the epoch and the image."""
+        if isinstance(cell, dict):
+            cell = cell.get("bytes") or cell.get("path") or b""
+        identity = cell if isinstance(cell, bytes) else str(cell).encode()
+        return np.random.default_rng([self.seed, self.epoch, zlib.crc32(identity)])
 
 
 __all__ = [

@@ -30,6 +30,12 @@ MAX_LEVEL = 30
 GEOESTIMATION_LEVELS = ((50, 5000), (50, 2000), (50, 1000))
 GEOESTIMATION_MIN_LEVEL = 2
 GEOESTIMATION_COLUMNS = ("class_label", "hex_id", "imgs_per_cell", "latitude_mean", "longitude_mean")
+# `auto` levels: GeoEstimation's thresholds were set for MP-16's training images; smaller sets get them scaled
+# by size, but never below these tau_max floors (a cell needs ~10 images to be learnable), and splitting starts
+# at the 6 S2 faces so that a few hundred points still get a coarse level of a few cells.
+MP16_TRAINING_IMAGES = 4_723_695
+AUTO_TAU_MAX_FLOORS = (100, 40, 20)
+AUTO_MIN_LEVEL = 0
 
 
 def leaf_cell_ids(latitudes, longitudes) -> np.ndarray:
@@ -93,6 +99,64 @@ def _check_levels(levels) -> list[tuple[int, int]]:
         if not 1 <= tau_min <= tau_max:
             raise ValueError(f"Each level needs 1 <= tau_min <= tau_max, got ({tau_min}, {tau_max}).")
     return levels
+
+
+def auto_geocell_levels(count: int) -> list[tuple[int, int]]:
+    """Geocell thresholds suited to `count` training points: the paper's `(tau_min, tau_max)` per level scaled by
+    `count / MP16_TRAINING_IMAGES`, tau_max at least `AUTO_TAU_MAX_FLOORS` and tau_min at least 1. At MP-16 size
+    these are the paper's levels; 800 world-map points get about 18 / 48 / 103 cells, 300 points 6 / 18 / 33.
+
+    Example:
+        >>> auto_geocell_levels(4_723_695)
+        [(50, 5000), (50, 2000), (50, 1000)]
+        >>> auto_geocell_levels(800)
+        [(1, 100), (1, 40), (1, 20)]
+    """
+    scale = count / MP16_TRAINING_IMAGES
+    return [(max(1, round(tau_min * scale)), max(floor, round(tau_max * scale)))
+            for (tau_min, tau_max), floor in zip(GEOESTIMATION_LEVELS, AUTO_TAU_MAX_FLOORS)]
+
+
+def parse_geocell_levels(text: str) -> list[tuple[int, int]] | None:
+    """`"auto"` -> None (use `auto_geocell_levels`); `"50:5000,50:2000"` -> `[(50, 5000), (50, 2000)]`, any number
+    of levels, coarse to fine.
+
+    Raises:
+        ValueError: naming the expected form.
+    """
+    if text.strip() == "auto":
+        return None
+    try:
+        levels = [tuple(int(value) for value in level.split(":")) for level in text.split(",")]
+    except ValueError:
+        levels = []
+    if not levels or any(len(level) != 2 for level in levels):
+        raise ValueError(f"Geocell levels must be 'auto' or TAU_MIN:TAU_MAX pairs such as '50:5000,50:2000,50:1000', "
+                         f"got {text!r}.")
+    return _check_levels(levels)
+
+
+def geocells_for(latitudes, longitudes, levels: str = "auto") -> tuple[list[dict], np.ndarray]:
+    """`build_geocells` with levels given as text (`parse_geocell_levels`): `auto` scales them to the number of
+    points and starts splitting at the S2 faces; explicit levels start at GeoEstimation's S2 level 2.
+
+    Raises:
+        ValueError: when a level ends up with fewer than 2 cells (too little data for these thresholds), saying
+            what to change.
+    """
+    parsed = parse_geocell_levels(levels)
+    count = len(np.asarray(latitudes))
+    if parsed is None:
+        cells, labels = build_geocells(latitudes, longitudes, auto_geocell_levels(count), min_level=AUTO_MIN_LEVEL)
+    else:
+        cells, labels = build_geocells(latitudes, longitudes, parsed)
+    sizes = [len(level["tokens"]) for level in cells]
+    if min(sizes) < 2:
+        raise ValueError(
+            f"{count} training points give {sizes} geocells per level ({levels}); every level needs at least 2 cells: "
+            "add data, or lower the thresholds or use fewer levels (e.g. --geocell-levels 1:20,1:5)."
+        )
+    return cells, labels
 
 
 def build_geocells(
@@ -262,40 +326,38 @@ def load_cell_table(path) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
-def _level(text: str) -> tuple[int, int]:
-    try:
-        tau_min, tau_max = (int(part) for part in text.split(":"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected TAU_MIN:TAU_MAX, got {text!r}") from None
-    return tau_min, tau_max
-
-
 def _load_coordinates(dataset: str, split: str, latitude_column: str, longitude_column: str):
+    """The coordinates of a CSV / parquet / JSON file of coordinates, or of any dataset `geoloc train` reads."""
     import datasets
 
     path = Path(dataset)
     if path.suffix in (".csv", ".parquet", ".json", ".jsonl"):
         builder = {".jsonl": "json"}.get(path.suffix, path.suffix[1:])
         data = datasets.load_dataset(builder, data_files=str(path), split="train")
-    elif path.is_dir() and (path / "dataset_info.json").exists():
-        data = datasets.load_from_disk(str(path))
-    else:
-        data = datasets.load_dataset(dataset, split=split)
-    data = data.select_columns([latitude_column, longitude_column]).with_format("numpy")
-    return data[latitude_column], data[longitude_column]
+        data = data.select_columns([latitude_column, longitude_column]).with_format("numpy")
+        return data[latitude_column], data[longitude_column]
+    from .data import LATITUDE, LONGITUDE, load_geo_dataset
+
+    data = load_geo_dataset(dataset, split, lat_column=latitude_column, lon_column=longitude_column)
+    data = data.select_columns([LATITUDE, LONGITUDE]).with_format("numpy")
+    return data[LATITUDE], data[LONGITUDE]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="geoloc geocells", description="Build or import S2 geocell hierarchies.")
+    parser = argparse.ArgumentParser(prog="geoloc geocells", description="Build or import S2 geocell hierarchies.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="adaptive S2 cells from a dataset's coordinates")
-    build.add_argument("--dataset", required=True, help="CSV / parquet / JSON file, save_to_disk folder or Hub id")
-    build.add_argument("--split", default="train", help="split of a Hub dataset (default: train)")
+    build.add_argument("--dataset", required=True,
+                       help="a CSV / parquet / JSON file of coordinates, or any dataset `geoloc train --dataset` reads "
+                            "(image folder with metadata.csv, shards, save_to_disk folder, Hub id)")
+    build.add_argument("--split", default="train", help="split of the dataset")
     build.add_argument("--latitude-column", default="latitude")
     build.add_argument("--longitude-column", default="longitude")
-    build.add_argument("--levels", nargs="+", type=_level, default=list(GEOESTIMATION_LEVELS),
-                       metavar="TAU_MIN:TAU_MAX", help="one per level, coarse to fine (default: 50:5000 50:2000 50:1000)")
-    build.add_argument("--output", required=True, help="cell table JSON to write")
+    build.add_argument("--levels", default="auto",
+                       help="'auto' (the paper's thresholds scaled to the data size) or TAU_MIN:TAU_MAX pairs, coarse "
+                            "to fine, e.g. 50:5000,50:2000,50:1000 (the paper's, for MP-16)")
+    build.add_argument("--output", required=True, help="cell table JSON to write; `geoloc train --geocells` reads it")
     imported = commands.add_parser("import", help="read GeoEstimation partition CSVs (cells_50_5000.csv ...)")
     imported.add_argument("files", nargs="+", help="partition files, coarse to fine")
     imported.add_argument("--output", required=True, help="cell table JSON to write")
@@ -306,7 +368,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "build":
         latitudes, longitudes = _load_coordinates(args.dataset, args.split, args.latitude_column, args.longitude_column)
-        cells, labels = build_geocells(latitudes, longitudes, levels=args.levels)
+        cells, labels = geocells_for(latitudes, longitudes, args.levels)
         kept = (labels >= 0).mean(axis=0)
         summary = ", ".join(f"{len(level['tokens'])} cells ({share:.1%} of points)" for level, share in zip(cells, kept))
     else:

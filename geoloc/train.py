@@ -1,84 +1,100 @@
 """Train GeoCLIP or GeoHier with one readable loop on Hugging Face Accelerate.
 
-    accelerate launch [--num_processes N] -m geoloc.train --model geoclip --model-config tiny \\
-        --dataset data/worldmap --output-dir runs/geoclip-tiny --max-steps 500 --batch-size 64
-    geoloc train --model geohier --model-config tiny --dataset data/worldmap --output-dir runs/geohier-tiny
+    geoloc train --model geoclip --dataset data/worldmap --output-dir runs/geoclip-tiny      # recipe geoclip-tiny
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m geoloc.train --model geohier \\
+        --dataset data/worldmap --output-dir runs/geohier-tiny                             # 2 CPU processes
+    accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 -m geoloc.train \\
+        --recipe geoclip-paper --dataset MP16_DIR --output-dir runs/geoclip                # the paper's recipe
 
-Accelerate places the model, runs mixed precision, gradient accumulation and multi-process data parallelism.
-Every `--checkpoint-every` optimizer steps the whole training state (model with its GPS queue buffer,
-optimizer, scheduler, every process's RNG) goes to `OUTPUT_DIR/checkpoints/step_XXXXXXXX`; `--resume`
-continues from the newest one at the exact step: the data order of each epoch is a function of the seed and
-the epoch, and the batches of the current epoch that were already used are skipped.
+**Recipes** (`geoloc.recipes`) give every training option a default: `--model geoclip` alone trains with
+`geoclip-tiny`, `--recipe geoclip-paper` / `--recipe geodecoder-paper` with the published setups; any option
+given on the command line wins. `--batch-size` is the global batch of one optimizer step, split evenly over the
+processes and `--gradient-accumulation-steps`, so 1 and N processes train on the same batches.
 
-`--streaming` trains from a `datasets.IterableDataset` (Hub id or local shards read as they go, for sets too
-big for disk): a seeded shuffle buffer (the order is a function of the seed and the epoch), each process reads
-its own part (`datasets.distributed.split_dataset_by_node`) and moves on to its next epoch by itself, so
-processes never wait on each other's epoch end. Each checkpoint also gets `stream_position_<process>.json`
-(epoch, micro-batches used in it); `--resume` reads those batches again and drops them. The coordinates are
-read once before training (only the latitude/longitude columns) for GeoCLIP's gallery and GeoHier's geocells.
+**The loop** knows nothing about the models: a task object per model (`geoloc.training_tasks`) builds the model
+(tiny random, a checkpoint to fine-tune, or `--backbone` pretrained towers with fresh heads), turns rows into
+batches, computes the loss and does what follows a step. Accelerate places the model, runs mixed precision,
+gradient accumulation and multi-process data parallelism. Every process has its own seed (`--seed` + process
+index) for augmentation noise and dropout; the data order is seeded by `--seed` alone.
 
-GeoCLIP trains its image MLP, location encoder and temperature (the CLIP towers stay frozen) with the
-contrastive loss against the batch and the GPS queue; the coordinates of every process's batch are gathered
-and enqueued on every process, so the queues stay identical. `--cache-features` computes the frozen CLIP
-image embeddings once (cached on disk, keyed by the image tower, processor and dataset) and trains on them,
-held in memory as tensors.
-GeoHier gets geocells built from the training coordinates (`geoloc.geocells.build_geocells`), stored in the
-model as its cell table, and trains end to end on the per-level cell labels (+ `scene` when the dataset has
-that column).
+**Checkpoints**: every `--checkpoint-every` steps the whole training state (weights, GeoCLIP's queue,
+optimizer, scheduler, every process's RNG) goes to `OUTPUT_DIR/checkpoints/step_XXXXXXXX`, with
+`run_settings.json` (what fixes the data order and the schedule) and each process's data position
+(`stream_position_<process>.json`: epoch, micro-batches used in it). `--resume` continues from the newest one at
+the exact step, and refuses a checkpoint whose settings differ from the run's; an output folder that already
+holds a run needs `--resume` or `--overwrite`. The data order of each epoch is a function of the seed and the
+epoch (and augmentation draws of the seed, the epoch and the image); the used batches are read again and
+dropped.
+
+**Unreadable images** are skipped and counted (`train_summary.json`). A micro-batch in which no image could be
+read is skipped on one process; with several, it is replaced (weight 0) by that process's previous batch, so that
+every process still takes part in each step (a process skipping a step would stall the others).
+
+`--streaming` trains from a `datasets.IterableDataset` (Hub id or local shards read as they go): a seeded
+shuffle buffer, each process reads its own part (`split_dataset_by_node`) and moves on to its next epoch by
+itself. The coordinates are read once before training (only the latitude/longitude columns) for GeoCLIP's
+gallery and GeoHier's geocells.
 
 The output folder ends up with the model (`save_pretrained`, loadable with `AutoModel.from_pretrained` after
-`import geoloc`), its image processor (and tokenizer for GeoCLIP), `log.jsonl` (one JSON line per logged step),
-TensorBoard logs when tensorboard is installed, and `train_summary.json`. A trained GeoCLIP's retrieval
-gallery is its (deduplicated, at most `--gallery-size`) training coordinates.
+`import geoloc`), its image processor (and tokenizer for GeoCLIP), `log.jsonl`, TensorBoard logs when
+tensorboard is installed, and `train_summary.json`.
 """
 
 import argparse
-import hashlib
 import json
 import math
 import os
 import shutil
+import sys
 import time
 
 import datasets
 import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.logging import get_logger
 from accelerate.utils import is_tensorboard_available, send_to_device, set_seed
 from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoImageProcessor, AutoTokenizer, get_cosine_schedule_with_warmup
+from transformers import get_cosine_schedule_with_warmup
 
-from modeling_geoclip import GeoCLIPImageProcessor, GeoCLIPModel, byte_level_clip_tokenizer
-from modeling_geohier import GeoHierModel
+from .data import IMAGE, LATITUDE, LONGITUDE, load_geo_dataset
+from .recipes import DEFAULT_RECIPES, OPTIMIZERS, RECIPE_OPTIONS, RECIPES, SCHEDULES, get_recipe
+from .training_tasks import TRAINING_TASKS, steps_for_epochs
 
-from .configs import TINY_IMAGE_SIZE, tiny_geoclip_config, tiny_geohier_config
-from .data import IMAGE, LATITUDE, LONGITUDE, GeoCollator, decode_images, load_geo_dataset
-
-logger = get_logger(__name__)
-
-KM_PER_DEGREE = 111.195  # one degree of latitude on the mean Earth sphere
 CHECKPOINTS = "checkpoints"
-DEFAULT_FEATURE_CACHE = os.path.join(
-    os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface")), "geoloc", "features"
-)
+RUN_SETTINGS = "run_settings.json"
+# Options that fix the data order and the schedule: a checkpoint is only resumed with the same values.
+RESUME_SETTINGS = ("model", "dataset", "split", "train_fraction", "streaming", "shuffle_buffer", "seed", "batch_size",
+                   "gradient_accumulation_steps", "num_processes", "max_steps", "optimizer", "learning_rate",
+                   "schedule", "warmup_steps", "decay_every_epochs", "decay_gamma", "train_rows")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    recipes = "; ".join(f"{name}: {recipe.description}" for name, recipe in RECIPES.items())
     parser = argparse.ArgumentParser(
         prog="geoloc train",
-        description="Train GeoCLIP or GeoHier on a geolocation dataset (run under `accelerate launch` for "
-                    "several processes).",
+        description="Train GeoCLIP or GeoHier on a geolocation dataset (run under `accelerate launch` for several "
+                    "processes). Options marked 'recipe default' take their value from --recipe unless given.",
+        epilog=f"Recipes: {recipes}",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     group = parser.add_argument_group("model and data")
-    group.add_argument("--model", choices=("geoclip", "geohier"), required=True)
-    group.add_argument("--model-config", default="tiny",
-                       help="'tiny' (random toy model from geoloc.configs), or a checkpoint folder / Hub id to "
-                            "start from")
+    group.add_argument("--recipe", choices=sorted(RECIPES),
+                       help=f"the defaults to train with (default: {', '.join(f'{v} for --model {k}' for k, v in DEFAULT_RECIPES.items())})")
+    group.add_argument("--model", choices=sorted(TRAINING_TASKS), help="model family (default: the recipe's)")
+    group.add_argument("--model-config",
+                       help="'tiny' (random toy model from geoloc.configs), or a checkpoint folder / Hub id to continue "
+                            "training (recipe default)")
+    group.add_argument("--backbone",
+                       help="pretrained towers with fresh heads: a CLIP Hub id or folder for GeoCLIP (e.g. "
+                            "openai/clip-vit-large-patch14), a ViT or CLIP one for GeoHier (recipe default)")
+    group.add_argument("--train-backbone", action=argparse.BooleanOptionalAction, default=None,
+                       help="train the image tower too (the GeoCLIP paper freezes it; GeoDecoder fine-tunes it; the "
+                            "tiny recipes train their random tower) (recipe default)")
     group.add_argument("--dataset", required=True,
-                       help="image folder with metadata.csv, parquet/webdataset shards, or a Hub dataset id")
+                       help="image folder with metadata.csv, parquet/webdataset shards, a save_to_disk folder, or a "
+                            "Hub dataset id")
     group.add_argument("--split", default="train")
     group.add_argument("--image-column", default=IMAGE)
     group.add_argument("--lat-column", default=LATITUDE)
@@ -86,168 +102,107 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--train-fraction", type=float, default=1.0,
                        help="train on a seeded random subset of this fraction of the rows")
     group.add_argument("--output-dir", required=True)
+    group.add_argument("--overwrite", action="store_true",
+                       help="start over in an --output-dir that already holds a run (its checkpoints are deleted)")
     group.add_argument("--streaming", action="store_true",
                        help="stream the dataset instead of loading it (sets too big for disk): a seeded shuffle "
-                            "buffer, one part per process, resume re-reads the used part of the epoch. One pass "
-                            "over only the latitude/longitude columns comes first (GeoCLIP gallery, GeoHier "
-                            "geocells). Not with --cache-features or --train-fraction")
+                            "buffer, one part per process, resume re-reads the used part of the epoch. Not with "
+                            "--cache-features or --train-fraction")
     group.add_argument("--shuffle-buffer", type=int, default=10_000,
                        help="examples in the --streaming shuffle buffer")
 
     group = parser.add_argument_group("optimisation")
-    group.add_argument("--max-steps", type=int, default=1000, help="optimizer steps")
-    group.add_argument("--batch-size", type=int, default=32, help="images per process per micro-batch")
+    group.add_argument("--max-steps", type=int, help="optimizer steps (recipe default, or from --epochs)")
+    group.add_argument("--epochs", type=float, help="passes over the data, instead of --max-steps (recipe default)")
+    group.add_argument("--batch-size", type=int,
+                       help="global batch per optimizer step, over all processes and accumulation steps (recipe default)")
     group.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    group.add_argument("--learning-rate", type=float, default=3e-4)
-    group.add_argument("--weight-decay", type=float, default=1e-6)
-    group.add_argument("--warmup-steps", type=int, default=100,
-                       help="linear warm-up, then cosine decay to 0 at --max-steps")
-    group.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
-    group.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
+    group.add_argument("--optimizer", choices=OPTIMIZERS, help="(recipe default)")
+    group.add_argument("--learning-rate", type=float, help="(recipe default)")
+    group.add_argument("--weight-decay", type=float, help="(recipe default)")
+    group.add_argument("--momentum", type=float, help="SGD momentum (recipe default)")
+    group.add_argument("--schedule", choices=SCHEDULES,
+                       help="cosine: linear warm-up then cosine decay to 0 at the last step; step: warm-up then the "
+                            "rate times --decay-gamma every --decay-every-epochs epochs (recipe default)")
+    group.add_argument("--warmup-steps", type=int, help="(recipe default)")
+    group.add_argument("--decay-every-epochs", type=float, help="step schedule period (recipe default)")
+    group.add_argument("--decay-gamma", type=float, help="step schedule factor (recipe default)")
+    group.add_argument("--max-grad-norm", type=float, help="gradient clipping, 0: off (recipe default)")
+    group.add_argument("--augmentation", choices=("none", "photo", "geodecoder", "map"),
+                       help="training image augmentation, see geoloc.augment (recipe default)")
+    group.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default=None,
+                       help="default: accelerate's setting (`accelerate launch --mixed_precision`), else no")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
 
-    group = parser.add_argument_group("GeoCLIP")
-    group.add_argument("--gps-noise-km", type=float, default=0.0,
-                       help="GPS augmentation: Gaussian noise of this many km on the training coordinates")
-    group.add_argument("--cache-features", action="store_true",
-                       help="precompute the frozen CLIP image embeddings once and train on them")
-    group.add_argument("--cache-dir", default=DEFAULT_FEATURE_CACHE, help="where cached features are kept")
-    group.add_argument("--gallery-size", type=int, default=100_000,
-                       help="cap on the gallery of training coordinates saved with the model")
-
-    group = parser.add_argument_group("GeoHier")
-    group.add_argument("--geocell-levels", default="50:5000,50:2000,50:1000",
-                       help="tau_min:tau_max per geocell level, coarse to fine")
+    for task in TRAINING_TASKS.values():
+        task.add_arguments(parser)
 
     group = parser.add_argument_group("checkpoints and logging")
     group.add_argument("--checkpoint-every", type=int, default=500, help="save the training state every N steps")
     group.add_argument("--checkpoints-to-keep", type=int, default=2)
     group.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
     group.add_argument("--log-every", type=int, default=10)
-    group.add_argument("--push-to-hub", metavar="REPO", help="upload the trained model to this Hub repo")
+    group.add_argument("--push-to-hub", metavar="REPO",
+                       help="upload the trained model to this Hub repo, as `geoloc publish` does (model, processors, "
+                            "card, remote code; never checkpoints or logs)")
     return parser
+
+
+def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the options the user did not give from the recipe (`--recipe`, else the model's default recipe),
+    record which ones were given (`args.given_options`), and check them all.
+
+    Raises:
+        ValueError: for a recipe of another model, conflicting or impossible options.
+    """
+    if args.recipe is None and args.model is None:
+        raise ValueError("Pass --model (geoclip or geohier) or --recipe.")
+    recipe = get_recipe(args.recipe or DEFAULT_RECIPES[args.model])
+    if args.model is not None and args.model != recipe.model:
+        raise ValueError(f"--recipe {recipe.name} trains {recipe.model}, not --model {args.model}.")
+    args.model, args.recipe = recipe.model, recipe.name
+    args.given_options = {name for name in RECIPE_OPTIONS if getattr(args, name, None) is not None}
+    if {"max_steps", "epochs"} <= args.given_options:
+        raise ValueError("Give --max-steps or --epochs, not both.")
+    if {"model_config", "backbone"} <= args.given_options:
+        raise ValueError("Give --model-config (a tiny model or a checkpoint) or --backbone (pretrained towers), not both.")
+    defaults = recipe.defaults()
+    if args.given_options & {"max_steps", "epochs"}:  # the user's length replaces the recipe's
+        defaults.update(max_steps=None, epochs=None)
+    if "model_config" in args.given_options:  # a model to continue: not the recipe's backbone
+        defaults["backbone"] = None
+    for name, value in defaults.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    check_args(args)
+    return args
 
 
 def check_args(args) -> None:
     """Raise ValueError on option values that cannot train."""
-    positive = ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every",
-                "checkpoints_to_keep", "log_every", "gallery_size", "shuffle_buffer")
-    for name in positive:
+    positive = ("batch_size", "gradient_accumulation_steps", "checkpoint_every", "checkpoints_to_keep", "log_every",
+                "shuffle_buffer")
+    for name in positive + (("max_steps",) if args.max_steps is not None else ()):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
+    if args.epochs is not None and not args.epochs > 0:
+        raise ValueError(f"--epochs must be > 0, got {args.epochs}.")
     if not 0.0 < args.train_fraction <= 1.0:
         raise ValueError(f"--train-fraction must be in (0, 1], got {args.train_fraction}.")
-    if args.warmup_steps < 0 or args.gps_noise_km < 0 or args.max_grad_norm < 0 or args.num_workers < 0:
-        raise ValueError("--warmup-steps, --gps-noise-km, --max-grad-norm and --num-workers must be >= 0.")
-    if args.model == "geohier" and (args.cache_features or args.gps_noise_km):
-        raise ValueError("--cache-features and --gps-noise-km are GeoCLIP options (GeoHier trains end to end).")
+    if not args.learning_rate > 0 or not 0 < args.decay_gamma <= 1 or not args.decay_every_epochs > 0:
+        raise ValueError("--learning-rate and --decay-every-epochs must be > 0 and --decay-gamma in (0, 1].")
+    for name in ("warmup_steps", "max_grad_norm", "num_workers", "weight_decay", "momentum"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}.")
     if args.streaming and (args.cache_features or args.train_fraction < 1.0):
         raise ValueError("--cache-features and --train-fraction need the whole dataset: not with --streaming.")
-
-
-def parse_geocell_levels(text: str) -> list[tuple[int, int]]:
-    """'50:5000,50:2000' -> [(50, 5000), (50, 2000)]."""
-    try:
-        return [tuple(int(value) for value in level.split(":", 1)) for level in text.split(",")]
-    except ValueError:
-        raise ValueError(f"--geocell-levels must look like '50:5000,50:2000,50:1000', got {text!r}.") from None
-
-
-# ------------------------------------------------------------------------------------------------- models
-def tiny_image_processor() -> GeoCLIPImageProcessor:
-    """The image processor of the tiny configs: resize and centre-crop to 32 px, CLIP normalisation."""
-    return GeoCLIPImageProcessor(size={"shortest_edge": TINY_IMAGE_SIZE},
-                                 crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE})
-
-
-def build_geoclip(model_config: str):
-    """(model, image processor, tokenizer): the tiny random GeoCLIP, or a GeoCLIP checkpoint to fine-tune."""
-    if model_config == "tiny":
-        return GeoCLIPModel(tiny_geoclip_config()), tiny_image_processor(), byte_level_clip_tokenizer()
-    return (GeoCLIPModel.from_pretrained(model_config), AutoImageProcessor.from_pretrained(model_config),
-            AutoTokenizer.from_pretrained(model_config))
-
-
-def build_geohier(model_config: str, cells: list[dict]):
-    """(model, image processor): GeoHier with one classifier per level of `cells`, the table stored in it.
-    Starting from a checkpoint keeps its backbone and decoder and re-initialises the cell classifiers."""
-    cells_per_level = [len(level["tokens"]) for level in cells]
-    if model_config == "tiny":
-        model, processor = GeoHierModel(tiny_geohier_config(cells_per_level=cells_per_level)), tiny_image_processor()
-    else:
-        model = GeoHierModel.from_pretrained(model_config, cells_per_level=cells_per_level,
-                                             ignore_mismatched_sizes=True)
-        processor = AutoImageProcessor.from_pretrained(model_config)
-    model.set_cell_table(cells)
-    return model, processor
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in --output-dir and --overwrite starts it over: pick one.")
+    TRAINING_TASKS[args.model].check_args(args)
 
 
 # --------------------------------------------------------------------------------------------------- data
-def cache_clip_features(model, image_processor, dataset, cache_dir: str, accelerator, batch_size: int = 256):
-    """The frozen CLIP image embeddings of `dataset` as a Dataset (`clip_image_embeds`, `latitude`,
-    `longitude`), computed once with a batched `Dataset.map` and kept under `cache_dir` in a folder keyed by
-    the image tower's weights, the processor and the dataset's fingerprint. Unreadable images are dropped."""
-    key = hashlib.sha256(dataset._fingerprint.encode())
-    key.update(json.dumps(image_processor.to_dict(), sort_keys=True, default=str).encode())
-    for name, tensor in sorted(model.image_tower.state_dict().items()):
-        key.update(name.encode())
-        key.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    path = os.path.join(cache_dir, key.hexdigest()[:32])
-    with accelerator.main_process_first():
-        if os.path.isdir(path):
-            return datasets.load_from_disk(path)
-        tower = model.to(accelerator.device).eval()
-
-        def embed(rows):
-            images, kept, _ = decode_images(rows[IMAGE])
-            embeds = np.zeros((0, model.config.vision_config.projection_dim), dtype=np.float32)
-            if images:
-                pixel_values = image_processor(images, return_tensors="pt").pixel_values.to(accelerator.device)
-                with torch.no_grad():
-                    embeds = tower.get_clip_image_embeds(pixel_values).float().cpu().numpy()
-            return {"clip_image_embeds": embeds, LATITUDE: [rows[LATITUDE][i] for i in kept],
-                    LONGITUDE: [rows[LONGITUDE][i] for i in kept]}
-
-        features = dataset.map(embed, batched=True, batch_size=batch_size, remove_columns=dataset.column_names,
-                               new_fingerprint=os.path.basename(path), desc="Caching CLIP image features")
-        partial = f"{path}.partial-{os.getpid()}"
-        features.save_to_disk(partial)
-        os.replace(partial, path)
-        return datasets.load_from_disk(path)
-
-
-class CachedFeatures(torch.utils.data.Dataset):
-    """Cached CLIP features held in memory: `clip_image_embeds` `(N, D)` float32 and `locations` `(N, 2)`
-    float64 (lat, lon), read once from the feature Dataset as whole columns.
-
-    The DataLoader fetches a batch with one `__getitems__` call (a single tensor index per column) instead of
-    N per-row Arrow reads and a collator; its sampler is unchanged, so the seeded order and the skipping of
-    used batches on resume are the same as on raw images.
-    """
-
-    def __init__(self, features: datasets.Dataset):
-        columns = features.with_format("numpy")[:]
-        self.embeddings = torch.from_numpy(np.asarray(columns["clip_image_embeds"], dtype=np.float32))
-        locations = np.stack([columns[LATITUDE], columns[LONGITUDE]], axis=1).astype(np.float64)
-        self.locations = torch.from_numpy(locations)
-
-    def __len__(self) -> int:
-        return len(self.locations)
-
-    def __getitems__(self, indices: list[int]) -> dict:
-        indices = torch.as_tensor(indices, dtype=torch.long)
-        return {"clip_image_embeds": self.embeddings[indices], "locations": self.locations[indices]}
-
-    def __getitem__(self, index: int) -> dict:
-        return {"clip_image_embeds": self.embeddings[index], "locations": self.locations[index]}
-
-    @staticmethod
-    def collate(batch: dict) -> dict:
-        """The DataLoader's `collate_fn`: `__getitems__` already returns the batch."""
-        return batch
-
-
 def training_coordinates(dataset) -> tuple[np.ndarray, np.ndarray]:
     """(latitudes, longitudes) of every training row; a streaming dataset is read once for them, only these
     two columns."""
@@ -260,7 +215,18 @@ def training_coordinates(dataset) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(latitudes, dtype=np.float64), np.asarray(longitudes, dtype=np.float64)
 
 
-def training_dataloader(dataset, collate, args, accelerator) -> DataLoader:
+def micro_batch_size(args, num_processes: int) -> int:
+    """Images per process per micro-batch: the global `--batch-size` split over processes and accumulation."""
+    parts = num_processes * args.gradient_accumulation_steps
+    if args.batch_size % parts:
+        raise ValueError(
+            f"--batch-size {args.batch_size} (the global batch) must be divisible by the {num_processes} process(es) "
+            f"x {args.gradient_accumulation_steps} accumulation step(s) = {parts}."
+        )
+    return args.batch_size // parts
+
+
+def training_dataloader(dataset, collate, batch_size: int, args, accelerator) -> DataLoader:
     """The training DataLoader. Map-style: reshuffled every epoch (accelerate's seedable sampler orders it by
     seed and epoch; `accelerator.prepare` splits it across processes). Streaming: a seeded shuffle buffer and
     this process's part of the stream (`split_dataset_by_node`); it is not prepared, `BatchStream` moves its
@@ -270,27 +236,32 @@ def training_dataloader(dataset, collate, args, accelerator) -> DataLoader:
     GPS noise and dropout as an uninterrupted one."""
     generator = torch.Generator().manual_seed(args.seed)
     if not args.streaming:
-        return DataLoader(dataset, batch_size=args.batch_size, shuffle=True, collate_fn=collate,
+        return DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collate,
                           num_workers=args.num_workers, generator=generator)
     dataset = dataset.shuffle(seed=args.seed, buffer_size=args.shuffle_buffer)
     dataset = split_dataset_by_node(dataset, rank=accelerator.process_index, world_size=accelerator.num_processes)
-    return DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate, num_workers=args.num_workers,
+    return DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=args.num_workers,
                       generator=generator)
 
 
 class BatchStream:
     """The micro-batches of a DataLoader, epoch after epoch without end, from a position (`epoch`, `batches`
-    already used in it): `set_epoch` reseeds each epoch's order and the used batches are skipped, so the
-    stream continues exactly where a checkpoint left it. Batches are put on the accelerator's device."""
+    already used in it): each epoch's order is reseeded (`set_epoch` of the loader or the streaming dataset, and
+    the collator's augmentation epoch) and the used batches are skipped, so the stream continues exactly where a
+    checkpoint left it. Batches are put on the accelerator's device."""
 
-    def __init__(self, dataloader, accelerator, epoch: int = 0, batches: int = 0):
-        self.dataloader, self.accelerator, self.epoch, self.batches = dataloader, accelerator, epoch, batches
+    def __init__(self, dataloader, accelerator, collate, epoch: int = 0, batches: int = 0):
+        self.dataloader, self.accelerator, self.collate = dataloader, accelerator, collate
+        self.epoch, self.batches = epoch, batches
 
     def __iter__(self):
         while True:
-            # a prepared map-style loader and a streaming `datasets.IterableDataset` each know `set_epoch`
-            (self.dataloader if hasattr(self.dataloader, "set_epoch") else self.dataloader.dataset).set_epoch(
-                self.epoch)
+            if isinstance(self.dataloader.dataset, datasets.IterableDataset):
+                self.dataloader.dataset.set_epoch(self.epoch)
+            else:  # accelerate's prepared loader reseeds its sampler
+                self.dataloader.set_epoch(self.epoch)
+            if isinstance(getattr(self.collate, "epoch", None), int):  # GeoCollator's augmentation epoch
+                self.collate.epoch = self.epoch
             used = self.batches
             for batch in self.accelerator.skip_first_batches(self.dataloader, used) if used else self.dataloader:
                 self.batches += 1
@@ -303,21 +274,28 @@ class BatchStream:
         return {"epoch": self.epoch, "batches": self.batches}
 
 
-def add_gps_noise(locations: torch.Tensor, km: float) -> torch.Tensor:
-    """GeoCLIP's GPS augmentation: move each (lat, lon) of `locations` (B, 2) by Gaussian noise of std `km`
-    kilometres; latitudes are clamped at the poles and longitudes wrapped into [-180, 180)."""
-    noise = torch.randn_like(locations) * (km / KM_PER_DEGREE)
-    latitude = (locations[:, 0] + noise[:, 0]).clamp(-90, 90)
-    longitude = locations[:, 1] + noise[:, 1] / torch.cos(torch.deg2rad(latitude)).clamp(min=1e-2)
-    return torch.stack([latitude, torch.remainder(longitude + 180, 360) - 180], dim=1)
+# ------------------------------------------------------------------------------------------ optimisation
+def build_optimizer(args, parameters) -> torch.optim.Optimizer:
+    """Adam, AdamW or SGD (with momentum) over `parameters`, as `--optimizer` says."""
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(parameters, lr=args.learning_rate, momentum=args.momentum,
+                               weight_decay=args.weight_decay)
+    optimizer = torch.optim.Adam if args.optimizer == "adam" else torch.optim.AdamW
+    return optimizer(parameters, lr=args.learning_rate, weight_decay=args.weight_decay)
 
 
-def gallery_locations(latitudes, longitudes, size: int, seed: int) -> np.ndarray:
-    """The training coordinates, deduplicated (to the microdegree), at most `size` of them (seeded subset)."""
-    points = np.unique(np.round(np.stack([latitudes, longitudes], axis=1), 6), axis=0)
-    if len(points) > size:
-        points = points[np.sort(np.random.default_rng(seed).choice(len(points), size, replace=False))]
-    return points
+def build_scheduler(args, optimizer, max_steps: int, steps_per_epoch: int):
+    """Linear warm-up, then cosine decay to 0 at `max_steps`, or a step decay by `decay_gamma` every
+    `decay_every_epochs` epochs (of `steps_per_epoch` optimizer steps)."""
+    warmup = min(args.warmup_steps, max_steps)
+    if args.schedule == "cosine":
+        return get_cosine_schedule_with_warmup(optimizer, warmup, max_steps)
+    period = max(1, round(args.decay_every_epochs * steps_per_epoch))
+
+    def factor(step: int) -> float:
+        return min(1.0, (step + 1) / warmup if warmup else 1.0) * args.decay_gamma ** (step // period)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -330,26 +308,67 @@ def checkpoint_steps(output_dir: str) -> list[int]:
 
 
 def stream_position_file(checkpoint: str, process_index: int) -> str:
-    """Where a checkpoint keeps one process's `BatchStream.position()` (streaming runs)."""
+    """Where a checkpoint keeps one process's `BatchStream.position()`."""
     return os.path.join(checkpoint, f"stream_position_{process_index}.json")
 
 
-def save_checkpoint(accelerator, output_dir: str, step: int, keep: int, stream_position: dict | None = None) -> None:
+def prepare_output_dir(args, accelerator) -> None:
+    """Refuse to mix two runs in one folder: one that already holds a run needs `--resume` (continue it) or
+    `--overwrite` (its checkpoints, logs and model files are deleted first)."""
+    names = (CHECKPOINTS, "log.jsonl", "train_summary.json", "tensorboard")
+    holds_run = [name for name in names if os.path.exists(os.path.join(args.output_dir, name))]
+    if holds_run and not (args.resume or args.overwrite):
+        raise ValueError(
+            f"--output-dir {args.output_dir} already holds a training run ({', '.join(holds_run)}): pass --resume to "
+            "continue it, --overwrite to start over there, or choose a new folder."
+        )
+    if args.overwrite and accelerator.is_main_process:
+        for name in holds_run:
+            path = os.path.join(args.output_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    accelerator.wait_for_everyone()
+
+
+def run_settings(args, num_processes: int, train_rows: int) -> dict:
+    """The values of `RESUME_SETTINGS` for this run (JSON-safe)."""
+    values = {**vars(args), "num_processes": num_processes, "train_rows": train_rows}
+    return {name: values[name] for name in RESUME_SETTINGS}
+
+
+def check_resume_settings(checkpoint: str, settings: dict) -> None:
+    """Refuse to resume a checkpoint made with other settings (a different data order or schedule)."""
+    path = os.path.join(checkpoint, RUN_SETTINGS)
+    if not os.path.isfile(path):
+        raise ValueError(f"{checkpoint} has no {RUN_SETTINGS}: it was not written by this version of geoloc train.")
+    with open(path) as handle:
+        saved = json.load(handle)
+    changed = [f"{name}={saved.get(name)!r} (now {settings[name]!r})" for name in settings if saved.get(name) != settings[name]]
+    if changed:
+        raise ValueError(
+            f"--resume: {checkpoint} was made with other settings: {', '.join(changed)}. Rerun with the checkpoint's "
+            "settings, or train into a new --output-dir (or --overwrite)."
+        )
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, keep: int, settings: dict, stream_position: dict) -> None:
     """Save the training state to `checkpoints/step_XXXXXXXX` atomically (a killed save leaves no half
-    checkpoint behind) and delete all but the newest `keep` checkpoints. `stream_position` (streaming: this
-    process's `BatchStream.position()`) goes next to it as JSON."""
+    checkpoint behind) with `run_settings.json`, and delete all but the newest `keep` checkpoints.
+    `stream_position` (this process's `BatchStream.position()`) goes next to it as JSON: where its data resumes."""
     folder = os.path.join(output_dir, CHECKPOINTS)
     final, partial = os.path.join(folder, f"step_{step:08d}"), os.path.join(folder, f"partial_{step:08d}")
-    os.makedirs(partial, exist_ok=True)  # before any process writes its RNG state into it
-    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)  # left by a save that was killed
+        os.makedirs(partial)
+    accelerator.wait_for_everyone()  # before any process writes its RNG state into it
     # Weights go to safetensors; accelerate always torch.saves the optimizer, scheduler and RNG states
     # (files this run wrote itself, read back only by --resume).
     accelerator.save_state(partial, safe_serialization=True)
-    if stream_position is not None:
-        with open(stream_position_file(partial, accelerator.process_index), "w") as handle:
-            json.dump(stream_position, handle)
+    with open(stream_position_file(partial, accelerator.process_index), "w") as handle:
+        json.dump(stream_position, handle)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        with open(os.path.join(partial, RUN_SETTINGS), "w") as handle:
+            json.dump(settings, handle, indent=2)
         os.replace(partial, final)
         for old in checkpoint_steps(output_dir)[:-keep]:
             shutil.rmtree(os.path.join(folder, f"step_{old:08d}"))
@@ -358,8 +377,7 @@ def save_checkpoint(accelerator, output_dir: str, step: int, keep: int, stream_p
 
 # -------------------------------------------------------------------------------------------------- train
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    check_args(args)
+    args = resolve_args(build_parser().parse_args(argv))
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -368,8 +386,9 @@ def main(argv=None) -> int:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
         step_scheduler_with_optimizer=False,
     )
-    set_seed(args.seed)
-    is_geoclip = args.model == "geoclip"
+    prepare_output_dir(args, accelerator)
+    set_seed(args.seed)  # the same model on every process
+    task = TRAINING_TASKS[args.model](args, accelerator)
 
     # data
     dataset = load_geo_dataset(args.dataset, args.split, image_column=args.image_column,
@@ -381,50 +400,33 @@ def main(argv=None) -> int:
     latitudes, longitudes = training_coordinates(dataset)
     if len(latitudes) == 0:
         raise ValueError(f"No valid rows to train on in '{args.dataset}' ({args.split}).")
+    batch_size = micro_batch_size(args, accelerator.num_processes)
+    steps_per_epoch = math.ceil(len(latitudes) / args.batch_size)
+    max_steps = args.max_steps or steps_for_epochs(args.epochs, len(latitudes), args.batch_size)
+    settings = run_settings(vars_with(args, max_steps=max_steps), accelerator.num_processes, len(latitudes))
 
-    # model
-    tokenizer = None
-    if is_geoclip:
-        model, image_processor, tokenizer = build_geoclip(args.model_config)
-        if args.cache_features:
-            dataset = CachedFeatures(cache_clip_features(model, image_processor, dataset, args.cache_dir, accelerator))
-            collate = CachedFeatures.collate
-        else:
-            collate = GeoCollator(image_processor)
-    else:
-        from .geocells import assign_geocells, build_geocells
-
-        cells, labels = build_geocells(latitudes, longitudes, levels=parse_geocell_levels(args.geocell_levels))
-        model, image_processor = build_geohier(args.model_config, cells)
-        if args.streaming:  # label each row as it streams by
-            dataset = dataset.map(lambda rows: {"labels": assign_geocells(cells, rows[LATITUDE],
-                                                                          rows[LONGITUDE]).tolist()}, batched=True)
-        else:
-            dataset = dataset.add_column("labels", labels.tolist())
-        collate = GeoCollator(image_processor, label_columns=["labels"] + (["scene"] if "scene" in
-                                                                            (dataset.column_names or []) else []))
-    dataloader = training_dataloader(dataset, collate, args, accelerator)
+    # model, batches, optimisation
+    task.build(dataset, latitudes, longitudes)
+    train_data, collate = task.training_data(dataset)
+    dataloader = training_dataloader(train_data, collate, batch_size, args, accelerator)
+    model = task.model
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, min(args.warmup_steps, args.max_steps), args.max_steps)
+    optimizer = build_optimizer(args, trainable)
+    scheduler = build_scheduler(args, optimizer, max_steps, steps_per_epoch)
     if args.streaming:  # already split across processes by `training_dataloader`
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     else:
         model, optimizer, dataloader, scheduler = accelerator.prepare(model, optimizer, dataloader, scheduler)
-    stream = BatchStream(dataloader, accelerator)
+    set_seed(args.seed, device_specific=True)  # from here each process draws its own noise and dropout
 
-    step = 0
+    step, stream = 0, BatchStream(dataloader, accelerator, collate)
     if args.resume and checkpoint_steps(args.output_dir):
         step = checkpoint_steps(args.output_dir)[-1]
         checkpoint = os.path.join(args.output_dir, CHECKPOINTS, f"step_{step:08d}")
+        check_resume_settings(checkpoint, settings)
         accelerator.load_state(checkpoint)
-        if args.streaming:
-            with open(stream_position_file(checkpoint, accelerator.process_index)) as handle:
-                stream = BatchStream(dataloader, accelerator, **json.load(handle))
-        else:
-            steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
-            epoch, step_in_epoch = divmod(step, steps_per_epoch)
-            stream = BatchStream(dataloader, accelerator, epoch, step_in_epoch * args.gradient_accumulation_steps)
+        with open(stream_position_file(checkpoint, accelerator.process_index)) as handle:
+            stream = BatchStream(dataloader, accelerator, collate, **json.load(handle))
         accelerator.print(f"Resumed from step {step}.")
     elif args.resume:
         accelerator.print(f"No checkpoint in {args.output_dir}: starting from step 0.")
@@ -434,80 +436,82 @@ def main(argv=None) -> int:
     accelerator.init_trackers("tensorboard", config=hparams)
 
     # loop: one optimizer step = gradient_accumulation_steps micro-batches per process
-    progress = tqdm(total=args.max_steps, initial=step, desc=f"Training {args.model}",
+    progress = tqdm(total=max_steps, initial=step, desc=f"Training {args.model} ({args.recipe})",
                     disable=not accelerator.is_local_main_process)
-    samples_seen, step_losses, started = 0, [], time.perf_counter()
+    samples_seen, unreadable, step_losses, started = 0, 0, [], time.perf_counter()
     log_path = os.path.join(args.output_dir, "log.jsonl")
     model.train()
-    micro_batches = iter(stream)
-    while step < args.max_steps:
+    micro_batches, last_readable = iter(stream), None
+    while step < max_steps:
         batch = next(micro_batches)
+        unreadable += int(batch.pop("unreadable", 0))
+        weight = 1.0
+        if len(batch["locations"]) == 0:  # no image of this micro-batch could be read
+            if accelerator.num_processes == 1:
+                continue  # nothing to learn from, nobody to keep in step
+            if last_readable is None:
+                raise ValueError("No image of this process's first batch could be read: check the dataset's images.")
+            batch, weight = last_readable, 0.0
+        last_readable = batch
         with accelerator.accumulate(model):
-            locations = batch.pop("locations")
-            if is_geoclip:
-                if args.gps_noise_km:
-                    locations = add_gps_noise(locations, args.gps_noise_km)
-                outputs = model(**batch, locations=locations, return_loss=True)
-            else:
-                outputs = model(**batch)
-            accelerator.backward(outputs.loss)
+            loss = task.loss(model, batch, weight)
+            accelerator.backward(loss)
             if accelerator.sync_gradients and args.max_grad_norm:
                 accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad()
-        if is_geoclip:  # every process enqueues every process's coordinates: identical queues
-            padded = accelerator.pad_across_processes(locations.to(accelerator.device), pad_index=math.nan)
-            gathered = accelerator.gather(padded)
-            accelerator.unwrap_model(model).enqueue_locations(gathered[torch.isfinite(gathered).all(dim=1)])
-        samples_seen += len(locations)
-        step_losses.append(outputs.loss.detach())
+        task.after_step(model)
+        samples_seen += int(weight) * len(batch["locations"])
+        step_losses.append(loss.detach())
         if not accelerator.sync_gradients:
             continue
-        scheduler.step()
+        if not accelerator.optimizer_step_was_skipped:  # fp16: no scheduler step where the scaler skipped one
+            scheduler.step()
         step += 1
         progress.update(1)
-        if step % args.log_every == 0 or step == args.max_steps:
-            loss = accelerator.reduce(torch.stack(step_losses).mean(), "mean").item()
-            record = {"step": step, "epoch": stream.epoch, "loss": loss, "lr": scheduler.get_last_lr()[0],
+        if step % args.log_every == 0 or step == max_steps:
+            loss_value = accelerator.reduce(torch.stack(step_losses).mean(), "mean").item()
+            record = {"step": step, "epoch": stream.epoch, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
                       "samples_per_second": samples_seen * accelerator.num_processes
                       / (time.perf_counter() - started)}
             accelerator.log(record, step=step)
-            progress.set_postfix(loss=f"{loss:.4f}")
+            progress.set_postfix(loss=f"{loss_value:.4f}")
             if accelerator.is_main_process:
                 with open(log_path, "a") as handle:
                     handle.write(json.dumps(record) + "\n")
         step_losses = []
         if step % args.checkpoint_every == 0:
-            save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_to_keep,
-                            stream.position() if args.streaming else None)
+            save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_to_keep, settings, stream.position())
     progress.close()
 
-    # save: the model (+ gallery or cell table), its processor (+ tokenizer), and a summary
+    # save: the model (+ gallery or cell table), its processors, and a summary
     counts = accelerator.gather(torch.tensor([samples_seen], device=accelerator.device)).tolist()
-    skipped = accelerator.gather(torch.tensor([getattr(collate, "skipped", 0)], device=accelerator.device)).tolist()
+    skipped = accelerator.gather(torch.tensor([unreadable], device=accelerator.device)).tolist()
     accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
-        if is_geoclip:
-            model.set_gallery(gallery_locations(latitudes, longitudes, args.gallery_size, args.seed))
-        model.save_pretrained(args.output_dir)
-        image_processor.save_pretrained(args.output_dir)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(args.output_dir)
-        summary = {"model": args.model, "steps": step, "num_processes": accelerator.num_processes,
-                   "samples_per_process": counts, "skipped_images_per_process": skipped,
-                   "train_rows": len(latitudes), "args": vars(args)}
+        task.finalize(model, latitudes, longitudes)
+        task.save(model, args.output_dir)
+        summary = {"model": args.model, "recipe": args.recipe, "steps": step, "num_processes": accelerator.num_processes,
+                   "samples_per_process": counts, "unreadable_images_per_process": skipped,
+                   "train_rows": len(latitudes), "seconds": round(time.perf_counter() - started, 1),
+                   "args": {key: value for key, value in vars(args).items() if key != "given_options"}}
         with open(os.path.join(args.output_dir, "train_summary.json"), "w") as handle:
             json.dump(summary, handle, indent=2)
-        if args.push_to_hub:
-            from huggingface_hub import HfApi
+        if args.push_to_hub:  # the files `geoloc publish` uploads: the model, its card and remote code, no state
+            from .publish import publish
 
-            api = HfApi()
-            api.create_repo(args.push_to_hub, exist_ok=True)
-            api.upload_folder(repo_id=args.push_to_hub, folder_path=args.output_dir,
-                              ignore_patterns=[f"{CHECKPOINTS}/**", "tensorboard/**"])
+            publish(args.output_dir, args.push_to_hub,
+                    training_data=f"Trained with `geoloc train` (recipe {args.recipe}) on {args.dataset!r}.")
+        print(f"Saved the trained {args.model} to {args.output_dir} ({step} steps"
+              f"{f', {sum(skipped)} unreadable images skipped' if sum(skipped) else ''}).", file=sys.stderr)
     accelerator.end_training()
     return 0
+
+
+def vars_with(args, **values) -> argparse.Namespace:
+    """A copy of `args` with some values replaced."""
+    return argparse.Namespace(**{**vars(args), **values})
 
 
 if __name__ == "__main__":

@@ -211,6 +211,28 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
                     tower.requires_grad_(False)
         self.post_init()
 
+    @classmethod
+    def from_clip_backbone(cls, backbone: str, **config_kwargs) -> "GeoCLIPModel":
+        """GeoCLIP on pretrained CLIP towers (the paper's setup), with a fresh image MLP, location encoder and
+        temperature, and no gallery yet.
+
+        Args:
+            backbone (`str`): Hub id or folder of a CLIP checkpoint (e.g. `openai/clip-vit-large-patch14`, the
+                paper's), whose vision and text towers with their projections are loaded.
+            **config_kwargs: the other `GeoCLIPConfig` fields (e.g. `queue_size`, `location_config`).
+
+        Example:
+            >>> model = GeoCLIPModel.from_clip_backbone("openai/clip-vit-large-patch14", queue_size=4096)  # doctest: +SKIP
+        """
+        image_tower = CLIPVisionModelWithProjection.from_pretrained(backbone, dtype=torch.float32)
+        text_tower = CLIPTextModelWithProjection.from_pretrained(backbone, dtype=torch.float32)
+        config = GeoCLIPConfig(vision_config=image_tower.config, text_config=text_tower.config, backbone=str(backbone),
+                               **config_kwargs)
+        model = cls(config)
+        model.image_tower.load_state_dict(image_tower.state_dict(), strict=True)
+        model.text_tower.load_state_dict(text_tower.state_dict(), strict=True)
+        return model
+
     def _register_gallery(self) -> None:
         """(Re)create the gallery buffers with the shapes the config describes (zeros until loaded or set).
 
@@ -334,14 +356,19 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
         locations: torch.Tensor | None = None,
         clip_image_embeds: torch.Tensor | None = None,
         return_loss: bool | None = None,
+        labels: torch.Tensor | None = None,
     ) -> GeoCLIPOutput:
         """Score N images against M locations.
 
         Args:
             pixel_values (`torch.FloatTensor` of shape `(N, 3, H, W)`) or clip_image_embeds (`(N, clip_dim)`).
             locations (`torch.FloatTensor` of shape `(M, 2)`): (lat, lon) degrees.
-            return_loss (`bool`): with M == N and `locations[i]` the true location of image i, compute the
-                contrastive loss against these locations plus the filled part of the GPS queue.
+            return_loss (`bool`): compute the contrastive loss of each image against its true location, the other
+                locations and the filled part of the GPS queue.
+            labels (`torch.LongTensor` of shape `(N,)`, *optional*): with `return_loss`, the row of `locations`
+                holding image i's true location. Default: row i (then M must equal N). In multi-process training
+                every process passes all processes' locations and points at its own rows, so each image meets the
+                whole global batch as negatives, as in one big batch.
         """
         if locations is None:
             raise ValueError("forward needs locations of shape (M, 2); use geolocate() to search the gallery.")
@@ -353,17 +380,13 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
         logits_per_image = scale * (image_embeds @ location_embeds.to(image_embeds.dtype).T)
         loss = None
         if return_loss:
-            if locations.shape[0] != image_embeds.shape[0]:
-                raise ValueError(
-                    f"return_loss needs one location per image, got {image_embeds.shape[0]} images and "
-                    f"{locations.shape[0]} locations."
-                )
+            labels = self._positive_rows(labels, len(image_embeds), len(location_embeds), image_embeds.device)
             queue = self.gps_queue[: int(self.gps_queue_count)]
             logits = logits_per_image
             if len(queue):
                 queue_embeds = F.normalize(self.get_location_features(queue), dim=-1).to(image_embeds.dtype)
                 logits = torch.cat([logits, scale * image_embeds @ queue_embeds.T], dim=1)
-            loss = F.cross_entropy(logits.float(), torch.arange(len(logits), device=logits.device))
+            loss = F.cross_entropy(logits.float(), labels)
         return GeoCLIPOutput(
             loss=loss,
             logits_per_image=logits_per_image,
@@ -371,6 +394,23 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
             image_embeds=image_embeds,
             location_embeds=location_embeds,
         )
+
+    @staticmethod
+    def _positive_rows(labels, n_images: int, n_locations: int, device) -> torch.Tensor:
+        """The checked `(N,)` row of each image's true location among the M locations (default: row i, M == N)."""
+        if labels is None:
+            if n_locations != n_images:
+                raise ValueError(
+                    f"return_loss needs one location per image, got {n_images} images and {n_locations} locations "
+                    "(or pass labels: the row of each image's location)."
+                )
+            return torch.arange(n_images, device=device)
+        labels = torch.as_tensor(labels, device=device)
+        if labels.shape != (n_images,) or labels.is_floating_point() or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be {n_images} integer rows of locations, got {labels.dtype} {tuple(labels.shape)}.")
+        if n_images and (labels.min() < 0 or labels.max() >= n_locations):
+            raise ValueError(f"labels must be rows of the {n_locations} locations, got values {labels.tolist()}.")
+        return labels.long()
 
     @torch.no_grad()
     def enqueue_locations(self, locations: torch.Tensor) -> None:

@@ -9,6 +9,9 @@ from transformers.configuration_utils import SubConfigSpec
 MP16_CELLS_PER_LEVEL = (3298, 7202, 12893)
 # The image encoders GeoHier can sit on: their `last_hidden_state` is the sequence of image tokens.
 SUPPORTED_BACKBONES = ("vit", "clip_vision_model")
+# Level loss weights for three levels, coarse to fine (the co-author's code, AHKerrigan/GeoGuessNet lit.py).
+PAPER_LEVEL_LOSS_WEIGHTS = (0.5, 0.3, 0.2)
+SCENE_SELECTIONS = ("predicted", "label")
 
 
 @strict
@@ -45,10 +48,19 @@ class GeoHierConfig(PreTrainedConfig):
             Standard deviation of the decoder's linear weights (the queries start from N(0, 1), as DETR's).
         label_smoothing (`float`, defaults to 0.1):
             Label smoothing of the per-level cell cross-entropies (0.1 in the authors' code).
-        level_loss_weights (`list[float]`, defaults to `[0.5, 0.3, 0.2]`):
-            Weight of each level's cross-entropy, coarse to fine.
+        level_loss_weights (`list[float]`, *optional*):
+            Weight of each level's cross-entropy, coarse to fine. Default (`None`): `[0.5, 0.3, 0.2]` for three
+            levels (the co-author's code, GeoGuessNet `lit.py`), `1 / (l + 1)` normalised to sum to 1 for any other
+            number of levels (coarse levels weigh more, as there).
         scene_loss_weight (`float`, defaults to 1.0):
             Weight of the scene cross-entropy (used only when scene labels are given).
+        scene_selection (`str`, defaults to `"predicted"`):
+            Whose queries are classified in `forward` when scene labels are given (in training): `"predicted"`, the
+            scene the model predicts (as at inference, and as in the co-author's code), or `"label"`, the labelled
+            scene (teacher forcing). Inference always uses the predicted scene.
+        trained_with_scene_labels (`bool`, defaults to `False`):
+            Whether the checkpoint was trained with scene labels, i.e. whether its scene predictions mean anything
+            (set by `geoloc train`; front ends show scenes only then).
         freeze_backbone (`bool`, defaults to `False`):
             Keep the image encoder frozen (the paper fine-tunes it end to end).
         has_cell_table (`bool`, defaults to `False`):
@@ -80,8 +92,10 @@ class GeoHierConfig(PreTrainedConfig):
     layer_norm_eps: float = 1e-5
     initializer_range: float = 0.02
     label_smoothing: float = 0.1
-    level_loss_weights: list[float] | tuple[float, ...] = (0.5, 0.3, 0.2)
+    level_loss_weights: list[float] | tuple[float, ...] | None = None
     scene_loss_weight: float = 1.0
+    scene_selection: str = "predicted"
+    trained_with_scene_labels: bool = False
     freeze_backbone: bool = False
     has_cell_table: bool = False
 
@@ -97,12 +111,12 @@ class GeoHierConfig(PreTrainedConfig):
                 f"cells_per_level must be a non-empty list of positive integers (cells of each level, coarse to "
                 f"fine), got {self.cells_per_level!r}."
             )
-        if len(self.level_loss_weights) != len(cells):
+        if self.level_loss_weights is not None and len(self.level_loss_weights) != len(cells):
             raise ValueError(
                 f"level_loss_weights has {len(self.level_loss_weights)} entries but cells_per_level has "
-                f"{len(cells)} levels: give one weight per level."
+                f"{len(cells)} levels: give one weight per level, or None for the default."
             )
-        if any(not float(w) >= 0 for w in self.level_loss_weights) or not float(self.scene_loss_weight) >= 0:
+        if any(not float(w) >= 0 for w in self.loss_weights) or not float(self.scene_loss_weight) >= 0:
             raise ValueError(
                 f"loss weights must be >= 0, got level_loss_weights={self.level_loss_weights!r}, "
                 f"scene_loss_weight={self.scene_loss_weight!r}."
@@ -118,6 +132,8 @@ class GeoHierConfig(PreTrainedConfig):
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                 f"({self.num_attention_heads})."
             )
+        if self.scene_selection not in SCENE_SELECTIONS:
+            raise ValueError(f"scene_selection must be one of {SCENE_SELECTIONS}, got {self.scene_selection!r}.")
         if not 0 <= self.dropout < 1 or not 0 <= self.label_smoothing < 1:
             raise ValueError(
                 f"dropout and label_smoothing must be in [0, 1), got {self.dropout} and {self.label_smoothing}."
@@ -129,9 +145,19 @@ class GeoHierConfig(PreTrainedConfig):
         return len(self.cells_per_level)
 
     @property
+    def loss_weights(self) -> tuple[float, ...]:
+        """The weight of each level's cross-entropy (`level_loss_weights`, or the default it describes)."""
+        if self.level_loss_weights is not None:
+            return tuple(float(weight) for weight in self.level_loss_weights)
+        if self.num_levels == len(PAPER_LEVEL_LOSS_WEIGHTS):
+            return PAPER_LEVEL_LOSS_WEIGHTS
+        harmonic = [1 / (level + 1) for level in range(self.num_levels)]
+        return tuple(weight / sum(harmonic) for weight in harmonic)
+
+    @property
     def num_queries(self) -> int:
         """One query per (scene, level) pair: `num_scenes * num_levels`."""
         return self.num_scenes * self.num_levels
 
 
-__all__ = ["GeoHierConfig", "MP16_CELLS_PER_LEVEL", "SUPPORTED_BACKBONES"]
+__all__ = ["GeoHierConfig", "MP16_CELLS_PER_LEVEL", "PAPER_LEVEL_LOSS_WEIGHTS", "SCENE_SELECTIONS", "SUPPORTED_BACKBONES"]

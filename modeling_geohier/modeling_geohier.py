@@ -15,11 +15,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CLIPVisionModel, PreTrainedModel, ViTModel
+from transformers import AutoConfig, CLIPVisionModel, PreTrainedModel, ViTModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from .configuration_geohier import GeoHierConfig
+from .configuration_geohier import SUPPORTED_BACKBONES, GeoHierConfig
 from .geo_common import (
     GeolocationOutput,
     StrictFromPretrainedMixin,
@@ -80,12 +80,13 @@ class GeoHierGeolocationOutput(GeolocationOutput):
     Args:
         latitudes (`torch.FloatTensor` of shape `(B, top_k)`): centroid latitudes of the best fine cells, degrees.
         longitudes (`torch.FloatTensor` of shape `(B, top_k)`): centroid longitudes, degrees.
-        probabilities (`torch.FloatTensor` of shape `(B, top_k)`): hierarchical probability of each cell, best
-            first: its softmax probability times those of its ancestors (the paper's product; these do not sum to 1
-            over the fine cells).
+        probabilities (`torch.FloatTensor` of shape `(B, top_k)`): probability of each fine cell, best first: its
+            softmax probability times its parent's hierarchical probability (the paper's product, which sets the
+            ranking), normalised over all fine cells so that the fine cells' probabilities sum to 1.
         indices (`torch.LongTensor` of shape `(B, top_k)`): fine-cell indices (rows of the finest level).
         level_probabilities (`tuple[torch.FloatTensor]`, one per level, each `(B, cells_per_level[l])`): the
-            hierarchical probability of every cell of every level, coarse to fine (for maps).
+            normalised hierarchical probability of every cell of every level, coarse to fine (for maps); each row
+            sums to 1.
         scene_probabilities (`torch.FloatTensor` of shape `(B, num_scenes)`): softmax of the scene logits.
         selected_scenes (`torch.LongTensor` of shape `(B,)`): the predicted scene whose queries were classified.
         cross_attentions (`torch.FloatTensor`, *optional*): with `output_attentions=True`, as in `GeoHierOutput`.
@@ -276,6 +277,10 @@ class GeoHierModel(GeoHierPreTrainedModel):
             self.backbone = CLIPVisionModel._from_config(vision)
         if config.freeze_backbone:
             self.backbone.requires_grad_(False)
+        if vision.model_type == "clip_vision_model":
+            # The decoder reads CLIP's `last_hidden_state`, which comes before `post_layernorm` (that norm only makes
+            # the pooled [CLS] output): frozen, so that it is not a parameter without a gradient (DDP refuses those).
+            self.backbone.post_layernorm.requires_grad_(False)
         self.token_projection = nn.Linear(vision.hidden_size, config.hidden_size)
         self.token_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         # Row s * num_levels + l is the query of scene s at level l.
@@ -290,6 +295,37 @@ class GeoHierModel(GeoHierPreTrainedModel):
         self.classifiers = nn.ModuleList(nn.Linear(config.hidden_size, n) for n in config.cells_per_level)
         self.cell_table = GeoHierCellTable(config.cells_per_level)
         self.post_init()
+
+    @classmethod
+    def from_backbone(cls, backbone: str, **config_kwargs) -> "GeoHierModel":
+        """GeoHier on a pretrained image encoder, with a freshly initialised decoder and classifiers.
+
+        Args:
+            backbone (`str`): Hub id or folder of a ViT checkpoint (e.g. `google/vit-base-patch16-224-in21k`, the
+                co-author's choice) or of a CLIP checkpoint (its vision tower is used).
+            **config_kwargs: the other `GeoHierConfig` fields (e.g. `cells_per_level`).
+
+        Raises:
+            ValueError: when the checkpoint is neither a ViT nor a CLIP model.
+
+        Example:
+            >>> model = GeoHierModel.from_backbone("google/vit-base-patch16-224-in21k", cells_per_level=[10, 40])  # doctest: +SKIP
+        """
+        backbone_config = AutoConfig.from_pretrained(backbone)
+        if backbone_config.model_type == "clip":
+            backbone_config = backbone_config.vision_config
+        if backbone_config.model_type not in SUPPORTED_BACKBONES:
+            raise ValueError(
+                f"The backbone '{backbone}' is a {backbone_config.model_type!r} model; GeoHier sits on a ViT or a "
+                "CLIP vision tower."
+            )
+        if backbone_config.model_type == "vit":
+            pretrained = ViTModel.from_pretrained(backbone, add_pooling_layer=False, dtype=torch.float32)
+        else:
+            pretrained = CLIPVisionModel.from_pretrained(backbone, dtype=torch.float32)
+        model = cls(GeoHierConfig(vision_config=pretrained.config, **config_kwargs))
+        model.backbone.load_state_dict(pretrained.state_dict(), strict=True)
+        return model
 
     # ------------------------------------------------------------------------------------------ features
     def get_backbone_hidden_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -346,9 +382,9 @@ class GeoHierModel(GeoHierPreTrainedModel):
                 (only with a frozen backbone).
             labels (`torch.LongTensor` of shape `(B, num_levels)`): cell index of each image at each level, coarse to
                 fine; -1 where the image has no cell at that level (ignored).
-            scene_labels (`torch.LongTensor` of shape `(B,)`, *optional*): scene of each image, -1 if unknown. Where
-                given, that scene's queries are classified (as in training in the paper) and the scene loss is
-                added; elsewhere the predicted scene is used.
+            scene_labels (`torch.LongTensor` of shape `(B,)`, *optional*): scene of each image, -1 if unknown. With
+                labels the scene loss is added; the queries classified are those of the predicted scene, or of the
+                labelled one where known if `config.scene_selection == "label"`.
             output_attentions (`bool`): also return the cross-attention maps.
         """
         if (pixel_values is None) == (backbone_hidden_states is None):
@@ -361,7 +397,8 @@ class GeoHierModel(GeoHierPreTrainedModel):
         selected = scene_logits.argmax(dim=1)
         if scene_labels is not None:
             scene_labels = self._check_labels(scene_labels, (batch,), [self.config.num_scenes], "scene_labels")
-            selected = torch.where(scene_labels >= 0, scene_labels, selected)
+            if self.config.scene_selection == "label":
+                selected = torch.where(scene_labels >= 0, scene_labels, selected)
         chosen = queries[torch.arange(batch, device=queries.device), selected]  # (B, L, D)
         logits = tuple(classifier(chosen[:, level]) for level, classifier in enumerate(self.classifiers))
 
@@ -372,7 +409,7 @@ class GeoHierModel(GeoHierPreTrainedModel):
             )
             loss = sum(
                 weight * self._cross_entropy(level_logits, labels[:, level], self.config.label_smoothing)
-                for weight, level_logits, level in zip(self.config.level_loss_weights, logits, range(len(logits)))
+                for weight, level_logits, level in zip(self.config.loss_weights, logits, range(len(logits)))
             )
             if scene_labels is not None:
                 loss = loss + self.config.scene_loss_weight * self._cross_entropy(scene_logits, scene_labels, 0.0)
@@ -502,12 +539,17 @@ class GeoHierModel(GeoHierPreTrainedModel):
             raise ValueError("This GeoHier model has no cell table: call model.set_cell_table(cells) first.")
 
     def hierarchical_probabilities(self, logits: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        """Softmax per level, each cell's probability multiplied by its parent's hierarchical probability.
+        """The paper's hierarchical scores, normalised: a distribution over the cells of each level.
+
+        Level 0 is its softmax. At level l, each cell's softmax probability is multiplied by its parent's
+        probability (the paper's product, which ranks the cells) and the products are divided by their sum over
+        the level, so that each level's probabilities sum to 1 (the raw product does not: its sum is the expected
+        agreement of the levels, e.g. 0.0005 for an untrained model). The ranking is the paper's.
 
         Args:
             logits: one `(B, cells_per_level[l])` tensor per level, coarse to fine.
 
-        Returns: one `(B, cells_per_level[l])` tensor per level (float32).
+        Returns: one `(B, cells_per_level[l])` float32 tensor per level, each row summing to 1.
         """
         self._require_cell_table()
         probabilities = []
@@ -515,7 +557,8 @@ class GeoHierModel(GeoHierPreTrainedModel):
             level_probabilities = level_logits.float().softmax(dim=-1)
             if level:
                 parents = self.cell_table.get("parents", level).to(level_logits.device)
-                level_probabilities = level_probabilities * probabilities[-1][:, parents]
+                product = level_probabilities * probabilities[-1][:, parents]
+                level_probabilities = product / product.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(product.dtype).tiny)
             probabilities.append(level_probabilities)
         return tuple(probabilities)
 

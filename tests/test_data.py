@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from geoloc.data import GeoCollator, decode_image, invalid_coordinate_rows, load_geo_dataset
-from geoloc.train import tiny_image_processor
+from geoloc.configs import tiny_image_processor
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ def test_collator_skips_unreadable_images(image_folder, caplog):
     assert batch["pixel_values"].shape == (2, 3, 32, 32)
     assert torch.equal(batch["locations"], torch.tensor([[10.0, 20.0], [1.0, 2.0]], dtype=torch.float64))
     assert batch["scene"].tolist() == [1, 0]
-    assert collate.skipped == 1 and "broken.png" in caplog.text
+    assert batch["unreadable"] == 1 and "broken.png" in caplog.text
 
 
 def test_invalid_coordinate_rows_names_rows():

@@ -175,7 +175,7 @@ def test_cli_build_and_import(tmp_path, capsys):
     data.write_text("latitude,longitude\n" + "\n".join(f"{a},{b}" for a, b in zip(latitudes, longitudes)) + "\n")
     output = tmp_path / "cells.json"
     assert cli.main(["geocells", "build", "--dataset", str(data), "--output", str(output),
-                     "--levels", "5:100", "5:30"]) == 0
+                     "--levels", "5:100,5:30"]) == 0
     assert "Wrote" in capsys.readouterr().out
     table = load_cell_table(output)
     expected, _ = build_geocells(latitudes, longitudes, levels=[(5, 100), (5, 30)])

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, ViTConfig
 
@@ -86,7 +87,20 @@ def test_dependent_layers_isolate_hierarchies(model):
     assert len(dependent.feed_forwards) == config.num_levels and len(independent.feed_forwards) == 1
 
 
-def test_scene_labels_select_queries_and_add_loss(model):
+def test_scene_labels_add_the_scene_loss_and_keep_the_predicted_queries(model):
+    pixel_values, labels = images(3), torch.tensor([[0, 0, 0], [1, 2, 3], [2, 4, 8]])
+    free = model(pixel_values=pixel_values, labels=labels)
+    labelled = model(pixel_values=pixel_values, labels=labels, scene_labels=torch.tensor([3, -1, 0]))
+    assert model.config.scene_selection == "predicted"
+    assert torch.equal(labelled.selected_scenes, free.scene_logits.argmax(dim=1))
+    for level in range(model.config.num_levels):
+        torch.testing.assert_close(labelled.logits[level], free.logits[level])
+    scene_loss = F.cross_entropy(free.scene_logits[[0, 2]], torch.tensor([3, 0]))
+    torch.testing.assert_close(labelled.loss, free.loss + model.config.scene_loss_weight * scene_loss)
+
+
+def test_label_scene_selection_classifies_the_labelled_scenes_queries(model, monkeypatch):
+    monkeypatch.setattr(model.config, "scene_selection", "label")
     pixel_values, labels = images(3), torch.tensor([[0, 0, 0], [1, 2, 3], [2, 4, 8]])
     free = model(pixel_values=pixel_values, labels=labels)
     forced = model(pixel_values=pixel_values, labels=labels, scene_labels=torch.tensor([3, -1, 0]))
@@ -116,21 +130,25 @@ def test_loss_decreases_on_a_tiny_batch():
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-def test_hierarchical_product_equals_brute_force(model):
+def test_hierarchical_probabilities_are_the_normalised_brute_force_product(model):
     torch.manual_seed(1)
     logits = tuple(torch.randn(2, n) for n in model.config.cells_per_level)
     result = model.hierarchical_probabilities(logits)
     softmax = [level.softmax(-1) for level in logits]
     parents = [table["parents"] for table in synthetic_cells()]
+    product = [softmax[0], torch.zeros(2, 16), torch.zeros(2, 32)]
     for b in range(2):
+        for middle in range(16):
+            product[1][b, middle] = softmax[1][b, middle] * softmax[0][b, parents[1][middle]]
         for fine in range(32):
             middle = parents[2][fine]
-            coarse = parents[1][middle]
-            expected = softmax[2][b, fine] * softmax[1][b, middle] * softmax[0][b, coarse]
-            torch.testing.assert_close(result[2][b, fine], expected)
-        for middle in range(16):
-            torch.testing.assert_close(result[1][b, middle], softmax[1][b, middle] * softmax[0][b, parents[1][middle]])
-    torch.testing.assert_close(result[0], softmax[0])
+            product[2][b, fine] = softmax[2][b, fine] * softmax[1][b, middle] * softmax[0][b, parents[1][middle]]
+    for level in range(3):
+        torch.testing.assert_close(result[level], product[level] / product[level].sum(1, keepdim=True))
+        torch.testing.assert_close(result[level].sum(1), torch.ones(2))
+        # The ranking is the paper's product.
+        assert torch.equal(result[level].argsort(dim=1, stable=True), product[level].argsort(dim=1, stable=True))
+    assert product[2].sum(1).max() < 0.5  # the raw product is no distribution
 
 
 def test_geolocate_fields_and_probabilities(model):
@@ -177,11 +195,12 @@ def test_bad_inputs_raise_clear_errors(model):
     [
         ({"cells_per_level": [8, 0, 32]}, "cells_per_level"),
         ({"cells_per_level": []}, "cells_per_level"),
-        ({"cells_per_level": [8, 16]}, "level_loss_weights has 3 entries"),
+        ({"cells_per_level": [8, 16], "level_loss_weights": [0.5, 0.3, 0.2]}, "level_loss_weights has 3 entries"),
         ({"level_loss_weights": [0.5, -1.0, 0.2]}, "loss weights"),
         ({"num_attention_heads": 5}, "divisible"),
         ({"num_scenes": 0}, "num_scenes"),
         ({"vision_config": {"model_type": "bert"}}, "vision_config"),
+        ({"scene_selection": "oracle"}, "scene_selection"),
     ],
 )
 def test_bad_config_values(overrides, message):
@@ -328,3 +347,48 @@ def test_built_geocells_drive_the_model():
     assert model(pixel_values=images(4), labels=torch.from_numpy(keep)).loss.isfinite()
     out = model.geolocate(pixel_values=images(4), top_k=3)
     np.testing.assert_allclose(out.latitudes.numpy(), cells[-1]["latitudes"][out.indices.numpy()], atol=1e-6)
+
+
+@pytest.mark.parametrize(("levels", "expected"), [
+    (1, (1.0,)), (2, (2 / 3, 1 / 3)), (3, (0.5, 0.3, 0.2)), (4, (12 / 25, 6 / 25, 4 / 25, 3 / 25)),
+])
+def test_level_loss_weights_are_derived_for_any_number_of_levels(levels, expected):
+    config = tiny_geohier_config(cells_per_level=[4 * 2**level for level in range(levels)])
+    assert config.level_loss_weights is None
+    np.testing.assert_allclose(config.loss_weights, expected)
+    model = GeoHierModel(config)
+    labels = torch.zeros(2, levels, dtype=torch.long)
+    out = model(pixel_values=images(2), labels=labels)
+    per_level = [F.cross_entropy(logits, labels[:, level], label_smoothing=config.label_smoothing)
+                 for level, logits in enumerate(out.logits)]
+    torch.testing.assert_close(out.loss, sum(w * l for w, l in zip(expected, per_level)))
+
+
+@pytest.mark.parametrize("kind", ["vit", "clip"])
+def test_from_backbone_loads_pretrained_encoder_weights_with_a_fresh_decoder(kind, tmp_path):
+    from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
+
+    from geoloc.configs import tiny_clip_configs
+
+    vision, text = tiny_clip_configs()
+    if kind == "vit":
+        encoder = ViTModel(ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                     image_size=32, patch_size=8), add_pooling_layer=False)
+        encoder.save_pretrained(tmp_path)
+        expected = encoder.state_dict()
+    else:
+        clip = CLIPModel(CLIPConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), projection_dim=64))
+        clip.save_pretrained(tmp_path)
+        expected = {key.removeprefix("vision_model."): value for key, value in clip.state_dict().items()
+                    if key.startswith("vision_model.")}
+    model = GeoHierModel.from_backbone(str(tmp_path), cells_per_level=[4, 8], num_scenes=2)
+    state = model.backbone.state_dict()
+    for key, value in expected.items():
+        torch.testing.assert_close(state[key.removeprefix("vision_model.")], value, rtol=0, atol=0, msg=key)
+    assert model.config.cells_per_level == [4, 8] and model.config.vision_config.hidden_size == 64
+    with pytest.raises(ValueError, match="ViT or a CLIP vision tower"):
+        from transformers import BertConfig
+
+        BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(
+            tmp_path / "bert")
+        GeoHierModel.from_backbone(str(tmp_path / "bert"), cells_per_level=[4])

@@ -21,9 +21,8 @@ from torch.utils.data import DataLoader
 
 from geoloc import cli
 from geoloc.benchmarks import load_benchmark
-from geoloc.configs import tiny_geoclip_config, tiny_geohier_config
+from geoloc.configs import tiny_geoclip_config, tiny_geohier_config, tiny_image_processor
 from geoloc.data import GeoCollator, decode_images, load_geo_dataset
-from geoloc.train import tiny_image_processor
 from modeling_geoclip import GeoCLIPImageProcessor, GeoCLIPModel, load_image
 from modeling_geoclip.processing_geoclip import MAX_IMAGE_PIXELS
 from modeling_geohier import GeoHierModel
@@ -108,15 +107,17 @@ def test_fuzzed_files_only_ever_raise_value_error():
                 pass  # any other exception type fails the test
 
 
-def test_collator_returns_none_for_a_batch_of_unreadable_images(tmp_path, caplog):
+def test_collator_counts_a_batch_of_unreadable_images(caplog):
     rows = [{"image": {"bytes": make(), "path": None}, "latitude": 1.0, "longitude": 2.0}
             for make, _ in HOSTILE.values()]
     collate = GeoCollator(tiny_image_processor())
-    assert collate(rows) is None and collate.skipped == 3
+    empty = collate(rows)
+    assert empty["unreadable"] == 3 and empty["pixel_values"].shape == (0, 3, 32, 32)
+    assert empty["locations"].shape == (0, 2)
     good = {"image": {"bytes": _encoded("PNG"), "path": None}, "latitude": 5.0, "longitude": 6.0}
     batches = list(DataLoader([rows[0], good, rows[1]], batch_size=1, collate_fn=collate))
-    assert batches[0] is None and batches[2] is None and batches[1]["locations"].tolist() == [[5.0, 6.0]]
-    assert collate.skipped == 5 and "IndexError" in caplog.text
+    assert [batch["unreadable"] for batch in batches] == [1, 0, 1] and batches[1]["locations"].tolist() == [[5.0, 6.0]]
+    assert "IndexError" in caplog.text and "NotImplementedError" in caplog.text
 
 
 def test_predict_answers_the_readable_images_and_counts_the_others(tmp_path, capsys):
@@ -298,7 +299,8 @@ def test_config_sizes_are_checked_against_the_file_before_allocating(geoclip_dir
     """A config claiming 1e9 gallery points (or cells) would need ~256 GB: refused from the safetensors header."""
     huge = 1_000_000_000
     started = time.perf_counter()
-    edited = _edited_copy(geoclip_dir, tmp_path / "geoclip", edit_config=lambda config: config.update(gallery_size=huge))
+    edited = _edited_copy(geoclip_dir, tmp_path / "geoclip",
+                          edit_config=lambda config: config.update(gallery_size=huge))
     with pytest.raises(ValueError, match=rf"gallery_coordinates: \(4, 2\) vs \({huge}, 2\).*nothing was allocated"):
         GeoCLIPModel.from_pretrained(edited)
 

@@ -1,0 +1,418 @@
+"""What `geoloc.train`'s one Accelerate loop needs from each model family: a small task object per model.
+
+A task builds its model and processors (a tiny random model, a checkpoint to fine-tune, or a pretrained backbone
+with fresh heads), turns the dataset into training batches, computes the loss of a batch, does what must follow
+an optimizer step, and adds what the saved model needs (GeoCLIP's gallery, GeoHier's cell table). The loop in
+`geoloc/train.py` knows nothing else about the models, so a third model joins by subclassing `TrainingTask` and
+decorating it with `@register_task("name")`; `geoloc train --model name` then trains it.
+
+    @register_task("mymodel")
+    class MyTask(TrainingTask):
+        def build(self, dataset, latitudes, longitudes): ...
+        def loss(self, model, batch, weight=1.0): ...
+"""
+
+import hashlib
+import json
+import math
+import os
+from typing import ClassVar
+
+import datasets
+import numpy as np
+import torch
+from transformers import AutoImageProcessor, AutoTokenizer
+
+from modeling_geoclip import GeoCLIPImageProcessor, GeoCLIPModel, byte_level_clip_tokenizer
+from modeling_geohier import GeoHierImageProcessor, GeoHierModel
+
+from .augment import build_augmentation
+from .configs import tiny_geoclip_config, tiny_geohier_config, tiny_image_processor
+from .data import IMAGE, LATITUDE, LONGITUDE, GeoCollator, decode_images
+from .gallery import training_gallery
+from .geodesy import KM_PER_DEGREE
+
+TRAINING_TASKS: dict[str, type["TrainingTask"]] = {}
+SCENE_LABELS = "scene_labels"
+
+
+def register_task(name: str):
+    """Class decorator: make a `TrainingTask` subclass trainable as `geoloc train --model NAME`."""
+
+    def register(task_class: type["TrainingTask"]) -> type["TrainingTask"]:
+        task_class.name = name
+        TRAINING_TASKS[name] = task_class
+        return task_class
+
+    return register
+
+
+def backbone_image_processor(backbone: str, processor_class):
+    """A `processor_class` (the model family's processor: robust decoding of any file) with the resizing and
+    normalisation of the backbone's own image processor (e.g. CLIP's resize + centre crop, ViT's 224x224 resize,
+    their mean/std)."""
+    source = AutoImageProcessor.from_pretrained(backbone).to_dict()
+    known = processor_class().to_dict()
+    options = {key: value for key, value in source.items()
+               if key in known and not key.startswith("_") and key not in ("image_processor_type", "processor_class")}
+    if "do_center_crop" not in source:  # e.g. ViT: a plain resize to the model's size
+        options["do_center_crop"] = False
+    return processor_class(**options)
+
+
+class TrainingTask:
+    """One model family's part of training; see the module docstring.
+
+    Attributes set by `build`: `model`, `image_processor`, `tokenizer` (None when the model reads no text).
+    `args` is the resolved `geoloc train` namespace, `accelerator` the run's `Accelerator`.
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, args, accelerator):
+        self.args, self.accelerator = args, accelerator
+        self.model = self.image_processor = self.tokenizer = None
+
+    @classmethod
+    def add_arguments(cls, parser) -> None:
+        """Add this model's own options (an argument group) to the `geoloc train` parser."""
+
+    @classmethod
+    def check_args(cls, args) -> None:
+        """Raise ValueError on option values this model cannot train with."""
+
+    def build(self, dataset, latitudes: np.ndarray, longitudes: np.ndarray) -> None:
+        """Create `self.model`, `self.image_processor` and `self.tokenizer` for the training coordinates."""
+        raise NotImplementedError
+
+    def training_data(self, dataset) -> tuple[object, object]:
+        """`(dataset, collate_fn)` for the DataLoader: by default the rows decoded and augmented by `GeoCollator`."""
+        return dataset, self.collator()
+
+    def collator(self, label_columns=()) -> GeoCollator:
+        """`GeoCollator` with this run's processor, augmentation and seed."""
+        return GeoCollator(self.image_processor, label_columns, augment=build_augmentation(self.args.augmentation),
+                           seed=self.args.seed)
+
+    def loss(self, model, batch: dict, weight: float = 1.0) -> torch.Tensor:
+        """The loss of one micro-batch (times `weight`; 0 for a stand-in batch, see `geoloc.train`)."""
+        raise NotImplementedError
+
+    def after_step(self, model) -> None:
+        """Called after every micro-batch's optimizer step (e.g. GeoCLIP's queue update)."""
+
+    def finalize(self, model, latitudes: np.ndarray, longitudes: np.ndarray) -> None:
+        """Add what the saved model needs besides its weights (main process, before `save`)."""
+
+    def save(self, model, output_dir: str) -> None:
+        """Write the model and its processors with `save_pretrained`."""
+        model.save_pretrained(output_dir)
+        self.image_processor.save_pretrained(output_dir)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(output_dir)
+
+
+# ---------------------------------------------------------------------------------------------------- GeoCLIP
+@register_task("geoclip")
+class GeoCLIPTask(TrainingTask):
+    """GeoCLIP: contrastive loss of each image against its location, every process's locations of this
+    micro-batch (one big batch) and the GPS queue; the queue gets every process's locations after each step."""
+
+    @classmethod
+    def add_arguments(cls, parser) -> None:
+        group = parser.add_argument_group("GeoCLIP")
+        group.add_argument("--queue-size", type=int, help="GPS queue of negatives (recipe default)")
+        group.add_argument("--gps-noise-km", type=float,
+                           help="GPS augmentation: Gaussian noise of this many km on the training coordinates "
+                                "(recipe default)")
+        group.add_argument("--cache-features", action="store_true",
+                           help="precompute the frozen CLIP image embeddings once and train on them (needs a frozen "
+                                "image tower; image augmentation does not apply, GPS noise does)")
+        group.add_argument("--cache-dir", default=DEFAULT_FEATURE_CACHE, help="where cached features are kept")
+        group.add_argument("--gallery-size", type=int, default=100_000,
+                           help="cap on the gallery of training coordinates saved with the model")
+
+    @classmethod
+    def check_args(cls, args) -> None:
+        if args.queue_size < 0 or args.gps_noise_km < 0 or args.gallery_size < 1:
+            raise ValueError("--queue-size and --gps-noise-km must be >= 0 and --gallery-size >= 1.")
+        if args.cache_features and args.train_backbone:
+            raise ValueError("--cache-features needs a frozen image tower: add --no-train-backbone.")
+
+    def build(self, dataset, latitudes, longitudes) -> None:
+        args = self.args
+        if args.backbone:
+            self.model = GeoCLIPModel.from_clip_backbone(args.backbone, queue_size=args.queue_size)
+            self.image_processor = backbone_image_processor(args.backbone, GeoCLIPImageProcessor)
+            self.tokenizer = AutoTokenizer.from_pretrained(args.backbone)
+        elif args.model_config == "tiny":
+            self.model = GeoCLIPModel(tiny_geoclip_config(queue_size=args.queue_size))
+            self.image_processor, self.tokenizer = tiny_image_processor("geoclip"), byte_level_clip_tokenizer()
+        else:
+            self.model = GeoCLIPModel.from_pretrained(args.model_config)
+            self.image_processor = AutoImageProcessor.from_pretrained(args.model_config)
+            self.tokenizer = AutoTokenizer.from_pretrained(args.model_config)
+        # The text tower is never trained (the paper aligns images and GPS; text reads the image MLP's space).
+        self.model.config.freeze_backbone = not args.train_backbone
+        self.model.image_tower.requires_grad_(args.train_backbone)
+        if self.model.text_tower is not None:
+            self.model.text_tower.requires_grad_(False)
+
+    def training_data(self, dataset):
+        if not self.args.cache_features:
+            return dataset, self.collator()
+        if self.args.augmentation != "none":
+            self.accelerator.print(f"--cache-features: the image tower sees each image once, un-augmented "
+                                   f"(--augmentation {self.args.augmentation} does not apply; GPS noise does).")
+        features = cache_clip_features(self.model, self.image_processor, dataset, self.args.cache_dir, self.accelerator)
+        return CachedFeatures(features), CachedFeatures.collate
+
+    def loss(self, model, batch, weight=1.0):
+        locations = batch["locations"]
+        if self.args.gps_noise_km:
+            locations = add_gps_noise(locations, self.args.gps_noise_km)
+        real = weight > 0
+        # Every process scores its images against every process's locations: one big batch of negatives.
+        everyone, offset = gather_rows(locations.to(self.accelerator.device), self.accelerator, real=real)
+        self._step_locations = everyone
+        inputs = {key: batch[key] for key in ("pixel_values", "clip_image_embeds") if key in batch}
+        if real:
+            own = torch.arange(offset, offset + len(locations), device=everyone.device)
+            outputs = model(**inputs, locations=everyone, labels=own, return_loss=True)
+        else:  # a stand-in batch (its loss is multiplied by 0): scored against its own locations only
+            outputs = model(**inputs, locations=locations, return_loss=True)
+        return outputs.loss * weight
+
+    def after_step(self, model) -> None:
+        # Every process enqueues every process's locations, in process order: the queues stay identical.
+        self.accelerator.unwrap_model(model).enqueue_locations(self._step_locations)
+
+    def finalize(self, model, latitudes, longitudes) -> None:
+        model.set_gallery(training_gallery(latitudes, longitudes, self.args.gallery_size, self.args.seed))
+
+
+def gather_rows(rows: torch.Tensor, accelerator, real: bool = True) -> tuple[torch.Tensor, int]:
+    """All processes' `(n_p, 2)` rows concatenated in process order, and where this process's rows start.
+
+    `real=False` contributes no rows (a stand-in batch) but still takes part in the collective calls.
+    """
+    if accelerator.num_processes == 1:
+        return (rows, 0) if real else (rows[:0], 0)
+    mine = rows if real else rows[:0]
+    counts = accelerator.gather(torch.tensor([len(mine)], device=rows.device)).tolist()
+    padded = accelerator.pad_across_processes(mine, dim=0)
+    gathered = accelerator.gather(padded).view(accelerator.num_processes, -1, rows.shape[-1])
+    everyone = torch.cat([gathered[process, :count] for process, count in enumerate(counts)])
+    return everyone, sum(counts[: accelerator.process_index])
+
+
+def add_gps_noise(locations: torch.Tensor, km: float) -> torch.Tensor:
+    """GeoCLIP's GPS augmentation: move each (lat, lon) of `locations` (B, 2) by Gaussian noise of std `km`
+    kilometres; latitudes are clamped at the poles and longitudes wrapped into [-180, 180)."""
+    noise = torch.randn_like(locations) * (km / KM_PER_DEGREE)
+    latitude = (locations[:, 0] + noise[:, 0]).clamp(-90, 90)
+    longitude = locations[:, 1] + noise[:, 1] / torch.cos(torch.deg2rad(latitude)).clamp(min=1e-2)
+    return torch.stack([latitude, torch.remainder(longitude + 180, 360) - 180], dim=1)
+
+
+DEFAULT_FEATURE_CACHE = os.path.join(
+    os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface")), "geoloc", "features"
+)
+
+
+def cache_clip_features(model, image_processor, dataset, cache_dir: str, accelerator, batch_size: int = 256):
+    """The frozen CLIP image embeddings of `dataset` as a Dataset (`clip_image_embeds`, `latitude`,
+    `longitude`), computed once with a batched `Dataset.map` and kept under `cache_dir` in a folder keyed by
+    the image tower's weights, the processor and the dataset's fingerprint. Unreadable images are dropped."""
+    key = hashlib.sha256(dataset._fingerprint.encode())
+    key.update(json.dumps(image_processor.to_dict(), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.image_tower.state_dict().items()):
+        key.update(name.encode())
+        key.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    path = os.path.join(cache_dir, key.hexdigest()[:32])
+    with accelerator.main_process_first():
+        if os.path.isdir(path):
+            return datasets.load_from_disk(path)
+        tower = model.to(accelerator.device).eval()
+
+        def embed(rows):
+            images, kept, _ = decode_images(rows[IMAGE])
+            embeds = np.zeros((0, model.config.vision_config.projection_dim), dtype=np.float32)
+            if images:
+                pixel_values = image_processor(images, return_tensors="pt").pixel_values.to(accelerator.device)
+                with torch.no_grad():
+                    embeds = tower.get_clip_image_embeds(pixel_values).float().cpu().numpy()
+            return {"clip_image_embeds": embeds, LATITUDE: [rows[LATITUDE][i] for i in kept],
+                    LONGITUDE: [rows[LONGITUDE][i] for i in kept]}
+
+        features = dataset.map(embed, batched=True, batch_size=batch_size, remove_columns=dataset.column_names,
+                               new_fingerprint=os.path.basename(path), desc="Caching CLIP image features")
+        partial = f"{path}.partial-{os.getpid()}"
+        features.save_to_disk(partial)
+        os.replace(partial, path)
+        return datasets.load_from_disk(path)
+
+
+class CachedFeatures(torch.utils.data.Dataset):
+    """Cached CLIP features held in memory: `clip_image_embeds` `(N, D)` float32 and `locations` `(N, 2)`
+    float64 (lat, lon), read once from the feature Dataset as whole columns.
+
+    The DataLoader fetches a batch with one `__getitems__` call (a single tensor index per column) instead of
+    N per-row Arrow reads and a collator; its sampler is unchanged, so the seeded order and the skipping of
+    used batches on resume are the same as on raw images.
+    """
+
+    def __init__(self, features: datasets.Dataset):
+        # Arrow, not the numpy formatter: that one returns these float64 columns as float32 here.
+        table = features.with_format("arrow")[:]
+        embeddings = table["clip_image_embeds"].combine_chunks()
+        self.embeddings = torch.from_numpy(
+            embeddings.flatten().to_numpy().astype(np.float32).reshape(len(table), -1).copy())
+        locations = np.stack([table[LATITUDE].to_numpy(), table[LONGITUDE].to_numpy()], axis=1).astype(np.float64)
+        self.locations = torch.from_numpy(locations)
+
+    def __len__(self) -> int:
+        return len(self.locations)
+
+    def __getitems__(self, indices: list[int]) -> dict:
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        return {"clip_image_embeds": self.embeddings[indices], "locations": self.locations[indices],
+                "unreadable": 0}
+
+    def __getitem__(self, index: int) -> dict:
+        return {"clip_image_embeds": self.embeddings[index], "locations": self.locations[index]}
+
+    @staticmethod
+    def collate(batch: dict) -> dict:
+        """The DataLoader's `collate_fn`: `__getitems__` already returns the batch."""
+        return batch
+
+
+# ----------------------------------------------------------------------------------------------------- GeoHier
+@register_task("geohier")
+class GeoHierTask(TrainingTask):
+    """GeoHier: label-smoothed cross-entropy per geocell level (+ the scene loss where a scene label is known).
+
+    The geocells come from the training coordinates (`--geocell-levels`, `auto` by default) or from a cell table
+    file (`--geocells`, written by `geoloc geocells build|import`); the table is stored in the model."""
+
+    @classmethod
+    def add_arguments(cls, parser) -> None:
+        group = parser.add_argument_group("GeoHier")
+        group.add_argument("--geocell-levels",
+                           help="'auto' (the paper's thresholds scaled to the number of training images) or "
+                                "TAU_MIN:TAU_MAX per level, coarse to fine, e.g. 50:5000,50:2000,50:1000 (recipe "
+                                "default)")
+        group.add_argument("--geocells", metavar="FILE",
+                           help="train on this cell table (JSON from `geoloc geocells build|import`) instead of "
+                                "building one")
+        group.add_argument("--scene-column", default=None,
+                           help="integer scene label column (0..num_scenes-1, -1 unknown), e.g. MP-16's S16_Label "
+                                "(default: 'scene' when the dataset has it)")
+        group.add_argument("--num-scenes", type=int, default=None,
+                           help="scene types of a new model (default: the tiny config's 4, the paper's 16 with "
+                                "--backbone; at least the largest scene label + 1)")
+        group.add_argument("--scene-selection", choices=("predicted", "label"), default="predicted",
+                           help="whose queries are classified in training: the predicted scene's (as at inference) "
+                                "or the labelled scene's")
+        group.add_argument("--label-smoothing", type=float,
+                           help="of the cell cross-entropies (recipe default; none: the model config's 0.1)")
+
+    @classmethod
+    def check_args(cls, args) -> None:
+        if args.cache_features or args.gps_noise_km:
+            raise ValueError("--cache-features and --gps-noise-km are GeoCLIP options (GeoHier trains end to end).")
+        if args.geocells and "geocell_levels" in args.given_options:
+            raise ValueError("Give --geocells FILE or --geocell-levels, not both.")
+        if args.num_scenes is not None and args.num_scenes < 1:
+            raise ValueError(f"--num-scenes must be >= 1, got {args.num_scenes}.")
+        if args.label_smoothing is not None and not 0 <= args.label_smoothing < 1:
+            raise ValueError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}.")
+
+    def build(self, dataset, latitudes, longitudes) -> None:
+        from .geocells import assign_geocells, geocells_for, load_cell_table
+
+        args = self.args
+        if args.geocells:
+            self.cells = load_cell_table(args.geocells)
+            self.labels = assign_geocells(self.cells, latitudes, longitudes)
+            if (self.labels[:, -1] < 0).all():
+                raise ValueError(f"No training point falls in a finest cell of {args.geocells}: wrong cell table?")
+        else:
+            self.cells, self.labels = geocells_for(latitudes, longitudes, args.geocell_levels)
+        self.scene_column = self._scene_column(dataset)
+        options = dict(cells_per_level=[len(level["tokens"]) for level in self.cells],
+                       scene_selection=args.scene_selection, trained_with_scene_labels=self.scene_column is not None)
+        if args.label_smoothing is not None:  # else the config's (or the checkpoint's)
+            options["label_smoothing"] = args.label_smoothing
+        num_scenes = self._num_scenes(dataset)
+        if num_scenes is not None:
+            options["num_scenes"] = num_scenes
+        if args.backbone:
+            self.model = GeoHierModel.from_backbone(args.backbone, **options)
+            self.image_processor = backbone_image_processor(args.backbone, GeoHierImageProcessor)
+        elif args.model_config == "tiny":
+            self.model = GeoHierModel(tiny_geohier_config(**options))
+            self.image_processor = tiny_image_processor("geohier")
+        else:
+            self.model = GeoHierModel.from_pretrained(args.model_config, ignore_mismatched_sizes=True, **options)
+            self.image_processor = AutoImageProcessor.from_pretrained(args.model_config)
+        self.model.config.freeze_backbone = not args.train_backbone
+        if not args.train_backbone:
+            self.model.backbone.requires_grad_(False)
+        self.model.set_cell_table(self.cells)
+
+    def _scene_column(self, dataset) -> str | None:
+        """The dataset's scene label column: `--scene-column`, else `scene` when present."""
+        columns = dataset.column_names or []
+        if self.args.scene_column is not None:
+            if self.args.scene_column not in columns:
+                raise ValueError(f"--scene-column {self.args.scene_column!r} is not a column of the dataset "
+                                 f"(columns: {sorted(columns)}).")
+            return self.args.scene_column
+        return "scene" if "scene" in columns else None
+
+    def _num_scenes(self, dataset) -> int | None:
+        """`--num-scenes`, else enough for the scene labels of a map-style dataset and at least the default of a new
+        model (the paper's 16 on a backbone, the tiny config's); None keeps a checkpoint's own."""
+        needed = 0
+        if self.scene_column is not None and not isinstance(dataset, datasets.IterableDataset):
+            labels = np.asarray(dataset[self.scene_column])
+            if not np.issubdtype(labels.dtype, np.integer) or (labels < -1).any():
+                raise ValueError(f"Scene column {self.scene_column!r} must hold integers >= -1 (-1: unknown).")
+            needed = int(labels.max(initial=-1)) + 1
+        if self.args.num_scenes is not None:
+            if needed > self.args.num_scenes:
+                raise ValueError(f"Scene labels go up to {needed - 1} but --num-scenes is {self.args.num_scenes}.")
+            return self.args.num_scenes
+        if self.args.backbone:
+            return max(needed, 16)
+        if self.args.model_config == "tiny":
+            return max(needed, tiny_geohier_config().num_scenes)
+        return needed or None
+
+    def training_data(self, dataset):
+        label_columns = ["labels"] + ([SCENE_LABELS] if self.scene_column else [])
+        if self.scene_column and self.scene_column != SCENE_LABELS:
+            dataset = dataset.rename_column(self.scene_column, SCENE_LABELS)
+        if isinstance(dataset, datasets.IterableDataset):  # label each row as it streams by
+            from .geocells import assign_geocells
+
+            cells = self.cells
+            dataset = dataset.map(lambda rows: {"labels": assign_geocells(cells, rows[LATITUDE],
+                                                                          rows[LONGITUDE]).tolist()}, batched=True)
+        else:
+            dataset = dataset.add_column("labels", self.labels.tolist())
+        return dataset, self.collator(label_columns)
+
+    def loss(self, model, batch, weight=1.0):
+        inputs = {key: batch[key] for key in ("pixel_values", "labels", SCENE_LABELS) if key in batch}
+        return model(**inputs).loss * weight
+
+
+def steps_for_epochs(epochs: float, rows: int, batch_size: int) -> int:
+    """Optimizer steps in `epochs` passes over `rows` examples at a global batch of `batch_size`."""
+    return max(1, math.ceil(epochs * math.ceil(rows / batch_size)))
+
+
+__all__ = ["TRAINING_TASKS", "GeoCLIPTask", "GeoHierTask", "TrainingTask", "register_task"]
