@@ -29,8 +29,8 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 from geoloc.configs import tiny_clip_configs
 from geoloc.convert import convert_geoclip
 from geoloc.official_geoclip import fetch_official_wheel, load_official_geoclip
+from geoloc.pipeline import TASK
 from modeling_geoclip import GeoCLIPConfig, GeoCLIPLocationEncoderConfig, GeoCLIPModel
-from modeling_geoclip.pipeline_geoclip import TASK
 
 TOP_K = 5
 BACKBONES = {"vit-l14": "CLIP ViT-L/14 (random)", "small": "small CLIP, 224 px (random)"}

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from transformers import CLIPVisionConfig
 
-import geoloc  # noqa: F401
+import geoloc.models  # noqa: F401  (registers the models with the Auto classes)
 from geoloc.configs import TINY_IMAGE_SIZE, tiny_geohier_config
 from geoloc.geocells import build_geocells, leaf_cell_ids
 from modeling_geoclip import GeoCLIPConfig, GeoCLIPModel

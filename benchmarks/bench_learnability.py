@@ -27,7 +27,7 @@ import time
 import numpy as np
 from transformers import AutoModel
 
-import geoloc  # noqa: F401  (registers the models with the Auto classes)
+import geoloc.models  # noqa: F401  (registers the models with the Auto classes)
 from geoloc.geodesy import unit_vectors, vector_directions
 from geoloc.metrics import geolocation_metrics
 from geoloc.worldmap import build_worldmap_splits, write_imagefolder

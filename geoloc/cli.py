@@ -15,6 +15,18 @@ import sys
 import urllib.parse
 import urllib.request
 
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """The formatter of every `geoloc` parser: each option's help ends with its default, unless it has none
+    (None, off, empty) or its help already says it."""
+
+    def _get_help_string(self, action):
+        default = action.default
+        if default is None or default is False or default == [] or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 SUBCOMMANDS = {
     "predict": ("geoloc.predict", "geolocate images or text with a GeoCLIP or GeoHier checkpoint"),
     "train": ("geoloc.train", "train GeoCLIP or GeoHier (also: accelerate launch -m geoloc.train)"),

@@ -44,6 +44,7 @@ from modeling_geoclip import (
 )
 from modeling_geoclip.configuration_geoclip import OFFICIAL_BACKBONE, OFFICIAL_SIGMAS
 
+from .cli import HelpFormatter
 from .gallery import read_gallery_csv
 
 RELEASE_TYPES = ("geoclip-geolocation", "geoclip-location-encoder")
@@ -298,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="geoloc convert",
         description="Convert an official GeoCLIP release (PyPI wheel, its unpacked folder, or a Hub release "
         "folder) into a transformers checkpoint folder.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("source", help="geoclip-*.whl, its unpacked folder, or a Hub release folder")
     parser.add_argument("output_dir", help="folder to write the converted checkpoint to")

@@ -27,16 +27,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
-from transformers import AutoImageProcessor, AutoModel
 
-from .benchmarks import BENCHMARKS, load_benchmark
-from .data import decode_images, load_geo_dataset
+from .benchmark_datasets import BENCHMARKS, load_benchmark
+from .cli import HelpFormatter
+from .data import load_geo_dataset
 from .geodesy import geodesic_distance_km
+from .inference import Geolocator
 from .metrics import distance_metrics
+from .predict import row_ids
 
 
 PREDICTION_COLUMNS = ["id", "latitude", "longitude", "pred_latitude", "pred_longitude", "error_km"]
@@ -46,8 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="geoloc evaluate",
         description="Evaluate a geolocation checkpoint: writes metrics.json and predictions.csv.",
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("--model", required=True, help="checkpoint folder or Hub id (GeoCLIP or GeoHier)")
+    parser.add_argument("--model", required=True,
+                        help="checkpoint folder or Hub id (GeoCLIP or GeoHier); 'default' is the bundled toy model")
     parser.add_argument(
         "--dataset", required=True,
         help=f"a benchmark ({', '.join(sorted(BENCHMARKS))}) or a dataset path / Hub id read with "
@@ -59,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="candidates per image; metrics use the best-ranked, best_of_top_k the closest")
     parser.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N rows")
     parser.add_argument("--data-dir", default=None,
-                        help="local copy of a benchmark in its original layout (see geoloc.benchmarks)")
+                        help="local copy of a benchmark in its original layout (see geoloc.benchmark_datasets)")
     parser.add_argument("--split", help="split of a dataset path / Hub id (default: test; a local folder without "
                         "a test/ subfolder is one split, which `imagefolder` calls train)")
     parser.add_argument("--image-column", default="image", help="image column of a dataset path / Hub id")
@@ -87,15 +90,6 @@ def load_evaluation_dataset(args: argparse.Namespace):
     )
 
 
-def _row_id(row: dict, index: int) -> str:
-    """A row's id: its `id` column, else its image file name, else its row number."""
-    if row.get("id") is not None:
-        return str(row["id"])
-    image = row["image"]
-    path = image.get("path") if isinstance(image, dict) else image if isinstance(image, str) else None
-    return os.path.basename(path) if path else str(index)
-
-
 @dataclass
 class ShardPredictions:
     """What one process predicted: kept rows' ids, true and (B, K) predicted coordinates; skipped rows."""
@@ -108,38 +102,33 @@ class ShardPredictions:
     unreadable: list = field(default_factory=list)
 
 
-@torch.no_grad()
-def predict(model, image_processor, dataset, batch_size: int, top_k: int, offset: int = 0,
-            show_progress: bool = True) -> ShardPredictions:
-    """Geolocate every row of `dataset` with `model.geolocate(pixel_values=..., top_k=top_k)`.
-
-    Unreadable images are skipped and recorded as `(id, error)` in `unreadable`.
+def locate_shard(geolocator: Geolocator, dataset, batch_size: int, top_k: int, offset: int = 0,
+                 show_progress: bool = True) -> ShardPredictions:
+    """Geolocate every row of `dataset` with `geolocator.locate_images`; unreadable images are skipped and
+    recorded as `(id, error)` in `unreadable`.
 
     Args:
         dataset: rows with `image` (anything `geoloc.data.decode_image` reads), `latitude`, `longitude`.
         offset: the row number of the first row in the full dataset (for ids of rows without one).
     """
-    result = ShardPredictions()
-    device, dtype = model.device, model.dtype
+    shard = ShardPredictions()
     progress = tqdm(total=len(dataset), desc="Evaluating", unit="img", disable=not show_progress)
     for start in range(0, len(dataset), batch_size):
-        rows = list(dataset.select(range(start, min(start + batch_size, len(dataset)))))
-        images, positions, errors = decode_images([row["image"] for row in rows])
-        first = offset + start
-        result.unreadable += [(_row_id(rows[position], first + position), error) for position, error in errors]
-        kept = [(first + position, rows[position]) for position in positions]
-        if images:
-            pixel_values = image_processor(images, return_tensors="pt").pixel_values.to(device, dtype)
-            output = model.geolocate(pixel_values=pixel_values, top_k=top_k)
-            result.pred_latitudes.extend(output.latitudes.double().cpu().numpy())
-            result.pred_longitudes.extend(output.longitudes.double().cpu().numpy())
-            for index, row in kept:
-                result.ids.append(_row_id(row, index))
-                result.latitudes.append(row["latitude"])
-                result.longitudes.append(row["longitude"])
-        progress.update(len(rows))
+        rows = dataset[start : start + batch_size]
+        results = geolocator.locate_images(rows["image"], top_k, names=row_ids(rows, offset + start),
+                                           batch_size=batch_size)
+        for result, latitude, longitude in zip(results, rows["latitude"], rows["longitude"]):
+            if result.error:
+                shard.unreadable.append((result.input, result.error))
+                continue
+            shard.ids.append(result.input)
+            shard.latitudes.append(latitude)
+            shard.longitudes.append(longitude)
+            shard.pred_latitudes.append(result.latitudes)
+            shard.pred_longitudes.append(result.longitudes)
+        progress.update(len(results))
     progress.close()
-    return result
+    return shard
 
 
 def _gather(shard: ShardPredictions) -> ShardPredictions:
@@ -200,16 +189,15 @@ def main(argv=None) -> int:
 def evaluate(args: argparse.Namespace) -> int:
     """Predict the whole dataset (sharded over the accelerate processes) and write the results."""
     accelerator = Accelerator()
-    model = AutoModel.from_pretrained(args.model).to(accelerator.device).eval()
-    image_processor = AutoImageProcessor.from_pretrained(args.model)
+    geolocator = Geolocator.from_pretrained(args.model, device=accelerator.device)
     dataset = load_evaluation_dataset(args)
     if args.max_samples is not None:
         dataset = dataset.select(range(min(args.max_samples, len(dataset))))
     with accelerator.split_between_processes(list(range(len(dataset)))) as rows:
         shard = dataset.select(rows)
         offset = rows[0] if rows else 0
-    predictions = predict(model, image_processor, shard, args.batch_size, args.top_k, offset,
-                          show_progress=accelerator.is_local_main_process)
+    predictions = locate_shard(geolocator, shard, args.batch_size, args.top_k, offset,
+                               show_progress=accelerator.is_local_main_process)
     predictions = _gather(predictions)
     if accelerator.is_main_process:
         summary = write_results(predictions, args.output_dir, args.model, args.dataset, args.top_k)

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import s2geometry
 
+from geoloc.cli import HelpFormatter
 from geoloc.geodesy import unit_vectors, validate_lat_lon, vector_directions
 
 logger = logging.getLogger(__name__)
@@ -345,20 +346,22 @@ def _load_coordinates(dataset: str, split: str, latitude_column: str, longitude_
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="geoloc geocells", description="Build or import S2 geocell hierarchies.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    build = commands.add_parser("build", help="adaptive S2 cells from a dataset's coordinates")
+    build = commands.add_parser("build", help="adaptive S2 cells from a dataset's coordinates",
+                                formatter_class=HelpFormatter)
     build.add_argument("--dataset", required=True,
                        help="a CSV / parquet / JSON file of coordinates, or any dataset `geoloc train --dataset` reads "
                             "(image folder with metadata.csv, shards, save_to_disk folder, Hub id)")
     build.add_argument("--split", default="train", help="split of the dataset")
-    build.add_argument("--latitude-column", default="latitude")
-    build.add_argument("--longitude-column", default="longitude")
+    build.add_argument("--latitude-column", default="latitude", help="latitude column of --dataset")
+    build.add_argument("--longitude-column", default="longitude", help="longitude column of --dataset")
     build.add_argument("--levels", default="auto",
                        help="'auto' (the paper's thresholds scaled to the data size) or TAU_MIN:TAU_MAX pairs, coarse "
                             "to fine, e.g. 50:5000,50:2000,50:1000 (the paper's, for MP-16)")
     build.add_argument("--output", required=True, help="cell table JSON to write; `geoloc train --geocells` reads it")
-    imported = commands.add_parser("import", help="read GeoEstimation partition CSVs (cells_50_5000.csv ...)")
+    imported = commands.add_parser("import", help="read GeoEstimation partition CSVs (cells_50_5000.csv ...)",
+                                   formatter_class=HelpFormatter)
     imported.add_argument("files", nargs="+", help="partition files, coarse to fine")
     imported.add_argument("--output", required=True, help="cell table JSON to write")
     return parser

@@ -1,178 +1,406 @@
 """`geoloc predict`: where were these photos taken (or: where does this text describe)?
 
-    geoloc predict photo.jpg more/*.jpg --model ./geoclip-vit-l14 --top-k 5 --batch-size 8 [--json]
+Files and texts (answers printed as a table or `--json`):
+
+    geoloc predict photo.jpg more/*.jpg --model ./geoclip-vit-l14 --top-k 5 [--places] [--json]
     geoloc predict --text "a beach with palm trees" --model ./geoclip-vit-l14
     geoloc predict photo.jpg --gallery my_points.csv     # search another GPS gallery (GeoCLIP only)
     geoloc predict                                         # the built-in demo: a map crop of the Sahara
+
+An unreadable file is reported on stderr (and in `--json` as its `error`); the others are still answered, and
+the exit status is 1.
+
+Datasets (a photo archive: an image folder with metadata.csv, parquet/webdataset shards or a Hub dataset,
+read with `geoloc.data.load_geo_dataset`):
+
+    geoloc predict --dataset DIR_OR_HUB_ID [--split train] --output predictions.csv|.parquet [--top-k 5]
+        [--places] [--streaming] [--chunk-size 1024] [--batch-size 32]
+
+- The output has one row per image and rank: `id,rank,latitude,longitude,probability` (`rank` 1 = best), plus
+  `place,country,km` (nearest populated place, offline GeoNames) with `--places`. `id` is the row's `id`
+  column, else its image file name, else its row number. Rows come in dataset order.
+- Unreadable images are not fatal: they go to `OUTPUT_STEM.errors.csv` (`id,error`) next to the output, and
+  the run goes on.
+- Work is done in chunks of `--chunk-size` consecutive rows, each written atomically to
+  `OUTPUT.parts/chunk-NNNNNN.parquet` as soon as it is done; when all are done they are merged into OUTPUT
+  and the parts folder is removed. A rerun of a killed job resumes from the parts already written (it loses at
+  most the chunks in progress, one per process), and refuses options that differ from the first run's
+  (`OUTPUT.parts/manifest.json`). A rerun once OUTPUT exists does nothing: an existing output is never
+  rewritten.
+- Many processes: chunk c is done by process `c % num_processes`, so each image is geolocated exactly once, in
+  the same batches as on one process (the same answers: the same rows and coordinates; on CPU, probabilities
+  equal to float32 rounding, since MKL's sums depend on memory alignment, and bit-identical with
+  `MKL_CBWR=AUTO,STRICT` set), and a resumed run may use another process count:
+
+      accelerate launch --num_processes 8 -m geoloc.predict --dataset DIR --output predictions.parquet
+      # CPU-only machine: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 4 -m geoloc.predict ...
+
+  Across nodes, start the same command on every node with `--num_machines M --machine_rank R
+  --main_process_ip HOST --main_process_port PORT` (`--num_processes` counts all processes of all nodes);
+  OUTPUT must be on a file system every node sees (the parts are written there, and the main process merges
+  them). The dataset must be readable from every node (the same path, or a Hub id).
+- `--streaming` reads a Hub dataset as it downloads (an `IterableDataset`). Every process reads the whole
+  stream but decodes and geolocates only its own chunks; a resumed run reads past the chunks already done.
 """
 
 import argparse
-import inspect
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-from tqdm.auto import tqdm
-from transformers import AutoModel, AutoTokenizer, pipeline
-
-from modeling_geoclip.pipeline_geoclip import TASK
-from modeling_geoclip.processing_geoclip import MAX_IMAGE_PIXELS
-
-from .data import decode_image
-from .gallery import load_gallery
-from .geodesy import geodesic_distance_km
-
-# The bundled tiny world-map GeoCLIP (a toy trained on Natural Earth map crops: see its README.md).
-DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "geoclip-worldmap-tiny"
 # With no input, `geoloc predict` geolocates a crop of the bundled world map around this point.
 DEMO_NAME, DEMO_LATITUDE, DEMO_LONGITUDE = "Sahara", 23.0, 10.0
+OUTPUT_FORMATS = (".csv", ".parquet")
+PREDICTION_COLUMNS = ["id", "rank", "latitude", "longitude", "probability"]
+PLACE_COLUMNS = ["place", "country", "km"]
+ERROR_COLUMNS = ["id", "error"]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .cli import HelpFormatter
+
     parser = argparse.ArgumentParser(
         prog="geoloc predict",
-        description="Predict the GPS location of images (or of text descriptions, for GeoCLIP models).",
+        description="Predict the GPS location of images (or of text descriptions, for GeoCLIP models), of files "
+        "or of a whole dataset (see `python -m pydoc geoloc.predict` for resuming and multi-process runs).",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("images", nargs="*", metavar="IMAGE",
-                        help="image files to geolocate (none: a built-in demo crop of the Natural Earth map)")
+                        help="image files to geolocate (none, and no --text or --dataset: a built-in demo crop of "
+                        "the Natural Earth map)")
     parser.add_argument("--text", action="append", metavar="TEXT",
                         help="a text query instead of images (repeat for several; GeoCLIP models only)")
-    parser.add_argument("--model", help=f"checkpoint folder or Hub id (default: the bundled {DEFAULT_MODEL.name})")
-    parser.add_argument("--top-k", type=int, default=5, help="predictions per input (default: 5)")
+    parser.add_argument("--model", default="default",
+                        help="checkpoint folder or Hub id; 'default' is the bundled toy model (geoloc.DEFAULT_MODEL)")
+    parser.add_argument("--top-k", type=int, default=5, help="predictions per input")
     parser.add_argument("--gallery", help="replace the model's GPS gallery: a CSV (LAT/LON or latitude/longitude "
                         "columns) or a Hub dataset id (GeoCLIP models only)")
-    parser.add_argument("--batch-size", type=int, default=8, help="inputs per forward pass (default: 8)")
-    parser.add_argument("--json", action="store_true", help="print the predictions as JSON")
+    parser.add_argument("--batch-size", type=int, default=32, help="inputs per forward pass (and process)")
+    parser.add_argument("--places", action="store_true",
+                        help="add the nearest populated place of each prediction (offline GeoNames)")
+    parser.add_argument("--json", action="store_true", help="print the predictions as JSON (files and texts)")
+    data = parser.add_argument_group("datasets")
+    data.add_argument("--dataset", help="image folder with metadata.csv, parquet/webdataset shards or a Hub dataset "
+                      "id: geolocate every image, write --output")
+    data.add_argument("--output", help="predictions file for --dataset: .csv or .parquet")
+    data.add_argument("--split", default="train", help="split of --dataset (a plain image folder is 'train')")
+    data.add_argument("--streaming", action="store_true", help="stream --dataset instead of downloading it first")
+    data.add_argument("--chunk-size", type=int, default=1024,
+                      help="rows per resumable unit of work (at most this many are redone after a kill)")
+    data.add_argument("--image-column", default="image", help="image column of --dataset")
+    data.add_argument("--lat-column", default="latitude", help="latitude column of --dataset")
+    data.add_argument("--lon-column", default="longitude", help="longitude column of --dataset")
     return parser
 
 
-def _resolve_model(model: str | None) -> str:
-    if model is not None:
-        looks_local = Path(model).is_absolute() or model.startswith(".") or model.count("/") > 1
-        if looks_local and not Path(model).is_dir():
-            raise ValueError(f"Model folder '{model}' does not exist (pass a checkpoint folder or a Hub id).")
-        return model
-    if not DEFAULT_MODEL.is_dir():
-        raise ValueError(
-            f"No --model given and the bundled default model is not installed at {DEFAULT_MODEL}. Pass "
-            "--model PATH_OR_HUB_ID, e.g. a folder written by `geoloc convert`."
-        )
-    return str(DEFAULT_MODEL)
+def main(argv=None) -> int:
+    """Run `geoloc predict`; returns the exit status (0 ok, 1 bad input or model, 2 bad arguments)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_arguments(parser, args)
+    try:
+        if args.dataset:
+            return predict_dataset(args)
+        return predict_inputs(args)
+    except (ValueError, OSError, ImportError) as error:
+        print(f"geoloc predict: error: {error}", file=sys.stderr)
+        return 1
 
 
-def _predictions(output, row: int) -> list[dict]:
-    columns = (output.latitudes[row].tolist(), output.longitudes[row].tolist(), output.probabilities[row].tolist())
-    return [{"latitude": lat, "longitude": lon, "probability": p} for lat, lon, p in zip(*columns)]
+def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if sum(map(bool, (args.images, args.text, args.dataset))) > 1:
+        parser.error("give image files, --text queries or --dataset (one of them)")
+    if args.dataset and not args.output:
+        parser.error("--dataset needs --output FILE.csv or FILE.parquet")
+    if args.output and not args.dataset:
+        parser.error("--output is for --dataset; files and texts are printed (use --json for JSON)")
+    if args.output and Path(args.output).suffix.lower() not in OUTPUT_FORMATS:
+        parser.error(f"--output must end in {' or '.join(OUTPUT_FORMATS)}, got {args.output!r}")
+    if args.dataset and args.json:
+        parser.error("--json is for files and texts; --dataset writes --output")
+    for name in ("top_k", "batch_size", "chunk_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
 
-def _set_gallery(model, gallery: str) -> None:
-    if not hasattr(model, "set_gallery"):
-        raise ValueError(f"--gallery needs a GeoCLIP model; {type(model).__name__} predicts cells, not gallery points.")
-    model.set_gallery(load_gallery(gallery), show_progress=True)
+def load_geolocator(args: argparse.Namespace, device=None):
+    """The `Geolocator` for `--model` (with `--gallery` set as its gallery)."""
+    from .gallery import load_gallery
+    from .inference import Geolocator
 
-
-def _predict_texts(args, model_id: str) -> list[dict]:
-    model = AutoModel.from_pretrained(model_id).eval()
-    if "input_ids" not in inspect.signature(model.geolocate).parameters:
-        raise ValueError(f"--text needs a GeoCLIP model; {type(model).__name__} only geolocates images.")
+    geolocator = Geolocator.from_pretrained(args.model, device=device)
     if args.gallery:
-        _set_gallery(model, args.gallery)
-    tokenizer = AutoTokenizer.from_pretrained(model_id)
+        if geolocator.capabilities.uncertainty != "gallery":
+            raise ValueError(f"--gallery needs a model that searches a GPS gallery (GeoCLIP); "
+                             f"{type(geolocator.model).__name__} predicts {geolocator.capabilities.uncertainty}.")
+        geolocator.model.set_gallery(load_gallery(args.gallery), show_progress=True)
+    return geolocator
+
+
+# ------------------------------------------------------------------------------------------ files and texts
+def predict_inputs(args: argparse.Namespace) -> int:
+    """Geolocate the image files (or texts, or the demo crop) and print the answers."""
+    demo = not args.images and not args.text
+    if demo:
+        print(f"No image given: geolocating a built-in demo, a crop of the Natural Earth map around "
+              f"({DEMO_LATITUDE}, {DEMO_LONGITUDE}) ({DEMO_NAME}), with "
+              f"{'the bundled toy model' if args.model == 'default' else args.model}.", file=sys.stderr)
+    geolocator = load_geolocator(args)
+    options = {"top_k": args.top_k, "places": args.places, "batch_size": args.batch_size}
+    if args.text:
+        results = geolocator.locate_texts(args.text, **options)
+    elif demo:
+        results = geolocator.locate_images([_demo_image()], names=[f"demo crop ({DEMO_NAME})"], **options)
+    else:
+        results = _locate_with_progress(geolocator, args.images, options)
+    for result in results:
+        if result.error:
+            print(f"geoloc predict: error: {result.error}", file=sys.stderr)
+    if args.json:
+        print(json.dumps([result.to_dict() for result in results], indent=2, allow_nan=False))
+    else:
+        _print_table(results)
+    if demo:
+        from .geodesy import geodesic_distance_km
+
+        best = results[0]
+        error = geodesic_distance_km(best.latitudes[:1], best.longitudes[:1], [DEMO_LATITUDE], [DEMO_LONGITUDE])[0]
+        print(f"True location: ({DEMO_LATITUDE}, {DEMO_LONGITUDE}); the top prediction is {float(error):.0f} km away.",
+              file=sys.stderr)
+    return 1 if any(result.error for result in results) else 0
+
+
+def _locate_with_progress(geolocator, images: list[str], options: dict) -> list:
+    from tqdm.auto import tqdm
+
     results = []
-    for start in range(0, len(args.text), args.batch_size):
-        texts = args.text[start : start + args.batch_size]
-        tokens = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
-        output = model.geolocate(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, top_k=args.top_k)
-        results += [{"input": text, "predictions": _predictions(output, row)} for row, text in enumerate(texts)]
+    with tqdm(total=len(images), unit="image", desc="Geolocating", disable=len(images) <= options["batch_size"]) as bar:
+        for start in range(0, len(images), options["batch_size"]):
+            results += geolocator.locate_images(images[start : start + options["batch_size"]], **options)
+            bar.update(len(results) - bar.n)
     return results
 
 
-def _demo_image() -> Image.Image:
+def _demo_image():
     """A 32x32 crop of the bundled Natural Earth map around the demo point, as the default model was trained on."""
+    import numpy as np
+
     from .worldmap import render_crop
 
     return render_crop(DEMO_LATITUDE, DEMO_LONGITUDE, np.random.default_rng(0), jitter=0.0, brightness=0.0)
 
 
-def _predict_images(args, model_id: str) -> list[dict]:
-    """One result per input, in order: `{"input", "predictions"}`, or `{"input", "error"}` for an unreadable image
-    (the others are still answered)."""
-    # Loaded here (not by `pipeline`) so that a bad checkpoint gives our error, not the pipeline's retry report.
-    geolocator = pipeline(TASK, model=AutoModel.from_pretrained(model_id), image_processor=model_id)
-    if args.gallery:
-        _set_gallery(geolocator.model, args.gallery)
-    max_pixels = getattr(geolocator.image_processor, "max_image_pixels", MAX_IMAGE_PIXELS)
-    results = []
-    with tqdm(total=len(args.images), unit="image", desc="Geolocating",
-              disable=True if len(args.images) < 2 else None) as progress:  # None: off when stderr is no terminal
-        for start in range(0, len(args.images), args.batch_size):
-            inputs = args.images[start : start + args.batch_size]
-            batch = [{"input": image if isinstance(image, str) else f"demo crop ({DEMO_NAME})"} for image in inputs]
-            decoded = {}
-            for position, image in enumerate(inputs):
-                try:
-                    decoded[position] = decode_image(image, max_pixels)
-                except ValueError as error:
-                    batch[position]["error"] = str(error)
-            if decoded:
-                predictions = geolocator(list(decoded.values()), top_k=args.top_k, batch_size=len(decoded))
-                for position, rows in zip(decoded, predictions):
-                    batch[position]["predictions"] = rows
-            results += batch
-            progress.update(len(batch))
-    return results
-
-
-def _print_table(results: list[dict]) -> None:
+def _print_table(results: list) -> None:
     for result in results:
-        print(result["input"])
-        if "error" in result:
-            print(f"  unreadable: {result['error']}")
+        print(result.input)
+        if result.error:
+            print(f"  error: {result.error}")
+        for rank, (lat, lon, p) in enumerate(zip(result.latitudes, result.longitudes, result.probabilities), 1):
+            place = result.places[rank - 1] if result.places else None
+            near = f"   near {place['place']}, {place['country']} ({place['km']:.0f} km)" if place else ""
+            print(f"  {rank}. {lat:10.6f}, {lon:11.6f}   p={p:.4f}{near}")
+
+
+# ------------------------------------------------------------------------------------------------ datasets
+def row_ids(rows: dict, first: int) -> list[str]:
+    """The ids of a batch of dataset rows (columns -> lists): the `id` column, else the image file name, else the
+    row number (`first` is the row number of the first row)."""
+    ids = []
+    for offset, image in enumerate(rows["image"]):
+        given = rows["id"][offset] if "id" in rows else None
+        path = image.get("path") if isinstance(image, dict) else image if isinstance(image, str) else None
+        ids.append(str(given) if given is not None else os.path.basename(path) if path else str(first + offset))
+    return ids
+
+
+def predictions_frame(results: list, places: bool):
+    """The rows of `results` as the output's columns, `id` being each result's `input`: one row per (image,
+    rank), plus an `error` column (one row with rank 0 and no coordinates for each unreadable image)."""
+    import numpy as np
+    import pandas as pd
+
+    columns = {name: [] for name in PREDICTION_COLUMNS + (PLACE_COLUMNS if places else []) + ["error"]}
+    for result in results:
+        count = max(len(result.latitudes), 1 if result.error else 0)
+        columns["id"] += [result.input] * count
+        columns["rank"] += list(range(1, len(result.latitudes) + 1)) or [0]
+        for name, values in (("latitude", result.latitudes), ("longitude", result.longitudes),
+                             ("probability", result.probabilities)):
+            columns[name] += values.tolist() or [np.nan]
+        if places:
+            found = result.places or [{"place": None, "country": None, "km": np.nan}]
+            for name in PLACE_COLUMNS:
+                columns[name] += [place[name] for place in found]
+        columns["error"] += [result.error] * count
+    dtypes = {"id": "string", "rank": "int64", "latitude": "float64", "longitude": "float64",
+              "probability": "float64", "place": "string", "country": "string", "km": "float64", "error": "string"}
+    return pd.DataFrame(columns).astype({name: dtypes[name] for name in columns})
+
+
+class ChunkParts:
+    """The resumable parts of one `--dataset` run: `OUTPUT.parts/chunk-NNNNNN.parquet` and `manifest.json`."""
+
+    def __init__(self, output: Path):
+        self.output = output
+        self.folder = output.with_name(output.name + ".parts")
+        self.manifest = self.folder / "manifest.json"
+
+    def path(self, chunk: int) -> Path:
+        return self.folder / f"chunk-{chunk:06d}.parquet"
+
+    def done(self, chunk: int) -> bool:
+        return self.path(chunk).is_file()
+
+    def check_manifest(self, options: dict, create: bool) -> None:
+        """Refuse to resume parts written with other options; with `create`, start the folder if new."""
+        if self.manifest.is_file():
+            previous = json.loads(self.manifest.read_text())
+            changed = {key: (previous.get(key), value) for key, value in options.items() if previous.get(key) != value}
+            if changed:
+                listed = "; ".join(f"{key}: {old!r} then, {new!r} now" for key, (old, new) in changed.items())
+                raise ValueError(f"{self.folder} holds a run with other options ({listed}): rerun with the same "
+                                 f"options to resume, or delete {self.folder} to start over.")
+        elif create:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            _write_atomically(self.manifest, lambda path: path.write_text(json.dumps(options, indent=2)))
+
+    def write(self, chunk: int, frame) -> None:
+        _write_atomically(self.path(chunk), lambda path: frame.to_parquet(path, index=False))
+
+    def merge(self, num_chunks: int, output_format: str) -> tuple[int, int]:
+        """Concatenate the parts in order into the output (and the errors file); returns (images, unreadable)."""
+        import pandas as pd
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        missing = [chunk for chunk in range(num_chunks) if not self.done(chunk)]
+        if missing:
+            raise ValueError(f"{len(missing)} chunk(s) of {self.output} were not written (first: {missing[0]}): "
+                             "a process failed; rerun the same command to finish them.")
+        errors, images = [], 0
+
+        def write(path: Path) -> None:
+            nonlocal images
+            writer = None
+            for chunk in range(num_chunks):
+                frame = pd.read_parquet(self.path(chunk))
+                failed = frame["error"].notna()
+                errors.append(frame.loc[failed, ERROR_COLUMNS])
+                frame = frame.loc[~failed].drop(columns="error")
+                images += int((frame["rank"] == 1).sum())
+                if output_format == ".csv":
+                    frame.to_csv(path, mode="a" if chunk else "w", header=chunk == 0, index=False)
+                else:
+                    table = pa.Table.from_pandas(frame, preserve_index=False)
+                    writer = writer or pq.ParquetWriter(path, table.schema)
+                    writer.write_table(table)
+            if writer is not None:
+                writer.close()
+
+        _write_atomically(self.output, write)
+        errors = pd.concat(errors, ignore_index=True) if errors else pd.DataFrame(columns=ERROR_COLUMNS)
+        errors_file = errors_path(self.output)
+        if len(errors):
+            _write_atomically(errors_file, lambda path: errors.to_csv(path, index=False))
+        elif errors_file.exists():
+            errors_file.unlink()  # from an earlier run over this output name
+        shutil.rmtree(self.folder)
+        return images, len(errors)
+
+
+def errors_path(output: Path) -> Path:
+    """Where the unreadable images of a `--dataset` run are listed: `OUTPUT_STEM.errors.csv`."""
+    return output.with_name(output.stem + ".errors.csv")
+
+
+def _write_atomically(path: Path, write) -> None:
+    """`write(temporary_path)`, then rename over `path`: a reader never sees a half-written file."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def iterate_chunks(dataset, chunk_size: int, wanted):
+    """`(chunk, first_row, rows)` for every chunk of `chunk_size` consecutive rows, in order, with `rows` as
+    columns -> lists, or None where `wanted(chunk)` is false (then a `Dataset` is not read; a stream is read past).
+    """
+    import datasets
+
+    if isinstance(dataset, datasets.Dataset):
+        for chunk, first in enumerate(range(0, len(dataset), chunk_size)):
+            yield chunk, first, dataset[first : first + chunk_size] if wanted(chunk) else None
+        return
+    chunk, rows = 0, []
+    for row in dataset:
+        rows.append(row)
+        if len(rows) == chunk_size:
+            yield chunk, chunk * chunk_size, _columns(rows) if wanted(chunk) else None
+            chunk, rows = chunk + 1, []
+    if rows:
+        yield chunk, chunk * chunk_size, _columns(rows) if wanted(chunk) else None
+
+
+def _columns(rows: list[dict]) -> dict:
+    return {name: [row[name] for row in rows] for name in rows[0]}
+
+
+def predict_dataset(args: argparse.Namespace) -> int:
+    """Geolocate every image of `--dataset` into `--output`, sharded over the accelerate processes."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+    from tqdm.auto import tqdm
+
+    from .data import load_geo_dataset
+
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as `Accelerator()` reads it
+    output = Path(args.output)
+    parts = ChunkParts(output)
+    if output.exists() and not parts.folder.exists():
+        if state.is_main_process:
+            print(f"geoloc predict: {output} already exists and no run is in progress ({parts.folder} is absent): "
+                  "nothing to do. Delete it, or give another --output, to run again.")
+        return 0
+    with state.main_process_first():  # one process builds the datasets cache, the others read it
+        dataset = load_geo_dataset(args.dataset, split=args.split, image_column=args.image_column,
+                                   lat_column=args.lat_column, lon_column=args.lon_column, streaming=args.streaming)
+    options = {"model": args.model, "gallery": args.gallery, "dataset": args.dataset, "split": args.split,
+               "streaming": args.streaming, "rows": None if args.streaming else len(dataset),
+               "chunk_size": args.chunk_size, "top_k": args.top_k, "places": args.places}
+    parts.check_manifest(options, create=state.is_main_process)
+    geolocator = load_geolocator(args, device=state.device)
+    state.wait_for_everyone()
+
+    def mine(chunk: int) -> bool:
+        return chunk % state.num_processes == state.process_index and not parts.done(chunk)
+
+    total = None
+    if not args.streaming:
+        total = sum(min(args.chunk_size, len(dataset) - first) for first in range(0, len(dataset), args.chunk_size)
+                    if mine(first // args.chunk_size))
+    progress = tqdm(total=total, unit="image", desc=f"Geolocating (process {state.process_index + 1} of "
+                    f"{state.num_processes})", disable=not state.is_local_main_process)
+    num_chunks = 0
+    for chunk, first, rows in iterate_chunks(dataset, args.chunk_size, mine):
+        num_chunks = chunk + 1
+        if rows is None:
             continue
-        for rank, prediction in enumerate(result["predictions"], start=1):
-            print(f"  {rank}. {prediction['latitude']:10.6f}, {prediction['longitude']:11.6f}"
-                  f"   p={prediction['probability']:.4f}")
-
-
-def main(argv=None) -> int:
-    """Run `geoloc predict`; returns 0, exits 2 on bad arguments, and raises ValueError (or another error) on bad
-    input or model, which `geoloc.cli` prints as one line with exit status 1. Unreadable images do not stop the
-    others: they are reported in the output, then a ValueError counts them."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.images and args.text:
-        parser.error("give image files or --text queries (not both)")
-    demo = not args.images and not args.text
-    if demo:
-        args.images = [_demo_image()]
-        print(f"No image given: geolocating a built-in demo, a crop of the Natural Earth map around "
-              f"({DEMO_LATITUDE}, {DEMO_LONGITUDE}) ({DEMO_NAME}), with "
-              f"{'the bundled toy model ' + DEFAULT_MODEL.name if args.model is None else args.model}.",
-              file=sys.stderr)
-    if args.top_k < 1:
-        parser.error(f"--top-k must be >= 1, got {args.top_k}")
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
-    model_id = _resolve_model(args.model)
-    results = _predict_texts(args, model_id) if args.text else _predict_images(args, model_id)
-    if args.json:
-        print(json.dumps(results, indent=2, allow_nan=False))
-    else:
-        _print_table(results)
-    failed = [result for result in results if "error" in result]
-    if failed:
-        raise ValueError(f"{len(failed)} of {len(results)} images could not be read (first: {failed[0]['error']})")
-    if demo:
-        best = results[0]["predictions"][0]
-        error = geodesic_distance_km([best["latitude"]], [best["longitude"]], [DEMO_LATITUDE], [DEMO_LONGITUDE])[0]
-        print(f"True location: ({DEMO_LATITUDE}, {DEMO_LONGITUDE}); the top prediction is {float(error):.0f} km away.",
-              file=sys.stderr)
+        results = geolocator.locate_images(rows["image"], args.top_k, places=args.places,
+                                           names=row_ids(rows, first), batch_size=args.batch_size)
+        parts.write(chunk, predictions_frame(results, args.places))
+        progress.update(len(results))
+    progress.close()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        images, unreadable = parts.merge(num_chunks, output.suffix.lower())
+        report = f", {unreadable} unreadable (listed in {errors_path(output)})" if unreadable else ""
+        print(f"geoloc predict: {images} images geolocated{report}, {state.num_processes} process(es) -> {output}")
     return 0
 
 
 if __name__ == "__main__":
-    from .cli import run_command
-
-    run_command("predict")
+    sys.exit(main())

@@ -36,7 +36,8 @@ import jinja2
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, SpaceCard
 from transformers import AutoConfig
 
-from .benchmarks import BENCHMARKS
+from .benchmark_datasets import BENCHMARKS
+from .cli import HelpFormatter
 from .metrics import DEFAULT_THRESHOLDS_KM, threshold_key
 from .remote_code import auto_maps, remote_code_files
 
@@ -322,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="geoloc publish",
         description="Push a checkpoint, its model card and evaluation results (and the demo Space) to the Hub.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("model_dir", help="checkpoint folder written by save_pretrained / geoloc train")
     parser.add_argument("--repo-id", required=True, help="model repo, namespace/name (created if missing)")

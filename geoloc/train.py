@@ -36,7 +36,7 @@ itself. The coordinates are read once before training (only the latitude/longitu
 gallery and GeoHier's geocells.
 
 The output folder ends up with the model (`save_pretrained`, loadable with `AutoModel.from_pretrained` after
-`import geoloc`), its image processor (and tokenizer for GeoCLIP), `log.jsonl`, TensorBoard logs when
+`import geoloc.models`), its image processor (and tokenizer for GeoCLIP), `log.jsonl`, TensorBoard logs when
 tensorboard is installed, and `train_summary.json`.
 """
 
@@ -52,12 +52,14 @@ import datasets
 import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.state import AcceleratorState
 from accelerate.utils import is_tensorboard_available, send_to_device, set_seed
 from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from .cli import HelpFormatter
 from .data import IMAGE, LATITUDE, LONGITUDE, load_geo_dataset
 from .recipes import DEFAULT_RECIPES, OPTIMIZERS, RECIPE_OPTIONS, RECIPES, SCHEDULES, get_recipe
 from .training_tasks import TRAINING_TASKS, steps_for_epochs
@@ -77,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train GeoCLIP or GeoHier on a geolocation dataset (run under `accelerate launch` for several "
                     "processes). Options marked 'recipe default' take their value from --recipe unless given.",
         epilog=f"Recipes: {recipes}",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     group = parser.add_argument_group("model and data")
     group.add_argument("--recipe", choices=sorted(RECIPES),
@@ -95,13 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--dataset", required=True,
                        help="image folder with metadata.csv, parquet/webdataset shards, a save_to_disk folder, or a "
                             "Hub dataset id")
-    group.add_argument("--split", default="train")
-    group.add_argument("--image-column", default=IMAGE)
-    group.add_argument("--lat-column", default=LATITUDE)
-    group.add_argument("--lon-column", default=LONGITUDE)
+    group.add_argument("--split", default="train", help="split of --dataset")
+    group.add_argument("--image-column", default=IMAGE, help="image column of --dataset")
+    group.add_argument("--lat-column", default=LATITUDE, help="latitude column of --dataset")
+    group.add_argument("--lon-column", default=LONGITUDE, help="longitude column of --dataset")
     group.add_argument("--train-fraction", type=float, default=1.0,
                        help="train on a seeded random subset of this fraction of the rows")
-    group.add_argument("--output-dir", required=True)
+    group.add_argument("--output-dir", required=True, help="where the model and checkpoints are written")
     group.add_argument("--overwrite", action="store_true",
                        help="start over in an --output-dir that already holds a run (its checkpoints are deleted)")
     group.add_argument("--streaming", action="store_true",
@@ -116,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--epochs", type=float, help="passes over the data, instead of --max-steps (recipe default)")
     group.add_argument("--batch-size", type=int,
                        help="global batch per optimizer step, over all processes and accumulation steps (recipe default)")
-    group.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    group.add_argument("--gradient-accumulation-steps", type=int, default=1,
+                       help="micro-batches per optimizer step")
     group.add_argument("--optimizer", choices=OPTIMIZERS, help="(recipe default)")
     group.add_argument("--learning-rate", type=float, help="(recipe default)")
     group.add_argument("--weight-decay", type=float, help="(recipe default)")
@@ -132,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="training image augmentation, see geoloc.augment (recipe default)")
     group.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default=None,
                        help="default: accelerate's setting (`accelerate launch --mixed_precision`), else no")
-    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--seed", type=int, default=0, help="seed of the data order, noise and initialisation")
     group.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
 
     for task in TRAINING_TASKS.values():
@@ -140,9 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     group = parser.add_argument_group("checkpoints and logging")
     group.add_argument("--checkpoint-every", type=int, default=500, help="save the training state every N steps")
-    group.add_argument("--checkpoints-to-keep", type=int, default=2)
+    group.add_argument("--checkpoints-to-keep", type=int, default=2, help="older checkpoints are deleted")
     group.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
-    group.add_argument("--log-every", type=int, default=10)
+    group.add_argument("--log-every", type=int, default=10, help="log the loss every N steps")
     group.add_argument("--push-to-hub", metavar="REPO",
                        help="upload the trained model to this Hub repo, as `geoloc publish` does (model, processors, "
                             "card, remote code; never checkpoints or logs)")
@@ -386,6 +389,14 @@ def main(argv=None) -> int:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
         step_scheduler_with_optimizer=False,
     )
+    try:
+        return train(args, accelerator)
+    finally:  # accelerate keeps its settings process-wide: a later run in this Python may want others
+        AcceleratorState._reset_state()
+
+
+def train(args: argparse.Namespace, accelerator: Accelerator) -> int:
+    """The training run of resolved `args` (see `resolve_args`) on `accelerator`."""
     prepare_output_dir(args, accelerator)
     set_seed(args.seed)  # the same model on every process
     task = TRAINING_TASKS[args.model](args, accelerator)

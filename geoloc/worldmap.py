@@ -26,6 +26,7 @@ import datasets
 import numpy as np
 from PIL import Image, ImageEnhance
 
+from .cli import HelpFormatter
 from .geodesy import validate_lat_lon
 
 MAP_FILE = "natural-earth-50m-shaded-relief-720x360.png"
@@ -144,11 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="geoloc worldmap",
         description="Build the world-map crops dataset (Natural Earth shaded relief, public domain) as an "
                     "image folder with train/ and test/ splits and metadata.csv.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--output-dir", required=True, help="folder to write train/ and test/ into")
     parser.add_argument("--train", type=int, default=2000, help="number of training crops")
     parser.add_argument("--test", type=int, default=500, help="number of test crops (disjoint points)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the points, crops and jitter")
     parser.add_argument("--land-fraction", type=float, default=0.75,
                         help="fraction of points drawn on land only; the rest are uniform on the sphere")
     parser.add_argument("--window", type=int, default=16, help="crop window on the map, in map pixels (0.5°)")

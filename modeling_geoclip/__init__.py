@@ -1,5 +1,5 @@
-"""GeoCLIP as a transformers model. Importing this package registers it with the Auto classes and the
-`image-geolocation` pipeline."""
+"""GeoCLIP as a transformers model. Importing this package registers it with the Auto classes (the
+`image-geolocation` pipeline, which serves every model, is registered by `geoloc.pipeline`)."""
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
@@ -7,7 +7,6 @@ from .configuration_geoclip import GeoCLIPConfig, GeoCLIPLocationEncoderConfig
 from .geo_common import GeolocationOutput, check_top_k, validate_locations
 from .geo_image_processing import load_image
 from .modeling_geoclip import GeoCLIPLocationEncoder, GeoCLIPModel, GeoCLIPOutput
-from .pipeline_geoclip import ImageGeolocationPipeline  # registers the image-geolocation pipeline
 from .processing_geoclip import GeoCLIPImageProcessor, byte_level_clip_tokenizer
 
 AutoConfig.register(GeoCLIPConfig.model_type, GeoCLIPConfig, exist_ok=True)
@@ -24,7 +23,6 @@ __all__ = [
     "GeoCLIPModel",
     "GeoCLIPOutput",
     "GeolocationOutput",
-    "ImageGeolocationPipeline",
     "byte_level_clip_tokenizer",
     "check_top_k",
     "load_image",

@@ -185,6 +185,21 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
 
     config: GeoCLIPConfig
 
+    # What front ends may ask of `geolocate` (read by `geoloc.inference`, never probed from signatures).
+    predicts_scenes = False  # no `scene_probabilities`
+    returns_attention_maps = False  # no `output_attentions`
+    candidate_kind = "gallery"  # candidates are the points of a replaceable GPS gallery (`set_gallery`)
+
+    @property
+    def supports_text_queries(self) -> bool:
+        """Whether `geolocate` takes `input_ids` (a text tower was built)."""
+        return self.config.use_text_tower
+
+    @property
+    def num_candidates(self) -> int:
+        """The largest `top_k` of `geolocate`: the gallery size."""
+        return self.config.gallery_size
+
     def __init__(self, config: GeoCLIPConfig):
         super().__init__(config)
         self.image_tower = CLIPVisionModelWithProjection._from_config(config.vision_config)

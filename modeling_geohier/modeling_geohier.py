@@ -268,6 +268,21 @@ class GeoHierModel(GeoHierPreTrainedModel):
 
     config: GeoHierConfig
 
+    # What front ends may ask of `geolocate` (read by `geoloc.inference`, never probed from signatures).
+    supports_text_queries = False  # images only
+    returns_attention_maps = True  # `geolocate(..., output_attentions=True)` -> `cross_attentions`
+    candidate_kind = "cells"  # candidates are the fine geocells (centroids)
+
+    @property
+    def predicts_scenes(self) -> bool:
+        """Whether `scene_probabilities` mean something: the model was trained with scene labels."""
+        return self.config.trained_with_scene_labels
+
+    @property
+    def num_candidates(self) -> int:
+        """The largest `top_k` of `geolocate`: the number of fine cells."""
+        return self.config.cells_per_level[-1]
+
     def __init__(self, config: GeoHierConfig):
         super().__init__(config)
         vision = config.vision_config

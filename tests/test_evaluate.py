@@ -15,8 +15,8 @@ import pytest
 import torch
 from transformers import AutoImageProcessor, AutoModel
 
-from geoloc import benchmarks
-from geoloc.benchmarks import load_benchmark
+from geoloc import benchmark_datasets
+from geoloc.benchmark_datasets import load_benchmark
 from geoloc.cli import main as cli_main
 from geoloc.configs import TINY_IMAGE_SIZE, tiny_geoclip_config
 from geoloc.evaluate import PREDICTION_COLUMNS, main
@@ -199,8 +199,8 @@ def test_osv5m_download_path(tmp_path, monkeypatch):
         calls.append(kwargs)
         _osv5m_snapshot(kwargs["local_dir"])
 
-    monkeypatch.setattr(benchmarks, "snapshot_download", fake_snapshot_download)
-    monkeypatch.setattr(benchmarks, "benchmark_dir", lambda name: tmp_path / name)
+    monkeypatch.setattr(benchmark_datasets, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(benchmark_datasets, "benchmark_dir", lambda name: tmp_path / name)
     dataset = load_benchmark("osv5m")
     assert calls == [{"repo_id": "osv5m/osv5m", "repo_type": "dataset",
                       "allow_patterns": ["test.csv", "images/test/*.zip"], "local_dir": tmp_path / "osv5m"}]

@@ -1,4 +1,5 @@
-"""The image-geolocation pipeline, `geoloc predict` and `geoloc.gallery` on a tiny saved GeoCLIP."""
+"""The image-geolocation pipeline, `geoloc predict` (files and texts) and `geoloc.gallery` on a tiny saved
+GeoCLIP."""
 
 import json
 
@@ -9,7 +10,9 @@ import torch
 from PIL import Image
 from transformers import pipeline
 
-from geoloc import cli, predict
+import geoloc.inference
+import geoloc.pipeline  # noqa: F401  (registers the image-geolocation task)
+from geoloc import predict
 from geoloc.configs import TINY_IMAGE_SIZE, tiny_geoclip_config
 from geoloc.gallery import load_gallery
 from modeling_geoclip import GeoCLIPImageProcessor, GeoCLIPModel, byte_level_clip_tokenizer
@@ -122,7 +125,7 @@ def test_predict_cli_table_output(checkpoint, photos, capsys):
 )
 def test_predict_cli_bad_input_is_a_readable_error(checkpoint, photos, tmp_path, capsys, argv, message):
     names = {"photo": photos[0], "missing": str(tmp_path / "missing.jpg"), "missing_csv": str(tmp_path / "points.csv")}
-    assert cli.main(["predict", *[arg.format(**names) for arg in argv], "--model", str(checkpoint)]) == 1
+    assert predict.main([arg.format(**names) for arg in argv] + ["--model", str(checkpoint)]) == 1
     error = capsys.readouterr().err
     assert "geoloc predict: error:" in error and message in error and "Traceback" not in error
 
@@ -130,7 +133,10 @@ def test_predict_cli_bad_input_is_a_readable_error(checkpoint, photos, tmp_path,
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["a.jpg", "--text", "x"], "give image files or --text"),
+        (["a.jpg", "--text", "x"], "give image files, --text queries or --dataset (one of them)"),
+        (["--dataset", "d"], "--dataset needs --output"),
+        (["--dataset", "d", "--output", "p.txt"], "--output must end in .csv or .parquet, got 'p.txt'"),
+        (["a.jpg", "--output", "p.csv"], "--output is for --dataset"),
         (["a.jpg", "--top-k", "0"], "--top-k must be >= 1, got 0"),
         (["a.jpg", "--batch-size", "0"], "--batch-size must be >= 1"),
         (["a.jpg", "--top-k", "three"], "invalid int value"),
@@ -154,10 +160,10 @@ def test_predict_without_input_runs_the_bundled_demo(capsys):
 
 
 def test_predict_cli_missing_models(photos, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(predict, "DEFAULT_MODEL", tmp_path / "not-built-yet")
-    assert cli.main(["predict", photos[0]]) == 1
+    monkeypatch.setattr(geoloc.inference, "DEFAULT_MODEL", str(tmp_path / "not-built-yet"))
+    assert predict.main([photos[0]]) == 1
     assert "bundled default model is not installed" in capsys.readouterr().err
-    assert cli.main(["predict", photos[0], "--model", str(tmp_path / "nowhere")]) == 1
+    assert predict.main([photos[0], "--model", str(tmp_path / "nowhere")]) == 1
     assert "nowhere' does not exist" in capsys.readouterr().err
 
 

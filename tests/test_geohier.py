@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, ViTConfig
 
-import geoloc  # noqa: F401  (registers the image processor)
+import geoloc.models  # noqa: F401  (registers the GeoHier image processor)
 from geoloc.configs import TINY_IMAGE_SIZE, tiny_geohier_config
 from geoloc.geocells import build_geocells
 from modeling_geohier import GeoHierConfig, GeoHierGeolocationOutput, GeoHierModel

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from geoloc import cli
-from geoloc.benchmarks import load_benchmark
+from geoloc.benchmark_datasets import load_benchmark
 from geoloc.configs import tiny_geoclip_config, tiny_geohier_config, tiny_image_processor
 from geoloc.data import GeoCollator, decode_images, load_geo_dataset
 from modeling_geoclip import GeoCLIPImageProcessor, GeoCLIPModel, load_image
@@ -120,7 +120,7 @@ def test_collator_counts_a_batch_of_unreadable_images(caplog):
     assert "IndexError" in caplog.text and "NotImplementedError" in caplog.text
 
 
-def test_predict_answers_the_readable_images_and_counts_the_others(tmp_path, capsys):
+def test_predict_answers_the_readable_images_and_reports_the_other(tmp_path, capsys):
     good = tmp_path / "good.png"
     Image.new("RGB", (40, 30), "green").save(good)
     bad = tmp_path / "bad.qoi"
@@ -129,10 +129,10 @@ def test_predict_answers_the_readable_images_and_counts_the_others(tmp_path, cap
     captured = capsys.readouterr()
     results = json.loads(captured.out)
     assert [result["input"] for result in results] == [str(good), str(bad), str(good)]
-    assert len(results[0]["predictions"]) == 2 and results[0] == results[2]
-    assert "predictions" not in results[1] and str(bad) in results[1]["error"]
+    assert len(results[0]["predictions"]) == 2 and results[0] == results[2] and results[0]["error"] is None
+    assert results[1]["predictions"] == [] and str(bad) in results[1]["error"] and "IndexError" in results[1]["error"]
     [line] = captured.err.strip().splitlines()
-    assert line.startswith("geoloc predict: error: 1 of 3 images could not be read") and str(bad) in line
+    assert line.startswith("geoloc predict: error: ") and str(bad) in line
 
 
 # ------------------------------------------------------------------------------------------ pixel limit
@@ -383,8 +383,9 @@ def test_cli_failures_are_one_line_with_exit_status_1(geoclip_dir, tmp_path):
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 1 and len(lines) == 1, result.stderr
         assert lines[0].startswith(f"geoloc {args[0]}: error: ") and message in lines[0]
-    result, _ = _run_cli("--debug", *cases[0][0])
-    assert result.returncode == 1 and "Traceback" in result.stderr and "not a readable safetensors" in result.stderr
+    result, _ = _run_cli("--debug", "convert", str(tmp_path / "missing.whl"), str(tmp_path / "out"))
+    assert result.returncode == 1 and "Traceback (most recent call last)" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("ValueError: GeoCLIP source")
 
 
 def test_publish_without_network_fails_at_once_saying_what_to_do(geoclip_dir, capsys, monkeypatch):

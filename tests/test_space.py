@@ -27,7 +27,8 @@ from PIL import Image
 import geoloc.space
 from geoloc.configs import TINY_IMAGE_SIZE, tiny_geoclip_config, tiny_geohier_config
 from geoloc.geocells import build_geocells
-from geoloc.space import NOTES, TABLE_COLUMNS, Geolocator, load_geolocators
+from geoloc.inference import UNCERTAINTY_POINTS
+from geoloc.space import NOTES, TABLE_COLUMNS, load_geolocators, locate_image, locate_text, random_tiny_geolocator
 from geoloc.worldmap import sample_points
 from modeling_geoclip import GeoCLIPImageProcessor, GeoCLIPModel, byte_level_clip_tokenizer
 from modeling_geohier import GeoHierModel
@@ -42,14 +43,16 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 
 
 def save_tiny_checkpoints(root: Path) -> tuple[Path, Path]:
-    """A tiny GeoCLIP (gallery, processor, tokenizer) and a tiny GeoHier (cell table, processor) on disk."""
+    """A tiny GeoCLIP (gallery, processor, tokenizer) and a tiny GeoHier (cell table, processor; declared as
+    trained with scene labels, so that the page shows its scenes) on disk."""
     processor = GeoCLIPImageProcessor(size={"shortest_edge": TINY_IMAGE_SIZE},
                                       crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE})
     geoclip = GeoCLIPModel(tiny_geoclip_config())
     geoclip.set_gallery(sample_points(GALLERY_SIZE, np.random.default_rng(1)))
     points = sample_points(3000, np.random.default_rng(2))
     cells, _ = build_geocells(points[:, 0], points[:, 1], levels=[(5, 400), (5, 150), (5, 60)])
-    geohier = GeoHierModel(tiny_geohier_config(cells_per_level=[len(level["tokens"]) for level in cells]))
+    geohier = GeoHierModel(tiny_geohier_config(cells_per_level=[len(level["tokens"]) for level in cells],
+                                               trained_with_scene_labels=True))
     geohier.set_cell_table(cells)
     for name, model in (("geoclip", geoclip), ("geohier", geohier)):
         model.save_pretrained(root / name)
@@ -160,8 +163,10 @@ def test_geohier_adds_the_scene_and_attention_per_level(client, checkpoints):
     geohier = str(checkpoints[1])
     table, figure, scenes, attention = client.predict(handle_file(EXAMPLE), 4, geohier,
                                                       api_name="/geolocate_image")
-    check_table(table, 4)
-    assert set(traces(figure)) == {"scattermap"}  # no gallery, so no heat layer
+    values = check_table(table, 4)
+    heat = traces(figure)["densitymap"]  # every fine cell at its centroid, with its probability
+    assert len(heat["z"]) == GeoHierModel.from_pretrained(geohier).num_candidates
+    assert max(heat["z"]) == pytest.approx(values[0, 2], 1e-3)
     assert len(scenes["confidences"]) == 3 and scenes["label"].startswith("scene ")
     assert [item["caption"] for item in attention] == [
         "level 1 of 3 (coarsest)", "level 2 of 3 (middle)", "level 3 of 3 (finest)"]
@@ -248,25 +253,25 @@ def test_page_shows_map_and_table_after_an_example(server, tmp_path):
 
 def test_default_model_is_the_bundled_one_or_a_random_tiny_one(monkeypatch, tmp_path):
     monkeypatch.delenv("GEOLOC_MODEL", raising=False)
-    (geolocator,) = load_geolocators()
-    bundled = (geoloc.space.BUNDLED_MODEL / "config.json").is_file()
-    assert geolocator.note == NOTES["bundled" if bundled else "random"]
+    (geolocator,), note = load_geolocators()
+    bundled = (Path(geoloc.space.BUNDLED_MODEL) / "config.json").is_file()
+    assert note == NOTES["bundled" if bundled else "random"]
     monkeypatch.setattr(geoloc.space, "BUNDLED_MODEL", tmp_path / "missing")
-    (geolocator,) = load_geolocators("")
-    assert geolocator.name == "random tiny GeoCLIP" and geolocator.note == NOTES["random"]
+    (geolocator,), note = load_geolocators("")
+    assert geolocator.name == "random tiny GeoCLIP" and note == NOTES["random"]
     with pytest.raises(ValueError, match="top_k must be between 1 and 20"):
-        geolocator.from_text("a volcano", top_k=0)
-    prediction = geolocator.from_text("a volcano", top_k=2)
-    assert prediction.heat.shape == (geoloc.space.HEAT_POINTS, 3)
-    np.testing.assert_allclose(prediction.heat[:2, 2], prediction.probabilities)
-    assert prediction.scenes is None and prediction.attention == []
+        locate_text(geolocator, "a volcano", top_k=0)
+    result = locate_text(geolocator, "a volcano", top_k=2)
+    assert result.uncertainty.shape == (UNCERTAINTY_POINTS, 3)  # the 3000 most probable of 4096 gallery points
+    np.testing.assert_allclose(result.uncertainty[:2, 2], result.probabilities)
+    assert result.scenes is None and result.attention is None
 
 
 def test_several_models_load_in_the_given_order(checkpoints):
-    geolocators = load_geolocators(f" {checkpoints[1]} , {checkpoints[0]},")
-    assert [g.name for g in geolocators] == [str(checkpoints[1]), str(checkpoints[0])]
+    geolocators, note = load_geolocators(f" {checkpoints[1]} , {checkpoints[0]},")
+    assert [g.name for g in geolocators] == [str(checkpoints[1]), str(checkpoints[0])] and note == ""
     assert [g.tokenizer is not None for g in geolocators] == [False, True]
-    assert [g.has_attention_maps for g in geolocators] == [True, False]
+    assert [g.capabilities.attention for g in geolocators] == [True, False]
 
 
 def test_geoloc_space_exports_a_self_contained_space(tmp_path):
@@ -300,8 +305,8 @@ def test_space_requirements_cover_the_package_dependencies():
 
 
 def test_random_tiny_geolocator_is_reproducible():
-    first, second = Geolocator.random_tiny(), Geolocator.random_tiny()
+    first, second = random_tiny_geolocator(), random_tiny_geolocator()
     image = np.zeros((40, 40, 3), dtype=np.uint8)
-    a, b = first.from_image(image, 3), second.from_image(image, 3)
+    a, b = locate_image(first, image, 3), locate_image(second, image, 3)
     np.testing.assert_array_equal(a.latitudes, b.latitudes)
     assert torch.equal(first.model.gallery_coordinates, second.model.gallery_coordinates)

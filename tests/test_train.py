@@ -21,7 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
-import geoloc  # noqa: F401
+import geoloc.models  # noqa: F401  (registers the models with the Auto classes)
 from geoloc import cli, train
 from geoloc.configs import tiny_clip_configs, tiny_image_processor
 from geoloc.data import GeoCollator, decode_image, load_geo_dataset
@@ -315,6 +315,18 @@ def test_geohier_trains_with_geocells(worldmap, tmp_path):
     assert type(processor).__name__ == "GeoHierImageProcessor"
     pixel_values = processor(np.zeros((32, 32, 3), np.uint8), return_tensors="pt").pixel_values
     assert model.geolocate(pixel_values=pixel_values, top_k=3).latitudes.shape == (1, 3)
+
+
+@pytest.mark.parametrize(("model", "precision"), [("geoclip", "fp16"), ("geohier", "bf16")])
+def test_mixed_precision_trains_and_saves(worldmap, tmp_path, model, precision):
+    out = str(tmp_path / "run")
+    levels = ["--geocell-levels", "2:80,2:40"] if model == "geohier" else []
+    assert main(["--model", model, "--dataset", worldmap, "--output-dir", out, "--max-steps", "4", "--log-every", "1",
+                 "--checkpoint-every", "100", "--mixed-precision", precision, *levels, *TINY]) == 0
+    losses = [json.loads(line)["loss"] for line in open(os.path.join(out, "log.jsonl"))]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    loaded = AutoModel.from_pretrained(out)
+    assert all(torch.isfinite(parameter).all() for parameter in loaded.parameters())
 
 
 def test_geohier_auto_levels_and_cell_table_files(tmp_path):

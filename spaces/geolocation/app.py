@@ -11,7 +11,15 @@ from pathlib import Path
 
 import gradio as gr
 
-from geoloc.space import MAX_TEXT_CHARS, MAX_TOP_K, load_geolocators, prediction_table, world_map
+from geoloc.space import (
+    MAX_TEXT_CHARS,
+    MAX_TOP_K,
+    load_geolocators,
+    locate_image,
+    locate_text,
+    prediction_table,
+    world_map,
+)
 from modeling_geoclip import load_image
 
 EXAMPLES_DIR = Path(__file__).parent / "examples"
@@ -24,7 +32,8 @@ TEXT_EXAMPLES = [
     "red sand dunes in a hot desert",
 ]
 
-GEOLOCATORS = {geolocator.name: geolocator for geolocator in load_geolocators()}
+_LOADED, MODEL_NOTE = load_geolocators()
+GEOLOCATORS = {geolocator.name: geolocator for geolocator in _LOADED}
 
 
 class CheckedImage(gr.Image):
@@ -45,30 +54,31 @@ class CheckedImage(gr.Image):
 def _answer(run, model_name: str):
     """Run one query and lay it out: (top-k table, map, scene probabilities, attention overlays)."""
     try:
-        prediction = run(GEOLOCATORS[model_name])
+        result = run(GEOLOCATORS[model_name])
     except ValueError as error:
         raise gr.Error(str(error)) from None
-    table = prediction_table(prediction)
+    table = prediction_table(result)
     labels = (table["nearest place"] + ", " + table["country"]).tolist()
-    return table, world_map(prediction, labels), prediction.scenes, prediction.attention
+    attention = [(level.overlay, level.caption) for level in result.attention or []]
+    return table, world_map(result, labels), result.scenes, attention
 
 
 def geolocate_image(image, top_k: int, model_name: str):
     """Geolocate a photo: the top-k places with latitude, longitude, probability and nearest place."""
     if image is None:
         raise gr.Error("Add an image first: upload one, take one with the webcam, paste one or pick an example.")
-    return _answer(lambda geolocator: geolocator.from_image(image, top_k), model_name)
+    return _answer(lambda geolocator: locate_image(geolocator, image, top_k), model_name)
 
 
 def geolocate_text(text: str, top_k: int, model_name: str):
     """Geolocate a description (e.g. "a beach with palm trees and volcanic rock"): the top-k places."""
-    return _answer(lambda geolocator: geolocator.from_text(text, top_k), model_name)
+    return _answer(lambda geolocator: locate_text(geolocator, text, top_k), model_name)
 
 
 def banner() -> str:
     """Which model(s) this page runs, and a plain warning when it is a demo or random model."""
     lines = [f"**Model{'s' if len(GEOLOCATORS) > 1 else ''}:** " + ", ".join(f"`{n}`" for n in GEOLOCATORS)]
-    lines += [f"⚠️ {g.note}" for g in GEOLOCATORS.values() if g.note]
+    lines += [f"⚠️ {MODEL_NOTE}"] if MODEL_NOTE else []
     return "\n\n".join(lines)
 
 
@@ -103,7 +113,7 @@ with gr.Blocks(title="geoloc: where is this?") as demo:
                 text_button = gr.Button("Geolocate text", variant="primary")
                 text_examples = gr.Examples([[t] for t in TEXT_EXAMPLES], inputs=[text], cache_examples=False,
                                             api_visibility="private")
-            with gr.Group(visible=any(g.has_attention_maps for g in GEOLOCATORS.values())):
+            with gr.Group(visible=any(g.capabilities.attention for g in GEOLOCATORS.values())):
                 scene = gr.Label(label="Scene (GeoHier models)", num_top_classes=3)
                 attention = gr.Gallery(label="Where the model looked, per hierarchy level (GeoHier models)",
                                        columns=3)

@@ -112,7 +112,7 @@ def _first_existing(folder: Path, names: tuple[str, ...], what: str, benchmark: 
             return folder / name
     raise ValueError(
         f"'{folder}' is not a {benchmark} folder: no {what} ({' or '.join(names)}). "
-        f"See `geoloc.benchmarks` for the expected layout and where to get the files."
+        f"See `geoloc.benchmark_datasets` for the expected layout and where to get the files."
     )
 
 
@@ -165,7 +165,7 @@ def download_benchmark(name: str, data_dir=None) -> Path:
     if spec.hub_repo is None:
         raise ValueError(
             f"{name} has no public Hugging Face Hub copy: download it by hand (see the table in "
-            f"`geoloc.benchmarks`) and pass its folder as data_dir (--data-dir)."
+            f"`geoloc.benchmark_datasets`) and pass its folder as data_dir (--data-dir)."
         )
     target = Path(data_dir) if data_dir is not None else benchmark_dir(name)
     snapshot_download(

@@ -1,11 +1,16 @@
 """The `image-geolocation` pipeline: images in, ranked (latitude, longitude, probability) out.
 
-It only calls `model.geolocate(pixel_values=..., top_k=...)`, so it serves every model of this package
-(GeoCLIP, GeoHier). Importing `modeling_geoclip` registers it with `transformers.pipeline`.
+A `transformers` pipeline over `geoloc.inference.Geolocator`, so it answers exactly like `geoloc predict`, the
+evaluator and the Space, for every model of this package (GeoCLIP, GeoHier). Importing this module registers
+the task with `transformers.pipeline`.
 """
 
+import numpy as np
+import torch
 from transformers import AutoModel, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
+
+from .inference import Geolocator
 
 TASK = "image-geolocation"
 
@@ -15,14 +20,15 @@ class ImageGeolocationPipeline(Pipeline):
 
     Inputs are what `modeling_geoclip.load_image` reads (file paths, bytes, PIL images, numpy arrays), one or a
     list. Each image gets a list of `top_k` dicts `{"latitude", "longitude", "probability"}`, best first
-    (degrees; the model's probability of each prediction). An unreadable image raises `ValueError` naming it.
+    (degrees; the model's probability of each prediction). An unreadable image raises `ValueError` naming it
+    (use `Geolocator.locate_images` to get per-image errors instead).
 
     Example:
-        >>> import modeling_geoclip  # registers the task
+        >>> import geoloc.pipeline  # registers the task
         >>> from transformers import pipeline
-        >>> geolocator = pipeline("image-geolocation", model="path/to/geoclip")  # doctest: +SKIP
-        >>> geolocator("photo.jpg", top_k=3)  # doctest: +SKIP
-        [{'latitude': 48.85, 'longitude': 2.35, 'probability': 0.41}, ...]
+        >>> geolocator = pipeline("image-geolocation", model=geoloc.DEFAULT_MODEL)
+        >>> len(geolocator(np.zeros((32, 32, 3), dtype=np.uint8), top_k=3))
+        3
         >>> geolocator(["a.jpg", "b.jpg"], batch_size=8)  # one list per image  # doctest: +SKIP
     """
 
@@ -31,6 +37,10 @@ class ImageGeolocationPipeline(Pipeline):
     _load_feature_extractor = False
     _load_tokenizer = False
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.geolocator = Geolocator(self.model, self.image_processor, self.tokenizer)
+
     def _sanitize_parameters(self, top_k=None):
         return {}, ({} if top_k is None else {"top_k": top_k}), {}
 
@@ -38,8 +48,13 @@ class ImageGeolocationPipeline(Pipeline):
         return self.image_processor(image, return_tensors="pt")
 
     def _forward(self, model_inputs, top_k=5):
-        output = self.model.geolocate(pixel_values=model_inputs["pixel_values"], top_k=top_k)
-        return {"latitudes": output.latitudes, "longitudes": output.longitudes, "probabilities": output.probabilities}
+        # Tensors (B, top_k), so that the pipeline's batching can split them per image.
+        results = self.geolocator.locate_pixel_values(model_inputs["pixel_values"], top_k)
+        return {
+            "latitudes": torch.from_numpy(np.stack([result.latitudes for result in results])),
+            "longitudes": torch.from_numpy(np.stack([result.longitudes for result in results])),
+            "probabilities": torch.from_numpy(np.stack([result.probabilities for result in results])),
+        }
 
     def postprocess(self, model_outputs):
         rows = zip(*(model_outputs[key][0].tolist() for key in ("latitudes", "longitudes", "probabilities")))

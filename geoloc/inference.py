@@ -1,0 +1,395 @@
+"""The one inference path: images or texts in, `GeolocationResult`s out, whatever the model.
+
+`geoloc predict`, `geoloc evaluate`, the `image-geolocation` pipeline (`geoloc.pipeline`) and the Space all go
+through `Geolocator`. It never inspects signatures: what a model can do is what its class declares
+(`supports_text_queries`, `predicts_scenes`, `returns_attention_maps`, `candidate_kind`, `num_candidates`),
+gathered in `Geolocator.capabilities`.
+
+Contract (these names are kept stable):
+
+- `Geolocator.from_pretrained(source, *, device=None, dtype=None)`: a GeoCLIP or GeoHier checkpoint (folder,
+  Hub id, `geoloc.DEFAULT_MODEL` or "default") with the image processor and, for models that read text, the
+  tokenizer saved next to it. `Geolocator(model, image_processor, tokenizer=None, name=None)` wraps objects
+  already in memory.
+- Attributes: `model`, `image_processor`, `tokenizer` (None when the model reads no text; loaded on first
+  use), `name` (what it was loaded from), `capabilities`: a frozen `Capabilities(text, scenes, attention, uncertainty)`:
+  `text`: `locate_texts` works; `scenes`: results carry scene probabilities (only for models trained with
+  scene labels); `attention`: results can carry attention maps; `uncertainty`: what the candidates behind
+  `GeolocationResult.uncertainty` are: "gallery" (GeoCLIP: points of a replaceable GPS gallery), "cells"
+  (GeoHier: fine geocells at their centroids) or None.
+- `locate_images(images, top_k=5, *, places=False, extras=False, names=None, batch_size=32)`: images are file
+  paths, bytes, PIL images, numpy arrays or dataset image cells (`{"bytes", "path"}`); decoded one batch at a
+  time. `locate_texts(texts, top_k=5, *, places=False, extras=False, batch_size=32)`. Both return one
+  `GeolocationResult` per input, in order. An input that cannot be read (a broken file, empty text, text over
+  the model's token window) gives a result with `error` set and never stops the batch; a bad `top_k`, or text
+  for a model that reads none, raises `ValueError`. `places=True` adds the nearest populated place of each
+  prediction (offline GeoNames gazetteer, `reverse_geocode`); `extras=True` adds what the model declares:
+  scenes, attention maps (images only) and uncertainty points.
+- `locate_pixel_values(pixel_values, top_k=5, *, extras=False, names=None)`: the same for processed pixels
+  `(B, 3, H, W)` (what the pipeline calls).
+- `GeolocationResult`: `input` (a display name), `latitudes`, `longitudes`, `probabilities` (`np.ndarray`
+  `(k,)`, best first; probabilities are masses of a distribution over the model's candidates), `places`
+  (`[{"place", "country", "km"}]` or None), `scenes` (`{name: p}` or None), `attention` (`[AttentionMap]` per
+  hierarchy level, coarse to fine, or None), `uncertainty` (`(N, 3)` (latitude, longitude, probability) of the
+  N most probable candidates, or None), `error` (str or None), and `to_dict()` (JSON-safe: no NaN, no arrays).
+
+Example:
+    >>> from geoloc import DEFAULT_MODEL, Geolocator
+    >>> geolocator = Geolocator.from_pretrained(DEFAULT_MODEL)
+    >>> geolocator.capabilities
+    Capabilities(text=True, scenes=False, attention=False, uncertainty='gallery')
+    >>> [result] = geolocator.locate_texts(["hot sand dunes"], top_k=3)
+    >>> result.latitudes.shape, result.error
+    ((3,), None)
+"""
+
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+from modeling_geoclip import check_top_k
+
+from . import DEFAULT_MODEL
+from . import models  # noqa: F401  (registers both model families with the Auto classes)
+from .data import decode_images
+from .geodesy import geodesic_distance_km
+
+UNCERTAINTY_POINTS = 3000  # candidates returned as uncertainty points at most (GeoCLIP's heat layer)
+ATTENTION_SIZE = 224  # side in pixels of the attention overlays
+DEFAULT_BATCH_SIZE = 32
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a model can do, as its class declares it (see the module docstring)."""
+
+    text: bool
+    scenes: bool
+    attention: bool
+    uncertainty: str | None
+
+    @classmethod
+    def of(cls, model) -> "Capabilities":
+        """Read the declarations of a GeoCLIP or GeoHier model (or any model class that makes them)."""
+        try:
+            return cls(
+                text=bool(model.supports_text_queries),
+                scenes=bool(model.predicts_scenes),
+                attention=bool(model.returns_attention_maps),
+                uncertainty=model.candidate_kind,
+            )
+        except AttributeError as error:
+            raise ValueError(
+                f"{type(model).__name__} does not declare its geolocation capabilities ({error}); models need "
+                "supports_text_queries, predicts_scenes, returns_attention_maps, candidate_kind, num_candidates."
+            ) from None
+
+
+@dataclass
+class AttentionMap:
+    """Where the model looked at one hierarchy level.
+
+    Args:
+        caption (`str`): e.g. "level 1 of 3 (coarsest)".
+        weights (`np.ndarray` of shape `(side, side)`): the last decoder layer's cross-attention of the predicted
+            scene's query at this level over the image patches (mean over heads), min-max scaled to [0, 1].
+        overlay (`PIL.Image.Image`): the image the model saw (224 x 224) with the weights drawn over it in red.
+    """
+
+    caption: str
+    weights: np.ndarray
+    overlay: Image.Image
+
+
+@dataclass
+class GeolocationResult:
+    """One input's answer (see the module docstring for every field)."""
+
+    input: str
+    latitudes: np.ndarray
+    longitudes: np.ndarray
+    probabilities: np.ndarray
+    places: list[dict] | None = None
+    scenes: dict[str, float] | None = None
+    attention: list[AttentionMap] | None = None
+    uncertainty: np.ndarray | None = None
+    error: str | None = None
+
+    @classmethod
+    def failed(cls, name: str, error: str) -> "GeolocationResult":
+        """The result of an input that could not be read: no predictions, `error` set."""
+        empty = np.zeros(0)
+        return cls(input=name, latitudes=empty, longitudes=empty, probabilities=empty, error=error)
+
+    def to_dict(self) -> dict:
+        """A JSON-safe dict: `input`, `error`, `predictions` (rank order: `latitude`, `longitude`, `probability`
+        and with places `place`, `country`, `km`), and `scenes`, `uncertainty` (`[[lat, lon, p], ...]`),
+        `attention` (`[{"caption", "weights"}]`) when present. Non-finite numbers become None."""
+        predictions = [
+            {"latitude": _number(lat), "longitude": _number(lon), "probability": _number(p)}
+            for lat, lon, p in zip(self.latitudes.tolist(), self.longitudes.tolist(), self.probabilities.tolist())
+        ]
+        for prediction, place in zip(predictions, self.places or []):
+            prediction.update(place=place["place"], country=place["country"], km=_number(place["km"]))
+        answer = {"input": self.input, "error": self.error, "predictions": predictions}
+        if self.scenes is not None:
+            answer["scenes"] = {name: _number(p) for name, p in self.scenes.items()}
+        if self.uncertainty is not None:
+            answer["uncertainty"] = [[_number(x) for x in row] for row in self.uncertainty.tolist()]
+        if self.attention is not None:
+            answer["attention"] = [
+                {"caption": m.caption, "weights": [[_number(x) for x in row] for row in m.weights.tolist()]}
+                for m in self.attention
+            ]
+        return answer
+
+
+def _number(value) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def resolve_model(source: str | os.PathLike) -> str:
+    """A checkpoint source as `from_pretrained` takes it: "default" becomes `geoloc.DEFAULT_MODEL`; a path that
+    looks local must be an existing folder (else a `ValueError` instead of a Hub lookup)."""
+    source = os.fspath(source)
+    if source == "default":
+        source = DEFAULT_MODEL
+    looks_local = os.path.isabs(source) or source.startswith(".") or source.count("/") > 1
+    if looks_local and not os.path.isdir(source):
+        hint = " (the bundled default model is not installed)" if source == DEFAULT_MODEL else ""
+        raise ValueError(f"Model folder '{source}' does not exist{hint}: pass a checkpoint folder or a Hub id.")
+    return source
+
+
+class Geolocator:
+    """A geolocation model with its image processor and tokenizer, answering in `GeolocationResult`s."""
+
+    def __init__(self, model, image_processor, tokenizer=None, name: str | None = None):
+        self.model = model.eval()
+        self.image_processor = image_processor
+        self.capabilities = Capabilities.of(model)
+        self._tokenizer = tokenizer if self.capabilities.text else None
+        self._tokenizer_source = None  # where `from_pretrained` loads the tokenizer from, on first use
+        self.name = name or type(model).__name__
+
+    @property
+    def tokenizer(self):
+        """The tokenizer (None when the model reads no text). `from_pretrained` loads it on first use, so
+        image-only work needs no tokenizer files."""
+        if self._tokenizer is None and self._tokenizer_source is not None:
+            self._tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_source)
+        return self._tokenizer
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike, *, device=None, dtype=None) -> "Geolocator":
+        """Load a checkpoint (folder, Hub id, `geoloc.DEFAULT_MODEL` or "default") with its processors.
+
+        Args:
+            device: where the model runs (`torch.device` or str; default: where transformers loads it, the CPU).
+            dtype: the model's weights dtype (default: the checkpoint's).
+        """
+        source = resolve_model(source)
+        model = AutoModel.from_pretrained(source, **({} if dtype is None else {"dtype": dtype}))
+        if device is not None:
+            model = model.to(device)
+        geolocator = cls(model, AutoImageProcessor.from_pretrained(source), name=source)
+        if geolocator.capabilities.text:
+            geolocator._tokenizer_source = source
+        return geolocator
+
+    # --------------------------------------------------------------------------------------------- inputs
+    def locate_images(self, images: Iterable, top_k: int = 5, *, places: bool = False, extras: bool = False,
+                      names: Sequence[str] | None = None, batch_size: int = DEFAULT_BATCH_SIZE
+                      ) -> list[GeolocationResult]:
+        """Geolocate images (see the module docstring); one result per image, in order."""
+        images = list(images)
+        names = [_image_name(image, i) for i, image in enumerate(images)] if names is None else list(names)
+        if len(names) != len(images):
+            raise ValueError(f"names has {len(names)} entries for {len(images)} images: give one per image.")
+        self._check_top_k(top_k)
+        results = []
+        for start in range(0, len(images), _check_batch_size(batch_size)):
+            decoded, kept, errors = decode_images(images[start : start + batch_size])
+            batch = [None] * (len(kept) + len(errors))
+            for position, error in errors:
+                batch[position] = GeolocationResult.failed(names[start + position], error)
+            if decoded:
+                pixel_values = self.image_processor(decoded, return_tensors="pt").pixel_values
+                located = self.locate_pixel_values(pixel_values, top_k, extras=extras,
+                                                   names=[names[start + position] for position in kept])
+                for position, result in zip(kept, located):
+                    batch[position] = result
+            results += batch
+        return self._with_places(results) if places else results
+
+    def locate_texts(self, texts: Iterable[str], top_k: int = 5, *, places: bool = False, extras: bool = False,
+                     batch_size: int = DEFAULT_BATCH_SIZE) -> list[GeolocationResult]:
+        """Geolocate descriptions such as "a beach with palm trees"; one result per text, in order.
+
+        Raises:
+            ValueError: when the model reads no text, or for a bad `top_k`.
+        """
+        if not self.capabilities.text:
+            raise ValueError(f"The model {self.name} reads images only: it has no text encoder.")
+        if self.tokenizer is None:
+            raise ValueError(f"The model {self.name} was loaded without its tokenizer: pass one to read text.")
+        texts = [str(text) for text in texts]
+        self._check_top_k(top_k)
+        errors = [_text_error(text, self.tokenizer) for text in texts]
+        results = [None if error is None else GeolocationResult.failed(text, error)
+                   for text, error in zip(texts, errors)]
+        readable = [i for i, error in enumerate(errors) if error is None]
+        for start in range(0, len(readable), _check_batch_size(batch_size)):
+            rows = readable[start : start + batch_size]
+            tokens = self.tokenizer([texts[i].strip() for i in rows], padding=True, return_tensors="pt")
+            located = self._geolocate(top_k, extras, [texts[i] for i in rows],
+                                      input_ids=tokens.input_ids.to(self.model.device),
+                                      attention_mask=tokens.attention_mask.to(self.model.device))
+            for i, result in zip(rows, located):
+                results[i] = result
+        return self._with_places(results) if places else results
+
+    def locate_pixel_values(self, pixel_values: torch.Tensor, top_k: int = 5, *, extras: bool = False,
+                            names: Sequence[str] | None = None) -> list[GeolocationResult]:
+        """Geolocate processed images `(B, 3, H, W)` (the image processor's `pixel_values`)."""
+        self._check_top_k(top_k)
+        names = [f"image {i + 1}" for i in range(len(pixel_values))] if names is None else list(names)
+        if len(names) != len(pixel_values):
+            raise ValueError(f"names has {len(names)} entries for {len(pixel_values)} images: give one per image.")
+        pixel_values = pixel_values.to(device=self.model.device, dtype=self.model.dtype)
+        return self._geolocate(top_k, extras, names, pixel_values=pixel_values)
+
+    # ---------------------------------------------------------------------------------------------- model
+    def _check_top_k(self, top_k: int) -> None:
+        """Raise `ValueError` unless 1 <= top_k <= the model's number of candidates."""
+        if self.model.num_candidates == 0:
+            kind = self.capabilities.uncertainty
+            hint = ": call model.set_gallery(points) first" if kind == "gallery" else ""
+            raise ValueError(f"The model {self.name} has no candidate locations (its {kind} is empty){hint}.")
+        check_top_k(top_k, self.model.num_candidates)
+
+    @torch.no_grad()
+    def _geolocate(self, top_k: int, extras: bool, names: list[str], **inputs) -> list[GeolocationResult]:
+        """One `model.geolocate` call for a batch -> one result per row. With `extras`, the call asks for up to
+        `UNCERTAINTY_POINTS` candidates: the first `top_k` are the answer, all of them the uncertainty points."""
+        capabilities = self.capabilities
+        wants_uncertainty = extras and capabilities.uncertainty is not None
+        wants_attention = extras and capabilities.attention and "pixel_values" in inputs
+        candidates = max(top_k, min(UNCERTAINTY_POINTS, self.model.num_candidates)) if wants_uncertainty else top_k
+        options = {"output_attentions": True} if wants_attention else {}
+        output = self.model.geolocate(**inputs, top_k=candidates, **options)
+        latitudes, longitudes, probabilities = (
+            x.double().cpu().numpy() for x in (output.latitudes, output.longitudes, output.probabilities)
+        )
+        results = []
+        for row, name in enumerate(names):
+            result = GeolocationResult(input=name, latitudes=latitudes[row, :top_k],
+                                       longitudes=longitudes[row, :top_k], probabilities=probabilities[row, :top_k])
+            if wants_uncertainty:
+                result.uncertainty = np.stack([latitudes[row], longitudes[row], probabilities[row]], axis=1)
+            if extras and capabilities.scenes:
+                result.scenes = self._scene_names(output.scene_probabilities[row])
+            if wants_attention:
+                result.attention = self._attention_maps(inputs["pixel_values"][row], output, row)
+            results.append(result)
+        return results
+
+    def _scene_names(self, probabilities: torch.Tensor) -> dict[str, float]:
+        """Scene probabilities `(num_scenes,)` keyed by the config's `id2label` names when it has one per scene."""
+        labels = self.model.config.id2label
+        named = len(labels) == len(probabilities)
+        return {labels[i] if named else f"scene {i}": float(p) for i, p in enumerate(probabilities.tolist())}
+
+    def _attention_maps(self, pixel_values: torch.Tensor, output, row: int) -> list[AttentionMap]:
+        """Per hierarchy level, the last decoder layer's cross-attention (mean over heads) of the predicted
+        scene's query, drawn in red over the image the model saw (min-max scaled: red marks where it looked most).
+
+        Args:
+            pixel_values (`(3, H, W)`): the row's processed image.
+            output: `geolocate(..., output_attentions=True)`: `cross_attentions` `(B, layers, heads, queries,
+                tokens)` with scene-major queries (scene s, level l at s * num_levels + l) and the [CLS] token
+                first, `scene_probabilities` `(B, num_scenes)`, `selected_scenes` `(B,)`.
+        """
+        num_levels = output.cross_attentions.shape[3] // output.scene_probabilities.shape[1]
+        scene = int(output.selected_scenes[row])
+        patches = output.cross_attentions[row, -1].float().mean(0)[:, 1:].cpu()  # drop the [CLS] token
+        side = math.isqrt(patches.shape[1])
+        mean = torch.tensor(self.image_processor.image_mean)[:, None, None]
+        std = torch.tensor(self.image_processor.image_std)[:, None, None]
+        pixels = ((pixel_values.float().cpu() * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+        base = Image.fromarray(pixels).resize((ATTENTION_SIZE, ATTENTION_SIZE), Image.Resampling.BICUBIC)
+        maps = []
+        for level in range(num_levels):
+            weights = patches[scene * num_levels + level].reshape(side, side)
+            weights = (weights - weights.min()) / (weights.max() - weights.min()).clamp_min(1e-12)
+            opacity = (weights * 160).byte().numpy()  # red up to 160/255 where attention peaks
+            mask = Image.fromarray(opacity).resize(base.size, Image.Resampling.BILINEAR)
+            overlay = Image.composite(Image.new("RGB", base.size, (220, 20, 20)), base, mask)
+            depth = "coarsest" if level == 0 else "finest" if level == num_levels - 1 else "middle"
+            maps.append(AttentionMap(f"level {level + 1} of {num_levels} ({depth})", weights.numpy(), overlay))
+        return maps
+
+    @staticmethod
+    def _with_places(results: list[GeolocationResult]) -> list[GeolocationResult]:
+        """Add the nearest place of every prediction, with one gazetteer search for the whole list."""
+        latitudes = np.concatenate([result.latitudes for result in results] or [np.zeros(0)])
+        longitudes = np.concatenate([result.longitudes for result in results] or [np.zeros(0)])
+        found = iter(nearest_places(latitudes, longitudes) if len(latitudes) else [])
+        for result in results:
+            if result.error is None:
+                result.places = [next(found) for _ in range(len(result.latitudes))]
+        return results
+
+
+def _check_batch_size(batch_size: int) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
+    return batch_size
+
+
+def _image_name(image, position: int) -> str:
+    """How an input image is named in its result: its path when it has one, else "image N"."""
+    if isinstance(image, dict):
+        image = image.get("path")
+    if isinstance(image, (str, os.PathLike)):
+        return os.fspath(image)
+    return f"image {position + 1}"
+
+
+def _text_error(text: str, tokenizer) -> str | None:
+    """Why a text cannot be geolocated (empty, or over the tokenizer's window), or None."""
+    if not text.strip():
+        return "The text is empty: describe a place, e.g. 'a beach with palm trees and volcanic rock'."
+    length = len(tokenizer(text.strip()).input_ids)
+    if length > tokenizer.model_max_length:
+        return (f"The text is too long for this model ({length} tokens, it reads at most "
+                f"{tokenizer.model_max_length}): shorten it.")
+    return None
+
+
+def nearest_places(latitudes, longitudes) -> list[dict]:
+    """The nearest populated place of each point from the offline GeoNames gazetteer (`reverse_geocode`), as
+    `{"place", "country", "km"}` (`km`: geodesic distance to it; far out at sea it can be hundreds of km).
+
+    Raises:
+        ValueError: when `reverse_geocode` is not installed.
+    """
+    try:
+        import reverse_geocode
+    except ImportError:
+        raise ValueError("Place names need the reverse_geocode package: pip install reverse_geocode "
+                         "(or geoloc[space]).") from None
+    found = reverse_geocode.search(list(zip(latitudes, longitudes)))
+    distances = geodesic_distance_km(latitudes, longitudes, [p["latitude"] for p in found],
+                                     [p["longitude"] for p in found])
+    return [{"place": p["city"], "country": p["country"], "km": float(km)} for p, km in zip(found, distances)]
+
+
+__all__ = ["AttentionMap", "Capabilities", "GeolocationResult", "Geolocator", "nearest_places", "resolve_model"]
