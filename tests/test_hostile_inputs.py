@@ -271,8 +271,10 @@ def _set(name, row, value):
     [
         (_set("gallery_coordinates", 2, torch.tensor([200_000_000, 0], dtype=torch.int32)),
          r"checkpoint gallery_coordinates\[2\] = \(200.0, 0.0\): latitude must be in \[-90, 90\]"),
-        (_set("gallery_embeddings", 1, float("nan")), r"tensor 'gallery_embeddings' holds 64 NaN or infinite"),
-        (_set("image_mlp.0.weight", 0, float("inf")), r"tensor 'image_mlp.0.weight' holds 64 NaN or infinite"),
+        (_set("gallery_embeddings", 1, float("nan")),  # one row: projection_dim values
+         rf"tensor 'gallery_embeddings' holds {tiny_geoclip_config().projection_dim} NaN or infinite"),
+        (_set("image_mlp.0.weight", 0, float("inf")),  # one row: the CLIP embedding's width
+         rf"tensor 'image_mlp.0.weight' holds {tiny_geoclip_config().vision_config.projection_dim} NaN or inf"),
         (lambda weights: weights["gps_queue_count"].fill_(10_000), r"GPS queue is out of range"),
     ],
 )
@@ -287,7 +289,8 @@ def test_geoclip_checkpoint_contents_are_validated(geoclip_dir, tmp_path, edit, 
         (_set("cell_table.centroids_1", 3, torch.tensor([0, -999_000_000], dtype=torch.int32)),
          r"cell table is invalid: cell table level 1 centroids\[3\] = \(0.0, -999.0\): longitude"),
         (_set("cell_table.parents_2", 0, 99), r"cell table is invalid: Level 2, cell 0: parent index 99"),
-        (_set("classifiers.1.weight", 0, float("nan")), r"tensor 'classifiers.1.weight' holds 32 NaN"),
+        (_set("classifiers.1.weight", 0, float("nan")),  # one row: hidden_size values
+         rf"tensor 'classifiers.1.weight' holds {tiny_geohier_config().hidden_size} NaN"),
     ],
 )
 def test_geohier_checkpoint_contents_are_validated(geohier_dir, tmp_path, edit, message):
