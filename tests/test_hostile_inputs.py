@@ -324,7 +324,15 @@ def test_a_truncated_weights_file_is_named(geoclip_dir, tmp_path):
         GeoCLIPModel.from_pretrained(edited)
 
 
-def test_a_corrupted_faiss_index_is_refused(tmp_path):
+@pytest.fixture
+def keep_torch_threads():
+    """FAISS sets the OpenMP thread count it shares with torch (`search_threads`): restore torch's afterwards."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_corrupted_faiss_index_is_refused(tmp_path, keep_torch_threads):
     pytest.importorskip("faiss")
     model = GeoCLIPModel(tiny_geoclip_config()).eval()
     model.set_gallery(GALLERY, backend="faiss")
