@@ -311,7 +311,7 @@ class GeoCollator:
     number of rows when images were skipped, and 0 when all of them were.
 
     With `augment` (see `geoloc.augment`), each decoded image is augmented before the processor with a random
-    generator seeded by `(seed, epoch, the image's bytes or path)`: set `epoch` before each epoch (the training
+    generator seeded by `(seed, epoch, the image's bytes or file name)`: set `epoch` before each epoch (the training
     loop does), and an image gets the same augmentation in a resumed run as in an uninterrupted one, in the main
     process or in DataLoader workers.
 
@@ -355,10 +355,16 @@ class GeoCollator:
         return batch
 
     def _generator(self, cell) -> np.random.Generator:
-        """The augmentation generator of one image this epoch: a function of the seed, the epoch and the image."""
+        """The augmentation generator of one image this epoch: a function of the seed, the epoch and the image's
+        bytes, or its file name (not the folder: a copy of the data elsewhere trains the same)."""
         if isinstance(cell, dict):
             cell = cell.get("bytes") or cell.get("path") or b""
-        identity = cell if isinstance(cell, bytes) else str(cell).encode()
+        if isinstance(cell, (bytes, bytearray)):
+            identity = bytes(cell)
+        elif isinstance(cell, (str, os.PathLike)):
+            identity = os.path.basename(os.fspath(cell)).encode()
+        else:  # an image object (PIL image, array)
+            identity = np.asarray(cell).tobytes()
         return np.random.default_rng([self.seed, self.epoch, zlib.crc32(identity)])
 
 

@@ -525,4 +525,6 @@ def vars_with(args, **values) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from .cli import run_command
+
+    run_command("train")
