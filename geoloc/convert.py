@@ -19,7 +19,6 @@ import argparse
 import io
 import json
 import re
-import sys
 import zipfile
 from pathlib import Path
 

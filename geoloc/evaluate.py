@@ -22,7 +22,6 @@ Example:
 import argparse
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 
 import numpy as np

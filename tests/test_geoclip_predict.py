@@ -13,7 +13,7 @@ from transformers import pipeline
 import geoloc.inference
 import geoloc.pipeline  # noqa: F401  (registers the image-geolocation task)
 from geoloc import cli, predict
-from geoloc.configs import TINY_IMAGE_SIZE, tiny_geoclip_config
+from geoloc.configs import tiny_geoclip_config, tiny_image_processor
 from geoloc.gallery import load_gallery
 from modeling_geoclip import GeoCLIPImageProcessor, GeoCLIPModel, byte_level_clip_tokenizer
 
@@ -29,7 +29,7 @@ def checkpoint(tmp_path_factory):
     model = GeoCLIPModel(tiny_geoclip_config()).eval()
     model.set_gallery(GALLERY)
     model.save_pretrained(folder)
-    GeoCLIPImageProcessor(size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size=TINY_IMAGE_SIZE).save_pretrained(folder)
+    tiny_image_processor("geoclip").save_pretrained(folder)
     byte_level_clip_tokenizer().save_pretrained(folder)
     generator = np.random.default_rng(0)
     for index in range(5):

@@ -12,7 +12,7 @@ from huggingface_hub import ModelCard, ModelCardData, SpaceCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
 from geoloc import publish as publish_module
-from geoloc.configs import TINY_IMAGE_SIZE, tiny_geoclip_config, tiny_geohier_config
+from geoloc.configs import tiny_geoclip_config, tiny_geohier_config, tiny_image_processor
 from geoloc.publish import METRIC_NAMES, checkpoint_files, hub_files, main, publish, render_model_card
 from geoloc.remote_code import PACKAGES_ROOT as REPO_ROOT
 from geoloc.space import export_space
@@ -50,9 +50,7 @@ class RecordingApi:
 def tiny_model():
     model = GeoCLIPModel(tiny_geoclip_config()).eval()
     model.set_gallery(np.random.default_rng(0).uniform([-90, -180], [90, 180], size=(16, 2)))
-    processor = GeoCLIPImageProcessor(
-        size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
-    )
+    processor = tiny_image_processor("geoclip")
     return model, processor
 
 
