@@ -274,9 +274,9 @@ class GeoHierModel(GeoHierPreTrainedModel):
 
     @property
     def predicts_scenes(self) -> bool:
-        """Whether `scene_probabilities` mean something: the model was trained with scene labels. (Until
-        `GeoHierConfig` declares `trained_with_scenes`, a config without it counts as trained without.)"""
-        return self.config.num_scenes > 0 and bool(getattr(self.config, "trained_with_scenes", False))
+        """Whether `scene_probabilities` mean something: the model was trained with scene labels
+        (`config.trained_with_scene_labels`, set by `geoloc train`)."""
+        return self.config.num_scenes > 0 and bool(self.config.trained_with_scene_labels)
 
     @property
     def num_candidates(self) -> int:

@@ -30,7 +30,7 @@ def tiny_geohier(trained_with_scenes: bool) -> GeoHierModel:
     points = sample_points(2000, np.random.default_rng(2))
     cells, _ = build_geocells(points[:, 0], points[:, 1], levels=[(5, 400), (5, 150), (5, 60)])
     config = tiny_geohier_config(cells_per_level=[len(level["tokens"]) for level in cells],
-                                 trained_with_scenes=trained_with_scenes, id2label={0: "beach", 1: "city",
+                                 trained_with_scene_labels=trained_with_scenes, id2label={0: "beach", 1: "city",
                                                                                     2: "forest", 3: "snow"})
     torch.manual_seed(0)
     model = GeoHierModel(config).eval()
