@@ -470,7 +470,7 @@ def plotted(page_) -> dict:
     return page_.evaluate("""() => {
         const gd = document.querySelector('#world-map .js-plotly-plot');
         const list = (values) => Array.from(values || []);
-        return {traces: gd.data.map(t => ({name: t.name, text: list(t.text), x: list(t.x), y: list(t.y),
+        return {traces: gd._fullData.map(t => ({name: t.name, text: list(t.text), x: list(t.x), y: list(t.y),
                                            fill: t.fill || null})),
                 x: gd._fullLayout.xaxis.range, y: gd._fullLayout.yaxis.range,
                 images: gd.layout.images.map(i => i.source.slice(0, 40))};
@@ -520,7 +520,7 @@ def test_page_shows_the_ranked_answer_zoomed_shareable_and_keeps_it_on_errors(se
         assert pins["Best guess"]["text"] == ["1"] and pins["Guesses 2–5"]["text"] == ["5", "4", "3", "2"]
         np.testing.assert_allclose(pins["Best guess"]["y"] + pins["Guesses 2–5"]["y"][::-1], expected.latitudes,
                                    atol=1e-5)
-        legend = desktop.locator("#world-map .legend").inner_text()
+        legend = desktop.locator("#world-map .legend").text_content()
         assert "Best guess" in legend and "True location" in legend and "Probability" in legend
         assert figure["images"][0].startswith("gradio_api/file=") and figure["images"][3].startswith("data:image/png")
         assert all(not source.startswith("data:image/jpeg") for source in figure["images"])  # no map resent
@@ -597,7 +597,7 @@ def test_geohier_page_shows_cells_scenes_and_attention_and_no_text_tab(server, t
         wait_for_new_answer(desktop)
         figure = plotted(desktop)
         assert any(trace["fill"] == "toself" for trace in figure["traces"])  # the predicted cells
-        assert "Predicted cells" in desktop.locator("#world-map .legend").inner_text()
+        assert "Predicted cells" in desktop.locator("#world-map .legend").text_content()
         assert len(table_rows(desktop)) == 3
         insight = desktop.locator("#model-insight")
         assert insight.locator(".scenes").inner_text().startswith("Scene: ")

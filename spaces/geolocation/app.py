@@ -264,15 +264,23 @@ def api_text(text: str, top_k: int, model_name: str, request: gr.Request) -> dic
     return answer_for(request, model_name, top_k, text=text or "").to_json()
 
 
+def warm_up() -> None:
+    """Answer an example with every model at start-up: the first visitor then does not wait for the gazetteer,
+    the land mask and plotly's validators to load (about a second)."""
+    path, truth = next(iter(EXAMPLES.values()))
+    for geolocator in GEOLOCATORS.values():
+        render(locate(geolocator, image=str(path), top_k=DEFAULT_TOP_K, truth=truth), "")
+
+
 def banner() -> str:
     """Which model(s) this page runs, and a plain warning when it is a demo or random model."""
-    names = ", ".join(f"`{name}`" for name in GEOLOCATORS)
+    names = ", ".join(GEOLOCATORS)
     return f"**Model{'s' if len(GEOLOCATORS) > 1 else ''}:** {names}" + (f" — {MODEL_NOTE}" if MODEL_NOTE else "")
 
 
 SCROLL_TO_ANSWER = """() => {
   if (!document.querySelector('#answer-summary') || document.querySelector('#answer-summary.empty')) return;
-  document.body.classList.add('geoloc-answered');  // on a phone, the answer moves above the inputs
+  document.getElementById('main-row').classList.add('answered');  // on a phone, the answer moves above the inputs
   const answer = document.getElementById('results-column');
   if (answer && (answer.getBoundingClientRect().top < 0 || answer.getBoundingClientRect().top > innerHeight / 2))
     answer.scrollIntoView({behavior: 'smooth', block: 'start'});
@@ -299,7 +307,7 @@ with gr.Blocks(title="Where is this? Image geolocation",
             gr.Markdown("**Examples:** click one (crops of a Natural Earth map)", elem_id="examples-title")
             examples = gr.Gallery([(str(path), truth.label) for path, truth in EXAMPLES.values()],
                                   show_label=False, columns=3,
-                                  height=330, allow_preview=False, interactive=False, object_fit="cover",
+                                  height="auto", allow_preview=False, interactive=False, object_fit="cover",
                                   buttons=[], elem_id="examples")
             with gr.Row():
                 model = ModelChoice(list(GEOLOCATORS), value=DEFAULT_MODEL_NAME, label="Model",
@@ -328,6 +336,7 @@ with gr.Blocks(title="Where is this? Image geolocation",
     gr.on([], api_image, [image, top_k, model], api_answer, api_name="geolocate_image", concurrency_id="model")
     gr.on([], api_text, [text, top_k, model], api_answer, api_name="geolocate_text", concurrency_id="model")
 
+warm_up()
 gr.set_static_paths([basemap_file()])
 demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT, max_size=QUEUE_SIZE)
 

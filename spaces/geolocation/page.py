@@ -36,7 +36,7 @@ TRUTH_COLOUR = "#12853b"
 WATER_COLOUR = "#b9d3e6"  # the lightened base map's ocean, beyond the poles and while the image loads
 BASEMAP_LIGHTEN = 0.4  # blend of the base map towards white, so that pins and the uncertainty layer stand out
 HEAT_STOPS = np.array([[255, 237, 160], [254, 178, 76], [253, 141, 60], [240, 59, 32], [189, 0, 38]], float)
-HEAT_MAX_PIXELS = 900  # longer side of the heat raster
+HEAT_MAX_PIXELS = 480  # longer side of the heat raster (it is smooth: the browser scales it up)
 CELL_SHADES = ((0.5, "rgba(189,0,38,0.55)"), (0.2, "rgba(240,59,32,0.45)"), (0.05, "rgba(253,141,60,0.38)"),
                (0.0, "rgba(254,204,92,0.32)"))  # (share of the best cell's probability, fill)
 CELL_MASS = 0.95  # draw the most probable cells up to this much probability ...
@@ -91,7 +91,7 @@ def view_ranges(latitudes, xs, centre: float) -> tuple[list[float], list[float],
     if span_x > WORLD_SPAN[0] or span_y > WORLD_SPAN[1]:
         south, north = min(-58.0, latitudes.min() - 5), max(84.0, latitudes.max() + 5)
         return [centre - 180, centre + 180], [max(-90.0, south), min(90.0, north)], True
-    width, height = max(span_x * 1.4 + 4, MIN_SPAN[0]), max(span_y * 1.4 + 4, MIN_SPAN[1])
+    width, height = max(span_x * 1.5 + 8, MIN_SPAN[0]), max(span_y * 1.5 + 5, MIN_SPAN[1])  # room for labels
     middle_x, middle_y = (xs.min() + xs.max()) / 2, (latitudes.min() + latitudes.max()) / 2
     middle_y = min(max(middle_y, -90 + height / 2), 90 - height / 2)
     return ([middle_x - width / 2, middle_x + width / 2], [middle_y - height / 2, middle_y + height / 2], False)
@@ -136,7 +136,7 @@ def heat_layer(uncertainty: np.ndarray, centre: float) -> dict | None:
     held = order[: np.searchsorted(np.cumsum(probabilities[order]), 0.995 * probabilities.sum()) + 1]
     west, east = xs[held].min() - 3 * sigma, xs[held].max() + 3 * sigma
     south, north = max(-90.0, latitudes[held].min() - 3 * sigma), min(90.0, latitudes[held].max() + 3 * sigma)
-    resolution = max(sigma / 2.5, max(east - west, north - south) / HEAT_MAX_PIXELS)
+    resolution = max(sigma / 2, max(east - west, north - south) / HEAT_MAX_PIXELS)
     columns, rows = max(2, math.ceil((east - west) / resolution)), max(2, math.ceil((north - south) / resolution))
     grid, _, _ = np.histogram2d(north - latitudes, xs - west, bins=[rows, columns],
                                 range=[[0, rows * resolution], [0, columns * resolution]], weights=probabilities)
@@ -148,7 +148,7 @@ def heat_layer(uncertainty: np.ndarray, centre: float) -> dict | None:
     alpha = np.where(level < 0.03, 0, 215 * np.sqrt(level))
     rgba = np.dstack([colour, alpha]).round().astype(np.uint8)
     buffer = io.BytesIO()
-    Image.fromarray(rgba, "RGBA").save(buffer, format="PNG", optimize=True)
+    Image.fromarray(rgba, "RGBA").save(buffer, format="PNG", compress_level=3)
     return dict(source="data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode(),
                 xref="x", yref="y", x=west, y=south + rows * resolution, sizex=columns * resolution,
                 sizey=rows * resolution, sizing="stretch", layer="below", opacity=1)
@@ -245,12 +245,12 @@ def world_map(answer: Answer, cell_tokens: list[str] | None = None) -> PlotData:
     if uncertainty is not None and cell_tokens is not None:
         for trace in cell_traces(cell_tokens, uncertainty[:, 2], centre):
             figure.add_trace(trace)
-        figure.add_trace(_legend_entry("Predicted cells (darker = more likely)", "square", "rgba(240,59,32,0.6)"))
+        figure.add_trace(_legend_entry("Predicted cells", "square", "rgba(240,59,32,0.6)"))
     elif uncertainty is not None:
         heat = heat_layer(uncertainty, centre)
         if heat is not None:
             layout["images"].append(heat)
-            figure.add_trace(_legend_entry("Probability (darker = more likely)", "square", "rgba(240,59,32,0.8)"))
+            figure.add_trace(_legend_entry("Probability", "square", "rgba(240,59,32,0.8)"))
     rows = answer.rows()
     hover = [[row["rank"], html.escape(row["phrase"]), format_percent(row["probability"]),
               format_coordinates(row["latitude"], row["longitude"])] for row in rows]
@@ -260,11 +260,6 @@ def world_map(answer: Answer, cell_tokens: list[str] | None = None) -> PlotData:
         figure.add_trace(go.Scatter(
             x=[truth_x, xs[0]], y=[truth.latitude, latitudes[0]], mode="lines", hoverinfo="skip",
             line=dict(color=TRUTH_COLOUR, width=2, dash="dot"), showlegend=False, name="error"))
-    figure.add_trace(go.Scatter(  # the best guess's name above its pin (an invisible marker of the pin's size)
-        x=xs[:1], y=latitudes[:1], mode="markers+text", text=[f"<b>{html.escape(rows[0]['place'])}</b>"],
-        textposition="top center", hoverinfo="skip", showlegend=False, name="best-label",
-        marker=dict(size=30, opacity=0),
-        textfont=dict(color="#222", size=13, shadow="0 0 3px white, 0 0 3px white, 0 0 2px white")))
     others = slice(len(rows) - 1, 0, -1)  # ranks k..2: rank 2 drawn over rank 3, ...
     if len(rows) > 1:
         figure.add_trace(go.Scatter(
@@ -276,6 +271,12 @@ def world_map(answer: Answer, cell_tokens: list[str] | None = None) -> PlotData:
         x=xs[:1], y=latitudes[:1], mode="markers+text", name="Best guess", text=["1"],
         textposition="middle center", textfont=dict(color="white", size=14), customdata=hover[:1],
         hovertemplate=template, marker=dict(size=30, color=BEST_COLOUR, line=dict(color="white", width=2))))
+    figure.add_trace(go.Scatter(  # the best guess's name beside its pin (an invisible marker of the pin's size)
+        x=xs[:1], y=latitudes[:1], mode="markers+text", text=[f"<b>{html.escape(rows[0]['place'])}</b>"],
+        textposition="middle left" if xs[0] > sum(x_range) / 2 else "middle right",  # towards the middle
+        hoverinfo="skip", showlegend=False, name="best-label",
+        marker=dict(size=34, opacity=0),
+        textfont=dict(color="#222", size=13, shadow="0 0 3px white, 0 0 3px white, 0 0 2px white")))
     if truth:
         figure.add_trace(go.Scatter(
             x=[wrap_longitudes([truth.longitude], centre)[0]], y=[truth.latitude], mode="markers",
@@ -283,7 +284,7 @@ def world_map(answer: Answer, cell_tokens: list[str] | None = None) -> PlotData:
             marker=dict(symbol="star", size=22, color=TRUTH_COLOUR, line=dict(color="white", width=1.5))))
     world_x = [centre - 180, centre + 180]
     layout["updatemenus"] = [dict(
-        type="buttons", direction="left", x=0.99, y=0.02, xanchor="right", yanchor="bottom", showactive=False,
+        type="buttons", direction="right", x=0.01, y=0.98, xanchor="left", yanchor="top", showactive=False,
         bgcolor="white", bordercolor="#999", font=dict(size=12), pad=dict(l=2, r=2, t=2, b=2),
         buttons=[dict(label="Answer", method="relayout", args=[{"xaxis.range": x_range, "yaxis.range": y_range}]),
                  dict(label="World", method="relayout", args=[{"xaxis.range": world_x, "yaxis.range": [-58, 84]}])],
@@ -313,18 +314,14 @@ def summary_html(answer: Answer) -> str:
     best = rows[0]
     (country, share), rest = answer.countries[0], answer.countries[1:3]
     where = "at sea" if country == AT_SEA else f"in <b>{html.escape(country)}</b>"
-    if share >= 0.5:
-        headline = f"Most likely {where} <span class='pct'>{format_percent(share)}</span>"
-    else:
-        alternatives = ", ".join(f"{html.escape(c)} {format_percent(p)}" for c, p in rest)
-        lead = "Possibly" if share >= 0.2 else "Unsure — perhaps"
-        headline = (f"{lead} {where} <span class='pct'>{format_percent(share)}</span>"
-                    + (f"<span class='alt'> · or {alternatives}</span>" if alternatives else ""))
-    lines = [
-        f"<div class='headline'>{headline}</div>",
-        f"<div class='sub'><span class='rank best'>1</span> Best guess: <b>{html.escape(best['phrase'])}</b> · "
-        f"{format_coordinates(best['latitude'], best['longitude'])} · {format_percent(best['probability'])} "
-        "on this spot</div>",
+    lead = "Most likely" if share >= 0.5 else "Possibly" if share >= 0.2 else "Unsure — perhaps"
+    alternatives = ", ".join(f"{html.escape(c)} {format_percent(p)}" for c, p in rest)
+    lines = [f"<div class='headline'>{lead} {where} <span class='pct'>{format_percent(share)} likely</span></div>"]
+    if alternatives and share < 0.5:
+        lines.append(f"<div class='alt'>Also possible: {alternatives}</div>")
+    lines += [
+        f"<div class='sub'>Best guess <span class='rank best'>1</span> <b>{html.escape(best['phrase'])}</b> · "
+        f"{format_coordinates(best['latitude'], best['longitude'])} ({format_percent(best['probability'])})</div>",
     ]
     if answer.truth is not None:
         lines.append(f"<div class='truth'><span class='star'>★</span> True location: "
@@ -397,7 +394,7 @@ CSS = """
 .answer-summary { padding: 6px 4px 4px; line-height: 1.35; }
 .answer-summary .headline { font-size: 1.45rem; font-weight: 600; }
 .answer-summary .headline .pct { color: #b31d16; margin-left: .25em; }
-.answer-summary .headline .alt { font-size: 1rem; font-weight: 400; color: #555; }
+.answer-summary .alt { font-size: .95rem; color: #444; }
 .answer-summary .sub, .answer-summary .truth { font-size: 1rem; margin-top: 2px; }
 .answer-summary .query { font-size: .85rem; color: #666; margin-top: 2px; }
 .answer-summary.empty .headline { color: #444; }
@@ -413,25 +410,28 @@ CSS = """
 #answer-details .topk td { padding: 3px 6px; border: none; border-bottom: 1px solid #eee; vertical-align: middle;
                            background: none; }
 .topk td.r { width: 2em; }
-.topk td.place .coords { display: block; font-size: .8rem; color: #666; font-variant-numeric: tabular-nums; }
+.topk td.place .coords { font-size: .8rem; color: #666; margin-left: .6em; white-space: nowrap;
+                         font-variant-numeric: tabular-nums; }
 .topk td.p { white-space: nowrap; width: 7.5em; font-variant-numeric: tabular-nums; }
 .topk .bar { display: inline-block; height: .6em; background: #f0883e; border-radius: 2px; margin-right: 5px;
              vertical-align: middle; min-width: 1px; }
 .countries { font-size: .92rem; margin: 4px 2px; }
 .actions { display: flex; flex-wrap: wrap; gap: 6px; margin: 6px 0 2px; }
 .actions .action { font-size: .88rem; padding: 3px 10px; border: 1px solid #bbb; border-radius: 6px;
-                   text-decoration: none; color: inherit; background: white; cursor: pointer; }
+                   text-decoration: none; color: inherit; background: white; cursor: pointer;
+                   font: inherit; font-size: .88rem; font-weight: 400; line-height: 1.4; }
 .insight .scenes, .insight .attention-title { font-size: .95rem; margin: 6px 2px; }
 .insight .attention { display: flex; gap: 8px; flex-wrap: wrap; }
 .insight figure { margin: 0; width: 150px; }
 .insight figure img { width: 150px; height: 150px; border-radius: 4px; }
 .insight figcaption { font-size: .8rem; color: #555; }
-#world-map [data-testid=plotly] { height: clamp(260px, 52vw, 430px); }
+#world-map [data-testid=plotly] { height: clamp(300px, 45vw, 400px); }
+#title h2 { margin: 0 0 2px; }
 #model-banner { font-size: .85rem; color: #555; }
 #model-banner p { margin: 0; }
-#examples { height: auto; }
+#examples .grid-wrap { min-height: 0; height: auto; max-height: none; }  /* as tall as the thumbnails */
 @media (max-width: 768px) {
-  body.geoloc-answered #results-column { order: -1; }
+  #main-row.answered #results-column { order: -1; }
   .answer-summary .headline { font-size: 1.25rem; }
 }
 """
