@@ -276,6 +276,20 @@ def test_heat_layer_peaks_where_the_probability_is():
     assert alpha[0, 0] == 0  # transparent where there is no probability
 
 
+def test_scenes_are_shown_only_for_models_trained_with_scene_labels(checkpoints):
+    for trained in (True, False):
+        model = GeoHierModel.from_pretrained(checkpoints[1], trained_with_scene_labels=trained)
+        geolocator = Geolocator(model, tiny_image_processor("geohier"), name="geohier")
+        answer = answers.locate(geolocator, image=str(EXAMPLE), top_k=3)
+        insight = page.insight_html(answer, geolocator.capabilities.scenes)
+        assert ("Scene: " in insight) == trained and insight.count("<img") == 3  # attention either way
+        assert len(answer.cells) == model.num_candidates  # every fine cell's token, for the polygons
+        fine = model.get_cell_table()[-1]
+        best = fine["tokens"].index(answer.cells[int(np.argmax(answer.result.uncertainty[:, 2]))])
+        assert (fine["latitudes"][best], fine["longitudes"][best]) == pytest.approx(
+            (answer.result.latitudes[0], answer.result.longitudes[0]))
+
+
 # ------------------------------------------------------------------------------------------- the server
 def test_api_lists_the_two_endpoints_without_server_paths(client, served_models):
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
