@@ -52,6 +52,7 @@ import datasets
 import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.state import AcceleratorState
 from accelerate.utils import is_tensorboard_available, send_to_device, set_seed
 from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader
@@ -145,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--checkpoints-to-keep", type=int, default=2, help="older checkpoints are deleted")
     group.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
     group.add_argument("--log-every", type=int, default=10, help="log the loss every N steps")
-    group.add_argument("--push-to-hub", metavar="REPO", help="upload the trained model to this Hub repo")
+    group.add_argument("--push-to-hub", metavar="REPO",
+                       help="upload the trained model to this Hub repo, as `geoloc publish` does (model, processors, "
+                            "card, remote code; never checkpoints or logs)")
     return parser
 
 
@@ -386,6 +389,14 @@ def main(argv=None) -> int:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
         step_scheduler_with_optimizer=False,
     )
+    try:
+        return train(args, accelerator)
+    finally:  # accelerate keeps its settings process-wide: a later run in this Python may want others
+        AcceleratorState._reset_state()
+
+
+def train(args: argparse.Namespace, accelerator: Accelerator) -> int:
+    """The training run of resolved `args` (see `resolve_args`) on `accelerator`."""
     prepare_output_dir(args, accelerator)
     set_seed(args.seed)  # the same model on every process
     task = TRAINING_TASKS[args.model](args, accelerator)
@@ -498,13 +509,11 @@ def main(argv=None) -> int:
                    "args": {key: value for key, value in vars(args).items() if key != "given_options"}}
         with open(os.path.join(args.output_dir, "train_summary.json"), "w") as handle:
             json.dump(summary, handle, indent=2)
-        if args.push_to_hub:
-            from huggingface_hub import HfApi
+        if args.push_to_hub:  # the files `geoloc publish` uploads: the model, its card and remote code, no state
+            from .publish import publish
 
-            api = HfApi()
-            api.create_repo(args.push_to_hub, exist_ok=True)
-            api.upload_folder(repo_id=args.push_to_hub, folder_path=args.output_dir,
-                              ignore_patterns=[f"{CHECKPOINTS}/**", "tensorboard/**"])
+            publish(args.output_dir, args.push_to_hub,
+                    training_data=f"Trained with `geoloc train` (recipe {args.recipe}) on {args.dataset!r}.")
         print(f"Saved the trained {args.model} to {args.output_dir} ({step} steps"
               f"{f', {sum(skipped)} unreadable images skipped' if sum(skipped) else ''}).", file=sys.stderr)
     accelerator.end_training()

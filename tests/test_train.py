@@ -252,6 +252,33 @@ def test_a_used_output_folder_needs_resume_or_overwrite(worldmap, tmp_path):
     assert json.load(open(os.path.join(out, "train_summary.json")))["steps"] == 2
 
 
+def test_push_to_hub_uploads_what_publish_uploads_never_training_state(worldmap, tmp_path, monkeypatch):
+    from geoloc import publish
+
+    commits = []
+
+    class Recorder:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, **kwargs):
+            pass
+
+        def create_commit(self, repo_id, operations, **kwargs):
+            commits.append((repo_id, sorted(op.path_in_repo for op in operations)))
+            return type("CommitInfo", (), {"pr_url": None, "commit_url": "https://hub/commit"})()
+
+    monkeypatch.setattr(publish, "HfApi", Recorder)
+    out = str(tmp_path / "run")
+    assert main(["--model", "geoclip", "--dataset", worldmap, "--output-dir", out, "--max-steps", "2",
+                 "--checkpoint-every", "1", "--push-to-hub", "me/geoclip-tiny", *TINY]) == 0
+    assert os.path.isdir(os.path.join(out, "checkpoints")) and os.path.isfile(os.path.join(out, "log.jsonl"))
+    (repo, files), = commits
+    assert repo == "me/geoclip-tiny"
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "modeling_geoclip.py"} <= set(files)
+    assert not [name for name in files if name.startswith(("checkpoints", "log", "train_summary", "tensorboard"))]
+
+
 def test_invalid_rows_and_unreadable_images_are_counted_and_skipped(worldmap, tmp_path, caplog):
     folder = tmp_path / "data"
     folder.mkdir()
@@ -288,6 +315,18 @@ def test_geohier_trains_with_geocells(worldmap, tmp_path):
     assert type(processor).__name__ == "GeoHierImageProcessor"
     pixel_values = processor(np.zeros((32, 32, 3), np.uint8), return_tensors="pt").pixel_values
     assert model.geolocate(pixel_values=pixel_values, top_k=3).latitudes.shape == (1, 3)
+
+
+@pytest.mark.parametrize(("model", "precision"), [("geoclip", "fp16"), ("geohier", "bf16")])
+def test_mixed_precision_trains_and_saves(worldmap, tmp_path, model, precision):
+    out = str(tmp_path / "run")
+    levels = ["--geocell-levels", "2:80,2:40"] if model == "geohier" else []
+    assert main(["--model", model, "--dataset", worldmap, "--output-dir", out, "--max-steps", "4", "--log-every", "1",
+                 "--checkpoint-every", "100", "--mixed-precision", precision, *levels, *TINY]) == 0
+    losses = [json.loads(line)["loss"] for line in open(os.path.join(out, "log.jsonl"))]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    loaded = AutoModel.from_pretrained(out)
+    assert all(torch.isfinite(parameter).all() for parameter in loaded.parameters())
 
 
 def test_geohier_auto_levels_and_cell_table_files(tmp_path):
