@@ -274,9 +274,8 @@ class GeoHierModel(GeoHierPreTrainedModel):
 
     @property
     def predicts_scenes(self) -> bool:
-        """Whether `scene_probabilities` mean something: the model was trained with scene labels
-        (`config.trained_with_scene_labels`, set by `geoloc train`)."""
-        return self.config.num_scenes > 0 and bool(self.config.trained_with_scene_labels)
+        """Whether `scene_probabilities` mean something: the model was trained with scene labels."""
+        return self.config.trained_with_scene_labels
 
     @property
     def num_candidates(self) -> int:

@@ -50,7 +50,7 @@ def test_forward_shapes_and_attention_maps(model):
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
     assert [tuple(level.shape) for level in out.logits] == [(3, 8), (3, 16), (3, 32)]
     assert out.scene_logits.shape == (3, 4)
-    assert out.query_hidden_states.shape == (3, 4, 3, 32)
+    assert out.query_hidden_states.shape == (3, 4, 3, model.config.hidden_size)
     # (B, N + E layers, heads, scenes * levels queries, 1 + 16 patch tokens), rows are distributions.
     assert out.cross_attentions.shape == (3, 3, 4, 12, 17)
     torch.testing.assert_close(out.cross_attentions.sum(-1), torch.ones(3, 3, 4, 12))

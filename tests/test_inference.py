@@ -26,11 +26,11 @@ CITIES = np.array([[48.8566, 2.3522], [40.7128, -74.006], [-33.8688, 151.2093], 
                    [-1.2921, 36.8219], [64.1466, -21.9426]])
 
 
-def tiny_geohier(trained_with_scenes: bool) -> GeoHierModel:
+def tiny_geohier(trained_with_scene_labels: bool) -> GeoHierModel:
     points = sample_points(2000, np.random.default_rng(2))
     cells, _ = build_geocells(points[:, 0], points[:, 1], levels=[(5, 400), (5, 150), (5, 60)])
     config = tiny_geohier_config(cells_per_level=[len(level["tokens"]) for level in cells],
-                                 trained_with_scene_labels=trained_with_scenes, id2label={0: "beach", 1: "city",
+                                 trained_with_scene_labels=trained_with_scene_labels, id2label={0: "beach", 1: "city",
                                                                                     2: "forest", 3: "snow"})
     torch.manual_seed(0)
     model = GeoHierModel(config).eval()
@@ -48,7 +48,7 @@ def geoclip() -> Geolocator:
 
 @pytest.fixture(scope="module")
 def geohier() -> Geolocator:
-    return Geolocator(tiny_geohier(trained_with_scenes=True), tiny_image_processor("geohier"))
+    return Geolocator(tiny_geohier(trained_with_scene_labels=True), tiny_image_processor("geohier"))
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,7 @@ def test_capabilities_are_what_the_models_declare(geoclip, geohier):
     assert geohier.capabilities == Capabilities(text=False, scenes=True, attention=True, uncertainty="cells")
     without_text = GeoCLIPModel(tiny_geoclip_config(use_text_tower=False))
     assert Geolocator(without_text, tiny_image_processor()).capabilities.text is False
-    assert Geolocator(tiny_geohier(trained_with_scenes=False), tiny_image_processor("geohier")).capabilities.scenes is False
+    assert Geolocator(tiny_geohier(trained_with_scene_labels=False), tiny_image_processor("geohier")).capabilities.scenes is False
     with pytest.raises(ValueError, match="Linear does not declare its geolocation capabilities"):
         Geolocator(torch.nn.Linear(2, 2), tiny_image_processor())
 
@@ -157,7 +157,7 @@ def test_geohier_extras_are_scenes_attention_and_cells(geohier, pictures):
     for level in result.attention:
         assert level.weights.shape == (4, 4) and level.weights.min() == 0 and level.weights.max() == 1
         assert level.overlay.size == (224, 224)
-    untrained = Geolocator(tiny_geohier(trained_with_scenes=False), tiny_image_processor("geohier"))
+    untrained = Geolocator(tiny_geohier(trained_with_scene_labels=False), tiny_image_processor("geohier"))
     [result] = untrained.locate_images(pictures[:1], top_k=3, extras=True)
     assert result.scenes is None and len(result.attention) == 3
 
