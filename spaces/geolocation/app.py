@@ -83,6 +83,7 @@ def parse_top_k(value) -> int:
 
 
 def parse_model(value) -> str:
+    """A model name from the page or an API call: one the page offers (empty: the default)."""
     if value is None or value == "":
         return DEFAULT_MODEL_NAME
     if value not in GEOLOCATORS:
@@ -255,7 +256,7 @@ def api_image(image, top_k: int, model_name: str, request: gr.Request) -> dict:
     """Geolocate a photo: the top-k places (latitude, longitude, probability, nearest place), the probability
     by country, and what the model declares (uncertainty points, scenes, attention)."""
     if image is None:
-        raise readable_error("Give an image.")
+        raise readable_error("Give an image, e.g. handle_file('photo.jpg').")
     return answer_for(request, model_name, top_k, image=image).to_json()
 
 

@@ -15,6 +15,7 @@ import html
 import io
 import json
 import math
+import os
 import tempfile
 import urllib.parse
 from functools import lru_cache
@@ -51,14 +52,15 @@ MAP_CONFIG = {"scrollZoom": True, "displaylogo": False, "responsive": True, "dou
 @lru_cache(maxsize=1)
 def basemap_file() -> Path:
     """The bundled Natural Earth raster (plate carree, 720 x 360), lightened, as a JPEG (~40 kB) in a folder of
-    its own under the temporary directory; the app serves it as a static file."""
+    its own in Gradio's file folder (`GRADIO_TEMP_DIR`); the app serves it as a static file."""
     world = load_world_map().astype(np.float32)
     light = (world * (1 - BASEMAP_LIGHTEN) + 255 * BASEMAP_LIGHTEN).round().astype(np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(light).save(buffer, format="JPEG", quality=85, optimize=True)
     data = buffer.getvalue()
-    folder = Path(tempfile.gettempdir()) / "geoloc-space-static"
-    folder.mkdir(exist_ok=True)
+    gradio_files = os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio"
+    folder = Path(gradio_files) / "geoloc-space-static"
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"basemap-{hashlib.sha256(data).hexdigest()[:12]}.jpg"
     if not path.is_file():
         path.write_bytes(data)
