@@ -28,7 +28,7 @@ from gradio.components.plot import PlotData
 from PIL import Image
 
 from answers import AT_SEA, Answer, format_coordinates, format_percent
-from geoloc.geodesy import unit_vectors
+from geoloc.geodesy import unit_vectors, vector_directions
 from geoloc.worldmap import load_world_map
 
 BEST_COLOUR = "#d7261e"
@@ -164,10 +164,8 @@ def cell_outline(token: str, points_per_edge: int = 6) -> tuple[np.ndarray, np.n
     corners = np.array([[vertex.x(), vertex.y(), vertex.z()] for vertex in map(cell.GetVertex, range(4))])
     steps = np.linspace(0, 1, points_per_edge, endpoint=False)[:, None]
     edges = [corners[k] * (1 - steps) + corners[(k + 1) % 4] * steps for k in range(4)]
-    points = np.concatenate(edges + [corners[:1]])
-    points /= np.linalg.norm(points, axis=1, keepdims=True)
-    latitudes = np.degrees(np.arcsin(np.clip(points[:, 2], -1, 1)))
-    longitudes = np.degrees(np.unwrap(np.arctan2(points[:, 1], points[:, 0])))
+    latitudes, longitudes = vector_directions(np.concatenate(edges + [corners[:1]]))
+    longitudes = np.unwrap(longitudes, period=360)
     for pole in (90.0, -90.0):
         if cell.Contains(s2.S2LatLng.FromDegrees(pole, 0).ToPoint()):
             latitudes = np.concatenate([latitudes, [pole, pole, latitudes[0]]])
