@@ -250,11 +250,11 @@ def training_dataloader(dataset, collate, batch_size: int, args, accelerator) ->
 class BatchStream:
     """The micro-batches of a DataLoader, epoch after epoch without end, from a position (`epoch`, `batches`
     already used in it): each epoch's order is reseeded (`set_epoch` of the loader or the streaming dataset, and
-    the collator's augmentation epoch) and the used batches are skipped, so the stream continues exactly where a
-    checkpoint left it. Batches are put on the accelerator's device."""
+    `on_epoch(epoch)`, e.g. the augmentation's epoch) and the used batches are skipped, so the stream continues
+    exactly where a checkpoint left it. Batches are put on the accelerator's device."""
 
-    def __init__(self, dataloader, accelerator, collate, epoch: int = 0, batches: int = 0):
-        self.dataloader, self.accelerator, self.collate = dataloader, accelerator, collate
+    def __init__(self, dataloader, accelerator, on_epoch, epoch: int = 0, batches: int = 0):
+        self.dataloader, self.accelerator, self.on_epoch = dataloader, accelerator, on_epoch
         self.epoch, self.batches = epoch, batches
 
     def __iter__(self):
@@ -263,8 +263,7 @@ class BatchStream:
                 self.dataloader.dataset.set_epoch(self.epoch)
             else:  # accelerate's prepared loader reseeds its sampler
                 self.dataloader.set_epoch(self.epoch)
-            if isinstance(getattr(self.collate, "epoch", None), int):  # GeoCollator's augmentation epoch
-                self.collate.epoch = self.epoch
+            self.on_epoch(self.epoch)
             used = self.batches
             for batch in self.accelerator.skip_first_batches(self.dataloader, used) if used else self.dataloader:
                 self.batches += 1
@@ -430,14 +429,14 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> int:
         model, optimizer, dataloader, scheduler = accelerator.prepare(model, optimizer, dataloader, scheduler)
     set_seed(args.seed, device_specific=True)  # from here each process draws its own noise and dropout
 
-    step, stream = 0, BatchStream(dataloader, accelerator, collate)
+    step, stream = 0, BatchStream(dataloader, accelerator, task.set_epoch)
     if args.resume and checkpoint_steps(args.output_dir):
         step = checkpoint_steps(args.output_dir)[-1]
         checkpoint = os.path.join(args.output_dir, CHECKPOINTS, f"step_{step:08d}")
         check_resume_settings(checkpoint, settings)
         accelerator.load_state(checkpoint)
         with open(stream_position_file(checkpoint, accelerator.process_index)) as handle:
-            stream = BatchStream(dataloader, accelerator, collate, **json.load(handle))
+            stream = BatchStream(dataloader, accelerator, task.set_epoch, **json.load(handle))
         accelerator.print(f"Resumed from step {step}.")
     elif args.resume:
         accelerator.print(f"No checkpoint in {args.output_dir}: starting from step 0.")
@@ -526,4 +525,6 @@ def vars_with(args, **values) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from .cli import run_command
+
+    run_command("train")

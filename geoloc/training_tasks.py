@@ -72,6 +72,7 @@ class TrainingTask:
     def __init__(self, args, accelerator):
         self.args, self.accelerator = args, accelerator
         self.model = self.image_processor = self.tokenizer = None
+        self.image_collator = None  # the GeoCollator of `training_data`, when batches are decoded images
 
     @classmethod
     def add_arguments(cls, parser) -> None:
@@ -90,9 +91,15 @@ class TrainingTask:
         return dataset, self.collator()
 
     def collator(self, label_columns=()) -> GeoCollator:
-        """`GeoCollator` with this run's processor, augmentation and seed."""
-        return GeoCollator(self.image_processor, label_columns, augment=build_augmentation(self.args.augmentation),
-                           seed=self.args.seed)
+        """`GeoCollator` with this run's processor, augmentation and seed (kept for `set_epoch`)."""
+        self.image_collator = GeoCollator(self.image_processor, label_columns,
+                                          augment=build_augmentation(self.args.augmentation), seed=self.args.seed)
+        return self.image_collator
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called before each epoch's batches are made: image augmentation draws depend on the epoch."""
+        if self.image_collator is not None:
+            self.image_collator.epoch = epoch
 
     def loss(self, model, batch: dict, weight: float = 1.0) -> torch.Tensor:
         """The loss of one micro-batch (times `weight`; 0 for a stand-in batch, see `geoloc.train`)."""

@@ -66,3 +66,23 @@ def test_invalid_coordinate_rows_names_rows():
     bad = invalid_coordinate_rows([0.0] * 5000 + [91.0, "x"], [0.0] * 5002)
     assert [row for row, _ in bad] == [5000, 5001]
     assert "latitude must be in [-90, 90]" in bad[0][1]
+
+
+def test_augmentation_draws_depend_on_seed_epoch_and_image_only(image_folder):
+    from geoloc.augment import build_augmentation
+
+    dataset = load_geo_dataset(image_folder, lat_column="lat", lon_column="lon")
+    rows = [dataset[i] for i in range(len(dataset))]
+
+    def pixels(epoch, seed=0, order=slice(None)):
+        collate = GeoCollator(tiny_image_processor(), augment=build_augmentation("map"), seed=seed)
+        collate.epoch = epoch
+        return collate(rows[order])["pixel_values"]
+
+    first = pixels(0)
+    assert torch.equal(first, pixels(0))                       # reproducible: a resumed run sees the same images
+    assert torch.equal(first.flip(0), pixels(0, order=slice(None, None, -1)))  # whatever the batch it is in
+    assert not torch.equal(first, pixels(1))                   # a new draw every epoch
+    assert not torch.equal(first, pixels(0, seed=1))           # and every seed
+    plain = GeoCollator(tiny_image_processor())(rows)["pixel_values"]
+    assert not torch.equal(first, plain)

@@ -19,6 +19,7 @@ from geoloc import benchmark_datasets
 from geoloc.benchmark_datasets import load_benchmark
 from geoloc.cli import main as cli_main
 from geoloc.configs import TINY_IMAGE_SIZE, tiny_geoclip_config
+from geoloc import cli
 from geoloc.evaluate import PREDICTION_COLUMNS, main
 from geoloc.geodesy import geodesic_distance_km
 from geoloc.metrics import distance_metrics, geolocation_metrics
@@ -138,11 +139,11 @@ def test_all_unreadable_and_bad_arguments(model_dir, tmp_path, capsys):
     _im2gps3k(tmp_path / "bench")
     for path in (tmp_path / "bench" / "images").iterdir():
         path.write_bytes(b"")
-    assert main(["--model", str(model_dir), "--dataset", "im2gps3k", "--data-dir", str(tmp_path / "bench"),
-                 "--output-dir", str(tmp_path / "out")]) == 1
+    assert cli.main(["evaluate", "--model", str(model_dir), "--dataset", "im2gps3k", "--data-dir",
+                     str(tmp_path / "bench"), "--output-dir", str(tmp_path / "out")]) == 1
     assert "geoloc evaluate: error: No image of 'im2gps3k' could be read" in capsys.readouterr().err
-    assert main(["--model", str(model_dir), "--dataset", str(tmp_path), "--data-dir", str(tmp_path),
-                 "--output-dir", str(tmp_path / "out")]) == 1
+    assert cli.main(["evaluate", "--model", str(model_dir), "--dataset", str(tmp_path), "--data-dir", str(tmp_path),
+                     "--output-dir", str(tmp_path / "out")]) == 1
     assert "--data-dir is for the benchmarks" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main(["--model", str(model_dir), "--dataset", "im2gps3k", "--output-dir", "x", "--batch-size", "0"])

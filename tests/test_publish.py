@@ -22,9 +22,9 @@ from tests.test_geohier import synthetic_cells
 
 METRICS = {"im2gps3k": 0.1, "osv5m": 0.02}
 GEOCLIP_CODE = ["configuration_geoclip.py", "gallery_geoclip.py", "geo_common.py", "geo_image_processing.py",
-                "modeling_geoclip.py", "processing_geoclip.py"]
+                "integrity.py", "modeling_geoclip.py", "processing_geoclip.py"]
 GEOHIER_CODE = ["configuration_geohier.py", "geo_common.py", "geo_image_processing.py", "image_processing_geohier.py",
-                "modeling_geohier.py"]
+                "integrity.py", "modeling_geohier.py"]
 GENERATED = {"README.md", "config.json", "preprocessor_config.json"}  # made for the repo, not copied
 
 
