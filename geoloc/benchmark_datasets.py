@@ -10,6 +10,10 @@ others must be fetched by hand from the sources below, then pointed at with `dat
 Rows whose image file is missing are kept (with the path where the file was expected) so that
 `geoloc evaluate` counts and reports them as unreadable instead of silently shrinking the benchmark.
 
+Paths stay inside the benchmark's image folder: an image id that is absolute or leaves the folder through
+`..` (e.g. `../../secret/x.png`), or a symbolic link in the folder pointing outside it, makes `load_benchmark`
+raise a `ValueError` naming it (the CSV or the folder is broken or hostile; nothing outside is read).
+
 Sources (checked 2025; image counts as in the papers):
 
 | name | images | from | images: where | metadata CSV (columns) | local layout read here |
@@ -47,6 +51,7 @@ import pandas as pd
 from huggingface_hub import snapshot_download
 from huggingface_hub.constants import HF_HOME
 
+from .data import check_no_outside_links, confined_path
 from .geodesy import validate_lat_lon
 
 # Accepted column names, first match wins (the CSVs of the im2gps family use upper case, OSV-5M lower).
@@ -136,6 +141,14 @@ def _image_index(image_dir: Path) -> dict[str, str]:
     return index
 
 
+def _expected_path(image_dir: Path, image_id, csv_path: Path, row: int) -> str:
+    """Where the image of a CSV row should be when it was not found: inside `image_dir`, or a ValueError."""
+    try:
+        return confined_path(image_dir, str(image_id))
+    except ValueError as error:
+        raise ValueError(f"'{csv_path}' row {row}: {error}") from None
+
+
 def benchmark_dir(name: str) -> Path:
     """Default download folder of a Hub-hosted benchmark: `$HF_HOME/geoloc-benchmarks/<name>`."""
     return Path(HF_HOME) / "geoloc-benchmarks" / name
@@ -176,8 +189,9 @@ def load_benchmark(name: str, data_dir=None) -> datasets.Dataset:
             a benchmark with an official Hub copy (OSV-5M) is downloaded first; the others raise.
 
     Raises:
-        ValueError: for an unknown name, a folder without the expected CSV / image folder / columns, or
-            invalid coordinates (naming the CSV and the row).
+        ValueError: for an unknown name, a folder without the expected CSV / image folder / columns,
+            invalid coordinates (naming the CSV and the row), an image id outside the image folder (naming the
+            row) or a symbolic link in it pointing outside.
 
     Example:
         >>> ds = load_benchmark("osv5m", data_dir="datasets/osv5m")  # doctest: +SKIP
@@ -197,11 +211,13 @@ def load_benchmark(name: str, data_dir=None) -> datasets.Dataset:
     table = pd.read_csv(csv_path, usecols=[id_column, lat_column, lon_column], dtype={id_column: str})
     latitudes, longitudes = validate_lat_lon(table[lat_column], table[lon_column], name=f"'{csv_path}' rows")
 
+    check_no_outside_links(image_dir)
     index = _image_index(image_dir)
     ids = table[id_column].tolist()
     found = [index.get(image_id) for image_id in ids]
     keep = [path is not None for path in found] if csv_path.name in spec.subset_csv_names else [True] * len(ids)
-    paths = [path or str(image_dir / image_id) for path, image_id in zip(found, ids)]
+    paths = [path or _expected_path(image_dir, image_id, csv_path, row)
+             for row, (path, image_id) in enumerate(zip(found, ids))]
     rows = [row for row, kept in enumerate(keep) if kept]
     features = datasets.Features({
         "id": datasets.Value("string"),

@@ -1,9 +1,20 @@
 """`geoloc`: the package's one console script. Each subcommand lives in its own module with
-`build_parser()` and `main(argv)`; this file only dispatches to them."""
+`build_parser()` and `main(argv)`; this file dispatches to them and turns every failure into one line on
+stderr, `geoloc COMMAND: error: ...`, with exit status 1 (`geoloc --debug COMMAND ...` shows the traceback).
+
+Commands that talk to the Hugging Face Hub (`HUB_COMMANDS`) first check in about a second that it can be
+reached; when it cannot, they run offline (as with `HF_HUB_OFFLINE=1`: cached files only, Hub calls fail at
+once) instead of retrying for half a minute, and a failure says so. When stderr is not a terminal, the
+progress bars of transformers and huggingface_hub are off."""
 
 import argparse
 import importlib
+import os
+import socket
 import sys
+import urllib.parse
+import urllib.request
+
 
 from .threads import add_threads_argument, set_threads
 
@@ -29,6 +40,49 @@ SUBCOMMANDS = {
     "worldmap": ("geoloc.worldmap", "build the world-map crops dataset used by the CPU learnability benchmark"),
     "space": ("geoloc.space", "assemble the Gradio Space (app + package sources) in a folder ready to upload"),
 }
+HUB_COMMANDS = ("convert", "publish")
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face Hub endpoint cannot be reached (a TCP connection, at most `HUB_PROBE_TIMEOUT_S`),
+    or None when it can, when offline mode is already on, or when a proxy is configured (not probed)."""
+    from huggingface_hub import constants
+
+    endpoint = urllib.parse.urlsplit(constants.ENDPOINT)
+    if constants.HF_HUB_OFFLINE or urllib.request.getproxies().get(endpoint.scheme):
+        return None
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError as error:
+        return f"{constants.ENDPOINT} is unreachable ({error or type(error).__name__})"
+    return None
+
+
+def go_offline() -> None:
+    """Offline mode for this process and its children, as `HF_HUB_OFFLINE=1` would have set it at start."""
+    from huggingface_hub import constants
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True  # read at call time by huggingface_hub and transformers
+
+
+def quiet_progress_bars() -> None:
+    """Turn off the progress bars of transformers (loading weights) and huggingface_hub (downloads)."""
+    import huggingface_hub
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+
+
+def one_line(error: BaseException) -> str:
+    """The message of `error` on one line; unexpected kinds (not ValueError/OSError/ImportError) are named."""
+    text = " ".join(str(error).split())
+    if isinstance(error, (ValueError, OSError, ImportError)) and text:
+        return text
+    return f"{type(error).__name__}: {text} (run `geoloc --debug ...` for the traceback)"
 
 
 def main(argv=None) -> int:
@@ -38,6 +92,7 @@ def main(argv=None) -> int:
         description="Worldwide image geolocation with GeoCLIP and GeoHier.",
         epilog="Run `geoloc COMMAND --help` for the options of each command.",
     )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     add_threads_argument(parser)
     parser.add_argument("command", choices=sorted(SUBCOMMANDS), help="; ".join(
         f"{name}: {text}" for name, (_, text) in sorted(SUBCOMMANDS.items())))
@@ -50,13 +105,28 @@ def main(argv=None) -> int:
         return 0
     # Options before the command are the dispatcher's (`geoloc --threads 1 train ...`); the rest is the command's.
     namespace = parser.parse_args(argv)
-    module = importlib.import_module(SUBCOMMANDS[namespace.command][0])
+    command = namespace.command
+    if not sys.stderr.isatty():  # logs and pipes get messages, not progress bars redrawn with carriage returns
+        quiet_progress_bars()
+    offline = hub_unreachable() if command in HUB_COMMANDS else None
+    if offline:
+        go_offline()
     try:
         set_threads(namespace.threads)
-        return module.main(namespace.args) or 0
-    except (ValueError, OSError) as error:  # bad input, model or data: a message, not a traceback
-        print(f"geoloc {namespace.command}: error: {error}", file=sys.stderr)
+        return importlib.import_module(SUBCOMMANDS[command][0]).main(namespace.args) or 0
+    except Exception as error:  # KeyboardInterrupt and SystemExit (argparse's exit 2) pass through
+        if namespace.debug:
+            raise
+        message = one_line(error)
+        if offline:
+            message += f" [{offline}: ran offline, as with HF_HUB_OFFLINE=1; use local folders or cached files]"
+        print(f"geoloc {command}: error: {message}", file=sys.stderr)
         return 1
+
+
+def run_command(command: str) -> None:
+    """`python -m geoloc.COMMAND ARGS` behaves as `geoloc COMMAND ARGS` (same error handling)."""
+    sys.exit(main([command, *sys.argv[1:]]))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ import argparse
 import io
 import json
 import re
-import sys
 import zipfile
 from pathlib import Path
 
@@ -317,21 +316,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run `geoloc convert`; bad input raises (`geoloc.cli` prints it as one line with exit status 1)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.backbone_config and not args.random_backbone:
         parser.error("--backbone-config needs --random-backbone")
-    try:
-        model = convert_geoclip(
-            args.source, args.output_dir, backbone=args.backbone, location_encoder_only=args.location_encoder_only,
-            random_backbone=args.random_backbone, backbone_config=args.backbone_config, show_progress=True,
-        )
-    except (ValueError, OSError) as error:
-        print(f"geoloc convert: error: {error}", file=sys.stderr)
-        return 1
+    model = convert_geoclip(
+        args.source, args.output_dir, backbone=args.backbone, location_encoder_only=args.location_encoder_only,
+        random_backbone=args.random_backbone, backbone_config=args.backbone_config, show_progress=True,
+    )
     print(f"Wrote {type(model).__name__} to {args.output_dir}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .cli import run_command
+
+    run_command("convert")

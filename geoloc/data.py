@@ -8,6 +8,11 @@ decoded here (`Image(decode=False)`): `GeoCollator` decodes each one with `model
 when a batch is built, and drops (and counts) the unreadable ones, so a single broken file never stops a
 long run.
 
+An image folder is confined to itself: a `metadata.csv` `file_name` outside the folder (absolute, or `..`
+escaping it) or a symbolic link under it pointing outside makes `load_geo_dataset` raise a `ValueError`
+naming it (the whole folder is refused: a dataset that reaches outside its folder is broken or hostile, and is
+not trained on in part).
+
 Example:
     >>> ds = load_geo_dataset("data/worldmap/train")  # doctest: +SKIP
     >>> collate = GeoCollator(GeoCLIPImageProcessor.from_pretrained("model_dir"))  # doctest: +SKIP
@@ -24,9 +29,11 @@ import numpy as np
 import pandas as pd
 import torch
 from datasets import Image as ImageFeature
+from datasets.exceptions import DatasetGenerationError
 from transformers.utils import logging
 
 from modeling_geoclip import load_image
+from modeling_geoclip.processing_geoclip import MAX_IMAGE_PIXELS
 
 from .geodesy import validate_lat_lon
 
@@ -40,6 +47,53 @@ SHARD_BUILDERS = {".parquet": "parquet", ".tar": "webdataset"}
 
 # Rows validated at once; a chunk that fails is re-checked row by row to name and count the bad rows.
 _VALIDATION_CHUNK = 4096
+
+
+def _inside(root: str, path: str) -> bool:
+    return os.path.commonpath([root, path]) == root
+
+
+def check_no_outside_links(folder) -> None:
+    """Refuse a dataset folder holding symbolic links (to files or folders, at any depth) whose target lies
+    outside it: reading through them would read files the dataset does not contain.
+
+    Raises:
+        ValueError: naming the first such link, its target, and how many there are.
+    """
+    root = os.path.realpath(folder)
+    outside, pending = [], [os.fspath(folder)]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                if entry.is_symlink():
+                    target = os.path.realpath(entry.path)
+                    if not _inside(root, target):
+                        outside.append((entry.path, target))
+                elif entry.is_dir():
+                    pending.append(entry.path)
+    if outside:
+        link, target = outside[0]
+        raise ValueError(
+            f"Dataset folder '{folder}' holds {len(outside)} symbolic link(s) pointing outside it (first: "
+            f"'{link}' -> '{target}'): copy the files in (e.g. `cp -rL`) or point at the folder that holds them."
+        )
+
+
+def confined_path(folder, name: str) -> str:
+    """`folder/name`, refusing a `name` that is absolute or leaves `folder` through `..`.
+
+    Raises:
+        ValueError: naming `name` and `folder`.
+
+    Example:
+        >>> confined_path("data", "img/1.jpg")
+        'data/img/1.jpg'
+    """
+    folder = os.fspath(folder)
+    path = os.path.normpath(os.path.join(folder, name))
+    if os.path.isabs(name) or not _inside(os.path.abspath(folder), os.path.abspath(path)):
+        raise ValueError(f"Image path {name!r} is outside the dataset folder '{folder}': give paths relative to it.")
+    return os.path.join(folder, name)
 
 
 def _shard_builder(source: str) -> str | None:
@@ -78,7 +132,11 @@ def _load_raw(source: str, split: str, streaming: bool):
             raise ValueError(
                 f"Image folder '{source}' has no metadata.csv: add one with columns file_name,latitude,longitude."
             )
-        return datasets.load_dataset("imagefolder", data_dir=source, split=split, streaming=streaming)
+        check_no_outside_links(source)
+        try:
+            return datasets.load_dataset("imagefolder", data_dir=source, split=split, streaming=streaming)
+        except DatasetGenerationError as error:  # e.g. a metadata file_name escaping the folder
+            raise ValueError(f"Cannot read image folder '{source}': {error.__cause__ or error}") from error
     if os.path.exists(source):
         raise ValueError(
             f"Cannot read '{source}': pass an image folder with metadata.csv, .parquet or .tar (webdataset) "
@@ -206,22 +264,28 @@ def load_geo_dataset(
     return dataset
 
 
-def decode_image(value):
+def decode_image(value, max_pixels: int = MAX_IMAGE_PIXELS):
     """Decode one `image` cell (a `{"bytes", "path"}` dict from `Image(decode=False)`, a path, bytes or a
     PIL image) into an RGB PIL image with `modeling_geoclip.load_image`.
 
+    Args:
+        max_pixels: images with more pixels are refused before decoding (see `load_image`).
+
     Raises:
-        ValueError: naming the file when it is missing, corrupt or not an image.
+        ValueError: naming the file when it is missing, corrupt, not an image or too large.
     """
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
         if value is None:
             raise ValueError("Image cell has neither bytes nor a path.")
-    return load_image(value)
+    return load_image(value, max_pixels)
 
 
-def decode_images(cells: Sequence) -> tuple[list, list[int], list[tuple[int, str]]]:
-    """Decode a batch of `image` cells, skipping the unreadable ones with a warning, never raising.
+def decode_images(
+    cells: Sequence, max_pixels: int = MAX_IMAGE_PIXELS
+) -> tuple[list, list[int], list[tuple[int, str]]]:
+    """Decode a batch of `image` cells, skipping the unreadable ones with a warning, never raising for a
+    bad file (`load_image` turns every decoder failure into a ValueError; MemoryError still propagates).
 
     Returns: `(images, kept, errors)`: the RGB PIL images, the positions in `cells` they came from, and
     `(position, message)` for every cell that could not be read.
@@ -229,7 +293,7 @@ def decode_images(cells: Sequence) -> tuple[list, list[int], list[tuple[int, str
     images, kept, errors = [], [], []
     for position, cell in enumerate(cells):
         try:
-            images.append(decode_image(cell))
+            images.append(decode_image(cell, max_pixels))
         except ValueError as error:
             logger.warning(f"Skipping an unreadable image: {error}")
             errors.append((position, str(error)))
@@ -247,12 +311,13 @@ class GeoCollator:
     number of rows when images were skipped, and 0 when all of them were.
 
     With `augment` (see `geoloc.augment`), each decoded image is augmented before the processor with a random
-    generator seeded by `(seed, epoch, the image's bytes or path)`: set `epoch` before each epoch (the training
+    generator seeded by `(seed, epoch, the image's bytes or file name)`: set `epoch` before each epoch (the training
     loop does), and an image gets the same augmentation in a resumed run as in an uninterrupted one, in the main
     process or in DataLoader workers.
 
     Args:
-        image_processor: a `GeoCLIPImageProcessor` (or any image processor taking PIL images).
+        image_processor: a `GeoCLIPImageProcessor` (or any image processor taking PIL images); its
+            `max_image_pixels`, when it has one, also bounds decoding.
         label_columns: integer columns passed through as tensors.
         augment: `(image, rng) -> image`, or None.
         seed: the run's seed for `augment`.
@@ -266,10 +331,11 @@ class GeoCollator:
         self.image_processor = image_processor
         self.label_columns = tuple(label_columns)
         self.augment, self.seed, self.epoch = augment, seed, 0
+        self.max_pixels = getattr(image_processor, "max_image_pixels", MAX_IMAGE_PIXELS)
 
     def __call__(self, rows: list[dict]) -> dict:
         cells = [row[IMAGE] for row in rows]
-        images, positions, errors = decode_images(cells)
+        images, positions, errors = decode_images(cells, self.max_pixels)
         kept = [rows[position] for position in positions]
         if self.augment is not None:
             images = [self.augment(image, self._generator(cells[position])) for image, position in zip(images, positions)]
@@ -289,16 +355,24 @@ class GeoCollator:
         return batch
 
     def _generator(self, cell) -> np.random.Generator:
-        """The augmentation generator of one image this epoch: a function of the seed, the epoch and the image."""
+        """The augmentation generator of one image this epoch: a function of the seed, the epoch and the image's
+        bytes, or its file name (not the folder: a copy of the data elsewhere trains the same)."""
         if isinstance(cell, dict):
             cell = cell.get("bytes") or cell.get("path") or b""
-        identity = cell if isinstance(cell, bytes) else str(cell).encode()
+        if isinstance(cell, (bytes, bytearray)):
+            identity = bytes(cell)
+        elif isinstance(cell, (str, os.PathLike)):
+            identity = os.path.basename(os.fspath(cell)).encode()
+        else:  # an image object (PIL image, array)
+            identity = np.asarray(cell).tobytes()
         return np.random.default_rng([self.seed, self.epoch, zlib.crc32(identity)])
 
 
 __all__ = [
     "CANONICAL_COLUMNS",
     "GeoCollator",
+    "check_no_outside_links",
+    "confined_path",
     "decode_image",
     "decode_images",
     "invalid_coordinate_rows",

@@ -22,7 +22,6 @@ Example:
 import argparse
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -172,18 +171,15 @@ def write_results(predictions: ShardPredictions, output_dir: str, model: str, da
 
 
 def main(argv=None) -> int:
-    """Run `geoloc evaluate`; returns the exit status (0 ok, 1 bad input, model or data, 2 bad arguments)."""
+    """Run `geoloc evaluate`; returns the exit status (0 ok, 2 bad arguments). A bad model or dataset raises;
+    `geoloc` (the dispatcher) turns that into one line on stderr and exit 1."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.max_samples is not None and args.max_samples < 1:
         parser.error(f"--max-samples must be >= 1, got {args.max_samples}")
-    try:
-        return evaluate(args)
-    except (ValueError, OSError) as error:
-        print(f"geoloc evaluate: error: {error}", file=sys.stderr)
-        return 1
+    return evaluate(args)
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -209,4 +205,6 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .cli import run_command
+
+    run_command("evaluate")

@@ -1,8 +1,12 @@
 """The official GeoCLIP code (PyPI `geoclip==1.3.0`) as a reference for the parity test and the benchmarks.
 
-The wheel is fetched with `pip download --no-deps` into a cache folder, unpacked next to it, and its
-`model/` modules are imported under stub packages: neither `geoclip/__init__.py` (which pulls in the
-training code) nor the wheel's dependencies are installed. Needs pandas (imported by `model/misc.py`).
+The wheel is fetched from PyPI with `pip download --no-deps` into a cache folder (`DEFAULT_CACHE`:
+`$GEOLOC_CACHE/wheels`, default `~/.cache/geoloc/wheels`), unpacked next to it, and its `model/` modules are
+imported under stub packages: neither `geoclip/__init__.py` (which pulls in the training code) nor the wheel's
+dependencies are installed. Needs pandas (imported by `model/misc.py`).
+
+`python -m geoloc.official_geoclip` fetches it and prints its path: CI (`.ci/run`) does so before the tests,
+which only read the cache (the parity test is skipped, saying so, when the wheel is not there).
 """
 
 import importlib
@@ -18,22 +22,29 @@ WHEEL_NAME = f"geoclip-{OFFICIAL_VERSION}-py3-none-any.whl"
 DEFAULT_CACHE = Path(os.environ.get("GEOLOC_CACHE", Path.home() / ".cache" / "geoloc")) / "wheels"
 
 
+def cached_official_wheel(cache_dir: str | os.PathLike = DEFAULT_CACHE) -> Path | None:
+    """The path of the `geoclip==1.3.0` wheel in `cache_dir`, or None when it has not been fetched."""
+    wheel = Path(cache_dir) / WHEEL_NAME
+    return wheel if wheel.is_file() else None
+
+
 def fetch_official_wheel(cache_dir: str | os.PathLike = DEFAULT_CACHE) -> Path:
     """Return the path of the `geoclip==1.3.0` wheel, downloading it with pip into `cache_dir` if absent.
 
     Raises:
         RuntimeError: when pip cannot download it (no network), with pip's last output lines.
     """
-    cache_dir = Path(cache_dir)
-    wheel = cache_dir / WHEEL_NAME
-    if not wheel.is_file():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-                   f"geoclip=={OFFICIAL_VERSION}", "-d", str(cache_dir)]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0 or not wheel.is_file():
-            tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-3:])
-            raise RuntimeError(f"pip could not download geoclip=={OFFICIAL_VERSION}: {tail}")
+    cached = cached_official_wheel(cache_dir)
+    if cached is not None:
+        return cached
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               f"geoclip=={OFFICIAL_VERSION}", "-d", str(cache_dir)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    wheel = cached_official_wheel(cache_dir)
+    if result.returncode != 0 or wheel is None:
+        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-3:])
+        raise RuntimeError(f"pip could not download geoclip=={OFFICIAL_VERSION}: {tail}")
     return wheel
 
 
@@ -80,5 +91,12 @@ def load_official_geoclip(wheel: str | os.PathLike) -> types.SimpleNamespace:
     )
 
 
-__all__ = ["DEFAULT_CACHE", "OFFICIAL_VERSION", "fetch_official_wheel", "load_official_geoclip",
-           "unpack_official_wheel"]
+__all__ = ["DEFAULT_CACHE", "OFFICIAL_VERSION", "cached_official_wheel", "fetch_official_wheel",
+           "load_official_geoclip", "unpack_official_wheel"]
+
+
+if __name__ == "__main__":
+    try:
+        print(fetch_official_wheel())
+    except RuntimeError as error:
+        sys.exit(f"geoloc.official_geoclip: error: {' '.join(str(error).split())}")

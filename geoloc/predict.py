@@ -96,17 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """Run `geoloc predict`; returns the exit status (0 ok, 1 bad input or model, 2 bad arguments)."""
+    """Run `geoloc predict`; returns the exit status (0 ok, 1 when an input could not be read, 2 bad arguments).
+    A bad model or dataset raises; `geoloc` (the dispatcher) turns that into one line on stderr and exit 1."""
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_arguments(parser, args)
-    try:
-        if args.dataset:
-            return predict_dataset(args)
-        return predict_inputs(args)
-    except (ValueError, OSError, ImportError) as error:
-        print(f"geoloc predict: error: {error}", file=sys.stderr)
-        return 1
+    if args.dataset:
+        return predict_dataset(args)
+    return predict_inputs(args)
 
 
 def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -403,4 +400,6 @@ def predict_dataset(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .cli import run_command
+
+    run_command("predict")

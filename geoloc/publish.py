@@ -28,7 +28,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -303,7 +302,7 @@ def publish(model, repo_id: str, *, image_processor=None, eval_dirs=(), private:
         )
         space_commit = None
         if space_id is not None:
-            from .space import export_space  # needs the `space` extra (reverse_geocode); only for --space
+            from .space import export_space
 
             space = export_space(staging / "space")
             space_card = SpaceCard.load(space / "README.md")
@@ -367,4 +366,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .cli import run_command
+
+    run_command("publish")

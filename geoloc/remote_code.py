@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 SHARED_SOURCE = "modeling_geoclip"
-SHARED_MODULES = ("geo_common.py", "geo_image_processing.py")
+SHARED_MODULES = ("geo_common.py", "geo_image_processing.py", "integrity.py")
 # Every model folder that is pushed alone as remote code and therefore needs the shared modules.
 MODEL_PACKAGES = ("modeling_geoclip", "modeling_geohier")
 COPY_HEADER = "# Generated from {source} by `python geoloc/remote_code.py --sync`; do not edit.\n"

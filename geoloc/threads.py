@@ -16,9 +16,7 @@ Example:
 
 import argparse
 import os
-
-import torch
-from torch.utils.data import get_worker_info
+import sys
 
 
 def available_cores() -> int:
@@ -37,6 +35,15 @@ def _positive_int(value, name: str) -> int:
     if isinstance(value, bool) or number < 1 or str(number) != str(value).strip():
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     return number
+
+
+def _in_data_worker() -> bool:
+    """Whether this is a DataLoader worker process (never, if torch is not even imported: `--help` stays fast)."""
+    if "torch" not in sys.modules:
+        return False
+    from torch.utils.data import get_worker_info
+
+    return get_worker_info() is not None
 
 
 def pick_threads(
@@ -77,7 +84,7 @@ def pick_threads(
     environ = os.environ if environ is None else environ
     if requested is not None:
         return _positive_int(requested, "threads")
-    if get_worker_info() is not None:
+    if _in_data_worker():
         return 1
     if environ.get("OMP_NUM_THREADS"):
         return _positive_int(environ["OMP_NUM_THREADS"], "OMP_NUM_THREADS")
@@ -92,6 +99,8 @@ def pick_threads(
 
 def set_threads(requested: int | None = None, **kwargs) -> int:
     """Set torch's intra-op threads to `pick_threads(requested, **kwargs)` and return the count."""
+    import torch  # here, not at the top: `geoloc --help` does not wait for torch
+
     threads = pick_threads(requested, **kwargs)
     torch.set_num_threads(threads)
     return threads

@@ -331,9 +331,10 @@ def prepare_output_dir(args, accelerator) -> None:
     accelerator.wait_for_everyone()
 
 
-def run_settings(args, num_processes: int, train_rows: int) -> dict:
-    """The values of `RESUME_SETTINGS` for this run (JSON-safe)."""
-    values = {**vars(args), "num_processes": num_processes, "train_rows": train_rows}
+def run_settings(args, **run_values) -> dict:
+    """The values of `RESUME_SETTINGS` for this run (JSON-safe): from `args`, or `run_values` where known only
+    once the run started (`max_steps`, `num_processes`, `train_rows`)."""
+    values = {**vars(args), **run_values}
     return {name: values[name] for name in RESUME_SETTINGS}
 
 
@@ -413,7 +414,8 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> int:
     batch_size = micro_batch_size(args, accelerator.num_processes)
     steps_per_epoch = math.ceil(len(latitudes) / args.batch_size)
     max_steps = args.max_steps or steps_for_epochs(args.epochs, len(latitudes), args.batch_size)
-    settings = run_settings(vars_with(args, max_steps=max_steps), accelerator.num_processes, len(latitudes))
+    settings = run_settings(args, max_steps=max_steps, num_processes=accelerator.num_processes,
+                            train_rows=len(latitudes))
 
     # model, batches, optimisation
     task.build(dataset, latitudes, longitudes)
@@ -454,7 +456,7 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> int:
     micro_batches, last_readable = iter(stream), None
     while step < max_steps:
         batch = next(micro_batches)
-        unreadable += int(batch.pop("unreadable", 0))
+        unreadable += int(batch.pop("unreadable"))
         weight = 1.0
         if len(batch["locations"]) == 0:  # no image of this micro-batch could be read
             if accelerator.num_processes == 1:
@@ -519,10 +521,7 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> int:
     return 0
 
 
-def vars_with(args, **values) -> argparse.Namespace:
-    """A copy of `args` with some values replaced."""
-    return argparse.Namespace(**{**vars(args), **values})
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from .cli import run_command
+
+    run_command("train")

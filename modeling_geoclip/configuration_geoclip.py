@@ -80,6 +80,9 @@ class GeoCLIPConfig(PreTrainedConfig):
         gallery_index_nbytes (`int`, defaults to 0):
             Size of the serialised FAISS index stored with the model (0 for the exact backend). Set by
             `set_gallery`.
+        gallery_index_sha256 (`str`, *optional*):
+            Hex SHA-256 of the serialised FAISS index (None for the exact backend). Set by `set_gallery`;
+            `from_pretrained` refuses an index whose bytes do not match it.
         use_text_tower (`bool`, defaults to `True`):
             Build the text tower; `False` gives an image-only model (no `get_text_features`).
         freeze_backbone (`bool`, defaults to `True`):
@@ -111,6 +114,7 @@ class GeoCLIPConfig(PreTrainedConfig):
     gallery_backend: str = "exact"
     gallery_options: dict | None = None
     gallery_index_nbytes: int = 0
+    gallery_index_sha256: str | None = None
     use_text_tower: bool = True
     freeze_backbone: bool = True
     backbone: str = OFFICIAL_BACKBONE

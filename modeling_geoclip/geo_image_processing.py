@@ -17,8 +17,10 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers import CLIPImageProcessorPil
 
-# Pillow raises DecompressionBombError above 2 * MAX_IMAGE_PIXELS (~179 Mpx); we refuse anything above it.
-MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+# Images above this many pixels are refused from their header, before any pixel is decoded: 8192 x 8192 (64 Mpx,
+# 256 MB as RGBA; a 50 Mpx camera photo passes). Per processor: its `max_image_pixels`.
+# Pillow's own guard (`PIL.Image.MAX_IMAGE_PIXELS`) still refuses anything above twice its limit (~179 Mpx).
+MAX_IMAGE_PIXELS = 8192 * 8192
 ORIENTATION_TAG = 0x0112  # EXIF Orientation
 
 
@@ -46,16 +48,81 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(source) -> Image.Image:
+def _check_size(width: int, height: int, name: str, max_pixels: int) -> None:
+    """Refuse an image by its declared size (read from the header, before decoding)."""
+    if width * height > max_pixels:
+        raise ValueError(
+            f"Image {name} is too large: {width}x{height} = {width * height} pixels, above the limit of "
+            f"{max_pixels} pixels (max_image_pixels of the image processor)."
+        )
+    if width == 0 or height == 0:
+        raise ValueError(f"Image {name} has no pixels.")
+
+
+def _from_array(array: np.ndarray, name: str, max_pixels: int) -> Image.Image:
+    """A PIL image from an (H, W), (H, W, 1/3/4) uint8/bool/2-D uint16 array or floats in [0, 1]."""
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)) or array.size == 0:
+        raise ValueError(f"Image array {name} must have shape (H, W), (H, W, 3) or (H, W, 4), got {array.shape}.")
+    _check_size(array.shape[1], array.shape[0], name, max_pixels)
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    if array.dtype.kind == "f":
+        if not np.isfinite(array).all():
+            raise ValueError(f"Image array {name} contains NaN or inf.")
+        array = np.clip(array, 0, 1) * 255
+    elif array.dtype == np.uint16 and array.ndim == 2:
+        array = array.astype(np.int32)  # 16-bit greyscale: rescaled to 8 bits like PIL's I;16 in `_to_rgb`
+    elif array.dtype not in (np.uint8, np.bool_):
+        raise ValueError(f"Image array {name} has dtype {array.dtype}: pass uint8, floats in [0, 1], or 2-D uint16.")
+    return Image.fromarray(np.ascontiguousarray(array if array.dtype.kind == "i" else array.astype(np.uint8)))
+
+
+def _decode_file(source, name: str, max_pixels: int) -> Image.Image:
+    """Decode a path or bytes: the size is checked from the header before any pixel is decoded, and every
+    decoder failure (Pillow raises OSError, SyntaxError, but also IndexError, ValueError, NotImplementedError...
+    on malformed files) becomes a ValueError naming the file. Only MemoryError passes through."""
+    if isinstance(source, (str, os.PathLike)):
+        if not os.path.isfile(source):
+            raise ValueError(f"Image file {name} does not exist.")
+        if os.path.getsize(source) == 0:
+            raise ValueError(f"Image file {name} is empty.")
+    elif len(source) == 0:
+        raise ValueError("Image bytes are empty.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is checked below
+            opened = Image.open(source if isinstance(source, (str, os.PathLike)) else io.BytesIO(source))  # header
+    except UnidentifiedImageError:
+        raise ValueError(f"{name} is not an image file Pillow can read.") from None
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"Image {name} is too large: {error}") from None
+    except MemoryError:
+        raise
+    except Exception as error:
+        raise ValueError(f"Image {name} is truncated or corrupt ({type(error).__name__}: {error}).") from None
+    with opened:  # closes the file; the decoded pixels stay (multi-frame files: frame 0)
+        _check_size(opened.width, opened.height, name, max_pixels)
+        try:
+            opened.load()
+        except MemoryError:
+            raise
+        except Exception as error:
+            raise ValueError(f"Image {name} is truncated or corrupt ({type(error).__name__}: {error}).") from None
+    return opened
+
+
+def load_image(source, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Decode one image into an upright RGB PIL image.
 
     Args:
         source: a file path, raw bytes, a PIL image, or a numpy array of shape (H, W), (H, W, 3) or
             (H, W, 4) (uint8, or floats in [0, 1]).
+        max_pixels: refuse images with more pixels than this (default `MAX_IMAGE_PIXELS`, 64 Mpx); files are
+            checked from their header, before decoding.
 
     Raises:
-        ValueError: naming the input when it is missing, empty, truncated, not an image, or larger than
-            `MAX_IMAGE_PIXELS` (a decompression bomb).
+        ValueError: naming the input when it is missing, empty, truncated, corrupt (whatever Pillow's decoder
+            raises, MemoryError aside), not an image, or larger than `max_pixels`.
 
     Example:
         >>> load_image(np.zeros((8, 8, 3), dtype=np.uint8)).size
@@ -65,56 +132,30 @@ def load_image(source) -> Image.Image:
     if isinstance(source, Image.Image):
         image = source
     elif isinstance(source, np.ndarray):
-        array = source
-        if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)) or array.size == 0:
-            raise ValueError(f"Image array {name} must have shape (H, W), (H, W, 3) or (H, W, 4), got {array.shape}.")
-        if array.ndim == 3 and array.shape[2] == 1:
-            array = array[..., 0]
-        if array.dtype.kind == "f":
-            if not np.isfinite(array).all():
-                raise ValueError(f"Image array {name} contains NaN or inf.")
-            array = np.clip(array, 0, 1) * 255
-        elif array.dtype == np.uint16 and array.ndim == 2:
-            array = array.astype(np.int32)  # 16-bit greyscale: rescaled to 8 bits like PIL's I;16 below
-        elif array.dtype not in (np.uint8, np.bool_):
-            raise ValueError(
-                f"Image array {name} has dtype {array.dtype}: pass uint8, floats in [0, 1], or 2-D uint16."
-            )
-        image = Image.fromarray(np.ascontiguousarray(array if array.dtype.kind == "i" else array.astype(np.uint8)))
+        image = _from_array(source, name, max_pixels)
     elif isinstance(source, (str, os.PathLike, bytes, bytearray)):
-        if isinstance(source, (str, os.PathLike)):
-            if not os.path.isfile(source):
-                raise ValueError(f"Image file {name} does not exist.")
-            if os.path.getsize(source) == 0:
-                raise ValueError(f"Image file {name} is empty.")
-        elif len(source) == 0:
-            raise ValueError("Image bytes are empty.")
-        stream = source if isinstance(source, (str, os.PathLike)) else io.BytesIO(source)
-        try:
-            with warnings.catch_warnings(), Image.open(stream) as opened:
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                opened.load()  # the pixels stay in memory when the file is closed (multi-frame files: frame 0)
-                image = opened
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise ValueError(f"Image {name} is too large (more than {MAX_IMAGE_PIXELS} pixels).") from None
-        except UnidentifiedImageError:
-            raise ValueError(f"{name} is not an image file Pillow can read.") from None
-        except (OSError, SyntaxError) as error:
-            raise ValueError(f"Image {name} is truncated or corrupt: {error}") from None
+        image = _decode_file(source, name, max_pixels)
     else:
         raise ValueError(f"Cannot read an image from {name}: pass a path, bytes, a PIL image or a numpy array.")
-    if image.width * image.height > MAX_IMAGE_PIXELS:
-        raise ValueError(f"Image {name} is too large ({image.width}x{image.height} > {MAX_IMAGE_PIXELS} pixels).")
-    if image.width == 0 or image.height == 0:
-        raise ValueError(f"Image {name} has no pixels.")
-    if image.mode == "RGB" and image.getexif().get(ORIENTATION_TAG, 1) == 1:
-        return image  # already upright RGB (e.g. decoded earlier in the pipeline): no copies
-    return _to_rgb(ImageOps.exif_transpose(image))
+    _check_size(image.width, image.height, name, max_pixels)
+    try:
+        if image.mode == "RGB" and image.getexif().get(ORIENTATION_TAG, 1) == 1:
+            return image  # already upright RGB (e.g. decoded earlier in the pipeline): no copies
+        return _to_rgb(ImageOps.exif_transpose(image))
+    except MemoryError:
+        raise
+    except Exception as error:  # a lazily opened PIL image decodes here; corrupt EXIF data raises too
+        raise ValueError(f"Image {name} is corrupt ({type(error).__name__}: {error}).") from None
 
 
 class GeoImageProcessor(CLIPImageProcessorPil):
     """CLIP's PIL image processor, accepting paths, bytes, numpy arrays and PIL images of any mode (decoded by
     `load_image`). Each model subclasses it under its own name, which its checkpoints record.
+
+    Args:
+        max_image_pixels (`int`, defaults to `MAX_IMAGE_PIXELS`, 64 Mpx): larger images are refused with a
+            `ValueError` (files from their header, before decoding); saved in `preprocessor_config.json`.
+        **kwargs: `CLIPImageProcessorPil`'s options (size, crop_size, mean, std...).
 
     Example:
         >>> processor = GeoImageProcessor()
@@ -122,12 +163,19 @@ class GeoImageProcessor(CLIPImageProcessorPil):
         torch.Size([1, 3, 224, 224])
     """
 
+    def __init__(self, max_image_pixels: int = MAX_IMAGE_PIXELS, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(max_image_pixels, bool) or not isinstance(max_image_pixels, int) or max_image_pixels < 1:
+            raise ValueError(f"max_image_pixels must be a positive integer, got {max_image_pixels!r}.")
+        self.max_image_pixels = max_image_pixels
+
     def preprocess(self, images, *args, **kwargs):
         if not isinstance(images, (list, tuple)):
             images = [images]
         if len(images) == 0:
             raise ValueError("No images given: the batch is empty.")
-        return super().preprocess([load_image(image) for image in images], *args, **kwargs)
+        decoded = [load_image(image, self.max_image_pixels) for image in images]
+        return super().preprocess(decoded, *args, **kwargs)
 
 
 __all__ = ["GeoImageProcessor", "MAX_IMAGE_PIXELS", "load_image"]

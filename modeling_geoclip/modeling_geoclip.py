@@ -33,6 +33,7 @@ from .geo_common import (
     to_microdegrees,
     validate_locations,
 )
+from .integrity import check_finite_answer, tensor_sha256
 
 logger = logging.get_logger(__name__)
 
@@ -283,6 +284,44 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
         self._register_state("gallery_sample_embeddings", torch.zeros(sample, dim))
         self._faiss_gallery = None
 
+    def check_loaded_state(self) -> None:
+        """Checks of a loaded checkpoint that shapes and finiteness cannot show (called by `from_pretrained`):
+        gallery and GPS-queue coordinates in range, the queue's pointers and the normaliser sample's rows in
+        bounds, and the FAISS index bytes matching the SHA-256 that `set_gallery` recorded in the config.
+
+        Raises:
+            ValueError: naming the bad tensor (and row).
+        """
+        validate_locations(self.gallery_locations, "checkpoint gallery_coordinates")
+        size, count, pointer = self.config.queue_size, int(self.gps_queue_count), int(self.gps_queue_ptr)
+        if not (0 <= count <= size and 0 <= pointer < max(size, 1)):
+            raise ValueError(
+                f"The checkpoint's GPS queue is out of range: gps_queue_count={count} and gps_queue_ptr={pointer} "
+                f"must lie in [0, {size}] and [0, {max(size, 1)}) (queue_size={size})."
+            )
+        validate_locations(self.gps_queue[:count], "checkpoint gps_queue_coordinates")
+        rows = self.gallery_sample_indices
+        if len(rows) and not (0 <= int(rows.min()) and int(rows.max()) < self.config.gallery_size):
+            raise ValueError(
+                f"The checkpoint's gallery_sample_indices must be gallery rows in [0, {self.config.gallery_size}), "
+                f"got values in [{int(rows.min())}, {int(rows.max())}]."
+            )
+        self._check_faiss_index_hash()
+
+    def _check_faiss_index_hash(self) -> None:
+        if not self.config.gallery_index_nbytes:
+            return
+        expected = self.config.gallery_index_sha256
+        if expected is None:
+            logger.warning("This checkpoint records no SHA-256 of its FAISS index (saved by an older version): "
+                           "the index bytes cannot be checked.")
+        elif tensor_sha256(self.gallery_index) != expected:
+            raise ValueError(
+                f"The checkpoint's FAISS index (gallery_index, {self.config.gallery_index_nbytes} bytes) does not "
+                f"match the SHA-256 recorded in its config ({expected[:12]}...): the file is corrupt or was edited. "
+                "Rebuild the gallery with set_gallery(..., backend='faiss') and save again."
+            )
+
     def _register_state(self, name: str, tensor: torch.Tensor) -> None:
         # Empty tensors stay out of checkpoints: safetensors would take them for shared storage.
         self.register_buffer(name, tensor, persistent=tensor.numel() > 0)
@@ -515,6 +554,7 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
         self.config.gallery_size, self.config.gallery_backend = len(coordinates), backend
         self.config.gallery_options = options
         self.config.gallery_index_nbytes = 0 if backend == "exact" else len(index_bytes)
+        self.config.gallery_index_sha256 = None if backend == "exact" else tensor_sha256(index_bytes)
         self._register_gallery()
         device = self.logit_scale.device
         self.gallery_coordinates = coordinates.to(device)
@@ -623,6 +663,7 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
             indices = torch.where(source >= 0, indices.gather(1, source.clamp(min=0)), -1)
         else:
             probabilities = torch.exp(logits - log_normaliser[:, None])
+        check_finite_answer(latitudes=coordinates[..., 0], longitudes=coordinates[..., 1], probabilities=probabilities)
         return GeolocationOutput(
             latitudes=coordinates[..., 0],
             longitudes=coordinates[..., 1],

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from transformers.utils import ModelOutput
 
+from .integrity import check_config_against_checkpoint, check_finite_tensors
+
 # IUGG mean Earth radius R1 = (2a + b) / 3 of WGS84, km: the sphere of every spherical formula of the models.
 EARTH_MEAN_RADIUS_KM = 6371.0088
 
@@ -114,8 +116,15 @@ class StrictFromPretrainedMixin:
         weights raises a `ValueError` naming them (transformers v5 only logs the first two and randomly
         initialises what is missing; a missing buffer such as a gallery or cell table would silently be zeros).
         `strict=False` loads a partial checkpoint on purpose; `ignore_mismatched_sizes=True` re-initialises
-        wrongly shaped weights, as in transformers."""
+        wrongly shaped weights, as in transformers.
+
+        Also a `ValueError`, naming the tensor: a config whose sizes disagree with the safetensors header
+        (checked before anything is allocated), NaN/inf in a weight or buffer, and what the model's
+        `check_loaded_state` refuses (see `integrity`)."""
         ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
+        pretrained = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        if not ignore_mismatched_sizes and pretrained is not None and kwargs.get("state_dict") is None:
+            check_config_against_checkpoint(cls, pretrained, kwargs)
         model, info = super().from_pretrained(
             *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
         )
@@ -133,7 +142,13 @@ class StrictFromPretrainedMixin:
                 f"The checkpoint does not match {cls.__name__} ({details}). Pass strict=False to load a partial "
                 "checkpoint, ignore_mismatched_sizes=True to re-initialise wrongly shaped weights."
             )
+        check_finite_tensors(model)
+        model.check_loaded_state()
         return (model, info) if output_loading_info else model
+
+    def check_loaded_state(self) -> None:
+        """Checks of a loaded checkpoint beyond shapes and finiteness (called by `from_pretrained`): a model
+        overrides it for what only it knows (coordinates in range, hashes of stored bytes); none by default."""
 
 
 __all__ = [

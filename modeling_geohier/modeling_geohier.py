@@ -28,6 +28,7 @@ from .geo_common import (
     to_microdegrees,
     validate_locations,
 )
+from .integrity import check_finite_answer
 
 
 def s2_token_to_id(token: str) -> int:
@@ -521,6 +522,19 @@ class GeoHierModel(GeoHierPreTrainedModel):
                 self.cell_table.get(name, level).copy_(value)
         self.config.has_cell_table = True
 
+    def check_loaded_state(self) -> None:
+        """Check a loaded cell table as `set_cell_table` checks a new one (called by `from_pretrained`): centroids
+        in range, parents rows of the level above, counts >= 0, valid S2 ids.
+
+        Raises:
+            ValueError: naming the level and cell.
+        """
+        if self.config.has_cell_table:
+            try:
+                self.set_cell_table(self.get_cell_table())
+            except ValueError as error:
+                raise ValueError(f"The checkpoint's cell table is invalid: {error}") from None
+
     def get_cell_table(self) -> list[dict]:
         """The stored cell table in the form `set_cell_table` takes (numpy arrays, tokens as strings)."""
         table = []
@@ -594,6 +608,7 @@ class GeoHierModel(GeoHierPreTrainedModel):
         probabilities, indices = level_probabilities[-1].topk(top_k, dim=1)
         fine = self.config.num_levels - 1
         coordinates = from_microdegrees(self.cell_table.get("centroids", fine).to(indices.device)[indices])
+        check_finite_answer(probabilities=probabilities, scene_logits=output.scene_logits)
         return GeoHierGeolocationOutput(
             latitudes=coordinates[..., 0],
             longitudes=coordinates[..., 1],

@@ -18,12 +18,13 @@ from transformers import AutoImageProcessor, AutoModel
 from geoloc import benchmark_datasets
 from geoloc.benchmark_datasets import load_benchmark
 from geoloc.cli import main as cli_main
-from geoloc.configs import TINY_IMAGE_SIZE, tiny_geoclip_config
+from geoloc.configs import tiny_geoclip_config, tiny_image_processor
+from geoloc import cli
 from geoloc.evaluate import PREDICTION_COLUMNS, main
 from geoloc.geodesy import geodesic_distance_km
 from geoloc.metrics import distance_metrics, geolocation_metrics
 from geoloc.worldmap import render_crop
-from modeling_geoclip import GeoCLIPImageProcessor, GeoCLIPModel
+from modeling_geoclip import GeoCLIPModel
 
 METRIC_KEYS = ["acc_1km", "acc_25km", "acc_200km", "acc_750km", "acc_2500km", "mean_km", "median_km", "geoscore"]
 # (latitude, longitude) of the test images: cities on every continent, the antimeridian and a pole.
@@ -40,9 +41,7 @@ def model_dir(tmp_path_factory):
     gallery = np.random.default_rng(0).uniform([-90, -180], [90, 180], size=(64, 2))
     model.set_gallery(gallery)
     model.save_pretrained(directory)
-    GeoCLIPImageProcessor(
-        size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
-    ).save_pretrained(directory)
+    tiny_image_processor("geoclip").save_pretrained(directory)
     return directory
 
 
@@ -138,11 +137,11 @@ def test_all_unreadable_and_bad_arguments(model_dir, tmp_path, capsys):
     _im2gps3k(tmp_path / "bench")
     for path in (tmp_path / "bench" / "images").iterdir():
         path.write_bytes(b"")
-    assert main(["--model", str(model_dir), "--dataset", "im2gps3k", "--data-dir", str(tmp_path / "bench"),
-                 "--output-dir", str(tmp_path / "out")]) == 1
+    assert cli.main(["evaluate", "--model", str(model_dir), "--dataset", "im2gps3k", "--data-dir",
+                     str(tmp_path / "bench"), "--output-dir", str(tmp_path / "out")]) == 1
     assert "geoloc evaluate: error: No image of 'im2gps3k' could be read" in capsys.readouterr().err
-    assert main(["--model", str(model_dir), "--dataset", str(tmp_path), "--data-dir", str(tmp_path),
-                 "--output-dir", str(tmp_path / "out")]) == 1
+    assert cli.main(["evaluate", "--model", str(model_dir), "--dataset", str(tmp_path), "--data-dir", str(tmp_path),
+                     "--output-dir", str(tmp_path / "out")]) == 1
     assert "--data-dir is for the benchmarks" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main(["--model", str(model_dir), "--dataset", "im2gps3k", "--output-dir", "x", "--batch-size", "0"])

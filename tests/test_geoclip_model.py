@@ -12,9 +12,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
-from geoloc.configs import TINY_IMAGE_SIZE, tiny_geoclip_config
+from geoloc.configs import TINY_IMAGE_SIZE, tiny_geoclip_config, tiny_image_processor
 from modeling_geoclip import (
-    GeoCLIPImageProcessor,
     GeoCLIPLocationEncoder,
     GeoCLIPModel,
     byte_level_clip_tokenizer,
@@ -33,7 +32,7 @@ def model():
 
 @pytest.fixture
 def processor():
-    return GeoCLIPImageProcessor(size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size=TINY_IMAGE_SIZE)
+    return tiny_image_processor("geoclip")
 
 
 def _pixels(batch=2):

@@ -1,13 +1,15 @@
 """Parity of the converted GeoCLIP with the official code of the PyPI wheel `geoclip==1.3.0`.
 
-The wheel is fetched once with `pip download --no-deps` into `~/.cache/geoloc/wheels` (the only network
-use of the test suite); its code is imported from the unpacked wheel without installing anything. The
-CLIP backbone is a tiny random one with CLIP-L's 768-d projection: the converted parts (GPS encoder,
-image MLP, logit scale, gallery) do not depend on it.
+The wheel is read from the cache `geoloc.official_geoclip.DEFAULT_CACHE` (`~/.cache/geoloc/wheels`), where
+`.ci/run` puts it before the tests (`python -m geoloc.official_geoclip`, a `pip download --no-deps` from PyPI);
+the tests never download it and are skipped, saying how to fetch it, when it is absent. Its code is imported
+from the unpacked wheel without installing anything. The CLIP backbone is a tiny random one with CLIP-L's
+768-d projection: the converted parts (GPS encoder, image MLP, logit scale, gallery) do not depend on it.
 """
 
 import copy
 import json
+import time
 import zipfile
 
 import numpy as np
@@ -19,10 +21,10 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModel
 
-from geoloc.cli import main as cli_main
+from geoloc import cli
 from geoloc.configs import tiny_clip_configs
 from geoloc.convert import convert_geoclip, main, read_official_geoclip
-from geoloc.official_geoclip import fetch_official_wheel, load_official_geoclip
+from geoloc.official_geoclip import DEFAULT_CACHE, cached_official_wheel, load_official_geoclip
 from modeling_geoclip import GeoCLIPLocationEncoder, GeoCLIPModel
 
 TOLERANCE = 1e-5
@@ -33,10 +35,11 @@ EDGE_POINTS = [[90, 0], [-90, 0], [90, 180], [-90, -180], [90, -180], [-90, 180]
 
 @pytest.fixture(scope="module")
 def wheel():
-    try:
-        return fetch_official_wheel()
-    except RuntimeError as error:
-        pytest.skip(f"the official geoclip==1.3.0 wheel is not cached and PyPI is unreachable: {error}")
+    cached = cached_official_wheel()
+    if cached is None:
+        pytest.skip(f"the official geoclip==1.3.0 wheel is not in {DEFAULT_CACHE}: fetch it with "
+                    "`python -m geoloc.official_geoclip` (`.ci/run` does)")
+    return cached
 
 
 class _IdentityCLIP(nn.Module):
@@ -244,18 +247,33 @@ def test_bad_release_config_raises(wheel_weights, tmp_path, config, message):
 
 def test_convert_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["--help"])
+        cli.main(["convert", "--help"])
     assert exit_info.value.code == 0
     assert "--location-encoder-only" in capsys.readouterr().out
-    assert main([str(tmp_path / "missing.whl"), str(tmp_path / "out")]) == 1
-    assert "missing.whl does not exist" in capsys.readouterr().err
-    assert cli_main(["convert", str(tmp_path / "missing.whl"), str(tmp_path / "out")]) == 1
+    assert cli.main(["convert", str(tmp_path / "missing.whl"), str(tmp_path / "out")]) == 1
     error = capsys.readouterr().err
-    assert error.startswith("geoloc convert: error: ") and error.count("\n") == 1
+    assert error.startswith("geoloc convert: error: ") and error.count("\n") == 1 and "missing.whl does not" in error
     with zipfile.ZipFile(tmp_path / "other.whl", "w") as archive:
         archive.writestr("other/__init__.py", "")
-    assert main([str(tmp_path / "other.whl"), str(tmp_path / "out")]) == 1
+    assert cli.main(["convert", str(tmp_path / "other.whl"), str(tmp_path / "out")]) == 1
     assert "not a GeoCLIP wheel: geoclip/model/weights/" in capsys.readouterr().err
     (tmp_path / "notes.txt").write_text("not a wheel")
-    assert main([str(tmp_path / "notes.txt"), str(tmp_path / "out"), "--location-encoder-only"]) == 1
+    assert cli.main(["convert", str(tmp_path / "notes.txt"), str(tmp_path / "out"), "--location-encoder-only"]) == 1
     assert "not a wheel" in capsys.readouterr().err
+
+
+def test_convert_without_network_fails_at_once_saying_what_to_do(wheel, tmp_path, capsys, monkeypatch):
+    """The Hub endpoint is a closed port on this machine: `geoloc convert` notices in a moment and runs offline
+    (the backbone is not cached, so it stops) instead of retrying for ~30 s."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
+    started = time.perf_counter()
+    assert cli.main(["convert", str(wheel), str(tmp_path / "out"), "--backbone", "someone/clip-not-cached"]) == 1
+    assert time.perf_counter() - started < 20
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("geoloc convert: error: ") and "find them in the cached files" in line
+    assert "http://127.0.0.1:9 is unreachable" in line and "HF_HUB_OFFLINE=1" in line

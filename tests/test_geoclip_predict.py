@@ -12,8 +12,8 @@ from transformers import pipeline
 
 import geoloc.inference
 import geoloc.pipeline  # noqa: F401  (registers the image-geolocation task)
-from geoloc import predict
-from geoloc.configs import TINY_IMAGE_SIZE, tiny_geoclip_config
+from geoloc import cli, predict
+from geoloc.configs import tiny_geoclip_config, tiny_image_processor
 from geoloc.gallery import load_gallery
 from modeling_geoclip import GeoCLIPImageProcessor, GeoCLIPModel, byte_level_clip_tokenizer
 
@@ -29,7 +29,7 @@ def checkpoint(tmp_path_factory):
     model = GeoCLIPModel(tiny_geoclip_config()).eval()
     model.set_gallery(GALLERY)
     model.save_pretrained(folder)
-    GeoCLIPImageProcessor(size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size=TINY_IMAGE_SIZE).save_pretrained(folder)
+    tiny_image_processor("geoclip").save_pretrained(folder)
     byte_level_clip_tokenizer().save_pretrained(folder)
     generator = np.random.default_rng(0)
     for index in range(5):
@@ -125,7 +125,7 @@ def test_predict_cli_table_output(checkpoint, photos, capsys):
 )
 def test_predict_cli_bad_input_is_a_readable_error(checkpoint, photos, tmp_path, capsys, argv, message):
     names = {"photo": photos[0], "missing": str(tmp_path / "missing.jpg"), "missing_csv": str(tmp_path / "points.csv")}
-    assert predict.main([arg.format(**names) for arg in argv] + ["--model", str(checkpoint)]) == 1
+    assert cli.main(["predict", *[arg.format(**names) for arg in argv], "--model", str(checkpoint)]) == 1
     error = capsys.readouterr().err
     assert "geoloc predict: error:" in error and message in error and "Traceback" not in error
 
@@ -161,9 +161,9 @@ def test_predict_without_input_runs_the_bundled_demo(capsys):
 
 def test_predict_cli_missing_models(photos, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(geoloc.inference, "DEFAULT_MODEL", str(tmp_path / "not-built-yet"))
-    assert predict.main([photos[0]]) == 1
+    assert cli.main(["predict", photos[0]]) == 1
     assert "bundled default model is not installed" in capsys.readouterr().err
-    assert predict.main([photos[0], "--model", str(tmp_path / "nowhere")]) == 1
+    assert cli.main(["predict", photos[0], "--model", str(tmp_path / "nowhere")]) == 1
     assert "nowhere' does not exist" in capsys.readouterr().err
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoModel, pipeline
+from transformers import pipeline
 
 import geoloc
 import geoloc.pipeline  # noqa: F401  (registers the image-geolocation task)

@@ -9,7 +9,7 @@ import sys
 import pandas as pd
 import pytest
 
-from geoloc import DEFAULT_MODEL, predict
+from geoloc import DEFAULT_MODEL, cli, predict
 from geoloc.inference import Geolocator
 from geoloc.worldmap import build_worldmap_splits, write_imagefolder
 
@@ -31,8 +31,9 @@ def dataset(tmp_path_factory):
 
 
 def run(dataset, output, *extra) -> int:
-    return predict.main(["--dataset", str(dataset), "--output", str(output), "--model", "default",
-                         "--top-k", str(TOP_K), "--chunk-size", "4", "--batch-size", "3", *extra])
+    """`geoloc predict --dataset ...` through the dispatcher (failures: one line on stderr, exit status 1)."""
+    return cli.main(["predict", "--dataset", str(dataset), "--output", str(output), "--model", "default",
+                     "--top-k", str(TOP_K), "--chunk-size", "4", "--batch-size", "3", *extra])
 
 
 @pytest.fixture(scope="module")

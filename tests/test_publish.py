@@ -12,7 +12,7 @@ from huggingface_hub import ModelCard, ModelCardData, SpaceCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
 from geoloc import publish as publish_module
-from geoloc.configs import TINY_IMAGE_SIZE, tiny_geoclip_config, tiny_geohier_config
+from geoloc.configs import tiny_geoclip_config, tiny_geohier_config, tiny_image_processor
 from geoloc.publish import METRIC_NAMES, checkpoint_files, hub_files, main, publish, render_model_card
 from geoloc.remote_code import PACKAGES_ROOT as REPO_ROOT
 from geoloc.space import export_space
@@ -22,9 +22,9 @@ from tests.test_geohier import synthetic_cells
 
 METRICS = {"im2gps3k": 0.1, "osv5m": 0.02}
 GEOCLIP_CODE = ["configuration_geoclip.py", "gallery_geoclip.py", "geo_common.py", "geo_image_processing.py",
-                "modeling_geoclip.py", "processing_geoclip.py"]
+                "integrity.py", "modeling_geoclip.py", "processing_geoclip.py"]
 GEOHIER_CODE = ["configuration_geohier.py", "geo_common.py", "geo_image_processing.py", "image_processing_geohier.py",
-                "modeling_geohier.py"]
+                "integrity.py", "modeling_geohier.py"]
 GENERATED = {"README.md", "config.json", "preprocessor_config.json"}  # made for the repo, not copied
 
 
@@ -50,9 +50,7 @@ class RecordingApi:
 def tiny_model():
     model = GeoCLIPModel(tiny_geoclip_config()).eval()
     model.set_gallery(np.random.default_rng(0).uniform([-90, -180], [90, 180], size=(16, 2)))
-    processor = GeoCLIPImageProcessor(
-        size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
-    )
+    processor = tiny_image_processor("geoclip")
     return model, processor
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from geoloc.configs import TINY_IMAGE_SIZE, tiny_geoclip_config, tiny_geohier_config
+from geoloc.configs import tiny_geoclip_config, tiny_geohier_config, tiny_image_processor
 from geoloc.publish import write_local_repo
 from geoloc.remote_code import COPY_HEADER, PACKAGES_ROOT, SHARED_MODULES, stale_shared_copies, sync_shared_copies
 from modeling_geoclip import GeoCLIPImageProcessor, GeoCLIPModel, byte_level_clip_tokenizer
@@ -66,7 +66,7 @@ def _geoclip_checkpoint(folder):
     model = GeoCLIPModel(tiny_geoclip_config()).eval()
     model.set_gallery(np.random.default_rng(0).uniform([-90, -180], [90, 180], size=(20, 2)))
     model.save_pretrained(folder)
-    GeoCLIPImageProcessor(size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size=TINY_IMAGE_SIZE).save_pretrained(folder)
+    tiny_image_processor("geoclip").save_pretrained(folder)
     byte_level_clip_tokenizer().save_pretrained(folder)
     return model, GeoCLIPImageProcessor.from_pretrained(folder)
 
@@ -75,7 +75,7 @@ def _geohier_checkpoint(folder):
     model = GeoHierModel(tiny_geohier_config()).eval()
     model.set_cell_table(synthetic_cells())
     model.save_pretrained(folder)
-    GeoHierImageProcessor(size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size=TINY_IMAGE_SIZE).save_pretrained(folder)
+    tiny_image_processor("geohier").save_pretrained(folder)
     return model, GeoHierImageProcessor.from_pretrained(folder)
 
 

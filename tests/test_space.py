@@ -1,9 +1,14 @@
-"""The Gradio Space (`spaces/geolocation/app.py`), run as `python app.py` in a subprocess on a free loopback
-port with a tiny GeoCLIP and a tiny GeoHier checkpoint: both API endpoints through `gradio_client`, readable
-errors for bad inputs, 20 concurrent clients, the page in headless Chromium, the default model, and
-`geoloc space` (the folder that is uploaded as the Space)."""
+"""The Gradio Space (`spaces/geolocation/`): its answers and page rendering as functions, the app run as
+`python app.py` in a subprocess (the bundled GeoCLIP and a tiny GeoHier) through `gradio_client` (answers
+against the adapter as reference, readable errors without server tracebacks, 20 concurrent clients, one query
+per client at a time, uploads deleted), the page in headless Chromium at 1280x900 and on a 390 px phone (ranked
+pins, zoom, share link round trip, downloads, errors that keep the answer, no request off the machine; the
+first answer's latency is printed), and `geoloc space` (the folder uploaded as the Space)."""
 
+import ast
 import base64
+import csv
+import io
 import json
 import os
 import re
@@ -13,42 +18,51 @@ import subprocess
 import sys
 import time
 import tomllib
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+import s2geometry as s2
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
 import geoloc.space
-from geoloc.configs import TINY_IMAGE_SIZE, tiny_geoclip_config, tiny_geohier_config
+from geoloc import DEFAULT_MODEL
+from geoloc.configs import tiny_geoclip_config, tiny_geohier_config, tiny_image_processor
 from geoloc.geocells import build_geocells
-from geoloc.inference import UNCERTAINTY_POINTS
-from geoloc.space import NOTES, TABLE_COLUMNS, load_geolocators, locate_image, locate_text, random_tiny_geolocator
+from geoloc.geodesy import geodesic_distance_km
+from geoloc.inference import GeolocationResult, Geolocator, nearest_places
 from geoloc.worldmap import sample_points
-from modeling_geoclip import GeoCLIPImageProcessor, GeoCLIPModel, byte_level_clip_tokenizer
+from modeling_geoclip import GeoCLIPModel, byte_level_clip_tokenizer
 from modeling_geohier import GeoHierModel
 
 REPO = Path(__file__).resolve().parents[1]
 SPACE = REPO / "spaces" / "geolocation"
+sys.path.insert(0, str(SPACE))
+import answers  # noqa: E402  (the Space's modules, imported as app.py imports them)
+import page  # noqa: E402
+
 EXAMPLE = SPACE / "examples" / "alps.png"
-GALLERY_SIZE = 1500
+BUNDLED = (Path(DEFAULT_MODEL) / "config.json").is_file()
 CHROMIUM = shutil.which("chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+OFF_MACHINE = re.compile(r"(?!(http://127\.0\.0\.1|data:|blob:))")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None,
+                                    reason="Debian chromium is not installed (apt-get install -y chromium)")
 
 
+# ----------------------------------------------------------------------------------------------- fixtures
 def save_tiny_checkpoints(root: Path) -> tuple[Path, Path]:
-    """A tiny GeoCLIP (gallery, processor, tokenizer) and a tiny GeoHier (cell table, processor; declared as
-    trained with scene labels, so that the page shows its scenes) on disk."""
-    processor = GeoCLIPImageProcessor(size={"shortest_edge": TINY_IMAGE_SIZE},
-                                      crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE})
+    """A tiny GeoCLIP (gallery, processor, tokenizer) and a tiny GeoHier (cell table, processor; trained with
+    scene labels, so that the page shows its scenes) on disk."""
     geoclip = GeoCLIPModel(tiny_geoclip_config())
-    geoclip.set_gallery(sample_points(GALLERY_SIZE, np.random.default_rng(1)))
+    geoclip.set_gallery(sample_points(1500, np.random.default_rng(1)))
     points = sample_points(3000, np.random.default_rng(2))
     cells, _ = build_geocells(points[:, 0], points[:, 1], levels=[(5, 400), (5, 150), (5, 60)])
     geohier = GeoHierModel(tiny_geohier_config(cells_per_level=[len(level["tokens"]) for level in cells],
@@ -56,15 +70,9 @@ def save_tiny_checkpoints(root: Path) -> tuple[Path, Path]:
     geohier.set_cell_table(cells)
     for name, model in (("geoclip", geoclip), ("geohier", geohier)):
         model.save_pretrained(root / name)
-        processor.save_pretrained(root / name)
+        tiny_image_processor(name).save_pretrained(root / name)
     byte_level_clip_tokenizer().save_pretrained(root / "geoclip")
     return root / "geoclip", root / "geohier"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -73,106 +81,265 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(checkpoints, tmp_path_factory):
-    """`python spaces/geolocation/app.py` with GEOLOC_MODEL naming both tiny checkpoints; yields its URL."""
-    port, logs = free_port(), tmp_path_factory.mktemp("server")
-    env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
-           "GEOLOC_MODEL": ",".join(map(str, checkpoints)), "GRADIO_ANALYTICS_ENABLED": "False",
-           "GRADIO_TEMP_DIR": str(logs / "uploads"), "HF_HUB_OFFLINE": "1"}
-    url = f"http://127.0.0.1:{port}/"
-    with open(logs / "app.log", "wb") as log:
-        process = subprocess.Popen([sys.executable, str(SPACE / "app.py")], env=env, stdout=log,
-                                   stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
+def served_models(checkpoints):
+    """What the test server runs: the bundled GeoCLIP (or the tiny one where it is not installed), then GeoHier."""
+    return [Path(DEFAULT_MODEL) if BUNDLED else checkpoints[0], checkpoints[1]]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class SpaceServer:
+    """`python spaces/geolocation/app.py` in a subprocess on a free loopback port."""
+
+    def __init__(self, models: list[Path], folder: Path, **env):
+        self.folder, self.log = folder, folder / "app.log"
+        self.uploads = folder / "uploads"
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}/"
+        environment = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
+                       "GEOLOC_MODEL": ",".join(map(str, models)), "GRADIO_ANALYTICS_ENABLED": "False",
+                       "GRADIO_TEMP_DIR": str(self.uploads), "HF_HUB_OFFLINE": "1", **env}
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen([sys.executable, str(SPACE / "app.py")], env=environment, stdout=log,
+                                            stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 180
         while True:
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"The app did not start:\n{(logs / 'app.log').read_text()[-3000:]}")
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"The app did not start:\n{self.log.read_text()[-3000:]}")
             try:
-                urllib.request.urlopen(url, timeout=2)
-                break
+                urllib.request.urlopen(self.url, timeout=2)
+                return
             except OSError:
                 time.sleep(0.5)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(served_models, tmp_path_factory):
+    space = SpaceServer(served_models, tmp_path_factory.mktemp("server"))
+    yield space
+    space.stop()
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return Client(server, verbose=False)
+    return Client(server.url, verbose=False)
 
 
-def check_table(table: dict, top_k: int) -> np.ndarray:
-    """Check the returned top-k table and return its (lat, lon, probability) columns as a (top_k, 3) array."""
-    assert table["headers"] == TABLE_COLUMNS
-    rows = table["data"]
-    assert [row[0] for row in rows] == list(range(1, top_k + 1))
-    values = np.array([[row[6], row[7], row[4]] for row in rows], dtype=float)
-    assert (np.abs(values[:, 0]) <= 90).all() and (np.abs(values[:, 1]) <= 180).all()
-    assert ((values[:, 2] > 0) & (values[:, 2] <= 1)).all()
-    assert (np.diff(values[:, 2]) <= 0).all(), "probabilities must be best first"
-    for row in rows:
-        assert row[1] and row[2] and row[3] >= 0  # nearest place, country, distance to it
-        assert [float(x) for x in row[5].split(", ")] == [row[6], row[7]]  # the copyable "lat, lon"
-    return values
+@pytest.fixture(scope="module")
+def reference(served_models):
+    """The served models loaded here: what the Space must answer, through the same adapter."""
+    return [Geolocator.from_pretrained(source) for source in served_models]
 
 
-def traces(figure: dict) -> dict[str, dict[str, np.ndarray]]:
-    """The figure's traces by type, with plotly's typed arrays ({"dtype", "bdata"}) decoded to numpy."""
-    def decode(value):
-        if isinstance(value, dict) and "bdata" in value:
-            return np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"])
-        return np.asarray(value) if isinstance(value, list) else value
-
-    return {trace["type"]: {key: decode(value) for key, value in trace.items()}
-            for trace in json.loads(figure["plot"])["data"]}
+def model_names() -> tuple[str, str]:
+    return (answers.BUNDLED_NAME if BUNDLED else "geoclip"), "geohier"
 
 
-def test_api_lists_the_two_endpoints_with_their_parameters(client, checkpoints):
+# ------------------------------------------------------------------------------------- answers (functions)
+def test_display_names_never_show_server_paths(checkpoints, tmp_path):
+    other = tmp_path / "elsewhere" / "geohier"
+    shutil.copytree(checkpoints[1], other)
+    geolocators, note = answers.load_geolocators(f" {checkpoints[1]} , {checkpoints[0]}, {other},")
+    assert list(geolocators) == ["geohier", "geoclip", "geohier (2)"] and note == ""
+    assert [g.name for g in geolocators.values()] == list(geolocators)  # the adapter's messages use them too
+    with pytest.raises(ValueError, match=r"^The model geohier reads images only") as error:
+        answers.locate(geolocators["geohier"], text="a beach", top_k=3)
+    assert str(tmp_path) not in str(error.value)
+    assert answers.display_name("default") == answers.BUNDLED_NAME
+    assert answers.display_name("someone/geoclip-vit-l14") == "someone/geoclip-vit-l14"
+
+
+def test_default_model_is_the_bundled_one_or_a_random_tiny_one(monkeypatch, tmp_path):
+    monkeypatch.delenv("GEOLOC_MODEL", raising=False)
+    geolocators, note = answers.load_geolocators()
+    assert list(geolocators) == [answers.BUNDLED_NAME if BUNDLED else answers.RANDOM_NAME]
+    assert note == answers.NOTES["bundled" if BUNDLED else "random"]
+    monkeypatch.setattr(answers, "BUNDLED_MODEL", tmp_path / "missing")
+    geolocators, note = answers.load_geolocators("")
+    (name, geolocator), = geolocators.items()
+    assert name == answers.RANDOM_NAME and note == answers.NOTES["random"]
+    with pytest.raises(ValueError, match="top_k must be between 1 and 20"):
+        answers.locate(geolocator, text="a volcano", top_k=0)
+    answer = answers.locate(geolocator, text="a volcano", top_k=2)
+    assert answer.result.uncertainty.shape == (3000, 3)  # the 3000 most probable of 4096 gallery points
+    np.testing.assert_allclose(answer.result.uncertainty[:2, 2], answer.result.probabilities)
+
+
+def test_random_tiny_geolocator_is_reproducible():
+    first, second = answers.random_tiny_geolocator(), answers.random_tiny_geolocator()
+    image = np.zeros((40, 40, 3), dtype=np.uint8)
+    a, b = (answers.locate(g, image=image, top_k=3).result for g in (first, second))
+    np.testing.assert_array_equal(a.latitudes, b.latitudes)
+
+
+def result_at(points: list[tuple[float, float, float]], top_k: int = 2) -> GeolocationResult:
+    """A result whose distribution is `points` (latitude, longitude, probability), best first."""
+    table = np.array(points, dtype=float)
+    return GeolocationResult(input="test", latitudes=table[:top_k, 0], longitudes=table[:top_k, 1],
+                             probabilities=table[:top_k, 2], places=nearest_places(table[:top_k, 0],
+                                                                                   table[:top_k, 1]),
+                             uncertainty=table)
+
+
+def test_country_shares_sum_the_distribution_by_country():
+    result = result_at([(47.37, 8.54, 0.4), (46.20, 6.14, 0.25), (45.46, 9.19, 0.2), (0.0, -150.0, 0.1),
+                        (48.86, 2.35, 0.05)])  # Zurich, Geneva, Milan, the mid-Pacific, Paris
+    shares = dict(answers.country_shares(result))
+    assert shares == pytest.approx({"Switzerland": 0.65, "Italy": 0.2, answers.AT_SEA: 0.1, "France": 0.05})
+    assert list(shares) == ["Switzerland", "Italy", answers.AT_SEA, "France"]
+
+
+def test_place_phrases_say_near_far_or_at_sea():
+    zurich, = nearest_places([47.3769], [8.5417])
+    assert answers.place_phrase(zurich, 47.3769, 8.5417) == f"{zurich['place']}, Switzerland"
+    pacific, = nearest_places([0.0], [-150.0])
+    assert re.fullmatch(r"at sea, [\d,]+ km from .+, .+", answers.place_phrase(pacific, 0.0, -150.0))
+    sahara, = nearest_places([23.0], [10.0])
+    assert answers.place_phrase(sahara, 23.0, 10.0) == f"{sahara['km']:,.0f} km from {sahara['place']}, " \
+                                                       f"{sahara['country']}"
+    assert [answers.format_percent(p) for p in (0.62, 0.081, 0.0045, 0.00004, 1.0)] == [
+        "62%", "8.1%", "0.45%", "<0.1%", "100%"]
+    assert answers.format_coordinates(-33.8688, 151.2093) == "33.87° S, 151.21° E"
+
+
+def test_answer_downloads_round_trip():
+    result = result_at([(47.37, 8.54, 0.6), (45.46, 9.19, 0.3), (48.86, 2.35, 0.1)], top_k=3)
+    answer = answers.Answer(result, "m", "your photo", ["Zurich, Switzerland", "Milan, Italy", "Paris, France"],
+                            answers.country_shares(result), answers.Truth("Zurich", 47.3769, 8.5417))
+    rows = list(csv.DictReader(io.StringIO(answer.to_csv())))
+    assert [int(r["rank"]) for r in rows] == [1, 2, 3]
+    np.testing.assert_allclose([[float(r["latitude"]), float(r["longitude"]), float(r["probability"])]
+                                for r in rows], result.uncertainty, atol=1e-6)
+    features = json.loads(answer.to_geojson())["features"]
+    assert [f["geometry"]["coordinates"] for f in features[:3]] == [[8.54, 47.37], [9.19, 45.46], [2.35, 48.86]]
+    assert features[3]["properties"]["true_location"] == "Zurich"
+    assert features[3]["properties"]["error_km"] == pytest.approx(
+        geodesic_distance_km([47.3769], [8.5417], [47.37], [8.54])[0])
+
+
+# -------------------------------------------------------------------------------------- page (functions)
+def test_view_zooms_to_the_answer_the_world_when_spread_and_across_the_antimeridian():
+    x_range, y_range, world = page.view_ranges([46.5, 45.0, 47.2], [9.5, 7.0, 11.0], 0.0)
+    assert not world and x_range[0] < 7.0 and x_range[1] > 11.0 and y_range[0] < 45.0 and y_range[1] > 47.2
+    assert x_range[1] - x_range[0] == pytest.approx(page.MIN_SPAN[0])  # the tightest view, centred on the pins
+    x_range, y_range, world = page.view_ranges([46.5, -33.9], [9.5, 151.2], 0.0)
+    assert world and x_range == [-180, 180] and y_range[0] <= -58
+    longitudes = [179.0, -178.5, 177.2]  # Fiji: one view across the antimeridian
+    centre = page.frame_centre(longitudes)
+    xs = page.wrap_longitudes(longitudes, centre)
+    x_range, _, world = page.view_ranges([-17.8, -16.5, -18.1], xs, centre)
+    assert centre == 179.0 and not world and x_range[0] < 177.2 < 181.5 < x_range[1]
+    assert page.frame_centre([9.5, 151.2]) == 0.0
+
+
+def test_cell_outline_follows_the_s2_cell():
+    token = s2.S2CellId(s2.S2LatLng.FromDegrees(46.5, 9.5)).parent(6).ToToken()
+    latitudes, longitudes = page.cell_outline(token)
+    cell = s2.S2Cell(s2.S2CellId.FromToken(token))
+    corners = [s2.S2LatLng(cell.GetVertex(k)) for k in range(4)]
+    for corner in corners:  # every corner is on the outline, which is closed
+        assert np.min(np.hypot(latitudes - corner.lat().degrees(), longitudes - corner.lng().degrees())) < 1e-9
+    assert (latitudes[0], longitudes[0]) == (latitudes[-1], longitudes[-1])
+    for lat, lon in zip(latitudes, longitudes):  # points along the edges are on the cell's boundary
+        assert cell.GetBoundaryDistance(s2.S2LatLng.FromDegrees(lat, lon).ToPoint()).degrees() < 1e-6
+    _, longitudes = page.cell_outline(s2.S2CellId(s2.S2LatLng.FromDegrees(-17, 180)).parent(4).ToToken())
+    assert np.ptp(longitudes) < 20  # continuous across the antimeridian
+
+
+def decode_data_url(url: str) -> bytes:
+    header, data = url.split(",", 1)
+    return base64.b64decode(data) if header.endswith(";base64") else urllib.parse.unquote(data).encode()
+
+
+def test_heat_layer_peaks_where_the_probability_is():
+    rng = np.random.default_rng(0)
+    points = sample_points(2000, rng)
+    probabilities = np.exp(-((points[:, 0] + 20) ** 2 + (points[:, 1] - 130) ** 2) / 50)  # around (-20, 130)
+    layer = page.heat_layer(np.column_stack([points, probabilities / probabilities.sum()]), 0.0)
+    alpha = np.asarray(Image.open(io.BytesIO(decode_data_url(layer["source"]))))[..., 3]
+    row, column = np.unravel_index(alpha.argmax(), alpha.shape)
+    longitude = layer["x"] + (column + 0.5) * layer["sizex"] / alpha.shape[1]
+    latitude = layer["y"] - (row + 0.5) * layer["sizey"] / alpha.shape[0]
+    assert abs(latitude + 20) < 4 and abs(longitude - 130) < 4
+    assert alpha[0, 0] == 0  # transparent where there is no probability
+
+
+def test_scenes_are_shown_only_for_models_trained_with_scene_labels(checkpoints):
+    for trained in (True, False):
+        model = GeoHierModel.from_pretrained(checkpoints[1], trained_with_scene_labels=trained)
+        geolocator = Geolocator(model, tiny_image_processor("geohier"), name="geohier")
+        answer = answers.locate(geolocator, image=str(EXAMPLE), top_k=3)
+        insight = page.insight_html(answer, geolocator.capabilities.scenes)
+        assert ("Scene: " in insight) == trained and insight.count("<img") == 3  # attention either way
+        assert len(answer.cells) == model.num_candidates  # every fine cell's token, for the polygons
+        fine = model.get_cell_table()[-1]
+        best = fine["tokens"].index(answer.cells[int(np.argmax(answer.result.uncertainty[:, 2]))])
+        assert (fine["latitudes"][best], fine["longitudes"][best]) == pytest.approx(
+            (answer.result.latitudes[0], answer.result.longitudes[0]))
+
+
+# ------------------------------------------------------------------------------------------- the server
+def test_api_lists_the_two_endpoints_without_server_paths(client, served_models):
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     assert set(endpoints) == {"/geolocate_image", "/geolocate_text"}
     for name, first in (("/geolocate_image", "image"), ("/geolocate_text", "text")):
         parameters = endpoints[name]["parameters"]
         assert [p["parameter_name"] for p in parameters] == [first, "top_k", "model_name"]
-        assert parameters[2]["parameter_default"] == str(checkpoints[0])  # the first model is the default
+        assert parameters[2]["parameter_default"] == model_names()[0]  # the first model is the default
+        assert str(served_models[1].parent) not in json.dumps(endpoints)
 
 
-def test_image_endpoint_returns_table_and_map(client):
-    table, figure, scenes, attention = client.predict(handle_file(EXAMPLE), 5, api_name="/geolocate_image")
-    values = check_table(table, 5)
-    plotted = traces(figure)
-    np.testing.assert_allclose(plotted["scattermap"]["lat"], values[:, 0], atol=1e-5)
-    np.testing.assert_allclose(plotted["scattermap"]["lon"], values[:, 1], atol=1e-5)
-    heat = plotted["densitymap"]  # GeoCLIP: the softmax over its whole gallery, all 1500 points drawn
-    assert len(heat["z"]) == GALLERY_SIZE
-    assert sum(heat["z"]) == pytest.approx(1, abs=1e-3) and max(heat["z"]) == pytest.approx(values[0, 2], 1e-3)
-    layout = json.loads(figure["plot"])["layout"]["map"]
-    assert layout["style"] == "white-bg" and layout["layers"][0]["source"].startswith("data:image/jpeg;base64,")
-    assert not scenes and attention == []  # GeoCLIP has neither
+def check_against_reference(answer: dict, expected: GeolocationResult, top_k: int) -> None:
+    """The API's answer is the adapter's, with places, a distribution and the country roll-up."""
+    predictions = answer["predictions"]
+    assert len(predictions) == top_k
+    np.testing.assert_allclose([[p["latitude"], p["longitude"], p["probability"]] for p in predictions],
+                               np.column_stack([expected.latitudes, expected.longitudes, expected.probabilities]),
+                               rtol=1e-5, atol=1e-6)
+    assert all(p["place"] and p["country"] and p["km"] >= 0 and p["phrase"] for p in predictions)
+    uncertainty = np.array(answer["uncertainty"])
+    assert uncertainty[:, 2].sum() == pytest.approx(1, abs=1e-3)  # all candidates: a distribution
+    assert uncertainty[:, 2].max() == pytest.approx(predictions[0]["probability"])
+    countries = {c["country"]: c["probability"] for c in answer["countries"]}
+    assert sum(countries.values()) == pytest.approx(uncertainty[:, 2].sum())
+    assert list(countries.values()) == sorted(countries.values(), reverse=True)
 
 
-def test_text_endpoint_returns_table_and_map(client):
-    table, figure, _, _ = client.predict("a beach with palm trees and volcanic rock", 3, api_name="/geolocate_text")
-    values = check_table(table, 3)
-    np.testing.assert_allclose(traces(figure)["scattermap"]["lat"], values[:, 0], atol=1e-5)
+def test_image_endpoint_answers_as_the_adapter_does(client, reference):
+    answer = client.predict(handle_file(EXAMPLE), 5, api_name="/geolocate_image")
+    [expected] = reference[0].locate_images([EXAMPLE], 5)
+    check_against_reference(answer, expected, 5)
+    assert answer["model"] == model_names()[0] and "scenes" not in answer and "attention" not in answer
 
 
-def test_geohier_adds_the_scene_and_attention_per_level(client, checkpoints):
-    geohier = str(checkpoints[1])
-    table, figure, scenes, attention = client.predict(handle_file(EXAMPLE), 4, geohier,
-                                                      api_name="/geolocate_image")
-    values = check_table(table, 4)
-    heat = traces(figure)["densitymap"]  # every fine cell at its centroid, with its probability
-    assert len(heat["z"]) == GeoHierModel.from_pretrained(geohier).num_candidates
-    assert max(heat["z"]) == pytest.approx(values[0, 2], 1e-3)
-    assert len(scenes["confidences"]) == 3 and scenes["label"].startswith("scene ")
-    assert [item["caption"] for item in attention] == [
+def test_text_endpoint_answers_as_the_adapter_does(client, reference):
+    answer = client.predict("a beach with palm trees and volcanic rock", 3, api_name="/geolocate_text")
+    [expected] = reference[0].locate_texts(["a beach with palm trees and volcanic rock"], 3)
+    check_against_reference(answer, expected, 3)
+
+
+def test_geohier_answers_with_scenes_attention_and_all_cells(client, reference):
+    answer = client.predict(handle_file(EXAMPLE), 4, model_names()[1], api_name="/geolocate_image")
+    [expected] = reference[1].locate_images([EXAMPLE], 4)
+    check_against_reference(answer, expected, 4)
+    assert len(answer["uncertainty"]) == reference[1].model.num_candidates
+    assert sorted(answer["scenes"]) == ["scene 0", "scene 1", "scene 2", "scene 3"]
+    assert [level["caption"] for level in answer["attention"]] == [
         "level 1 of 3 (coarsest)", "level 2 of 3 (middle)", "level 3 of 3 (finest)"]
-    assert Image.open(attention[0]["image"]).size == (224, 224)
-    with pytest.raises(AppError, match="reads images only"):
-        client.predict("a beach", 3, geohier, api_name="/geolocate_text")
+    with pytest.raises(AppError, match="The model geohier reads images only"):
+        client.predict("a beach", 3, model_names()[1], api_name="/geolocate_text")
 
 
 def write_huge_png(path: Path) -> Path:
@@ -181,29 +348,39 @@ def write_huge_png(path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("case, message", [
-    ("empty text", "The text is empty"),
-    ("long text", r"The text is too long \(301 characters\)"),
-    ("text over the token window", r"too long for this model \(\d+ tokens, it reads at most 77\)"),
-    ("not an image", r"'notes.png' is not an image file"),
-    ("huge image", r"'huge.png' is too large"),
-    ("top_k out of range", "Value 0 is less than minimum value 1"),
-])
-def test_bad_inputs_give_readable_errors(client, tmp_path, case, message):
-    calls = {
-        "empty text": lambda: client.predict("   ", 5, api_name="/geolocate_text"),
-        "long text": lambda: client.predict("x" * 301, 5, api_name="/geolocate_text"),
-        "text over the token window": lambda: client.predict("y" * 200, 5, api_name="/geolocate_text"),
-        "not an image": lambda: client.predict(
-            handle_file(tmp_path / "notes.png"), 5, api_name="/geolocate_image"),
-        "huge image": lambda: client.predict(
-            handle_file(write_huge_png(tmp_path / "huge.png")), 5, api_name="/geolocate_image"),
-        "top_k out of range": lambda: client.predict("a beach", 0, api_name="/geolocate_text"),
-    }
+BAD_INPUTS = {
+    "empty text": (lambda c, tmp: c.predict("   ", 5, api_name="/geolocate_text"), "The text is empty"),
+    "long text": (lambda c, tmp: c.predict("x" * 301, 5, api_name="/geolocate_text"),
+                  r"The text is too long \(301 characters\)"),
+    "text over the token window": (lambda c, tmp: c.predict("y" * 200, 5, api_name="/geolocate_text"),
+                                   r"too long for this model \(\d+ tokens, it reads at most 77\)"),
+    "not an image": (lambda c, tmp: c.predict(handle_file(tmp / "notes.png"), 5, api_name="/geolocate_image"),
+                     r"'notes.png' is not an image file"),
+    "huge image": (lambda c, tmp: c.predict(handle_file(write_huge_png(tmp / "huge.png")), 5,
+                                            api_name="/geolocate_image"), r"'huge.png' is too large"),
+    "top_k 0": (lambda c, tmp: c.predict("a beach", 0, api_name="/geolocate_text"),
+                r"top_k must be a whole number from 1 to 20, got 0"),
+    "top_k text": (lambda c, tmp: c.predict("a beach", "five", api_name="/geolocate_text"),
+                   r"top_k must be a whole number from 1 to 20, got 'five'"),
+    "top_k empty": (lambda c, tmp: c.predict("a beach", "", api_name="/geolocate_text"),
+                    r"top_k must be a whole number from 1 to 20, got ''"),
+    "top_k fraction": (lambda c, tmp: c.predict("a beach", 2.5, api_name="/geolocate_text"),
+                       r"top_k must be a whole number from 1 to 20, got 2.5"),
+    "unknown model": (lambda c, tmp: c.predict("a beach", 3, "/srv/models/x", api_name="/geolocate_text"),
+                      r"Unknown model '/srv/models/x': choose one of"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_inputs_give_readable_errors_and_no_server_traceback(server, client, tmp_path, case):
     (tmp_path / "notes.png").write_text("this is a text file, not a picture")
+    call, message = BAD_INPUTS[case]
+    logged = len(server.log_text())
     with pytest.raises(AppError, match=message) as error:
-        calls[case]()
-    assert "Traceback" not in str(error.value) and "/tmp/" not in str(error.value)
+        call(client, tmp_path)
+    assert "Traceback" not in str(error.value) and str(server.uploads) not in str(error.value)
+    time.sleep(0.3)
+    assert "Traceback" not in server.log_text()[logged:]
 
 
 def test_upload_over_the_file_size_limit_is_refused(client, tmp_path):
@@ -213,83 +390,288 @@ def test_upload_over_the_file_size_limit_is_refused(client, tmp_path):
         client.predict(handle_file(big), 5, api_name="/geolocate_image")
 
 
-def test_twenty_concurrent_clients_all_succeed(server):
+def test_twenty_concurrent_clients_of_both_models_all_succeed(server):
     def one_user(i):
-        client = Client(server, verbose=False)
-        if i % 2:
-            return client.predict(f"mountains {i}", 3, api_name="/geolocate_text")[0]
-        return client.predict(handle_file(EXAMPLE), 3, api_name="/geolocate_image")[0]
+        client = Client(server.url, verbose=False)
+        if i % 3 == 0:
+            return client.predict(f"mountains {i}", 3, api_name="/geolocate_text")
+        model = model_names()[i % 3 - 1]  # GeoHier with its attention maps, or GeoCLIP
+        return client.predict(handle_file(EXAMPLE), 3, model, api_name="/geolocate_image")
 
-    with ThreadPoolExecutor(max_workers=20) as pool:
-        tables = list(pool.map(one_user, range(20)))
-    for table in tables:
-        check_table(table, 3)
+    for _ in range(2):
+        with ThreadPoolExecutor(max_workers=20) as pool:
+            answers_ = list(pool.map(one_user, range(20)))
+        assert [len(answer["predictions"]) for answer in answers_] == [3] * 20
+        assert sum("attention" in answer for answer in answers_) == 6
+    assert "Traceback" not in server.log_text()
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (apt-get install -y chromium)")
-def test_page_shows_map_and_table_after_an_example(server, tmp_path):
-    playwright = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
-    outside = []
-    with playwright.sync_playwright() as p:
+def test_one_client_cannot_hold_the_queue(server):
+    """A client that sends many requests at once gets one answered and the rest refused at once (not queued
+    ahead of everyone else); another client is served meanwhile."""
+    greedy = Client(server.url, verbose=False)
+    jobs = [greedy.submit(handle_file(EXAMPLE), 3, api_name="/geolocate_image") for _ in range(12)]
+    other = Client(server.url, verbose=False).predict("a glacier", 3, api_name="/geolocate_text")
+    assert len(other["predictions"]) == 3
+    outcomes = []
+    for job in jobs:
+        try:
+            outcomes.append(len(job.result(timeout=120)["predictions"]))
+        except AppError as error:
+            outcomes.append(str(error))
+    answered = [o for o in outcomes if o == 3]
+    assert 1 <= len(answered) < len(jobs)
+    assert all(o == 3 or "previous request is still running" in o for o in outcomes)
+
+
+def test_uploads_are_deleted_after_their_lifetime(served_models, tmp_path):
+    space = SpaceServer(served_models[:1], tmp_path, GEOLOC_SPACE_FILE_LIFETIME="2")
+    try:
+        photo = tmp_path / "my-holiday-photo.png"
+        shutil.copy(EXAMPLE, photo)
+        assert Client(space.url, verbose=False).predict(handle_file(photo), 3, api_name="/geolocate_image")
+        uploaded = list(space.uploads.rglob("my-holiday-photo.png"))
+        assert uploaded, "the upload should be in the upload folder while it is used"
+        deadline = time.monotonic() + 30
+        while any(path.exists() for path in uploaded) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not any(path.exists() for path in uploaded)
+        page_config = json.loads(urllib.request.urlopen(space.url + "config", timeout=10).read())
+        gallery = next(c for c in page_config["components"] if c["props"].get("elem_id") == "examples")
+        for item in gallery["props"]["value"]:  # the example thumbnails stay
+            assert Path(item["image"]["path"]).is_file()
+    finally:
+        space.stop()
+
+
+# ------------------------------------------------------------------------------------------- the browser
+@contextmanager
+def browser_pages(tmp_path: Path):
+    """A headless Chromium that records requests leaving the machine; `new_page(**context_options)` opens pages.
+    When the test fails, every open page is saved as a screenshot in `tmp_path` (the path is printed)."""
+    playwright_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    outside, pages = [], []
+    with playwright_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        page.on("request", lambda r: None if re.match(r"(http://127\.0\.0\.1|data:|blob:)", r.url)
-                else outside.append(r.url))
-        page.goto(server)
-        assert "Models:" in page.locator("#model-banner").inner_text()
-        page.get_by_text("Alps (46.5, 9.5)").click()
-        page.locator("#world-map .maplibregl-canvas").wait_for(timeout=30_000)
-        rows = page.locator("#top-k-table [role=row]")  # the header, then one per place
-        rows.nth(5).wait_for(timeout=30_000)
-        page.wait_for_timeout(1500)  # let MapLibre draw the base map and markers
-        page.screenshot(path=tmp_path / "space.png", full_page=True)
-        assert rows.count() == 6
-        assert re.search(r"-?\d+\.\d{5}, -?\d+\.\d{5}", rows.nth(1).inner_text())
-        assert page.locator("#world-map canvas").count() >= 1
-        browser.close()
-    print(f"screenshot: {tmp_path / 'space.png'}")
+
+        def new_page(**options):
+            context = browser.new_context(**options)
+            page_ = context.new_page()
+            page_.on("request", lambda r: outside.append(r.url) if OFF_MACHINE.match(r.url) else None)
+            pages.append(page_)
+            return page_
+
+        try:
+            yield new_page, outside
+        except BaseException:
+            for number, page_ in enumerate(pages):
+                if not page_.is_closed():
+                    page_.screenshot(path=tmp_path / f"failure-{number}.png", full_page=True)
+            print(f"screenshots of the failing pages: {tmp_path}")
+            raise
+        finally:
+            browser.close()
+
+
+READY = "document.querySelector('#world-map .js-plotly-plot') !== null"
+ANSWERED = ("document.querySelector('#answer-summary:not(.empty)') !== null && "
+            "document.querySelectorAll('#world-map .scatterlayer .point').length > 0")
+
+
+def plotted(page_) -> dict:
+    """The map as plotly drew it: trace names, texts and points, the axis ranges after the aspect constraint,
+    and the layout images' sources."""
+    return page_.evaluate("""() => {
+        const gd = document.querySelector('#world-map .js-plotly-plot');
+        const list = (values) => Array.from(values || []);
+        return {traces: gd._fullData.map(t => ({name: t.name, text: list(t.text), x: list(t.x), y: list(t.y),
+                                           fill: t.fill || null})),
+                x: gd._fullLayout.xaxis.range, y: gd._fullLayout.yaxis.range,
+                images: gd.layout.images.map(i => i.source.slice(0, 40))};
+    }""")
+
+
+def table_rows(page_) -> list[str]:
+    return page_.locator("#top-k-table tbody tr").all_inner_texts()
+
+
+def wait_for_new_answer(page_, previous: str | None = None, timeout: float = 60_000):
+    page_.wait_for_function(ANSWERED, timeout=timeout)
+    if previous is not None:
+        page_.wait_for_function("(before) => document.querySelector('#answer-summary').innerText !== before",
+                                arg=previous, timeout=timeout)
+
+
+@needs_chromium
+def test_page_shows_the_ranked_answer_zoomed_shareable_and_keeps_it_on_errors(server, reference, tmp_path):
+    with browser_pages(tmp_path) as (new_page, outside):
+        desktop = new_page(viewport={"width": 1280, "height": 900})
+        started = time.monotonic()
+        desktop.goto(server.url)
+        desktop.wait_for_function(READY, timeout=60_000)
+        ready_s = time.monotonic() - started
+        assert "Models:" in desktop.locator("#model-banner").inner_text()
+
+        # First answer in a fresh page: an example, with its true location and the error in km.
+        started = time.monotonic()
+        desktop.locator("#examples .thumbnail-item").nth(5).click()  # Alps
+        wait_for_new_answer(desktop)
+        first_answer_s = time.monotonic() - started
+        print(f"\nfirst answer in a fresh page: {first_answer_s:.2f} s after the click (page ready in "
+              f"{ready_s:.2f} s; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
+        [expected] = reference[0].locate_images([EXAMPLE], 5, places=True)
+        summary = desktop.locator("#answer-summary").inner_text()
+        assert re.search(r"(Most likely|Possibly|Unsure — perhaps) .+ \d+(\.\d+)?%", summary)
+        assert "True location: Alps (46.50° N, 9.50° E)" in summary
+        error_km = geodesic_distance_km([46.5], [9.5], expected.latitudes[:1], expected.longitudes[:1])[0]
+        assert f"the best guess is {error_km:,.0f} km away" in summary
+
+        # Ranked, labelled pins with the best drawn last (on top), a legend, the base map by URL.
+        figure = plotted(desktop)
+        names = [trace["name"] for trace in figure["traces"]]
+        assert names.index("Guesses 2–5") < names.index("Best guess") < names.index("True location")
+        pins = {t["name"]: t for t in figure["traces"]}
+        assert pins["Best guess"]["text"] == ["1"] and pins["Guesses 2–5"]["text"] == ["5", "4", "3", "2"]
+        np.testing.assert_allclose(pins["Best guess"]["y"] + pins["Guesses 2–5"]["y"][::-1], expected.latitudes,
+                                   atol=1e-5)
+        legend = desktop.locator("#world-map .legend").text_content()
+        assert "Best guess" in legend and "True location" in legend and "Probability" in legend
+        assert figure["images"][0].startswith("gradio_api/file=") and figure["images"][3].startswith("data:image/png")
+        assert all(not source.startswith("data:image/jpeg") for source in figure["images"])  # no map resent
+
+        # Zoomed to the answer: every pin and the true location in view; not the whole world unless spread.
+        markers = [pins[name] for name in ("Best guess", "Guesses 2–5", "True location")]
+        xs, ys = [x for t in markers for x in t["x"]], [y for t in markers for y in t["y"]]
+        assert figure["x"][0] < min(xs) and max(xs) < figure["x"][1]
+        assert figure["y"][0] < min(ys) and max(ys) < figure["y"][1]
+        spread = max(xs) - min(xs) > page.WORLD_SPAN[0] or max(ys) - min(ys) > page.WORLD_SPAN[1]
+        assert spread or figure["x"][1] - figure["x"][0] < 300
+
+        # The table: ranks, places, percentages, no wrapped headers; the country roll-up; downloads.
+        rows = table_rows(desktop)
+        assert [row.split()[0] for row in rows] == ["1", "2", "3", "4", "5"]
+        assert all(re.search(r"\d+(\.\d+)?%$", row.strip()) or row.strip().endswith("<0.1%") for row in rows)
+        heights = desktop.locator("#top-k-table th").evaluate_all("cells => cells.map(c => c.clientHeight)")
+        assert max(heights) < 1.6 * min(heights) and max(heights) < 40, f"headers wrap: {heights}"
+        assert desktop.locator("#countries").inner_text().startswith("By country: ")
+        csv_rows = list(csv.DictReader(io.StringIO(decode_data_url(
+            desktop.locator("#download-csv").get_attribute("href")).decode())))
+        np.testing.assert_allclose([[float(r["latitude"]), float(r["longitude"])] for r in csv_rows],
+                                   np.column_stack([expected.latitudes, expected.longitudes]), atol=1e-5)
+        geojson = json.loads(decode_data_url(desktop.locator("#download-geojson").get_attribute("href")))
+        assert len(geojson["features"]) == 6  # five guesses and the true location
+        assert desktop.locator("#answer-summary").bounding_box()["y"] < 300  # the answer is above the fold
+
+        # The share link reproduces the answer in a fresh page.
+        link = desktop.locator("#share-link").evaluate("a => a.href")
+        assert urllib.parse.parse_qs(urllib.parse.urlparse(link).query) == {"example": ["alps"], "k": ["5"]}
+        shared = new_page(viewport={"width": 1280, "height": 900})
+        shared.goto(link)
+        wait_for_new_answer(shared)
+        assert table_rows(shared) == rows
+        assert shared.locator("#answer-summary").inner_text() == summary
+
+        # An upload is located at once; its share link (an id) reproduces it too.
+        photo = tmp_path / "holiday.png"
+        shutil.copy(SPACE / "examples" / "sahara.png", photo)
+        desktop.locator("#photo input[type=file]").set_input_files(photo)
+        wait_for_new_answer(desktop, summary)
+        uploaded_rows, uploaded_summary = table_rows(desktop), desktop.locator("#answer-summary").inner_text()
+        assert "your photo" in uploaded_summary and "True location" not in uploaded_summary
+        link = desktop.locator("#share-link").evaluate("a => a.href")
+        assert "shared=" in link
+        shared.goto(link)
+        wait_for_new_answer(shared)
+        assert table_rows(shared) == uploaded_rows
+
+        # Errors leave the previous answer in place: a file that is not an image (removed from the photo box),
+        # an empty description.
+        (tmp_path / "notes.png").write_text("not a picture")
+        desktop.locator("#photo input[type=file]").set_input_files(tmp_path / "notes.png")
+        desktop.get_by_text("'notes.png' is not an image file").wait_for(timeout=30_000)
+        assert desktop.locator("#photo img").count() == 0
+        desktop.get_by_role("tab", name="Description").click()
+        desktop.locator("#locate-text").click()
+        desktop.get_by_text("The text is empty").wait_for(timeout=30_000)
+        assert table_rows(desktop) == uploaded_rows
+        assert desktop.locator("#answer-summary").inner_text() == uploaded_summary
+
+        # A share link naming an unknown example says so.
+        shared.goto(server.url + "?example=atlantis")
+        shared.get_by_text("Unknown example 'atlantis'").wait_for(timeout=30_000)
     assert outside == [], f"the page fetched from outside the machine: {outside}"
 
 
-def test_default_model_is_the_bundled_one_or_a_random_tiny_one(monkeypatch, tmp_path):
-    monkeypatch.delenv("GEOLOC_MODEL", raising=False)
-    (geolocator,), note = load_geolocators()
-    bundled = (Path(geoloc.space.BUNDLED_MODEL) / "config.json").is_file()
-    assert note == NOTES["bundled" if bundled else "random"]
-    monkeypatch.setattr(geoloc.space, "BUNDLED_MODEL", tmp_path / "missing")
-    (geolocator,), note = load_geolocators("")
-    assert geolocator.name == "random tiny GeoCLIP" and note == NOTES["random"]
-    with pytest.raises(ValueError, match="top_k must be between 1 and 20"):
-        locate_text(geolocator, "a volcano", top_k=0)
-    result = locate_text(geolocator, "a volcano", top_k=2)
-    assert result.uncertainty.shape == (UNCERTAINTY_POINTS, 3)  # the 3000 most probable of 4096 gallery points
-    np.testing.assert_allclose(result.uncertainty[:2, 2], result.probabilities)
-    assert result.scenes is None and result.attention is None
+@needs_chromium
+def test_geohier_page_shows_cells_scenes_and_attention_and_no_text_tab(server, tmp_path):
+    with browser_pages(tmp_path) as (new_page, outside):
+        desktop = new_page(viewport={"width": 1280, "height": 900})
+        desktop.goto(server.url + "?" + urllib.parse.urlencode({"example": "sahara", "k": 3,
+                                                                 "model": model_names()[1]}))
+        wait_for_new_answer(desktop)
+        figure = plotted(desktop)
+        assert any(trace["fill"] == "toself" for trace in figure["traces"])  # the predicted cells
+        assert "Predicted cells" in desktop.locator("#world-map .legend").text_content()
+        assert len(table_rows(desktop)) == 3
+        insight = desktop.locator("#model-insight")
+        assert insight.locator(".scenes").inner_text().startswith("Scene: ")
+        assert insight.locator("figure img").count() == 3
+        assert desktop.get_by_role("tab", name="Description").is_disabled()  # GeoHier reads no text
+    assert outside == []
 
 
-def test_several_models_load_in_the_given_order(checkpoints):
-    geolocators, note = load_geolocators(f" {checkpoints[1]} , {checkpoints[0]},")
-    assert [g.name for g in geolocators] == [str(checkpoints[1]), str(checkpoints[0])] and note == ""
-    assert [g.tokenizer is not None for g in geolocators] == [False, True]
-    assert [g.capabilities.attention for g in geolocators] == [True, False]
+@needs_chromium
+def test_phone_shows_the_answer_at_the_top_after_the_click(server, tmp_path):
+    with browser_pages(tmp_path) as (new_page, outside):
+        phone = new_page(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+        phone.goto(server.url)
+        phone.wait_for_function(READY, timeout=60_000)
+        assert phone.locator("#photo").bounding_box()["y"] < phone.locator("#results-column").bounding_box()["y"]
+        example = phone.locator("#examples .thumbnail-item").first
+        example.scroll_into_view_if_needed()
+        example.tap()
+        wait_for_new_answer(phone)
+        phone.wait_for_timeout(1000)  # the smooth scroll to the answer
+        summary = phone.locator("#answer-summary").bounding_box()
+        assert 0 <= summary["y"] < 200, f"the answer is not at the top of the screen: {summary}"
+        assert phone.locator("#results-column").bounding_box()["y"] < phone.locator("#photo").bounding_box()["y"]
+        assert phone.locator("#world-map .js-plotly-plot").bounding_box()["width"] <= 390
+    assert outside == []
 
 
-def test_geoloc_space_exports_a_self_contained_space(tmp_path):
+# ------------------------------------------------------------------------------------------ geoloc space
+def test_geoloc_space_exports_a_clean_self_contained_space(tmp_path, monkeypatch):
     output = tmp_path / "space"
     assert geoloc.space.main([str(output)]) == 0
-    for path in ("app.py", "README.md", "requirements.txt", "examples/examples.csv", "geoloc/space.py",
-                 "geoloc/assets/worldmap/README.md", "modeling_geoclip/__init__.py", "modeling_geohier/__init__.py"):
+    for path in ("app.py", "answers.py", "page.py", "README.md", "requirements.txt", "examples/examples.csv",
+                 "geoloc/inference.py", "geoloc/assets/worldmap/README.md", "modeling_geoclip/__init__.py",
+                 "modeling_geohier/__init__.py", "geoloc/assets/geoclip-worldmap-tiny/model.safetensors"):
         assert (output / path).is_file(), path
-    assert not list(output.rglob("__pycache__"))
+    assert not [p for p in output.rglob("*") if p.name == "__pycache__" or p.suffix == ".pyc"]
     front_matter = (output / "README.md").read_text().split("---")[1]
     for line in ("sdk: gradio", "app_file: app.py", "python_version: \"3.11\""):
         assert line in front_matter.splitlines(), line
     # Run from the folder, the copies next to app.py are what gets imported.
-    found = subprocess.run([sys.executable, "-c", "import geoloc.space, modeling_geohier; print(geoloc.__file__)"],
+    found = subprocess.run([sys.executable, "-c", "import answers, page, geoloc; print(geoloc.__file__)"],
                            cwd=output, capture_output=True, text=True, check=True).stdout
     assert Path(found.strip()).resolve() == (output / "geoloc" / "__init__.py").resolve()
     with pytest.raises(ValueError, match="not empty"):
         geoloc.space.export_space(output)
+    # Stray files next to the sources (build outputs, caches, editor files) are left behind.
+    checkout = tmp_path / "checkout"
+    for folder in ("spaces/geolocation", *geoloc.space.PACKAGES):
+        shutil.copytree(REPO / folder, checkout / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    strays = ["geoloc/__pycache__/space.cpython-311.pyc", "geoloc/space.py.orig", "geoloc/.DS_Store",
+              "spaces/geolocation/.ipynb_checkpoints/app-checkpoint.py", "modeling_geoclip/build.log",
+              "spaces/geolocation/flagged/log.jsonl", "geoloc/_native.so"]
+    for stray in strays:
+        (checkout / stray).parent.mkdir(parents=True, exist_ok=True)
+        (checkout / stray).write_text("stray")
+    monkeypatch.setattr(geoloc.space, "REPOSITORY", checkout)
+    monkeypatch.setattr(geoloc.space, "SPACE_SOURCE", checkout / "spaces" / "geolocation")
+    clean = geoloc.space.export_space(tmp_path / "clean")
+    exported = {p.relative_to(clean).as_posix() for p in clean.rglob("*") if p.is_file()}
+    assert exported == {p.relative_to(output).as_posix() for p in output.rglob("*") if p.is_file()}
 
 
 def requirement_names(lines) -> set[str]:
@@ -297,16 +679,57 @@ def requirement_names(lines) -> set[str]:
             for line in lines if line.strip() and not line.lstrip().startswith("#")}
 
 
-def test_space_requirements_cover_the_package_dependencies():
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    needed = requirement_names(project["dependencies"] + project["optional-dependencies"]["space"]) - {"gradio"}
+WHAT_THE_SPACE_IMPORTS = """
+import ast, importlib.metadata, json, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import app
+for name, geolocator in app.GEOLOCATORS.items():  # every path, so that lazy imports happen too
+    app.locate(geolocator, image=str(app.EXAMPLES["alps"][0]), top_k=3)
+    app.render(app.locate(geolocator, image=str(app.EXAMPLES["alps"][0]), top_k=3), "k=3")
+    if geolocator.capabilities.text:
+        app.locate(geolocator, text="a beach", top_k=3)
+roots = [Path(root).resolve() for root in sys.argv[1:]]
+first_party = [Path(m.__file__) for m in list(sys.modules.values()) if getattr(m, "__file__", None)
+               and m.__file__.endswith(".py") and any(Path(m.__file__).resolve().is_relative_to(r) for r in roots)]
+imported = set()
+for path in first_party:
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            imported.add(node.module.split(".")[0])
+owners = {}  # top-level module -> the distributions whose files hold it (RECORD, not top_level.txt)
+for distribution in importlib.metadata.distributions():
+    for file in distribution.files or []:
+        if not file.parts[0].endswith((".dist-info", ".data")) and file.parts[0] != "..":
+            owners.setdefault(file.parts[0].split(".")[0], set()).add(distribution.metadata["Name"])
+used = {owner for name in imported if name in sys.modules for owner in owners.get(name, [])}
+print(json.dumps(sorted(used)))
+"""
+
+
+def test_space_requirements_are_exactly_what_it_imports(served_models):
+    """requirements.txt lists each distribution that the Space's code (app, page, answers and the geoloc and
+    modeling modules it loads) imports while it answers with both models, and nothing else (gradio comes
+    with the Space SDK)."""
+    environment = {**os.environ, "GEOLOC_MODEL": ",".join(map(str, served_models)), "HF_HUB_OFFLINE": "1"}
+    roots = [str(SPACE), *(str(REPO / package) for package in geoloc.space.PACKAGES)]
+    run = subprocess.run([sys.executable, "-c", WHAT_THE_SPACE_IMPORTS, *roots], env=environment,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    used = requirement_names(json.loads(run.stdout.splitlines()[-1])) - {"gradio", "geoloc"}
     listed = requirement_names((SPACE / "requirements.txt").read_text().splitlines())
-    assert needed <= listed, f"spaces/geolocation/requirements.txt misses {sorted(needed - listed)}"
+    assert listed == used, f"missing: {sorted(used - listed)}, unused: {sorted(listed - used)}"
 
 
-def test_random_tiny_geolocator_is_reproducible():
-    first, second = random_tiny_geolocator(), random_tiny_geolocator()
-    image = np.zeros((40, 40, 3), dtype=np.uint8)
-    a, b = locate_image(first, image, 3), locate_image(second, image, 3)
-    np.testing.assert_array_equal(a.latitudes, b.latitudes)
-    assert torch.equal(first.model.gallery_coordinates, second.model.gallery_coordinates)
+def test_plotly_is_a_dependency_of_the_space_only():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert "plotly" not in requirement_names(project["dependencies"])
+    assert {"gradio", "plotly", "reverse-geocode"} <= requirement_names(project["optional-dependencies"]["space"])
+    for package in geoloc.space.PACKAGES:
+        for path in (REPO / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                         else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                assert not any(name.split(".")[0] == "plotly" for name in names), path

@@ -1,39 +1,94 @@
 """Gradio Space: where was this photo taken? Geolocate an image or a description with GeoCLIP or GeoHier.
 
-Models: `GEOLOC_MODEL` (comma-separated Hub ids or folders; several give a model dropdown), else the bundled
-demo model, else a random tiny one (see `geoloc.space.load_geolocators`). Serves on `GRADIO_SERVER_NAME` /
-`GRADIO_SERVER_PORT` (default 127.0.0.1:7860). Programs call `/geolocate_image` (image, top_k) and
-`/geolocate_text` (text, top_k) with `gradio_client`; both return (table, map, scene, attention).
+Models: `GEOLOC_MODEL` (comma-separated Hub ids or folders; several give a model menu), else the bundled demo
+model, else a random tiny one (`answers.load_geolocators`). Serves on `GRADIO_SERVER_NAME` / `GRADIO_SERVER_PORT`
+(default 127.0.0.1:7860). Programs call `/geolocate_image` (image, top_k, model_name) and `/geolocate_text`
+(text, top_k, model_name) with `gradio_client`; both return the answer as JSON (`answers.Answer.to_json`).
+
+The page: a photo, a description or an example in; the answer in words, on a map and in a table out
+(`page.py`). A share link reproduces an answer (`?example=...`, `?text=...`, or `?shared=ID` for an uploaded
+photo, kept in memory while the Space runs); an error leaves the previous answer in place. Each browser session
+or API client runs one query at a time (more fail at once with a message), uploads are deleted after
+`GEOLOC_SPACE_FILE_LIFETIME` seconds (default 900).
 """
 
 import csv
+import os
+import secrets
+import threading
+import urllib.parse
+from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
 
 import gradio as gr
 
-from geoloc.space import (
-    MAX_TEXT_CHARS,
-    MAX_TOP_K,
-    load_geolocators,
-    locate_image,
-    locate_text,
-    prediction_table,
-    world_map,
-)
+from answers import MAX_TEXT_CHARS, MAX_TOP_K, Truth, load_geolocators, locate
 from modeling_geoclip import load_image
+from page import CSS, EMPTY_SUMMARY, basemap_file, details_html, empty_map, insight_html, summary_html, world_map
 
 EXAMPLES_DIR = Path(__file__).parent / "examples"
 MAX_FILE_SIZE = "10mb"
 CONCURRENCY_LIMIT = 2  # model calls at a time; the rest wait in the queue
 QUEUE_SIZE = 64
+DEFAULT_TOP_K = 5
+FILE_LIFETIME_S = int(os.environ.get("GEOLOC_SPACE_FILE_LIFETIME", "900"))  # uploads are deleted after this
+SHARED_ANSWERS = 256  # answers of uploaded photos kept for share links (the oldest are forgotten)
+BUSY_MESSAGE = "Your previous request is still running: wait for its answer, then try again."
 TEXT_EXAMPLES = [
     "a beach with palm trees and volcanic rock",
     "snowy mountains above a glacier lake",
     "red sand dunes in a hot desert",
 ]
 
-_LOADED, MODEL_NOTE = load_geolocators()
-GEOLOCATORS = {geolocator.name: geolocator for geolocator in _LOADED}
+GEOLOCATORS, MODEL_NOTE = load_geolocators()
+DEFAULT_MODEL_NAME = next(iter(GEOLOCATORS))
+READS_TEXT = {name: geolocator.capabilities.text for name, geolocator in GEOLOCATORS.items()}
+
+
+def read_examples() -> dict[str, tuple[Path, Truth]]:
+    """The bundled example images by key ("alps"), with their true locations (`examples/examples.csv`)."""
+    with open(EXAMPLES_DIR / "examples.csv", newline="") as handle:
+        return {Path(row["file"]).stem: (EXAMPLES_DIR / row["file"],
+                                         Truth(row["label"], float(row["latitude"]), float(row["longitude"])))
+                for row in csv.DictReader(handle)}
+
+
+EXAMPLES = read_examples()
+
+
+# ------------------------------------------------------------------------------------ checked inputs
+def readable_error(message: str) -> gr.Error:
+    """An error the visitor reads; the server log gets no traceback for it."""
+    return gr.Error(message, print_exception=False)
+
+
+def decode_upload(path: str, shown_name: str | None):
+    """An uploaded file as an RGB PIL image, or a readable error that names the file as the visitor knows it."""
+    try:
+        return load_image(path)
+    except ValueError as error:
+        raise readable_error(str(error).replace(path, shown_name or "the upload")) from None
+
+
+def parse_top_k(value) -> int:
+    """`top_k` from the page or an API call: a whole number from 1 to `MAX_TOP_K` (also as text, e.g. "5")."""
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        number = float("nan")
+    if isinstance(value, bool) or not number.is_integer() or not 1 <= number <= MAX_TOP_K:
+        raise readable_error(f"top_k must be a whole number from 1 to {MAX_TOP_K}, got {value!r}.")
+    return int(number)
+
+
+def parse_model(value) -> str:
+    """A model name from the page or an API call: one the page offers (empty: the default)."""
+    if value is None or value == "":
+        return DEFAULT_MODEL_NAME
+    if value not in GEOLOCATORS:
+        raise readable_error(f"Unknown model {value!r}: choose one of {', '.join(map(repr, GEOLOCATORS))}.")
+    return value
 
 
 class CheckedImage(gr.Image):
@@ -43,93 +98,248 @@ class CheckedImage(gr.Image):
     is_template = True  # drawn by gr.Image's frontend
 
     def preprocess(self, payload):
-        if payload is None:
-            return None
+        return None if payload is None else decode_upload(payload.path, payload.orig_name)
+
+
+class TopK(gr.Slider):
+    """The top-k slider; a bad value from an API call (text, empty, out of range) gets a readable message."""
+
+    is_template = True
+
+    def preprocess(self, payload):
+        return parse_top_k(payload)
+
+
+class ModelChoice(gr.Dropdown):
+    """The model menu; an unknown model name from an API call gets a readable message (not a traceback)."""
+
+    is_template = True
+
+    def preprocess(self, payload):
+        return parse_model(payload)
+
+
+# ------------------------------------------------------------------------------------------ answering
+class OneQueryPerSession:
+    """At most one model call per browser session or API client at a time: a client that sends many requests
+    at once gets all but the first refused at once with a message, instead of holding the shared queue."""
+
+    def __init__(self):
+        self._running: set[str] = set()
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def __call__(self, request: gr.Request | None):
+        session = getattr(request, "session_hash", None)
+        if session is None:
+            yield
+            return
+        with self._lock:
+            if session in self._running:
+                raise readable_error(BUSY_MESSAGE)
+            self._running.add(session)
         try:
-            return load_image(payload.path)
+            yield
+        finally:
+            with self._lock:
+                self._running.discard(session)
+
+
+ONE_QUERY_PER_SESSION = OneQueryPerSession()
+SHARED: OrderedDict[str, tuple] = OrderedDict()
+SHARED_LOCK = threading.Lock()
+
+
+def answer_for(request, model_name: str, top_k: int, **query):
+    """Ask the model (one query per session at a time); a bad input becomes a readable error."""
+    with ONE_QUERY_PER_SESSION(request):
+        try:
+            return locate(GEOLOCATORS[model_name], top_k=top_k, **query)
         except ValueError as error:
-            raise gr.Error(str(error).replace(payload.path, payload.orig_name or "the upload")) from None
+            raise readable_error(str(error)) from None
 
 
-def _answer(run, model_name: str):
-    """Run one query and lay it out: (top-k table, map, scene probabilities, attention overlays)."""
-    try:
-        result = run(GEOLOCATORS[model_name])
-    except ValueError as error:
-        raise gr.Error(str(error)) from None
-    table = prediction_table(result)
-    labels = (table["nearest place"] + ", " + table["country"]).tolist()
-    attention = [(level.overlay, level.caption) for level in result.attention or []]
-    return table, world_map(result, labels), result.scenes, attention
+def render(answer, share_query: str) -> tuple:
+    """The page's outputs for an answer: (summary, map, details, insight)."""
+    geolocator = GEOLOCATORS[answer.model]
+    return (summary_html(answer), world_map(answer, answer.cells), details_html(answer, share_query),
+            insight_html(answer, geolocator.capabilities.scenes))
 
 
-def geolocate_image(image, top_k: int, model_name: str):
-    """Geolocate a photo: the top-k places with latitude, longitude, probability and nearest place."""
+def share_query(model_name: str, top_k: int, **fields) -> str:
+    """The URL query that reproduces an answer (the model only when it is not the default)."""
+    if model_name != DEFAULT_MODEL_NAME:
+        fields["model"] = model_name
+    return urllib.parse.urlencode({**fields, "k": top_k})
+
+
+def locate_photo(image, top_k: int, model_name: str, request: gr.Request):
+    """The Locate button and uploads: the answer for the photo in the image box. The rendered answer is kept
+    in memory under a random id (the newest `SHARED_ANSWERS`), which its share link names."""
     if image is None:
-        raise gr.Error("Add an image first: upload one, take one with the webcam, paste one or pick an example.")
-    return _answer(lambda geolocator: locate_image(geolocator, image, top_k), model_name)
+        raise readable_error("Add a photo first: upload one, take one with the webcam, paste one or pick an example.")
+    answer = answer_for(request, model_name, top_k, image=image)
+    share_id = secrets.token_urlsafe(8)
+    outputs = render(answer, share_query(model_name, top_k, shared=share_id))
+    with SHARED_LOCK:
+        SHARED[share_id] = outputs
+        while len(SHARED) > SHARED_ANSWERS:
+            SHARED.popitem(last=False)
+    return outputs
 
 
-def geolocate_text(text: str, top_k: int, model_name: str):
-    """Geolocate a description (e.g. "a beach with palm trees and volcanic rock"): the top-k places."""
-    return _answer(lambda geolocator: locate_text(geolocator, text, top_k), model_name)
+def locate_upload(payload, top_k, model_name, request: gr.Request):
+    """A new upload: checked at once (a file that is not an image is removed from the box with a message, so
+    that no broken preview stays), then located."""
+    if payload is None:
+        return (gr.update(),) * 5
+    path, name = payload["path"], payload.get("orig_name")
+    try:
+        image = decode_upload(path, name)
+    except gr.Error as error:
+        gr.Warning(error.message)
+        return (None,) + (gr.update(),) * 4
+    return (gr.update(), *locate_photo(image, parse_top_k(top_k), parse_model(model_name), request))
+
+
+def locate_example(top_k: int, model_name: str, event: gr.SelectData, request: gr.Request):
+    """A click on an example: its image in the box, the answer, its true location and the error in km."""
+    key = list(EXAMPLES)[event.index]
+    path, truth = EXAMPLES[key]
+    answer = answer_for(request, model_name, top_k, image=str(path), query=f"The {truth.label} example",
+                        truth=truth)
+    return (str(path), *render(answer, share_query(model_name, top_k, example=key)))
+
+
+def locate_description(text: str, top_k: int, model_name: str, request: gr.Request):
+    """The Locate button of the Description tab."""
+    answer = answer_for(request, model_name, top_k, text=text or "")
+    return render(answer, share_query(model_name, top_k, text=(text or "").strip()))
+
+
+def open_link(request: gr.Request):
+    """Page load: reproduce the answer a share link names (`example`, `text` or `shared`, with `k` and `model`).
+    Returns (image, text, tabs, top_k, model, summary, map, details, insight)."""
+    params = dict(request.query_params) if request is not None else {}
+    unchanged = (gr.update(),) * 9
+    if not {"example", "text", "shared"} & set(params):
+        return unchanged
+    top_k, model_name = parse_top_k(params.get("k", DEFAULT_TOP_K)), parse_model(params.get("model"))
+    settings = (gr.update(value=top_k), gr.update(value=model_name))
+    if "shared" in params:
+        with SHARED_LOCK:
+            outputs = SHARED.get(params["shared"])
+        if outputs is None:
+            raise readable_error("This shared answer is no longer available: answers for uploaded photos are kept "
+                                 "only while the Space runs. Upload the photo again.")
+        return (gr.update(), gr.update(), gr.update(selected="photo"), *settings, *outputs)
+    if "example" in params:
+        if params["example"] not in EXAMPLES:
+            raise readable_error(f"Unknown example {params['example']!r}: choose one of {', '.join(EXAMPLES)}.")
+        path, truth = EXAMPLES[params["example"]]
+        answer = answer_for(request, model_name, top_k, image=str(path), query=f"The {truth.label} example",
+                            truth=truth)
+        query = share_query(model_name, top_k, example=params["example"])
+        return (str(path), gr.update(), gr.update(selected="photo"), *settings, *render(answer, query))
+    answer = answer_for(request, model_name, top_k, text=params["text"])
+    query = share_query(model_name, top_k, text=params["text"])
+    return (gr.update(), params["text"], gr.update(selected="text"), *settings, *render(answer, query))
+
+
+def model_changed(model_name: str):
+    """The Description tab can be opened only for models that read text (back to Photo otherwise)."""
+    reads_text = READS_TEXT.get(model_name, False)
+    return gr.update(interactive=reads_text), gr.update() if reads_text else gr.update(selected="photo")
+
+
+def api_image(image, top_k: int, model_name: str, request: gr.Request) -> dict:
+    """Geolocate a photo: the top-k places (latitude, longitude, probability, nearest place), the probability
+    by country, and what the model declares (uncertainty points, scenes, attention)."""
+    if image is None:
+        raise readable_error("Give an image, e.g. handle_file('photo.jpg').")
+    return answer_for(request, model_name, top_k, image=image).to_json()
+
+
+def api_text(text: str, top_k: int, model_name: str, request: gr.Request) -> dict:
+    """Geolocate a description (e.g. "a beach with palm trees and volcanic rock"), as `/geolocate_image`."""
+    return answer_for(request, model_name, top_k, text=text or "").to_json()
+
+
+def warm_up() -> None:
+    """Answer an example with every model at start-up: the first visitor then does not wait for the gazetteer,
+    the land mask and plotly's validators to load (about a second)."""
+    path, truth = next(iter(EXAMPLES.values()))
+    for geolocator in GEOLOCATORS.values():
+        render(locate(geolocator, image=str(path), top_k=DEFAULT_TOP_K, truth=truth), "")
 
 
 def banner() -> str:
     """Which model(s) this page runs, and a plain warning when it is a demo or random model."""
-    lines = [f"**Model{'s' if len(GEOLOCATORS) > 1 else ''}:** " + ", ".join(f"`{n}`" for n in GEOLOCATORS)]
-    lines += [f"⚠️ {MODEL_NOTE}"] if MODEL_NOTE else []
-    return "\n\n".join(lines)
+    names = ", ".join(GEOLOCATORS)
+    return f"**Model{'s' if len(GEOLOCATORS) > 1 else ''}:** {names}" + (f" — {MODEL_NOTE}" if MODEL_NOTE else "")
 
 
-def read_examples() -> tuple[list[list[str]], list[str]]:
-    """The bundled example images and their labels with true coordinates (`examples/examples.csv`)."""
-    with open(EXAMPLES_DIR / "examples.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    labels = [f"{row['label']} ({row['latitude']}, {row['longitude']})" for row in rows]
-    return [[str(EXAMPLES_DIR / row["file"])] for row in rows], labels
+SCROLL_TO_ANSWER = """() => {
+  if (!document.querySelector('#answer-summary') || document.querySelector('#answer-summary.empty')) return;
+  document.getElementById('main-row').classList.add('answered');  // on a phone, the answer moves above the inputs
+  const answer = document.getElementById('results-column');
+  if (answer && (answer.getBoundingClientRect().top < 0 || answer.getBoundingClientRect().top > innerHeight / 2))
+    answer.scrollIntoView({behavior: 'smooth', block: 'start'});
+}"""
 
-
-with gr.Blocks(title="geoloc: where is this?") as demo:
-    gr.Markdown("# Where is this?\nGeolocate a photo or a description of a place: the most probable "
-                "places on a world map and in a table.")
+with gr.Blocks(title="Where is this? Image geolocation",
+               delete_cache=(max(1, FILE_LIFETIME_S // 4), FILE_LIFETIME_S)) as demo:
+    gr.Markdown("## Where is this? Find where a photo was taken", elem_id="title")
     gr.Markdown(banner(), elem_id="model-banner")
-    with gr.Row():
-        model = gr.Dropdown(list(GEOLOCATORS), value=next(iter(GEOLOCATORS)), label="Model",
-                            visible=len(GEOLOCATORS) > 1)
-        top_k = gr.Slider(1, MAX_TOP_K, value=5, step=1, precision=0, label="Places to show (top-k)")
-    with gr.Row():
-        with gr.Column():
-            with gr.Tab("Image"):
-                image = CheckedImage(type="filepath", image_mode=None, sources=["upload", "webcam", "clipboard"],
-                                     label="Photo", height=320)
-                image_button = gr.Button("Geolocate image", variant="primary")
-                example_images, example_labels = read_examples()
-                image_examples = gr.Examples(example_images, inputs=[image], example_labels=example_labels,
-                                             label="Examples (crops of a Natural Earth map)", cache_examples=False,
-                                             api_visibility="private")
-            with gr.Tab("Text"):
-                text = gr.Textbox(label="Description", placeholder=TEXT_EXAMPLES[0], max_length=MAX_TEXT_CHARS)
-                text_button = gr.Button("Geolocate text", variant="primary")
-                text_examples = gr.Examples([[t] for t in TEXT_EXAMPLES], inputs=[text], cache_examples=False,
-                                            api_visibility="private")
-            with gr.Group(visible=any(g.capabilities.attention for g in GEOLOCATORS.values())):
-                scene = gr.Label(label="Scene (GeoHier models)", num_top_classes=3)
-                attention = gr.Gallery(label="Where the model looked, per hierarchy level (GeoHier models)",
-                                       columns=3)
-        with gr.Column():
-            world = gr.Plot(label="Top-k places (hover for details) and probability", elem_id="world-map")
-            table = gr.Dataframe(label="Top-k places", elem_id="top-k-table", buttons=["copy"],
-                                 interactive=False, wrap=True)
-    outputs = [table, world, scene, attention]
-    image_inputs, text_inputs = [image, top_k, model], [text, top_k, model]
-    image_button.click(geolocate_image, image_inputs, outputs, api_name="geolocate_image")
-    text_button.click(geolocate_text, text_inputs, outputs, api_name="geolocate_text")
-    text.submit(geolocate_text, text_inputs, outputs, api_visibility="private")
-    image_examples.load_input_event.then(geolocate_image, image_inputs, outputs, api_visibility="private")
-    text_examples.load_input_event.then(geolocate_text, text_inputs, outputs, api_visibility="private")
+    with gr.Row(equal_height=False, elem_id="main-row"):
+        with gr.Column(scale=2, min_width=300, elem_id="inputs-column"):
+            with gr.Tabs(selected="photo") as tabs:
+                with gr.Tab("Photo", id="photo"):
+                    image = CheckedImage(type="filepath", image_mode=None, sources=["upload", "webcam", "clipboard"],
+                                         label="Photo", height=230, elem_id="photo")
+                    image_button = gr.Button("Locate this photo", variant="primary", elem_id="locate-photo")
+                with gr.Tab("Description", id="text", visible=any(READS_TEXT.values()),
+                            interactive=READS_TEXT[DEFAULT_MODEL_NAME]) as text_tab:
+                    text = gr.Textbox(label="Describe a place", placeholder=TEXT_EXAMPLES[0],
+                                      max_length=MAX_TEXT_CHARS, elem_id="description")
+                    text_button = gr.Button("Locate this description", variant="primary", elem_id="locate-text")
+                    text_examples = gr.Examples([[t] for t in TEXT_EXAMPLES], inputs=[text], cache_examples=False,
+                                                api_visibility="private")
+            gr.Markdown("**Examples:** click one (crops of a Natural Earth map)", elem_id="examples-title")
+            examples = gr.Gallery([(str(path), truth.label) for path, truth in EXAMPLES.values()],
+                                  show_label=False, columns=3,
+                                  height="auto", allow_preview=False, interactive=False, object_fit="cover",
+                                  buttons=[], elem_id="examples")
+            with gr.Row():
+                model = ModelChoice(list(GEOLOCATORS), value=DEFAULT_MODEL_NAME, label="Model",
+                                    visible=len(GEOLOCATORS) > 1, elem_id="model")
+                top_k = TopK(1, MAX_TOP_K, value=DEFAULT_TOP_K, step=1, precision=0, label="Guesses to show",
+                             elem_id="top-k")
+        with gr.Column(scale=3, min_width=320, elem_id="results-column"):
+            summary = gr.HTML(EMPTY_SUMMARY, elem_id="summary")
+            world = gr.Plot(empty_map(), show_label=False, elem_id="world-map")
+            details = gr.HTML("", elem_id="details")
+            insight = gr.HTML("", elem_id="insight")
+    api_answer = gr.JSON(visible=False)
 
+    results = [summary, world, details, insight]
+    # Errors show as a message and leave the previous answer in place (no progress overlay on the results).
+    ui = dict(api_visibility="private", show_progress="hidden", concurrency_id="model")
+    image_button.click(locate_photo, [image, top_k, model], results, **ui).success(None, js=SCROLL_TO_ANSWER)
+    image.upload(locate_upload, [image, top_k, model], [image, *results], preprocess=False,
+                 **ui).success(None, js=SCROLL_TO_ANSWER)
+    examples.select(locate_example, [top_k, model], [image, *results], **ui).success(None, js=SCROLL_TO_ANSWER)
+    for trigger in (text_button.click, text.submit, text_examples.load_input_event.then):
+        trigger(locate_description, [text, top_k, model], results, **ui).success(None, js=SCROLL_TO_ANSWER)
+    model.change(model_changed, model, [text_tab, tabs], api_visibility="private", show_progress="hidden")
+    demo.load(open_link, None, [image, text, tabs, top_k, model, *results], **ui).success(None, js=SCROLL_TO_ANSWER)
+    # The API: the answer as JSON (no page rendering), through the same checks and queue.
+    gr.on([], api_image, [image, top_k, model], api_answer, api_name="geolocate_image", concurrency_id="model")
+    gr.on([], api_text, [text, top_k, model], api_answer, api_name="geolocate_text", concurrency_id="model")
+
+warm_up()
+gr.set_static_paths([basemap_file()])
 demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT, max_size=QUEUE_SIZE)
 
 if __name__ == "__main__":
-    demo.launch(max_file_size=MAX_FILE_SIZE)
+    demo.launch(max_file_size=MAX_FILE_SIZE, css=CSS)

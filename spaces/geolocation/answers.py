@@ -1,0 +1,297 @@
+"""What the Space answers, independent of how the page draws it.
+
+- `load_geolocators()` loads the models named by `GEOLOC_MODEL` (comma-separated Hub ids or local folders) as
+  `geoloc.inference.Geolocator`s under display names that never show a server path (a folder is shown by its
+  last component). Without it the Space runs the bundled toy model, or, where that is missing, a randomly
+  initialised tiny GeoCLIP; the note it returns says which, for the page's banner.
+- `locate()` asks one geolocator about one image or text (through the adapter only: places, and what the model
+  declares in `Geolocator.capabilities`) and returns an `Answer`: the `GeolocationResult`, a plain-language
+  phrase for each guess, the probability rolled up by country and, for the bundled examples, the true location
+  and the error in km. A bad input raises `ValueError` with a message for the visitor.
+- `Answer.to_json()` is what the API returns; `Answer.to_csv()` and `Answer.to_geojson()` are the downloads.
+
+Example:
+    >>> geolocators, note = load_geolocators("")  # bundled or random tiny model  # doctest: +SKIP
+    >>> answer = locate(next(iter(geolocators.values())), text="a beach with palm trees", top_k=3)  # doctest: +SKIP
+    >>> answer.countries[0]  # doctest: +SKIP
+    ('Thailand', 0.41)
+"""
+
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from geoloc import DEFAULT_MODEL
+from geoloc.configs import tiny_geoclip_config, tiny_image_processor
+from geoloc.geodesy import geodesic_distance_km
+from geoloc.inference import GeolocationResult, Geolocator, nearest_places
+from geoloc.worldmap import is_land, sample_points
+from modeling_geoclip import GeoCLIPModel, byte_level_clip_tokenizer, check_top_k
+
+MODEL_ENV = "GEOLOC_MODEL"
+BUNDLED_MODEL = DEFAULT_MODEL
+BUNDLED_NAME = "geoclip-worldmap-tiny (bundled demo)"
+RANDOM_NAME = "random tiny GeoCLIP"
+RANDOM_GALLERY_SIZE = 4096
+MAX_TOP_K = 20  # places listed at most
+MAX_TEXT_CHARS = 300
+NEAR_KM = 25  # a guess this close to a town is "near" it; farther, the distance is given
+AT_SEA = "at sea"  # the country roll-up's name for water far from any town
+AT_SEA_KM = 50
+
+NOTES = {
+    "configured": "",
+    "bundled": (
+        "Demo model: trained only on crops of a Natural Earth map, it can place map crops like the examples, "
+        "not photos or descriptions. Set GEOLOC_MODEL to a real checkpoint."
+    ),
+    "random": (
+        "No model is configured (set GEOLOC_MODEL to Hub ids or folders) and the bundled demo model is not "
+        "installed: this page runs a randomly initialised tiny GeoCLIP, so its answers are random."
+    ),
+}
+
+
+# ------------------------------------------------------------------------------------------------ models
+def display_name(source: str) -> str:
+    """How the page and the API name a model: a Hub id as it is, a local folder by its last component (never a
+    server path), the bundled model as `BUNDLED_NAME`."""
+    if source == "default" or (os.path.isdir(source) and Path(source).resolve() == Path(BUNDLED_MODEL).resolve()):
+        return BUNDLED_NAME
+    if os.path.isdir(source):
+        return Path(source).resolve().name
+    return source
+
+
+def random_tiny_geolocator() -> Geolocator:
+    """A randomly initialised tiny GeoCLIP (seeded) with a random gallery: the last-resort default."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = GeoCLIPModel(tiny_geoclip_config())
+    model.set_gallery(sample_points(RANDOM_GALLERY_SIZE, np.random.default_rng(0)))
+    return Geolocator(model, tiny_image_processor(), byte_level_clip_tokenizer(), name=RANDOM_NAME)
+
+
+def load_geolocators(spec: str | None = None) -> tuple[dict[str, Geolocator], str]:
+    """The models the Space offers by display name (the first one is the default), and the page's note.
+
+    Args:
+        spec: comma-separated Hub ids or local folders; defaults to the `GEOLOC_MODEL` environment variable.
+            Empty: the bundled demo model if installed, else a random tiny GeoCLIP.
+    """
+    spec = os.environ.get(MODEL_ENV, "") if spec is None else spec
+    sources = [source.strip() for source in spec.split(",") if source.strip()]
+    if sources:
+        geolocators, note = [Geolocator.from_pretrained(source) for source in sources], NOTES["configured"]
+        names = [display_name(source) for source in sources]
+    elif (Path(BUNDLED_MODEL) / "config.json").is_file():
+        geolocators, note, names = [Geolocator.from_pretrained(BUNDLED_MODEL)], NOTES["bundled"], [BUNDLED_NAME]
+    else:
+        geolocators, note, names = [random_tiny_geolocator()], NOTES["random"], [RANDOM_NAME]
+    offered = {}
+    for name, geolocator in zip(names, geolocators):
+        unique, copy = name, 1
+        while unique in offered:  # two folders with the same last component
+            copy += 1
+            unique = f"{name} ({copy})"
+        geolocator.name = unique  # the adapter's messages name the model: never by its server path
+        offered[unique] = geolocator
+    return offered, note
+
+
+# ----------------------------------------------------------------------------------------------- answers
+@dataclass(frozen=True)
+class Truth:
+    """Where a bundled example really is."""
+
+    label: str
+    latitude: float
+    longitude: float
+
+
+@dataclass
+class Answer:
+    """One query's answer with everything the page and the downloads show.
+
+    Args:
+        result: the adapter's answer (top-k, places, and scenes, attention, uncertainty as the model declares).
+        model: the model's display name.
+        query: what was asked, for people: "the Alps example", "your photo" or the text.
+        phrases: a plain-language place for each guess, best first ("Zernez, Switzerland", "85 km from ...").
+        countries: `(country, probability)` pairs, most probable first: the model's probability summed by the
+            country of the nearest town (`AT_SEA` for water far from any town).
+        truth: the true location of a bundled example, else None.
+        cells: for models whose candidates are geocells, the S2 token of each uncertainty point's cell.
+    """
+
+    result: GeolocationResult
+    model: str
+    query: str
+    phrases: list[str]
+    countries: list[tuple[str, float]]
+    truth: Truth | None = None
+    cells: list[str] | None = None
+
+    @property
+    def error_km(self) -> float | None:
+        """Distance from the best guess to the true location (km), for bundled examples."""
+        if self.truth is None:
+            return None
+        return float(geodesic_distance_km([self.truth.latitude], [self.truth.longitude],
+                                          self.result.latitudes[:1], self.result.longitudes[:1])[0])
+
+    def rows(self) -> list[dict]:
+        """The top-k as dicts, best first: rank, latitude, longitude, probability, place, country, km, phrase."""
+        result = self.result
+        return [
+            {"rank": rank, "latitude": float(lat), "longitude": float(lon), "probability": float(p),
+             "place": place["place"], "country": place["country"], "km": float(place["km"]), "phrase": phrase}
+            for rank, (lat, lon, p, place, phrase) in enumerate(
+                zip(result.latitudes, result.longitudes, result.probabilities, result.places, self.phrases),
+                start=1)
+        ]
+
+    def to_json(self) -> dict:
+        """What the API returns: `GeolocationResult.to_dict()` (predictions with places, uncertainty, scenes,
+        attention weights as the model declares them) plus `model`, `query`, `countries` and, for bundled
+        examples, `truth` and `error_km`."""
+        answer = self.result.to_dict()
+        answer.update(model=self.model, query=self.query,
+                      countries=[{"country": c, "probability": p} for c, p in self.countries])
+        for prediction, phrase in zip(answer["predictions"], self.phrases):
+            prediction["phrase"] = phrase
+        if self.truth is not None:
+            answer["truth"] = {"label": self.truth.label, "latitude": self.truth.latitude,
+                               "longitude": self.truth.longitude}
+            answer["error_km"] = self.error_km
+        return answer
+
+    def to_csv(self) -> str:
+        """The top-k as CSV: rank, latitude, longitude, probability, place, country, km_to_place."""
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["rank", "latitude", "longitude", "probability", "place", "country", "km_to_place"])
+        for row in self.rows():
+            writer.writerow([row["rank"], f"{row['latitude']:.6f}", f"{row['longitude']:.6f}",
+                             f"{row['probability']:.6g}", row["place"], row["country"], f"{row['km']:.1f}"])
+        return buffer.getvalue()
+
+    def to_geojson(self) -> str:
+        """The top-k (and the true location of an example) as a GeoJSON FeatureCollection of points."""
+        features = [
+            {"type": "Feature", "geometry": {"type": "Point", "coordinates": [row["longitude"], row["latitude"]]},
+             "properties": {key: row[key] for key in ("rank", "probability", "place", "country", "km")}}
+            for row in self.rows()
+        ]
+        if self.truth is not None:
+            features.append({
+                "type": "Feature",
+                "geometry": {"type": "Point", "coordinates": [self.truth.longitude, self.truth.latitude]},
+                "properties": {"true_location": self.truth.label, "error_km": self.error_km},
+            })
+        return json.dumps({"type": "FeatureCollection", "model": self.model, "query": self.query,
+                           "features": features}, indent=1)
+
+
+def place_phrase(place: dict, latitude: float, longitude: float) -> str:
+    """A guess in words from its nearest town: "Zernez, Switzerland" when within `NEAR_KM`, else "85 km from
+    Zernez, Switzerland", or "at sea, 430 km from ..." over water."""
+    town = f"{place['place']}, {place['country']}"
+    if place["km"] < NEAR_KM:
+        return town
+    sea = "at sea, " if place["km"] > AT_SEA_KM and not is_land([latitude], [longitude])[0] else ""
+    return f"{sea}{place['km']:,.0f} km from {town}"
+
+
+def country_shares(result: GeolocationResult) -> list[tuple[str, float]]:
+    """The model's probability summed by country of the nearest town, most probable first.
+
+    Uses the uncertainty points (all the candidates the model declares, e.g. GeoCLIP's most probable gallery
+    points or GeoHier's fine cells) when there are any, else the top-k. Water farther than `AT_SEA_KM` from any
+    town counts as `AT_SEA`.
+    """
+    if result.uncertainty is not None and len(result.uncertainty):
+        latitudes, longitudes, probabilities = result.uncertainty.T
+        places = nearest_places(latitudes, longitudes)
+    else:
+        latitudes, longitudes, probabilities = result.latitudes, result.longitudes, result.probabilities
+        places = result.places
+    distances = np.array([place["km"] for place in places])
+    at_sea = (distances > AT_SEA_KM) & ~is_land(latitudes, longitudes)
+    shares: dict[str, float] = {}
+    for place, sea, p in zip(places, at_sea, probabilities.tolist()):
+        country = AT_SEA if sea else place["country"]
+        shares[country] = shares.get(country, 0.0) + p
+    return sorted(shares.items(), key=lambda item: -item[1])
+
+
+def locate(geolocator: Geolocator, *, image=None, text: str | None = None, top_k: int, query: str | None = None,
+           truth: Truth | None = None) -> Answer:
+    """Geolocate one image (path, bytes, numpy array or PIL image) or one text with everything the page shows.
+
+    Args:
+        query: how the page names the input (default: "your photo", or the text).
+
+    Raises:
+        ValueError: for an unreadable image, empty or over-long text, text for a model that reads none, or
+            `top_k` outside 1..MAX_TOP_K; the message is written for the visitor.
+    """
+    check_top_k(top_k, MAX_TOP_K)
+    if text is not None:
+        text = text.strip()
+        if len(text) > MAX_TEXT_CHARS:
+            raise ValueError(f"The text is too long ({len(text)} characters): keep it under {MAX_TEXT_CHARS}.")
+        [result] = geolocator.locate_texts([text], top_k, places=True, extras=True)
+        query = query or f"“{text}”"
+    else:
+        [result] = geolocator.locate_images([image], top_k, places=True, extras=True)
+        query = query or "your photo"
+    if result.error:
+        raise ValueError(result.error)
+    if not np.isfinite(result.probabilities).all():
+        raise ValueError(f"The model {geolocator.name} returned no usable probabilities for this input.")
+    phrases = [place_phrase(place, lat, lon)
+               for place, lat, lon in zip(result.places, result.latitudes, result.longitudes)]
+    cells = None
+    if geolocator.capabilities.uncertainty == "cells" and result.uncertainty is not None:
+        tokens = fine_cell_tokens(geolocator)
+        cells = [tokens[(lat, lon)] for lat, lon in np.round(result.uncertainty[:, :2], CELL_KEY_DECIMALS).tolist()]
+    return Answer(result, geolocator.name, query, phrases, country_shares(result), truth, cells)
+
+
+CELL_KEY_DECIMALS = 6  # centroids are stored in micro-degrees: rounded to 6 decimals, they are exact keys
+
+
+@lru_cache(maxsize=16)
+def fine_cell_tokens(geolocator: Geolocator) -> dict[tuple[float, float], str]:
+    """For a model whose candidates are geocells (`capabilities.uncertainty == "cells"`): the S2 token of each
+    fine cell keyed by its centroid, the point the adapter reports for it (read once per model)."""
+    fine = geolocator.model.get_cell_table()[-1]
+    keys = np.round(np.stack([fine["latitudes"], fine["longitudes"]], axis=1).astype(np.float64),
+                    CELL_KEY_DECIMALS).tolist()
+    return {tuple(key): token for key, token in zip(keys, fine["tokens"])}
+
+
+def format_percent(p: float) -> str:
+    """A probability for people: "62%", "8.1%", "0.45%", "<0.1%"."""
+    percent = 100 * p
+    if percent >= 9.95:
+        return f"{percent:.0f}%"
+    if percent >= 0.995:
+        return f"{percent:.1f}%"
+    if percent >= 0.1:
+        return f"{percent:.2f}%"
+    return "<0.1%"
+
+
+def format_coordinates(latitude: float, longitude: float) -> str:
+    """ "46.50° N, 9.90° E" (two decimals: about a kilometre)."""
+    return (f"{abs(latitude):.2f}° {'N' if latitude >= 0 else 'S'}, "
+            f"{abs(longitude):.2f}° {'E' if longitude >= 0 else 'W'}")

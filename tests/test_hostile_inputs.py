@@ -1,0 +1,414 @@
+"""Hostile and unlucky inputs: files that make Pillow raise odd exceptions, images declaring huge sizes, dataset
+paths escaping their folder, corrupted checkpoints, NaN answers. Every fixture is made here; nothing is
+downloaded."""
+
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+
+from geoloc import cli
+from geoloc.benchmark_datasets import load_benchmark
+from geoloc.configs import tiny_geoclip_config, tiny_geohier_config, tiny_image_processor
+from geoloc.data import GeoCollator, decode_images, load_geo_dataset
+from modeling_geoclip import GeoCLIPImageProcessor, GeoCLIPModel, load_image
+from modeling_geoclip.processing_geoclip import MAX_IMAGE_PIXELS
+from modeling_geohier import GeoHierModel
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GALLERY = [[48.8566, 2.3522], [40.7128, -74.006], [-33.8688, 151.2093], [35.6762, 139.6503]]
+
+
+# ----------------------------------------------------------------------------------------- hostile images
+def _encoded(image_format: str, size=(8, 8)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (1, 2, 3)).save(buffer, image_format)
+    return buffer.getvalue()
+
+
+def truncated_qoi() -> bytes:
+    """A QOI file cut after its header: Pillow's decoder raises IndexError."""
+    return _encoded("QOI")[:16]
+
+
+def dds_with_unknown_fourcc() -> bytes:
+    """A DDS file whose pixel format names an unknown FourCC: Pillow raises NotImplementedError."""
+    data = bytearray(_encoded("DDS"))
+    data[80:84] = struct.pack("<I", 4)  # DDPF_FOURCC
+    data[84:88] = b"ABCD"
+    return bytes(data)
+
+
+def ppm_with_bad_header() -> bytes:
+    """A PPM whose width is not a number: Pillow raises ValueError without naming the file."""
+    return b"P6\n1\x123 8\n255\n" + bytes(64 * 3)
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A valid 1x1 RGBA PNG whose IHDR (and CRC) is patched to declare width x height pixels."""
+    data = bytearray(_encoded_rgba())
+    chunk = b"IHDR" + struct.pack(">II", width, height) + bytes(data[24:29])
+    data[12:29] = chunk
+    data[29:33] = struct.pack(">I", zlib.crc32(chunk))
+    return bytes(data)
+
+
+def _encoded_rgba() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGBA", (1, 1), (1, 2, 3, 4)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+HOSTILE = {"truncated.qoi": (truncated_qoi, IndexError), "fourcc.dds": (dds_with_unknown_fourcc, NotImplementedError),
+           "header.ppm": (ppm_with_bad_header, ValueError)}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_every_decoder_failure_is_a_value_error_naming_the_file(name, tmp_path):
+    make, raised_by_pillow = HOSTILE[name]
+    path = tmp_path / name
+    path.write_bytes(make())
+    with pytest.raises(raised_by_pillow):  # the fixture really is hostile to Pillow itself
+        Image.open(path).load()
+    with pytest.raises(ValueError, match="truncated or corrupt") as error:
+        load_image(str(path))
+    assert str(path) in str(error.value) and raised_by_pillow.__name__ in str(error.value)
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_image(path.read_bytes())
+    images, kept, errors = decode_images([str(path), {"bytes": _encoded("PNG"), "path": None}])
+    assert kept == [1] and [position for position, _ in errors] == [0] and str(path) in errors[0][1]
+
+
+def test_fuzzed_files_only_ever_raise_value_error():
+    rng = np.random.default_rng(0)
+    originals = [_encoded(image_format, (17, 13)) for image_format in ("PNG", "GIF", "BMP", "QOI", "DDS", "TIFF")]
+    for original in originals:
+        for _ in range(40):
+            data = bytearray(original)
+            if rng.random() < 0.4:
+                data = data[: rng.integers(1, len(data))]
+            else:
+                data[rng.integers(len(data))] = int(rng.integers(256))
+            try:
+                load_image(bytes(data))
+            except ValueError:
+                pass  # any other exception type fails the test
+
+
+def test_collator_counts_a_batch_of_unreadable_images(caplog):
+    rows = [{"image": {"bytes": make(), "path": None}, "latitude": 1.0, "longitude": 2.0}
+            for make, _ in HOSTILE.values()]
+    collate = GeoCollator(tiny_image_processor())
+    empty = collate(rows)
+    assert empty["unreadable"] == 3 and empty["pixel_values"].shape == (0, 3, 32, 32)
+    assert empty["locations"].shape == (0, 2)
+    good = {"image": {"bytes": _encoded("PNG"), "path": None}, "latitude": 5.0, "longitude": 6.0}
+    batches = list(DataLoader([rows[0], good, rows[1]], batch_size=1, collate_fn=collate))
+    assert [batch["unreadable"] for batch in batches] == [1, 0, 1] and batches[1]["locations"].tolist() == [[5.0, 6.0]]
+    assert "IndexError" in caplog.text and "NotImplementedError" in caplog.text
+
+
+def test_predict_answers_the_readable_images_and_reports_the_other(tmp_path, capsys):
+    good = tmp_path / "good.png"
+    Image.new("RGB", (40, 30), "green").save(good)
+    bad = tmp_path / "bad.qoi"
+    bad.write_bytes(truncated_qoi())
+    assert cli.main(["predict", str(good), str(bad), str(good), "--json", "--top-k", "2"]) == 1
+    captured = capsys.readouterr()
+    results = json.loads(captured.out)
+    assert [result["input"] for result in results] == [str(good), str(bad), str(good)]
+    assert len(results[0]["predictions"]) == 2 and results[0] == results[2] and results[0]["error"] is None
+    assert results[1]["predictions"] == [] and str(bad) in results[1]["error"] and "IndexError" in results[1]["error"]
+    [line] = captured.err.strip().splitlines()
+    assert line.startswith("geoloc predict: error: ") and str(bad) in line
+
+
+# ------------------------------------------------------------------------------------------ pixel limit
+MEASURE_DECODE = textwrap.dedent("""
+    import resource, sys
+    from modeling_geoclip import load_image
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        load_image(sys.argv[1])
+    except ValueError as error:
+        print(error)
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+""")
+
+
+def test_an_image_declaring_a_huge_size_is_refused_from_its_header(tmp_path):
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_declaring(13000, 13000))  # RGBA: decoding would allocate ~676 MB
+    assert Image.open(bomb).size == (13000, 13000) and bomb.stat().st_size < 1000
+    result = subprocess.run([sys.executable, "-c", MEASURE_DECODE, str(bomb)], capture_output=True, text=True,
+                            check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    message, peak_growth_mb = result.stdout.strip().splitlines()
+    assert str(bomb) in message and f"limit of {MAX_IMAGE_PIXELS} pixels" in message and "13000x13000" in message
+    assert int(peak_growth_mb) < 50, f"decoding a refused image grew the peak memory by {peak_growth_mb} MB"
+
+
+def test_the_pixel_limit_is_a_saved_processor_setting(tmp_path):
+    processor = GeoCLIPImageProcessor(max_image_pixels=30 * 30, size={"shortest_edge": 8}, crop_size=8)
+    processor.save_pretrained(tmp_path)
+    loaded = GeoCLIPImageProcessor.from_pretrained(tmp_path)
+    assert loaded.max_image_pixels == 900
+    assert loaded(np.zeros((30, 30, 3), dtype=np.uint8), return_tensors="pt").pixel_values.shape == (1, 3, 8, 8)
+    (tmp_path / "wide.png").write_bytes(_encoded("PNG", (31, 30)))
+    with pytest.raises(ValueError, match=r"wide.png' is too large: 31x30 = 930 pixels, above the limit of 900"):
+        loaded(str(tmp_path / "wide.png"))
+    assert GeoCollator(loaded).max_pixels == 900
+    with pytest.raises(ValueError, match="max_image_pixels must be a positive integer"):
+        GeoCLIPImageProcessor(max_image_pixels=0)
+
+
+# -------------------------------------------------------------------------------------- confined paths
+@pytest.fixture
+def outside(tmp_path):
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "x.png").write_bytes(_encoded("PNG"))
+    return secret / "x.png"
+
+
+def _benchmark_folder(root, ids):
+    images = root / "bench" / "images"
+    images.mkdir(parents=True)
+    (images / "a.png").write_bytes(_encoded("PNG"))
+    rows = "".join(f"{image_id},10,20\n" for image_id in ids)
+    (root / "bench" / "im2gps3k_places365.csv").write_text("IMG_ID,LAT,LON\n" + rows)
+    return root / "bench"
+
+
+@pytest.mark.parametrize("image_id", ["../../secret/x.png", "{absolute}"])
+def test_benchmark_ids_outside_the_image_folder_are_refused(tmp_path, outside, image_id):
+    image_id = image_id.format(absolute=outside)
+    folder = _benchmark_folder(tmp_path, ["a.png", image_id])
+    with pytest.raises(ValueError, match=r"row 1: Image path .* is outside the dataset folder") as error:
+        load_benchmark("im2gps3k", folder)
+    assert image_id in str(error.value)
+
+
+def test_benchmark_symlinks_leading_outside_are_refused(tmp_path, outside):
+    folder = _benchmark_folder(tmp_path, ["a.png", "link.png"])
+    (folder / "images" / "link.png").symlink_to(outside)
+    with pytest.raises(ValueError, match=r"1 symbolic link\(s\) pointing outside it .*link.png' -> '.*secret/x.png'"):
+        load_benchmark("im2gps3k", folder)
+    (folder / "images" / "link.png").unlink()
+    (folder / "images" / "inside.png").symlink_to(folder / "images" / "a.png")  # inside the folder: fine
+    assert load_benchmark("im2gps3k", folder)["id"] == ["a.png", "link.png"]
+
+
+def test_image_folder_paths_outside_the_folder_are_refused(tmp_path, outside):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(_encoded("PNG"))
+    (folder / "metadata.csv").write_text("file_name,latitude,longitude\na.png,1,2\n../secret/x.png,3,4\n")
+    with pytest.raises(ValueError, match=r"Cannot read image folder .*'../secret/x.png'"):
+        load_geo_dataset(folder)
+    (folder / "metadata.csv").write_text("file_name,latitude,longitude\na.png,1,2\nlink.png,3,4\n")
+    (folder / "link.png").symlink_to(outside)
+    with pytest.raises(ValueError, match=r"link.png' -> '.*secret/x.png'"):
+        load_geo_dataset(folder)
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+@pytest.fixture(scope="module")
+def geoclip_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("geoclip")
+    torch.manual_seed(0)
+    model = GeoCLIPModel(tiny_geoclip_config()).eval()
+    model.set_gallery(GALLERY)
+    model.save_pretrained(folder)
+    tiny_image_processor().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def geohier_dir(tmp_path_factory):
+    from test_geohier import synthetic_cells
+
+    folder = tmp_path_factory.mktemp("geohier")
+    torch.manual_seed(0)
+    model = GeoHierModel(tiny_geohier_config()).eval()
+    model.set_cell_table(synthetic_cells())
+    model.save_pretrained(folder)
+    return folder
+
+
+def _edited_copy(source, target, edit_weights=None, edit_config=None):
+    target.mkdir(exist_ok=True)
+    weights = load_file(source / "model.safetensors")
+    config = json.loads((source / "config.json").read_text())
+    if edit_weights:
+        edit_weights(weights)
+    if edit_config:
+        edit_config(config)
+    save_file(weights, target / "model.safetensors", metadata={"format": "pt"})
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+def _set(name, row, value):
+    def edit(weights):
+        weights[name][row] = value
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (_set("gallery_coordinates", 2, torch.tensor([200_000_000, 0], dtype=torch.int32)),
+         r"checkpoint gallery_coordinates\[2\] = \(200.0, 0.0\): latitude must be in \[-90, 90\]"),
+        (_set("gallery_embeddings", 1, float("nan")),  # one row: projection_dim values
+         rf"tensor 'gallery_embeddings' holds {tiny_geoclip_config().projection_dim} NaN or infinite"),
+        (_set("image_mlp.0.weight", 0, float("inf")),  # one row: the CLIP embedding's width
+         rf"tensor 'image_mlp.0.weight' holds {tiny_geoclip_config().vision_config.projection_dim} NaN or inf"),
+        (lambda weights: weights["gps_queue_count"].fill_(10_000), r"GPS queue is out of range"),
+    ],
+)
+def test_geoclip_checkpoint_contents_are_validated(geoclip_dir, tmp_path, edit, message):
+    with pytest.raises(ValueError, match=message):
+        GeoCLIPModel.from_pretrained(_edited_copy(geoclip_dir, tmp_path / "edited", edit))
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (_set("cell_table.centroids_1", 3, torch.tensor([0, -999_000_000], dtype=torch.int32)),
+         r"cell table is invalid: cell table level 1 centroids\[3\] = \(0.0, -999.0\): longitude"),
+        (_set("cell_table.parents_2", 0, 99), r"cell table is invalid: Level 2, cell 0: parent index 99"),
+        (_set("classifiers.1.weight", 0, float("nan")),  # one row: hidden_size values
+         rf"tensor 'classifiers.1.weight' holds {tiny_geohier_config().hidden_size} NaN"),
+    ],
+)
+def test_geohier_checkpoint_contents_are_validated(geohier_dir, tmp_path, edit, message):
+    with pytest.raises(ValueError, match=message):
+        GeoHierModel.from_pretrained(_edited_copy(geohier_dir, tmp_path / "edited", edit))
+
+
+def test_config_sizes_are_checked_against_the_file_before_allocating(geoclip_dir, geohier_dir, tmp_path):
+    """A config claiming 1e9 gallery points (or cells) would need ~256 GB: refused from the safetensors header."""
+    huge = 1_000_000_000
+    started = time.perf_counter()
+    edited = _edited_copy(geoclip_dir, tmp_path / "geoclip",
+                          edit_config=lambda config: config.update(gallery_size=huge))
+    with pytest.raises(ValueError, match=rf"gallery_coordinates: \(4, 2\) vs \({huge}, 2\).*nothing was allocated"):
+        GeoCLIPModel.from_pretrained(edited)
+
+    def more_cells(config):
+        config["cells_per_level"][-1] = huge
+
+    edited = _edited_copy(geohier_dir, tmp_path / "geohier", edit_config=more_cells)
+    with pytest.raises(ValueError, match=rf"cell_table.centroids_2: \(32, 2\) vs \({huge}, 2\)"):
+        GeoHierModel.from_pretrained(edited)
+    assert time.perf_counter() - started < 30
+
+
+def test_a_truncated_weights_file_is_named(geoclip_dir, tmp_path):
+    edited = _edited_copy(geoclip_dir, tmp_path / "cut")
+    data = (edited / "model.safetensors").read_bytes()
+    (edited / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"model.safetensors' is not a readable safetensors file \(truncated"):
+        GeoCLIPModel.from_pretrained(edited)
+
+
+@pytest.fixture
+def keep_torch_threads():
+    """FAISS sets the OpenMP thread count it shares with torch (`search_threads`): restore torch's afterwards."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_corrupted_faiss_index_is_refused(tmp_path, keep_torch_threads):
+    pytest.importorskip("faiss")
+    model = GeoCLIPModel(tiny_geoclip_config()).eval()
+    model.set_gallery(GALLERY, backend="faiss")
+    assert len(model.config.gallery_index_sha256) == 64
+    model.save_pretrained(tmp_path / "faiss")
+    reloaded = GeoCLIPModel.from_pretrained(tmp_path / "faiss")
+    assert torch.equal(reloaded.gallery_index, model.gallery_index)
+
+    def flip_a_byte(weights):
+        weights["gallery_index"][-5] ^= 0xFF
+
+    edited = _edited_copy(tmp_path / "faiss", tmp_path / "corrupt", flip_a_byte)
+    with pytest.raises(ValueError, match=r"FAISS index \(gallery_index, \d+ bytes\) does not match the SHA-256"):
+        GeoCLIPModel.from_pretrained(edited)
+
+
+def test_nan_answers_are_errors_not_numbers(geoclip_dir, geohier_dir):
+    geoclip = GeoCLIPModel.from_pretrained(geoclip_dir).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    assert torch.isfinite(geoclip.geolocate(pixel_values=pixels, top_k=2).probabilities).all()
+    geoclip.logit_scale.data.fill_(float("nan"))  # e.g. a diverged fine-tune, never saved
+    with pytest.raises(ValueError, match="geolocate produced NaN or inf in probabilities for input 0"):
+        geoclip.geolocate(pixel_values=pixels, top_k=2)
+    geohier = GeoHierModel.from_pretrained(geohier_dir).eval()
+    nan_pixels = pixels.clone()
+    nan_pixels[1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf in probabilities for input 1"):
+        geohier.geolocate(pixel_values=nan_pixels, top_k=2)
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def _run_cli(*args, env=None):
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "geoloc.cli", *args], capture_output=True, text=True,
+                            cwd=REPO, env=environment, timeout=300)
+    return result, time.perf_counter() - started
+
+
+def test_cli_failures_are_one_line_with_exit_status_1(geoclip_dir, tmp_path):
+    image = tmp_path / "photo.png"
+    image.write_bytes(_encoded("PNG", (40, 40)))
+    cut = _edited_copy(geoclip_dir, tmp_path / "cut")
+    tiny_image_processor().save_pretrained(cut)
+    data = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[:-100])
+
+    def zero_width(config):
+        config["vision_config"]["hidden_size"] = 0
+
+    zero = _edited_copy(geoclip_dir, tmp_path / "zero", edit_config=zero_width)
+    tiny_image_processor().save_pretrained(zero)
+    cases = [
+        (["predict", str(image), "--model", str(cut)], "not a readable safetensors file"),
+        (["predict", str(image), "--model", str(zero)], "Cannot build GeoCLIPModel from the config"),
+    ]
+    for args, message in cases:
+        result, _ = _run_cli(*args)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and len(lines) == 1, result.stderr
+        assert lines[0].startswith(f"geoloc {args[0]}: error: ") and message in lines[0]
+    result, _ = _run_cli("--debug", "convert", str(tmp_path / "missing.whl"), str(tmp_path / "out"))
+    assert result.returncode == 1 and "Traceback (most recent call last)" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("ValueError: GeoCLIP source")
+
+
+def test_publish_without_network_fails_at_once_saying_what_to_do(geoclip_dir, capsys, monkeypatch):
+    """No network is touched: the Hub endpoint is a closed port on this machine."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    started = time.perf_counter()
+    assert cli.main(["publish", str(geoclip_dir), "--repo-id", "someone/tiny"]) == 1
+    assert time.perf_counter() - started < 10
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("geoloc publish: error: ") and "offline mode" in line
+    assert "http://127.0.0.1:9 is unreachable" in line and "HF_HUB_OFFLINE=1" in line
