@@ -112,7 +112,8 @@ def main(argv=None) -> int:
     if offline:
         go_offline()
     try:
-        set_threads(namespace.threads)
+        if not {"-h", "--help"} & set(namespace.args):  # help answers at once, without importing torch
+            set_threads(namespace.threads)
         return importlib.import_module(SUBCOMMANDS[command][0]).main(namespace.args) or 0
     except Exception as error:  # KeyboardInterrupt and SystemExit (argparse's exit 2) pass through
         if namespace.debug:

@@ -300,7 +300,6 @@ class FaissGallery:
         sample = torch.randperm(size, generator=generator)[: options["normaliser_sample_size"]].sort().values
         gallery = cls(index, sample, embed(sample).float(), options)
         gallery.calibrate(queries, truth[1], embed, source)
-        faiss.omp_set_num_threads(options["search_threads"])
         return gallery
 
     def calibrate(self, queries: torch.Tensor, truth: torch.Tensor, embed: EmbedRows, source: str) -> None:
@@ -399,7 +398,6 @@ class FaissGallery:
         CPU queries, with exact logits (-inf and index -1 where the index found fewer than C)."""
         faiss = import_faiss()
         n_candidates = min(max(self.options["n_candidates"], top_k), self.index.ntotal)
-        faiss.omp_set_num_threads(self.options.get("search_threads", 1))
         parameters = faiss.ParameterSpace()
         if _ivf_lists(self.options["index"]):
             parameters.set_index_parameter(self.index, "nprobe", self.options["nprobe"])
@@ -407,7 +405,13 @@ class FaissGallery:
             parameters.set_index_parameter(self.index, "efSearch", self.options["ef_search"])
         if "RFlat" in self.options["index"] or "Refine(" in self.options["index"]:
             parameters.set_index_parameter(self.index, "k_factor_rf", self.options.get("k_factor_rf", 4))
-        similarities, indices = self.index.search(_as_faiss(query), n_candidates)
+        # FAISS and torch share one OpenMP runtime: restore its thread count, or torch keeps FAISS's afterwards.
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(self.options.get("search_threads", 1))
+        try:
+            similarities, indices = self.index.search(_as_faiss(query), n_candidates)
+        finally:
+            faiss.omp_set_num_threads(threads)
         indices = torch.from_numpy(indices)
         found = indices >= 0
         if int(found.sum(1).min()) < top_k:

@@ -274,3 +274,15 @@ def test_sample_around_stays_near_and_valid_at_the_pole_and_antimeridian():
     distance_km = 2 * 6371.0088 * torch.asin(haversine.sqrt())
     # |N(0, 10)| has mean 10 * sqrt(2 / pi) = 7.98 km.
     torch.testing.assert_close(distance_km.mean(dim=1), torch.full((3,), 7.98, dtype=torch.float64), rtol=0.05, atol=0)
+
+
+def test_faiss_search_leaves_torch_threads_as_they_were(model, gallery):
+    """FAISS and torch share one OpenMP runtime: a search with one FAISS thread must not leave torch on one."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        model.set_gallery(gallery, backend="faiss", index="IVF64,Flat", search_threads=1)
+        model.search_gallery(queries_far(model, 3, seed=40), top_k=5)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
