@@ -4,8 +4,9 @@ PyTorch starts one intra-op thread per core in every process. When several proce
 workers, `accelerate launch` ranks, other jobs on the machine), every parallel op waits at its barrier for a
 thread that the kernel has descheduled: on a loaded 2-core machine a tiny model trained at 1.9 it/s with the
 default threads and at 17 it/s with one. `pick_threads` chooses a count that leaves the cores to whoever else
-needs them; `set_threads` applies it; `worker_init_fn` is the DataLoader hook; `add_threads_argument` adds the
-`--threads` option to a parser.
+needs them; `set_threads` applies it; `add_threads_argument` adds the `--threads` option to a parser. The
+`geoloc` dispatcher applies it before every command (`geoloc --threads N COMMAND ...`), so `accelerate launch -m
+geoloc.train` ranks share the cores too; DataLoader workers keep the one thread PyTorch gives them.
 
 Example:
     >>> parser = argparse.ArgumentParser()
@@ -106,15 +107,6 @@ def set_threads(requested: int | None = None, **kwargs) -> int:
     return threads
 
 
-def worker_init_fn(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: one torch thread per data worker.
-
-    PyTorch's own worker loop also sets one thread; this hook keeps that when a DataLoader is given a
-    `worker_init_fn` anyway, and states the intent. Example: `DataLoader(..., worker_init_fn=worker_init_fn)`.
-    """
-    set_threads()
-
-
 def add_threads_argument(parser: argparse.ArgumentParser) -> argparse.Action:
     """Add `--threads N` (default `None`: `pick_threads()` at run time, whose value here shows in --help).
 
@@ -138,4 +130,4 @@ def add_threads_argument(parser: argparse.ArgumentParser) -> argparse.Action:
     )
 
 
-__all__ = ["add_threads_argument", "available_cores", "pick_threads", "set_threads", "worker_init_fn"]
+__all__ = ["add_threads_argument", "available_cores", "pick_threads", "set_threads"]

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from geoloc.cli import main
-from geoloc.threads import add_threads_argument, pick_threads, set_threads, worker_init_fn
+from geoloc.threads import add_threads_argument, pick_threads, set_threads
 
 
 @pytest.fixture
@@ -53,8 +53,9 @@ class _ThreadsSeen(Dataset):
 
 
 def test_data_workers_get_one_thread(restore_threads):
+    """PyTorch's worker loop gives each data worker one thread; the pick agrees there, whatever the environment."""
     torch.set_num_threads(2)
-    loader = DataLoader(_ThreadsSeen(), batch_size=None, num_workers=1, worker_init_fn=worker_init_fn)
+    loader = DataLoader(_ThreadsSeen(), batch_size=None, num_workers=1)
     assert [row.tolist() for row in loader] == [[1, 1], [1, 1]]
     assert pick_threads(environ={"OMP_NUM_THREADS": "2"}) == 2  # the main process is no worker
 
