@@ -105,7 +105,7 @@ _CLIP_TOWERS = (CLIPVisionModelWithProjection, CLIPTextModelWithProjection)
 
 
 # Points encoded at a time on CPU: a capsule's (rows, hidden_size) activations then stay in the CPU caches
-# (4 MB at 1024 x 1024 fp32) instead of streaming through memory between layers; ~2x the points/s of
+# (4 MB at 1024 x 1024 fp32) instead of streaming through memory between layers; 1.1-1.3x the points/s of
 # 16K-row batches on a 2-core CPU, with bit-identical outputs (each output row is the same dot products).
 CPU_ENCODING_ROWS = 1024
 
