@@ -109,8 +109,9 @@ def _shard_builder(source: str) -> str | None:
     return SHARD_BUILDERS.get(os.path.splitext(source)[1])
 
 
-def _load_raw(source: str, split: str, streaming: bool):
-    """Dispatch on the kind of `source`: image folder, parquet/webdataset shards, or a Hub dataset id."""
+def _load_raw(source: str, split: str, streaming: bool, coordinates: bool = True):
+    """Dispatch on the kind of `source`: image folder, parquet/webdataset shards, or a Hub dataset id. Without
+    `coordinates`, an image folder needs no metadata.csv (its images' paths name the rows)."""
     builder = _shard_builder(source)
     if builder is not None:
         pattern = os.path.join(source, f"*{'.parquet' if builder == 'parquet' else '.tar'}") if os.path.isdir(
@@ -128,7 +129,7 @@ def _load_raw(source: str, split: str, streaming: bool):
         return saved.to_iterable_dataset() if streaming else saved
     if os.path.isdir(source):
         has_metadata = any(name == "metadata.csv" for _, _, names in os.walk(source) for name in names)
-        if not has_metadata:
+        if coordinates and not has_metadata:
             raise ValueError(
                 f"Image folder '{source}' has no metadata.csv: add one with columns file_name,latitude,longitude."
             )
@@ -150,12 +151,11 @@ def is_saved_dataset(folder: str) -> bool:
     return any(os.path.isfile(os.path.join(folder, name)) for name in ("state.json", "dataset_dict.json"))
 
 
-def _canonical_names(dataset, image_column: str, lat_column: str, lon_column: str):
-    """Rename the user's image/latitude/longitude columns to `image`, `latitude`, `longitude`."""
+def _canonical_names(dataset, renames: dict[str, str]):
+    """Rename the user's columns (`renames`: theirs -> canonical, e.g. `{"lat": "latitude"}`)."""
     columns = dataset.column_names
     if columns is None:  # some streaming sources only know their columns after the first example
         columns = list(next(iter(dataset)).keys())
-    renames = {image_column: IMAGE, lat_column: LATITUDE, lon_column: LONGITUDE}
     missing = [name for name in renames if name not in columns]
     if missing:
         raise ValueError(
@@ -218,6 +218,7 @@ def load_geo_dataset(
     lat_column: str = LATITUDE,
     lon_column: str = LONGITUDE,
     streaming: bool = False,
+    coordinates: bool = True,
 ):
     """Load a geolocation dataset with canonical columns `image` (undecoded), `latitude`, `longitude`.
 
@@ -229,6 +230,9 @@ def load_geo_dataset(
         split: which split to read.
         image_column, lat_column, lon_column: the source's names for the image and coordinates.
         streaming: return an `IterableDataset` (rows are checked as they stream by) instead of a `Dataset`.
+        coordinates: False for photos to geolocate: only the image column is needed and renamed, an image
+            folder may lack metadata.csv, and every row is kept (coordinates, if any, are neither checked nor
+            renamed; `lat_column`/`lon_column` are ignored).
 
     Returns:
         `datasets.Dataset` or `datasets.IterableDataset`. The `image` column is cast to
@@ -244,9 +248,13 @@ def load_geo_dataset(
         >>> ds.column_names  # doctest: +SKIP
         ['image', 'latitude', 'longitude']
     """
-    dataset = _load_raw(os.fspath(source), split, streaming)
-    dataset = _canonical_names(dataset, image_column, lat_column, lon_column)
+    dataset = _load_raw(os.fspath(source), split, streaming, coordinates)
+    renames = {image_column: IMAGE, lat_column: LATITUDE, lon_column: LONGITUDE} if coordinates else {
+        image_column: IMAGE}
+    dataset = _canonical_names(dataset, renames)
     dataset = dataset.cast_column(IMAGE, ImageFeature(decode=False))
+    if not coordinates:
+        return dataset
     if streaming:
         return dataset.filter(_has_valid_coordinates, batched=True, batch_size=1000)
     bad = invalid_coordinate_rows(dataset[LATITUDE], dataset[LONGITUDE])

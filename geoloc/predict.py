@@ -10,8 +10,9 @@ Files and texts (answers printed as a table or `--json`):
 An unreadable file is reported on stderr (and in `--json` as its `error`); the others are still answered, and
 the exit status is 1.
 
-Datasets (a photo archive: an image folder with metadata.csv, parquet/webdataset shards or a Hub dataset,
-read with `geoloc.data.load_geo_dataset`):
+Datasets (a photo archive: a folder of images, with or without metadata.csv, parquet/webdataset shards or a
+Hub dataset, read with `geoloc.data.load_geo_dataset(..., coordinates=False)`: no coordinates are needed, and
+rows with coordinates, valid or not, are all geolocated):
 
     geoloc predict --dataset DIR_OR_HUB_ID [--split train] --output predictions.csv|.parquet [--top-k 5]
         [--places] [--streaming] [--chunk-size 1024] [--batch-size 32]
@@ -90,8 +91,6 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--chunk-size", type=int, default=1024,
                       help="rows per resumable unit of work (at most this many are redone after a kill)")
     data.add_argument("--image-column", default="image", help="image column of --dataset")
-    data.add_argument("--lat-column", default="latitude", help="latitude column of --dataset")
-    data.add_argument("--lon-column", default="longitude", help="longitude column of --dataset")
     return parser
 
 
@@ -364,7 +363,7 @@ def predict_dataset(args: argparse.Namespace) -> int:
         return 0
     with state.main_process_first():  # one process builds the datasets cache, the others read it
         dataset = load_geo_dataset(args.dataset, split=args.split, image_column=args.image_column,
-                                   lat_column=args.lat_column, lon_column=args.lon_column, streaming=args.streaming)
+                                   streaming=args.streaming, coordinates=False)
     options = {"model": args.model, "gallery": args.gallery, "dataset": args.dataset, "split": args.split,
                "streaming": args.streaming, "rows": None if args.streaming else len(dataset),
                "chunk_size": args.chunk_size, "top_k": args.top_k, "places": args.places}

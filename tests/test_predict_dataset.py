@@ -3,6 +3,7 @@ process and on two (`accelerate launch`), resuming an interrupted run, reporting
 parquet and streaming outputs."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -138,6 +139,35 @@ def test_parquet_streaming_and_places(dataset, single, tmp_path):
     pd.testing.assert_frame_equal(frame[expected.columns].astype({"id": object}), expected, check_dtype=False)
     assert frame["place"].notna().all() and (frame["km"] >= 0).all()
     assert pd.read_csv(predict.errors_path(output))["id"].tolist() == [BAD_IMAGE]
+
+
+def same_answers(frame: pd.DataFrame, expected: pd.DataFrame) -> None:
+    """The same coordinates per id and rank (rows may come in another order, in other batches)."""
+    frame, expected = (f.sort_values(["id", "rank"]).reset_index(drop=True) for f in (frame, expected))
+    pd.testing.assert_frame_equal(frame.drop(columns="probability"), expected.drop(columns="probability"),
+                                  check_dtype=False)
+    assert frame["probability"].tolist() == pytest.approx(expected["probability"].tolist(), rel=1e-4)
+
+
+def test_a_plain_photo_folder_is_geolocated_without_metadata(dataset, single, tmp_path):
+    photos = tmp_path / "photos"
+    shutil.copytree(dataset, photos, ignore=shutil.ignore_patterns("metadata.csv"))
+    output = tmp_path / "plain.csv"
+    assert run(photos, output) == 0
+    same_answers(read(output), read(single))
+    assert pd.read_csv(predict.errors_path(output))["id"].tolist() == [BAD_IMAGE]
+
+
+def test_rows_with_missing_or_invalid_coordinates_are_still_geolocated(dataset, single, tmp_path):
+    """Coordinates are not needed to predict: a NaN or out-of-range one must not drop the photo."""
+    labelled = tmp_path / "labelled"
+    shutil.copytree(dataset, labelled)
+    metadata = pd.read_csv(labelled / "metadata.csv")
+    metadata.loc[0, "latitude"], metadata.loc[1, "longitude"] = float("nan"), 500.0
+    metadata.to_csv(labelled / "metadata.csv", index=False)
+    output = tmp_path / "labelled.csv"
+    assert run(labelled, output) == 0
+    same_answers(read(output), read(single))
 
 
 def test_row_ids_prefer_the_id_column_then_the_file_name_then_the_row_number():
