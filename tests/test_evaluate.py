@@ -12,19 +12,17 @@ import zipfile
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from transformers import AutoImageProcessor, AutoModel
 
+from conftest import save_tiny_geoclip
 from geoloc import benchmark_datasets
 from geoloc.benchmark_datasets import load_benchmark
 from geoloc.cli import main as cli_main
-from geoloc.configs import tiny_geoclip_config, tiny_image_processor
 from geoloc import cli
 from geoloc.evaluate import PREDICTION_COLUMNS, main
 from geoloc.geodesy import geodesic_distance_km
 from geoloc.metrics import distance_metrics, geolocation_metrics
 from geoloc.worldmap import render_crop
-from modeling_geoclip import GeoCLIPModel
 
 METRIC_KEYS = ["acc_1km", "acc_25km", "acc_200km", "acc_750km", "acc_2500km", "mean_km", "median_km", "geoscore"]
 # (latitude, longitude) of the test images: cities on every continent, the antimeridian and a pole.
@@ -36,12 +34,7 @@ POINTS = [(48.86, 2.35), (-33.87, 151.21), (40.71, -74.01), (-1.29, 36.82), (35.
 def model_dir(tmp_path_factory):
     """A tiny random GeoCLIP with a 64-point gallery and a 32-pixel image processor, saved to disk."""
     directory = tmp_path_factory.mktemp("tiny-geoclip")
-    torch.manual_seed(0)
-    model = GeoCLIPModel(tiny_geoclip_config()).eval()
-    gallery = np.random.default_rng(0).uniform([-90, -180], [90, 180], size=(64, 2))
-    model.set_gallery(gallery)
-    model.save_pretrained(directory)
-    tiny_image_processor("geoclip").save_pretrained(directory)
+    save_tiny_geoclip(directory, np.random.default_rng(0).uniform([-90, -180], [90, 180], size=(64, 2)))
     return directory
 
 

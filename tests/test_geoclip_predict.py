@@ -12,10 +12,10 @@ from transformers import pipeline
 
 import geoloc.inference
 import geoloc.pipeline  # noqa: F401  (registers the image-geolocation task)
+from conftest import save_tiny_geoclip
 from geoloc import cli, predict
-from geoloc.configs import tiny_geoclip_config, tiny_image_processor
 from geoloc.gallery import load_gallery
-from modeling_geoclip import GeoCLIPImageProcessor, GeoCLIPModel, byte_level_clip_tokenizer
+from modeling_geoclip import GeoCLIPImageProcessor, GeoCLIPModel
 
 GALLERY = np.array([[48.8566, 2.3522], [40.7128, -74.006], [-33.8688, 151.2093], [35.6762, 139.6503],
                     [-1.2921, 36.8219], [64.1466, -21.9426], [-90.0, 180.0], [90.0, -180.0]])
@@ -25,12 +25,7 @@ GALLERY = np.array([[48.8566, 2.3522], [40.7128, -74.006], [-33.8688, 151.2093],
 def checkpoint(tmp_path_factory):
     """A tiny GeoCLIP saved as `geoloc predict` expects (model, image processor, tokenizer), plus 5 photos."""
     folder = tmp_path_factory.mktemp("tiny-geoclip")
-    torch.manual_seed(0)
-    model = GeoCLIPModel(tiny_geoclip_config()).eval()
-    model.set_gallery(GALLERY)
-    model.save_pretrained(folder)
-    tiny_image_processor("geoclip").save_pretrained(folder)
-    byte_level_clip_tokenizer().save_pretrained(folder)
+    save_tiny_geoclip(folder, GALLERY)
     generator = np.random.default_rng(0)
     for index in range(5):
         pixels = generator.integers(0, 256, size=(40 + index, 50, 3), dtype=np.uint8)

@@ -19,6 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
+from conftest import save_tiny_geoclip
 from geoloc import cli
 from geoloc.benchmark_datasets import load_benchmark
 from geoloc.configs import tiny_geoclip_config, tiny_geohier_config, tiny_image_processor
@@ -227,11 +228,7 @@ def test_image_folder_paths_outside_the_folder_are_refused(tmp_path, outside):
 @pytest.fixture(scope="module")
 def geoclip_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("geoclip")
-    torch.manual_seed(0)
-    model = GeoCLIPModel(tiny_geoclip_config()).eval()
-    model.set_gallery(GALLERY)
-    model.save_pretrained(folder)
-    tiny_image_processor().save_pretrained(folder)
+    save_tiny_geoclip(folder, GALLERY)
     return folder
 
 

@@ -12,10 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from geoloc.configs import tiny_geoclip_config, tiny_geohier_config, tiny_image_processor
+from conftest import save_tiny_geoclip
+from geoloc.configs import tiny_geohier_config, tiny_image_processor
 from geoloc.publish import write_local_repo
 from geoloc.remote_code import COPY_HEADER, PACKAGES_ROOT, SHARED_MODULES, stale_shared_copies, sync_shared_copies
-from modeling_geoclip import GeoCLIPImageProcessor, GeoCLIPModel, byte_level_clip_tokenizer
+from modeling_geoclip import GeoCLIPImageProcessor, byte_level_clip_tokenizer
 from modeling_geohier import GeoHierImageProcessor, GeoHierModel
 from tests.test_geohier import synthetic_cells
 
@@ -63,11 +64,7 @@ TEXT = "a sandy desert under a blue sky"
 
 
 def _geoclip_checkpoint(folder):
-    model = GeoCLIPModel(tiny_geoclip_config()).eval()
-    model.set_gallery(np.random.default_rng(0).uniform([-90, -180], [90, 180], size=(20, 2)))
-    model.save_pretrained(folder)
-    tiny_image_processor("geoclip").save_pretrained(folder)
-    byte_level_clip_tokenizer().save_pretrained(folder)
+    model = save_tiny_geoclip(folder, np.random.default_rng(0).uniform([-90, -180], [90, 180], size=(20, 2)))
     return model, GeoCLIPImageProcessor.from_pretrained(folder)
 
 
