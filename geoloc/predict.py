@@ -19,7 +19,8 @@ rows with coordinates, valid or not, are all geolocated):
 
 - The output has one row per image and rank: `id,rank,latitude,longitude,probability` (`rank` 1 = best), plus
   `place,country,km` (nearest populated place, offline GeoNames) with `--places`. `id` is the row's `id`
-  column, else its image file name, else its row number. Rows come in dataset order.
+  column, else its image's path relative to a local dataset folder (`a/x.jpg`; the file name otherwise), else
+  its row number. Rows come in dataset order.
 - Unreadable images are not fatal: they go to `OUTPUT_STEM.errors.csv` (`id,error`) next to the output, and
   the run goes on.
 - Work is done in chunks of `--chunk-size` consecutive rows, each written atomically to
@@ -200,14 +201,21 @@ def _print_table(results: list) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ datasets
-def row_ids(rows: dict, first: int) -> list[str]:
-    """The ids of a batch of dataset rows (columns -> lists): the `id` column, else the image file name, else the
-    row number (`first` is the row number of the first row)."""
+def row_ids(rows: dict, first: int, root: str | None = None) -> list[str]:
+    """The ids of a batch of dataset rows (columns -> lists): the `id` column, else the image's path relative to
+    the dataset folder `root` (so that `a/x.jpg` and `b/x.jpg` stay apart; the file name where the image lies
+    outside `root` or there is none), else the row number (`first` is the row number of the first row)."""
     ids = []
+    root = os.path.abspath(root) if root else None
     for offset, image in enumerate(rows["image"]):
         given = rows["id"][offset] if "id" in rows else None
         path = image.get("path") if isinstance(image, dict) else image if isinstance(image, str) else None
-        ids.append(str(given) if given is not None else os.path.basename(path) if path else str(first + offset))
+        if given is not None:
+            ids.append(str(given))
+        elif path and root and os.path.commonpath([root, os.path.abspath(path)]) == root:
+            ids.append(Path(os.path.relpath(os.path.abspath(path), root)).as_posix())
+        else:
+            ids.append(os.path.basename(path) if path else str(first + offset))
     return ids
 
 
@@ -381,12 +389,13 @@ def predict_dataset(args: argparse.Namespace) -> int:
     progress = tqdm(total=total, unit="image", desc=f"Geolocating (process {state.process_index + 1} of "
                     f"{state.num_processes})", disable=not state.is_local_main_process)
     num_chunks = 0
+    root = args.dataset if os.path.isdir(args.dataset) else None
     for chunk, first, rows in iterate_chunks(dataset, args.chunk_size, mine):
         num_chunks = chunk + 1
         if rows is None:
             continue
         results = geolocator.locate_images(rows["image"], args.top_k, places=args.places,
-                                           names=row_ids(rows, first), batch_size=args.batch_size)
+                                           names=row_ids(rows, first, root), batch_size=args.batch_size)
         parts.write(chunk, predictions_frame(results, args.places))
         progress.update(len(results))
     progress.close()

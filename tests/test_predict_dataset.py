@@ -174,3 +174,6 @@ def test_row_ids_prefer_the_id_column_then_the_file_name_then_the_row_number():
     rows = {"image": [{"path": "/a/b/x.jpg", "bytes": None}, {"path": None, "bytes": b"..."}], "id": [None, 42]}
     assert predict.row_ids(rows, first=10) == ["x.jpg", "42"]
     assert predict.row_ids({"image": [{"path": None, "bytes": b"..."}]}, first=10) == ["10"]
+    # under the dataset folder: the relative path, so that files of the same name in two folders stay apart
+    rows = {"image": [{"path": "/data/a/x.jpg"}, {"path": "/data/b/x.jpg"}, {"path": "/elsewhere/y.jpg"}]}
+    assert predict.row_ids(rows, first=0, root="/data") == ["a/x.jpg", "b/x.jpg", "y.jpg"]
