@@ -652,7 +652,7 @@ def test_geoloc_space_exports_a_clean_self_contained_space(tmp_path, monkeypatch
     for line in ("sdk: gradio", "app_file: app.py", "python_version: \"3.11\""):
         assert line in front_matter.splitlines(), line
     # Run from the folder, the copies next to app.py are what gets imported.
-    found = subprocess.run([sys.executable, "-c", "import answers, page, geoloc; print(geoloc.__file__)"],
+    found = subprocess.run([sys.executable, "-B", "-c", "import answers, page, geoloc; print(geoloc.__file__)"],
                            cwd=output, capture_output=True, text=True, check=True).stdout
     assert Path(found.strip()).resolve() == (output / "geoloc" / "__init__.py").resolve()
     with pytest.raises(ValueError, match="not empty"):
