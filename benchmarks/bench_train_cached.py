@@ -7,11 +7,10 @@ on them. Every run is `geoloc train` in a fresh process (so the dispatcher picks
 as for a user; `geoloc.threads.pick_threads`); samples/s are measured by `geoloc.train` itself (last
 `log.jsonl` record, which excludes setup and the one-off feature caching; the caching time is printed
 separately). The load is one busy-loop process per core, started `--load-warmup` seconds before the loaded
-runs so that the 1-minute load average, which the thread picker reads, has seen it. "Quiet" means no load of
-ours (the quiet runs wait up to as long for the load of the feature-caching run to fade): the machine's own
-load average is printed beside every figure.
+runs. "Quiet" means no load of ours; the other busy threads the picker saw (`geoloc.threads.busy_threads`) and
+the machine's load average are printed beside every figure.
 
-    python benchmarks/bench_train_cached.py [--train 2000 --steps 200 --batch-size 64 --load-warmup 60]
+    python benchmarks/bench_train_cached.py [--train 2000 --steps 200 --batch-size 64 --load-warmup 2]
 """
 
 import argparse
@@ -25,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from geoloc.threads import available_cores, pick_threads
+from geoloc.threads import available_cores, busy_threads, pick_threads
 from geoloc.worldmap import build_worldmap_splits, write_imagefolder
 
 BUSY_LOOP = "while True: pass"
@@ -33,23 +32,16 @@ BUSY_LOOP = "while True: pass"
 
 def train(arguments: list[str], output_dir: str, threads: int | None) -> str:
     """Run `geoloc [--threads N] train ARGUMENTS --output-dir OUTPUT_DIR` in a fresh process without
-    OMP_NUM_THREADS (the default settings); return the conditions (load average at start, torch threads)."""
+    OMP_NUM_THREADS (the default settings); return the conditions at start (busy threads, load, torch threads)."""
     environment = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
-    conditions = f"load {os.getloadavg()[0]:.1f}, {pick_threads(threads, environ=environment)} torch threads"
+    conditions = (f"{busy_threads():.0f} other busy threads, load average {os.getloadavg()[0]:.1f}, "
+                  f"{pick_threads(threads, environ=environment)} torch threads")
     dispatcher = ["--threads", str(threads)] if threads else []
     command = [sys.executable, "-m", "geoloc.cli", *dispatcher, "train", *arguments, "--output-dir", output_dir]
     result = subprocess.run(command, env=environment, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
     return conditions
-
-
-def wait_for_load_below(load: float, limit_seconds: float) -> float:
-    """Sleep until the 1-minute load average is below `load` or `limit_seconds` have passed; return it."""
-    deadline = time.monotonic() + limit_seconds
-    while os.getloadavg()[0] >= load and time.monotonic() < deadline:
-        time.sleep(5)
-    return os.getloadavg()[0]
 
 
 def samples_per_second(output_dir: str) -> float:
@@ -62,9 +54,8 @@ def main(argv=None) -> None:
     parser.add_argument("--train", type=int, default=2000)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--load-warmup", type=float, default=60.0,
-                        help="seconds the busy loops run before the loaded runs, and the longest wait for the "
-                        "load to settle before the quiet ones (default: 60)")
+    parser.add_argument("--load-warmup", type=float, default=2.0,
+                        help="seconds the busy loops run before the loaded runs (default: 2)")
     args = parser.parse_args(argv)
     cores = available_cores()
     rows = []
@@ -92,8 +83,7 @@ def main(argv=None) -> None:
                     cells = (f"{cell:.0f}" if isinstance(cell, float) else cell for cell in rows[-1])
                     print("| " + " | ".join(cells) + " |", flush=True)
 
-        settled = wait_for_load_below(0.5, args.load_warmup)  # our own caching run must not count as load
-        measure(f"quiet (load settled to {settled:.1f})")
+        measure("quiet")
         loops = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(cores)]
         try:
             time.sleep(args.load_warmup)

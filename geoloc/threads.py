@@ -17,7 +17,9 @@ Example:
 
 import argparse
 import os
+import statistics
 import sys
+import time
 
 
 def available_cores() -> int:
@@ -47,6 +49,22 @@ def _in_data_worker() -> bool:
     return get_worker_info() is not None
 
 
+def busy_threads(samples: int = 5, interval: float = 0.005) -> float:
+    """Threads of other processes that are runnable now: the median of `samples` reads, `interval` seconds
+    apart, of the kernel's count of runnable threads (`/proc/loadavg`, Linux), less the reading thread itself.
+    Where there is no such count, the 1-minute load average (0 where there is none either)."""
+    try:
+        counts = []
+        for sample in range(samples):
+            if sample:
+                time.sleep(interval)
+            with open("/proc/loadavg") as file:
+                counts.append(int(file.read().split()[3].split("/")[0]) - 1)
+        return float(statistics.median(counts))
+    except (OSError, IndexError, ValueError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+
+
 def pick_threads(
     requested: int | None = None,
     *,
@@ -61,16 +79,16 @@ def pick_threads(
     2. 1 inside a DataLoader worker process (the main process computes; workers decode);
     3. `OMP_NUM_THREADS`, when set (the user's word for every OpenMP program);
     4. the cores not busy with other work, shared among this job's processes on this machine:
-       `(cores - round(load)) // processes`, at least 1. `load` is the 1-minute load average, read at start:
-       other jobs' runnable threads (it lags by about a minute, so a job started right after a busy one of
-       the same user counts that one too).
+       `(cores - round(load)) // processes`, at least 1. `load` is `busy_threads()`, read at start: the
+       threads of other processes runnable right now (not the 1-minute load average, which lags: a job
+       started right after another would count that one too and leave cores idle).
 
     Args:
         requested (`int`, *optional*): an explicit thread count (>= 1).
         processes (`int`, *optional*): processes of this job sharing the cores; default `LOCAL_WORLD_SIZE`
             (set by `accelerate launch` / `torchrun`), else 1.
         cores (`int`, *optional*): default `available_cores()`. load (`float`, *optional*): default
-            `os.getloadavg()[0]` (0 where the OS has no load average). environ (*optional*): default `os.environ`.
+            `busy_threads()`. environ (*optional*): default `os.environ`.
 
     Raises:
         ValueError: `requested`, `processes`, `OMP_NUM_THREADS` or `LOCAL_WORLD_SIZE` that is not a positive
@@ -94,7 +112,7 @@ def pick_threads(
     processes = _positive_int(processes, "processes")
     cores = available_cores() if cores is None else cores
     if load is None:
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        load = busy_threads()
     return max(1, (cores - round(load)) // processes)
 
 
@@ -130,4 +148,4 @@ def add_threads_argument(parser: argparse.ArgumentParser) -> argparse.Action:
     )
 
 
-__all__ = ["add_threads_argument", "available_cores", "pick_threads", "set_threads"]
+__all__ = ["add_threads_argument", "available_cores", "busy_threads", "pick_threads", "set_threads"]

@@ -2,13 +2,17 @@
 cores left by other work; the `--threads` option; the `geoloc` dispatcher applying it."""
 
 import argparse
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from geoloc.cli import main
-from geoloc.threads import add_threads_argument, pick_threads, set_threads
+from geoloc import threads
+from geoloc.threads import add_threads_argument, busy_threads, pick_threads, set_threads
 
 
 @pytest.fixture
@@ -60,7 +64,8 @@ def test_data_workers_get_one_thread(restore_threads):
     assert pick_threads(environ={"OMP_NUM_THREADS": "2"}) == 2  # the main process is no worker
 
 
-def test_threads_option_shows_its_default_and_rejects_bad_values(capsys, restore_threads):
+def test_threads_option_shows_its_default_and_rejects_bad_values(capsys, restore_threads, monkeypatch):
+    monkeypatch.setattr(threads, "busy_threads", lambda: 0.0)  # the same machine state for both picks below
     parser = argparse.ArgumentParser()
     add_threads_argument(parser)
     assert f"{pick_threads()} now on this machine" in " ".join(parser.format_help().split())
@@ -80,3 +85,15 @@ def test_dispatcher_sets_threads_before_the_command(capsys, restore_threads, mon
     assert main(["worldmap", "--no-such-option"]) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "geoloc worldmap: error: OMP_NUM_THREADS must be a positive integer, got 'many'.")
+
+
+def test_busy_threads_sees_other_processes_at_once():
+    """Two busy loops started a moment ago count as two busy threads (no minute of load-average lag)."""
+    loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        time.sleep(0.5)
+        assert busy_threads() >= 2
+    finally:
+        for loop in loops:
+            loop.kill()
+            loop.wait()
