@@ -49,7 +49,8 @@ SHARD_BUILDERS = {".parquet": "parquet", ".tar": "webdataset"}
 _VALIDATION_CHUNK = 4096
 
 
-def _inside(root: str, path: str) -> bool:
+def is_inside(root: str, path: str) -> bool:
+    """Whether absolute `path` is `root` or lies below it."""
     return os.path.commonpath([root, path]) == root
 
 
@@ -67,7 +68,7 @@ def check_no_outside_links(folder) -> None:
             for entry in entries:
                 if entry.is_symlink():
                     target = os.path.realpath(entry.path)
-                    if not _inside(root, target):
+                    if not is_inside(root, target):
                         outside.append((entry.path, target))
                 elif entry.is_dir():
                     pending.append(entry.path)
@@ -91,7 +92,7 @@ def confined_path(folder, name: str) -> str:
     """
     folder = os.fspath(folder)
     path = os.path.normpath(os.path.join(folder, name))
-    if os.path.isabs(name) or not _inside(os.path.abspath(folder), os.path.abspath(path)):
+    if os.path.isabs(name) or not is_inside(os.path.abspath(folder), os.path.abspath(path)):
         raise ValueError(f"Image path {name!r} is outside the dataset folder '{folder}': give paths relative to it.")
     return os.path.join(folder, name)
 
@@ -128,8 +129,7 @@ def _load_raw(source: str, split: str, streaming: bool, coordinates: bool = True
             saved = saved[split]
         return saved.to_iterable_dataset() if streaming else saved
     if os.path.isdir(source):
-        has_metadata = any(name == "metadata.csv" for _, _, names in os.walk(source) for name in names)
-        if coordinates and not has_metadata:
+        if coordinates and not any(name == "metadata.csv" for _, _, names in os.walk(source) for name in names):
             raise ValueError(
                 f"Image folder '{source}' has no metadata.csv: add one with columns file_name,latitude,longitude."
             )

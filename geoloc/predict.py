@@ -205,6 +205,8 @@ def row_ids(rows: dict, first: int, root: str | None = None) -> list[str]:
     """The ids of a batch of dataset rows (columns -> lists): the `id` column, else the image's path relative to
     the dataset folder `root` (so that `a/x.jpg` and `b/x.jpg` stay apart; the file name where the image lies
     outside `root` or there is none), else the row number (`first` is the row number of the first row)."""
+    from .data import is_inside  # here: `geoloc predict --help` does not import datasets
+
     ids = []
     root = os.path.abspath(root) if root else None
     for offset, image in enumerate(rows["image"]):
@@ -212,7 +214,7 @@ def row_ids(rows: dict, first: int, root: str | None = None) -> list[str]:
         path = image.get("path") if isinstance(image, dict) else image if isinstance(image, str) else None
         if given is not None:
             ids.append(str(given))
-        elif path and root and os.path.commonpath([root, os.path.abspath(path)]) == root:
+        elif path and root and is_inside(root, os.path.abspath(path)):
             ids.append(Path(os.path.relpath(os.path.abspath(path), root)).as_posix())
         else:
             ids.append(os.path.basename(path) if path else str(first + offset))
