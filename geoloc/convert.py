@@ -201,7 +201,10 @@ def convert_official_state_dict(weights: dict[str, torch.Tensor], expected: dict
 
 
 # ----------------------------------------------------------------------------------------- conversion
-def _load_converted(model, weights: dict[str, torch.Tensor], prefix: str = "") -> None:
+def load_official_weights(model, weights: dict[str, torch.Tensor], prefix: str = "") -> None:
+    """Copy official GeoCLIP `weights` (release key names, see `read_official_geoclip`) into `model` in place:
+    a `GeoCLIPModel`, or with `prefix="location_encoder."` a `GeoCLIPLocationEncoder`. Raises ValueError as
+    `convert_official_state_dict` does."""
     state = model.state_dict()
     expected = {prefix + key: value for key, value in state.items() if (prefix + key).startswith(_CONVERTED_PREFIXES)}
     converted = convert_official_state_dict(weights, expected)
@@ -259,7 +262,7 @@ def convert_geoclip(
     if location_encoder_only:
         model = GeoCLIPLocationEncoder(location_config).eval()
         location_weights = {key: value for key, value in weights.items() if key.startswith("location_encoder.")}
-        _load_converted(model, location_weights, prefix="location_encoder.")
+        load_official_weights(model, location_weights, prefix="location_encoder.")
         model.save_pretrained(output_dir)
         return model
     if metadata["gallery"] is None:
@@ -281,7 +284,7 @@ def convert_geoclip(
     if towers is not None:
         model.image_tower.load_state_dict(towers[0].state_dict(), strict=True)
         model.text_tower.load_state_dict(towers[1].state_dict(), strict=True)
-    _load_converted(model, weights)
+    load_official_weights(model, weights)
     model.set_gallery(metadata["gallery"], show_progress=show_progress)
     image_size = vision_config.image_size
     processor = GeoCLIPImageProcessor(

@@ -61,18 +61,20 @@ def unpack_official_wheel(wheel: str | os.PathLike) -> Path:
 
 
 def load_official_geoclip(wheel: str | os.PathLike) -> types.SimpleNamespace:
-    """Import the official `geoclip.model` modules from an unpacked `wheel` without running its `__init__`s.
+    """Import the official `geoclip.model` modules and the training loop from an unpacked `wheel` without
+    running its `__init__`s (`geoclip/train/__init__.py` would import torchvision).
 
-    Returns: a namespace with the classes `GeoCLIP`, `LocationEncoder`, `ImageEncoder`, the modules
-    `image_encoder_module` (whose `CLIPModel` a caller may replace) and `hub` (release reading), and `root`
-    (the unpacked `geoclip/model` folder, holding `weights/` and `gps_gallery/`).
+    Returns: a namespace with the classes `GeoCLIP`, `LocationEncoder`, `ImageEncoder`, the function `train`
+    (`geoclip/train/train.py`: one epoch of the official loop), the modules `image_encoder_module` (whose
+    `CLIPModel` a caller may replace) and `hub` (release reading), and `root` (the unpacked `geoclip/model`
+    folder, holding `weights/` and `gps_gallery/`).
 
     Example:
         >>> official = load_official_geoclip(fetch_official_wheel())  # doctest: +SKIP
         >>> encoder = official.LocationEncoder()  # the released weights  # doctest: +SKIP
     """
     root = unpack_official_wheel(wheel) / "geoclip"
-    for name, folder in (("geoclip", root), ("geoclip.model", root / "model")):
+    for name, folder in (("geoclip", root), ("geoclip.model", root / "model"), ("geoclip.train", root / "train")):
         loaded = sys.modules.get(name)
         if loaded is not None and list(getattr(loaded, "__path__", [])) != [str(folder)]:
             raise RuntimeError(f"A different '{name}' package is already imported from {loaded.__path__}.")
@@ -85,6 +87,7 @@ def load_official_geoclip(wheel: str | os.PathLike) -> types.SimpleNamespace:
         GeoCLIP=importlib.import_module("geoclip.model.GeoCLIP").GeoCLIP,
         LocationEncoder=location.LocationEncoder,
         ImageEncoder=image.ImageEncoder,
+        train=importlib.import_module("geoclip.train.train").train,
         image_encoder_module=image,
         hub=importlib.import_module("geoclip.model._hub"),
         root=root / "model",

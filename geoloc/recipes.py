@@ -50,6 +50,7 @@ class Recipe:
     max_grad_norm: float = 1.0
     augmentation: str = "none"
     gps_noise_km: float = 0.0
+    queue_noise_km: float = 0.0
     queue_size: int | None = None
     label_smoothing: float | None = None
     geocell_levels: str = "auto"
@@ -73,6 +74,7 @@ RECIPES = {recipe.name: recipe for recipe in (
                     "tiny CLIP tower too, since a frozen random tower carries no information.",
         # Tuned on 2,000 world-map crops (benchmarks/bench_learnability.py): map augmentation and 100 km of GPS
         # noise each roughly halved the median error of 2,500 un-regularised steps (1,913 km -> 878 / 500 km).
+        # (Then the queue held the batch's noised locations; it now gets its own draw of the same noise.)
         train_backbone=True,
         max_steps=2000,
         batch_size=128,
@@ -81,6 +83,7 @@ RECIPES = {recipe.name: recipe for recipe in (
         warmup_steps=50,
         augmentation="map",
         gps_noise_km=100.0,
+        queue_noise_km=100.0,
         queue_size=1024,
     ),
     Recipe(
@@ -112,6 +115,8 @@ RECIPES = {recipe.name: recipe for recipe in (
         decay_gamma=0.87,                          # unconfirmed (third-party configs): StepLR gamma 0.87
         max_grad_norm=0.0,                         # official train.py: no clipping
         augmentation="photo",                      # official train/dataloader.py img_train_transform
+        gps_noise_km=0.15,                         # paper: SD 150 m on the batch's coordinates and 1 km on the
+        queue_noise_km=1.0,                        # queue's (quoted in geo-clip issue #17); the official code adds none
         queue_size=4096,                           # official GeoCLIP(queue_size=4096); paper Sec. 3.3
     ),
     Recipe(

@@ -8,13 +8,16 @@
 
 **Recipes** (`geoloc.recipes`) give every training option a default: `--model geoclip` alone trains with
 `geoclip-tiny`, `--recipe geoclip-paper` / `--recipe geodecoder-paper` with the published setups; any option
-given on the command line wins. `--batch-size` is the global batch of one optimizer step, split evenly over the
-processes and `--gradient-accumulation-steps`, so 1 and N processes train on the same batches.
+given on the command line wins; `--dry-run` prints the resolved settings as JSON and stops. `--batch-size` is the
+global batch of one optimizer step, split evenly over the processes and `--gradient-accumulation-steps`: the loop
+reads a step's micro-batches together, the task sees all of them first (GeoCLIP scores every image against the
+whole global batch), and gradients are averaged once per step, so 1 process, N processes and accumulation train
+the same weights from the same batches.
 
 **The loop** knows nothing about the models: a task object per model (`geoloc.training_tasks`) builds the model
 (tiny random, a checkpoint to fine-tune, or `--backbone` pretrained towers with fresh heads), turns rows into
-batches, computes the loss and does what follows a step. Accelerate places the model, runs mixed precision,
-gradient accumulation and multi-process data parallelism. Every process has its own seed (`--seed` + process
+batches, computes the loss and does what follows a step. Accelerate places the model, runs mixed precision and
+multi-process data parallelism. Every process has its own seed (`--seed` + process
 index) for augmentation noise and dropout; the data order is seeded by `--seed` alone.
 
 **Checkpoints**: every `--checkpoint-every` steps the whole training state (weights, GeoCLIP's queue,
@@ -41,6 +44,7 @@ tensorboard is installed, and `train_summary.json`.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -94,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--train-backbone", action=argparse.BooleanOptionalAction, default=None,
                        help="train the image tower too (the GeoCLIP paper freezes it; GeoDecoder fine-tunes it; the "
                             "tiny recipes train their random tower) (recipe default)")
-    group.add_argument("--dataset", required=True,
+    group.add_argument("--dataset",
                        help="image folder with metadata.csv, parquet/webdataset shards, a save_to_disk folder, or a "
                             "Hub dataset id")
     group.add_argument("--split", default="train", help="split of --dataset")
@@ -103,7 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--lon-column", default=LONGITUDE, help="longitude column of --dataset")
     group.add_argument("--train-fraction", type=float, default=1.0,
                        help="train on a seeded random subset of this fraction of the rows")
-    group.add_argument("--output-dir", required=True, help="where the model and checkpoints are written")
+    group.add_argument("--output-dir", help="where the model and checkpoints are written")
+    group.add_argument("--dry-run", action="store_true",
+                       help="print every resolved option (recipe values with the command line's overrides) as one "
+                            "JSON object and exit, without loading data or weights")
     group.add_argument("--overwrite", action="store_true",
                        help="start over in an --output-dir that already holds a run (its checkpoints are deleted)")
     group.add_argument("--streaming", action="store_true",
@@ -161,6 +168,9 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """
     if args.recipe is None and args.model is None:
         raise ValueError("Pass --model (geoclip or geohier) or --recipe.")
+    missing = [option for option in ("dataset", "output_dir") if getattr(args, option) is None]
+    if missing and not args.dry_run:
+        raise ValueError(f"the following arguments are required: {', '.join('--' + name.replace('_', '-') for name in missing)}")
     recipe = get_recipe(args.recipe or DEFAULT_RECIPES[args.model])
     if args.model is not None and args.model != recipe.model:
         raise ValueError(f"--recipe {recipe.name} trains {recipe.model}, not --model {args.model}.")
@@ -180,6 +190,12 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
             setattr(args, name, value)
     check_args(args)
     return args
+
+
+def resolved_settings(args) -> dict:
+    """Every option of a resolved run (see `resolve_args`), JSON-safe: what `--dry-run` prints and
+    `train_summary.json` records."""
+    return {key: value for key, value in vars(args).items() if key not in ("given_options", "dry_run")}
 
 
 def check_args(args) -> None:
@@ -274,6 +290,37 @@ class BatchStream:
 
     def position(self) -> dict:
         return {"epoch": self.epoch, "batches": self.batches}
+
+
+class StepBatches:
+    """The micro-batches of one optimizer step at a time: `next()` gives `(batches, weights)`, `accumulation`
+    micro-batches of this process in stream order. A micro-batch in which no image could be read is skipped in
+    one process; with several, every process must take part in each micro-batch, so it is replaced by this
+    process's previous readable one with weight 0. `unreadable` counts the images skipped so far."""
+
+    def __init__(self, stream: BatchStream, accumulation: int, num_processes: int):
+        self.micro_batches, self.accumulation, self.num_processes = iter(stream), accumulation, num_processes
+        self.last_readable, self.unreadable = None, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[list[dict], list[float]]:
+        batches, weights = [], []
+        while len(batches) < self.accumulation:
+            batch = next(self.micro_batches)
+            self.unreadable += int(batch.pop("unreadable"))
+            weight = 1.0
+            if len(batch["locations"]) == 0:
+                if self.num_processes == 1:
+                    continue  # nothing to learn from, nobody to keep in step
+                if self.last_readable is None:
+                    raise ValueError("No image of this process's first batch could be read: check the dataset's images.")
+                batch, weight = self.last_readable, 0.0
+            self.last_readable = batch
+            batches.append(batch)
+            weights.append(weight)
+        return batches, weights
 
 
 # ------------------------------------------------------------------------------------------ optimisation
@@ -381,9 +428,11 @@ def save_checkpoint(accelerator, output_dir: str, step: int, keep: int, settings
 # -------------------------------------------------------------------------------------------------- train
 def main(argv=None) -> int:
     args = resolve_args(build_parser().parse_args(argv))
+    if args.dry_run:
+        print(json.dumps(resolved_settings(args), indent=2, sort_keys=True))
+        return 0
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with="tensorboard" if is_tensorboard_available() else None,
         project_dir=args.output_dir,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
@@ -450,33 +499,26 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> int:
     # loop: one optimizer step = gradient_accumulation_steps micro-batches per process
     progress = tqdm(total=max_steps, initial=step, desc=f"Training {args.model} ({args.recipe})",
                     disable=not accelerator.is_local_main_process)
-    samples_seen, unreadable, step_losses, started = 0, 0, [], time.perf_counter()
+    samples_seen, step_losses, started = 0, [], time.perf_counter()
     log_path = os.path.join(args.output_dir, "log.jsonl")
     model.train()
-    micro_batches, last_readable = iter(stream), None
+    step_batches = StepBatches(stream, args.gradient_accumulation_steps, accelerator.num_processes)
     while step < max_steps:
-        batch = next(micro_batches)
-        unreadable += int(batch.pop("unreadable"))
-        weight = 1.0
-        if len(batch["locations"]) == 0:  # no image of this micro-batch could be read
-            if accelerator.num_processes == 1:
-                continue  # nothing to learn from, nobody to keep in step
-            if last_readable is None:
-                raise ValueError("No image of this process's first batch could be read: check the dataset's images.")
-            batch, weight = last_readable, 0.0
-        last_readable = batch
-        with accelerator.accumulate(model):
-            loss = task.loss(model, batch, weight)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and args.max_grad_norm:
-                accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad()
+        batches, weights = next(step_batches)
+        batches = task.start_step(batches, weights)
+        for index, (batch, weight) in enumerate(zip(batches, weights)):
+            # Gradients are averaged across processes once, on the step's last micro-batch.
+            last = index == len(batches) - 1
+            with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                loss = task.loss(model, batch, weight)
+                accelerator.backward(loss / len(batches))
+            step_losses.append(loss.detach())
+            samples_seen += int(weight) * len(batch["locations"])
+        if args.max_grad_norm:
+            accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad()
         task.after_step(model)
-        samples_seen += int(weight) * len(batch["locations"])
-        step_losses.append(loss.detach())
-        if not accelerator.sync_gradients:
-            continue
         if not accelerator.optimizer_step_was_skipped:  # fp16: no scheduler step where the scaler skipped one
             scheduler.step()
         step += 1
@@ -498,7 +540,7 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> int:
 
     # save: the model (+ gallery or cell table), its processors, and a summary
     counts = accelerator.gather(torch.tensor([samples_seen], device=accelerator.device)).tolist()
-    skipped = accelerator.gather(torch.tensor([unreadable], device=accelerator.device)).tolist()
+    skipped = accelerator.gather(torch.tensor([step_batches.unreadable], device=accelerator.device)).tolist()
     accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
@@ -507,7 +549,7 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> int:
         summary = {"model": args.model, "recipe": args.recipe, "steps": step, "num_processes": accelerator.num_processes,
                    "samples_per_process": counts, "unreadable_images_per_process": skipped,
                    "train_rows": len(latitudes), "seconds": round(time.perf_counter() - started, 1),
-                   "args": {key: value for key, value in vars(args).items() if key != "given_options"}}
+                   "args": resolved_settings(args)}
         with open(os.path.join(args.output_dir, "train_summary.json"), "w") as handle:
             json.dump(summary, handle, indent=2)
         if args.push_to_hub:  # the files `geoloc publish` uploads: the model, its card and remote code, no state

@@ -24,13 +24,13 @@ import torch
 from transformers import AutoImageProcessor, AutoTokenizer
 
 from modeling_geoclip import GeoCLIPImageProcessor, GeoCLIPModel, byte_level_clip_tokenizer
+from modeling_geoclip.geo_common import destination_points
 from modeling_geohier import GeoHierImageProcessor, GeoHierModel
 
 from .augment import build_augmentation
 from .configs import tiny_geoclip_config, tiny_geohier_config, tiny_image_processor
 from .data import IMAGE, LATITUDE, LONGITUDE, GeoCollator, decode_images
 from .gallery import training_gallery
-from .geodesy import KM_PER_DEGREE
 
 TRAINING_TASKS: dict[str, type["TrainingTask"]] = {}
 SCENE_LABELS = "scene_labels"
@@ -101,12 +101,17 @@ class TrainingTask:
         if self.image_collator is not None:
             self.image_collator.epoch = epoch
 
+    def start_step(self, batches: list[dict], weights: list[float]) -> list[dict]:
+        """Called with the micro-batches of one optimizer step (this process's, in order) before their losses;
+        returns them, with anything their losses need added (e.g. GeoCLIP's rows in the global batch)."""
+        return batches
+
     def loss(self, model, batch: dict, weight: float = 1.0) -> torch.Tensor:
         """The loss of one micro-batch (times `weight`; 0 for a stand-in batch, see `geoloc.train`)."""
         raise NotImplementedError
 
     def after_step(self, model) -> None:
-        """Called after every micro-batch's optimizer step (e.g. GeoCLIP's queue update)."""
+        """Called once after each optimizer step (e.g. GeoCLIP's queue update)."""
 
     def finalize(self, model, latitudes: np.ndarray, longitudes: np.ndarray) -> None:
         """Add what the saved model needs besides its weights (main process, before `save`)."""
@@ -122,16 +127,24 @@ class TrainingTask:
 # ---------------------------------------------------------------------------------------------------- GeoCLIP
 @register_task("geoclip")
 class GeoCLIPTask(TrainingTask):
-    """GeoCLIP: contrastive loss of each image against its location, every process's locations of this
-    micro-batch (one big batch) and the GPS queue; the queue gets every process's locations after each step."""
+    """GeoCLIP's contrastive training, step for step as the official loop (`geoclip/train/train.py` of
+    geoclip 1.3.0): each image is scored against the locations of the whole global batch (every process, every
+    accumulated micro-batch) and the GPS queue as it was before the step; after the step the global batch enters
+    the queue. So 1 process, N processes and gradient accumulation train the same weights from the same batches.
+
+    GPS noise as in the paper: the batch's coordinates are moved by Gaussian noise of
+    `--gps-noise-km` (150 m) and the locations entering the queue by `--queue-noise-km` (1 km), as distances on
+    the sphere. The official code adds none (intended difference only where a recipe sets it)."""
 
     @classmethod
     def add_arguments(cls, parser) -> None:
         group = parser.add_argument_group("GeoCLIP")
         group.add_argument("--queue-size", type=int, help="GPS queue of negatives (recipe default)")
         group.add_argument("--gps-noise-km", type=float,
-                           help="GPS augmentation: Gaussian noise of this many km on the training coordinates "
-                                "(recipe default)")
+                           help="GPS augmentation: move each training location of the batch by 2-D Gaussian noise "
+                                "of this standard deviation per axis, km (recipe default)")
+        group.add_argument("--queue-noise-km", type=float,
+                           help="the same noise for the locations as they enter the GPS queue, km (recipe default)")
         group.add_argument("--cache-features", action="store_true",
                            help="precompute the frozen CLIP image embeddings once and train on them (needs a frozen "
                                 "image tower; image augmentation does not apply, GPS noise does)")
@@ -141,8 +154,8 @@ class GeoCLIPTask(TrainingTask):
 
     @classmethod
     def check_args(cls, args) -> None:
-        if args.queue_size < 0 or args.gps_noise_km < 0 or args.gallery_size < 1:
-            raise ValueError("--queue-size and --gps-noise-km must be >= 0 and --gallery-size >= 1.")
+        if args.queue_size < 0 or args.gps_noise_km < 0 or args.queue_noise_km < 0 or args.gallery_size < 1:
+            raise ValueError("--queue-size, --gps-noise-km and --queue-noise-km must be >= 0 and --gallery-size >= 1.")
         if args.cache_features and args.train_backbone:
             raise ValueError("--cache-features needs a frozen image tower: add --no-train-backbone.")
 
@@ -159,6 +172,9 @@ class GeoCLIPTask(TrainingTask):
             self.model = GeoCLIPModel.from_pretrained(args.model_config)
             self.image_processor = AutoImageProcessor.from_pretrained(args.model_config)
             self.tokenizer = AutoTokenizer.from_pretrained(args.model_config)
+            if "queue_size" in args.given_options and args.queue_size != self.model.config.queue_size:
+                raise ValueError(f"--queue-size {args.queue_size}: {args.model_config} has a queue of "
+                                 f"{self.model.config.queue_size} (its contents are part of the training state).")
         # The text tower is never trained (the paper aligns images and GPS; text reads the image MLP's space).
         self.model.config.freeze_backbone = not args.train_backbone
         self.model.image_tower.requires_grad_(args.train_backbone)
@@ -174,25 +190,32 @@ class GeoCLIPTask(TrainingTask):
         features = cache_clip_features(self.model, self.image_processor, dataset, self.args.cache_dir, self.accelerator)
         return CachedFeatures(features), CachedFeatures.collate
 
+    def start_step(self, batches, weights):
+        """Gather the step's locations from every process and micro-batch, ordered (micro-batch, process) as one
+        process reading the global batch would have them, noised once; mark each image's own row among them
+        (`positive_rows`). A stand-in batch (weight 0) contributes no rows."""
+        device, noised, queued, start = self.accelerator.device, [], [], 0
+        for batch, weight in zip(batches, weights):
+            locations, real = batch["locations"].to(device), weight > 0
+            everyone, offset = gather_rows(add_gps_noise(locations, self.args.gps_noise_km), self.accelerator, real)
+            batch["positive_rows"] = torch.arange(start + offset, start + offset + len(locations), device=device)
+            start += len(everyone)
+            noised.append(everyone)
+            queued.append(gather_rows(add_gps_noise(locations, self.args.queue_noise_km), self.accelerator, real)[0])
+        self.step_locations, self.step_queue_entries = torch.cat(noised), torch.cat(queued)
+        return batches
+
     def loss(self, model, batch, weight=1.0):
-        locations = batch["locations"]
-        if self.args.gps_noise_km:
-            locations = add_gps_noise(locations, self.args.gps_noise_km)
-        real = weight > 0
-        # Every process scores its images against every process's locations: one big batch of negatives.
-        everyone, offset = gather_rows(locations.to(self.accelerator.device), self.accelerator, real=real)
-        self._step_locations = everyone
         inputs = {key: batch[key] for key in ("pixel_values", "clip_image_embeds") if key in batch}
-        if real:
-            own = torch.arange(offset, offset + len(locations), device=everyone.device)
-            outputs = model(**inputs, locations=everyone, labels=own, return_loss=True)
+        if weight > 0:
+            outputs = model(**inputs, locations=self.step_locations, labels=batch["positive_rows"], return_loss=True)
         else:  # a stand-in batch (its loss is multiplied by 0): scored against its own locations only
-            outputs = model(**inputs, locations=locations, return_loss=True)
+            outputs = model(**inputs, locations=batch["locations"], return_loss=True)
         return outputs.loss * weight
 
     def after_step(self, model) -> None:
-        # Every process enqueues every process's locations, in process order: the queues stay identical.
-        self.accelerator.unwrap_model(model).enqueue_locations(self._step_locations)
+        # Every process enqueues the same global batch in the same order: the queues stay identical.
+        self.accelerator.unwrap_model(model).enqueue_locations(self.step_queue_entries)
 
     def finalize(self, model, latitudes, longitudes) -> None:
         model.set_gallery(training_gallery(latitudes, longitudes, self.args.gallery_size, self.args.seed))
@@ -213,13 +236,15 @@ def gather_rows(rows: torch.Tensor, accelerator, real: bool = True) -> tuple[tor
     return everyone, sum(counts[: accelerator.process_index])
 
 
-def add_gps_noise(locations: torch.Tensor, km: float) -> torch.Tensor:
-    """GeoCLIP's GPS augmentation: move each (lat, lon) of `locations` (B, 2) by Gaussian noise of std `km`
-    kilometres; latitudes are clamped at the poles and longitudes wrapped into [-180, 180)."""
-    noise = torch.randn_like(locations) * (km / KM_PER_DEGREE)
-    latitude = (locations[:, 0] + noise[:, 0]).clamp(-90, 90)
-    longitude = locations[:, 1] + noise[:, 1] / torch.cos(torch.deg2rad(latitude)).clamp(min=1e-2)
-    return torch.stack([latitude, torch.remainder(longitude + 180, 360) - 180], dim=1)
+def add_gps_noise(locations: torch.Tensor, sd_km: float) -> torch.Tensor:
+    """GeoCLIP's GPS augmentation: each (lat, lon) of `locations` (B, 2) moved by 2-D Gaussian noise of standard
+    deviation `sd_km` along each axis (north, east), i.e. a uniform bearing and a Rayleigh distance, on the sphere
+    (`destination_points`). `sd_km == 0` returns `locations` unchanged."""
+    if not sd_km:
+        return locations
+    north, east = torch.randn(2, len(locations), dtype=torch.float64, device=locations.device) * sd_km
+    moved = destination_points(locations, torch.atan2(east, north), torch.hypot(north, east))
+    return moved.to(locations.dtype)
 
 
 DEFAULT_FEATURE_CACHE = os.path.join(
@@ -327,8 +352,9 @@ class GeoHierTask(TrainingTask):
 
     @classmethod
     def check_args(cls, args) -> None:
-        if args.cache_features or args.gps_noise_km:
-            raise ValueError("--cache-features and --gps-noise-km are GeoCLIP options (GeoHier trains end to end).")
+        if args.cache_features or args.gps_noise_km or args.queue_noise_km:
+            raise ValueError("--cache-features, --gps-noise-km and --queue-noise-km are GeoCLIP options (GeoHier "
+                             "trains end to end).")
         if args.geocells and "geocell_levels" in args.given_options:
             raise ValueError("Give --geocells FILE or --geocell-levels, not both.")
         if args.num_scenes is not None and args.num_scenes < 1:

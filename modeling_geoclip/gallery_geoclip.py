@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
-from .geo_common import EARTH_MEAN_RADIUS_KM
+from .geo_common import destination_points
 
 logger = logging.get_logger(__name__)
 
@@ -466,16 +466,9 @@ def sample_around(
     """
     locations = locations.to(torch.float64)
     shape = (len(locations), num_samples)
-    bearing = torch.rand(shape, generator=generator, dtype=torch.float64) * 2 * math.pi
-    angle = torch.randn(shape, generator=generator, dtype=torch.float64).abs() * radius_km / EARTH_MEAN_RADIUS_KM
-    lat0, lon0 = torch.deg2rad(locations[:, :1]), torch.deg2rad(locations[:, 1:])
-    sin_lat = torch.sin(lat0) * torch.cos(angle) + torch.cos(lat0) * torch.sin(angle) * torch.cos(bearing)
-    latitude = torch.asin(sin_lat.clamp(-1, 1))
-    longitude = lon0 + torch.atan2(
-        torch.sin(bearing) * torch.sin(angle) * torch.cos(lat0), torch.cos(angle) - torch.sin(lat0) * sin_lat
-    )
-    longitude = torch.remainder(longitude + math.pi, 2 * math.pi) - math.pi
-    return torch.stack((torch.rad2deg(latitude), torch.rad2deg(longitude)), dim=-1)
+    bearings = torch.rand(shape, generator=generator, dtype=torch.float64) * 2 * math.pi
+    distances = torch.randn(shape, generator=generator, dtype=torch.float64).abs() * radius_km
+    return destination_points(locations, bearings, distances)
 
 
 def refine_hits(

@@ -404,18 +404,18 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
             raise ValueError("forward needs locations of shape (M, 2); use geolocate() to search the gallery.")
         locations = validate_locations(locations)
         image_embeds = F.normalize(self.get_image_features(pixel_values, clip_image_embeds), dim=-1)
-        location_embeds = F.normalize(self.get_location_features(locations), dim=-1)
+        # With the loss, the filled part of the GPS queue is encoded in the same pass, after the locations, as
+        # in the official loop (`torch.cat([gps, gps_queue])`): the same operations give the same gradients.
+        queue = self.gps_queue[: int(self.gps_queue_count)] if return_loss else locations[:0]
+        everything = torch.cat([locations, queue.to(locations)]) if len(queue) else locations
+        embeds = F.normalize(self.get_location_features(everything), dim=-1).to(image_embeds.dtype)
         scale = self.logit_scale.exp()
         # Scale after the matmul, in the official code's order, so converted weights give identical logits.
-        logits_per_image = scale * (image_embeds @ location_embeds.to(image_embeds.dtype).T)
+        logits = scale * (image_embeds @ embeds.T)
+        logits_per_image, location_embeds = logits[:, : len(locations)], embeds[: len(locations)]
         loss = None
         if return_loss:
             labels = self._positive_rows(labels, len(image_embeds), len(location_embeds), image_embeds.device)
-            queue = self.gps_queue[: int(self.gps_queue_count)]
-            logits = logits_per_image
-            if len(queue):
-                queue_embeds = F.normalize(self.get_location_features(queue), dim=-1).to(image_embeds.dtype)
-                logits = torch.cat([logits, scale * image_embeds @ queue_embeds.T], dim=1)
             loss = F.cross_entropy(logits.float(), labels)
         return GeoCLIPOutput(
             loss=loss,

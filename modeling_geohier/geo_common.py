@@ -1,6 +1,6 @@
 # Generated from modeling_geoclip/geo_common.py by `python geoloc/remote_code.py --sync`; do not edit.
-"""What every model of this package shares: coordinate validation and storage, the `top_k` check, the
-`geolocate` output type and strict checkpoint loading.
+"""What every model of this package shares: coordinate validation and storage, moving points on the sphere,
+the `top_k` check, the `geolocate` output type and strict checkpoint loading.
 
 The single source is `modeling_geoclip/geo_common.py`; `modeling_geohier/geo_common.py` is a generated copy
 (each model folder is pushed to the Hub alone as remote code, which allows only relative imports, so each
@@ -71,6 +71,36 @@ def validate_locations(locations, name: str = "locations") -> torch.Tensor:
             lat, lon = locations[row].tolist()
             raise ValueError(f"{name}[{row}] = ({lat}, {lon}): {rule} (degrees, (latitude, longitude) order).")
     return locations
+
+
+def destination_points(locations: torch.Tensor, bearings: torch.Tensor, distances_km: torch.Tensor) -> torch.Tensor:
+    """The one formula that moves points by a distance on the Earth (a sphere of `EARTH_MEAN_RADIUS_KM`): along
+    the great circle leaving each location at its bearing. Used by GPS noise in training and by refinement.
+
+    Args:
+        locations (`torch.Tensor` of shape `(N, 2)`): start points, (latitude, longitude) degrees.
+        bearings (`torch.Tensor` of shape `(N, ...)`): radians clockwise from north.
+        distances_km (`torch.Tensor`, same shape as `bearings`): km along the great circle (>= 0).
+
+    Returns: `torch.DoubleTensor` of shape `bearings.shape + (2,)`: valid (lat, lon) degrees, longitudes wrapped
+    into [-180, 180).
+
+    Example:
+        >>> destination_points(torch.tensor([[0.0, 0.0]]), torch.tensor([0.0]), torch.tensor([111.195]))[0, 0]
+        tensor(1.0000, dtype=torch.float64)
+    """
+    locations = torch.as_tensor(locations).to(torch.float64)
+    bearings = torch.as_tensor(bearings, dtype=torch.float64, device=locations.device)
+    angles = torch.as_tensor(distances_km, dtype=torch.float64, device=locations.device) / EARTH_MEAN_RADIUS_KM
+    extra = (1,) * (bearings.ndim - 1)
+    lat0 = torch.deg2rad(locations[:, 0]).reshape(-1, *extra)
+    lon0 = torch.deg2rad(locations[:, 1]).reshape(-1, *extra)
+    sin_lat = torch.sin(lat0) * torch.cos(angles) + torch.cos(lat0) * torch.sin(angles) * torch.cos(bearings)
+    latitude = torch.asin(sin_lat.clamp(-1, 1))
+    longitude = lon0 + torch.atan2(torch.sin(bearings) * torch.sin(angles) * torch.cos(lat0),
+                                   torch.cos(angles) - torch.sin(lat0) * sin_lat)
+    longitude = torch.remainder(longitude + torch.pi, 2 * torch.pi) - torch.pi
+    return torch.stack((torch.rad2deg(latitude), torch.rad2deg(longitude)), dim=-1)
 
 
 def check_top_k(top_k, n_candidates: int) -> int:
@@ -157,6 +187,7 @@ __all__ = [
     "GeolocationOutput",
     "StrictFromPretrainedMixin",
     "check_top_k",
+    "destination_points",
     "from_microdegrees",
     "to_microdegrees",
     "validate_locations",

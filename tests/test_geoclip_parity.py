@@ -277,3 +277,126 @@ def test_convert_without_network_fails_at_once_saying_what_to_do(wheel, tmp_path
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("geoloc convert: error: ") and "find them in the cached files" in line
     assert "http://127.0.0.1:9 is unreachable" in line and "HF_HUB_OFFLINE=1" in line
+
+
+# ------------------------------------------------------------------------------------------- training parity
+TRAIN_BATCH, TRAIN_QUEUE, STEPS_PER_EPOCH = 8, 32, 3
+LEARNING_RATE = "1e-3"  # the paper's 3e-5 would move the weights too little to show a wrong gradient
+
+
+def _grid_points(generator, count):
+    """Random (lat, lon) on a 1/64-degree grid: exact in float32, float64 and int32 micro-degrees alike, so the
+    official float32 queue and our micro-degree queue hold the same numbers."""
+    latitudes = torch.randint(-80 * 64, 80 * 64, (count,), generator=generator) / 64
+    longitudes = torch.randint(-180 * 64, 180 * 64, (count,), generator=generator) / 64
+    return torch.stack([latitudes, longitudes], dim=1).double()
+
+
+def _training_checkpoint(wheel, folder, queue):
+    """The released GeoCLIP weights on a tiny random CLIP tower (768-d projection), with `queue` already in its
+    GPS queue, saved as `geoloc train --model-config` reads it."""
+    from geoloc.configs import tiny_image_processor
+    from geoloc.convert import load_official_weights, read_official_geoclip
+    from modeling_geoclip import GeoCLIPConfig, GeoCLIPLocationEncoderConfig, byte_level_clip_tokenizer
+
+    weights, metadata = read_official_geoclip(wheel)
+    vision, text = _random_backbone_config()
+    config = GeoCLIPConfig(vision_config=vision, text_config=text, queue_size=len(queue), backbone="random",
+                           location_config=GeoCLIPLocationEncoderConfig(sigmas=metadata["sigmas"]))
+    model = GeoCLIPModel(config)
+    load_official_weights(model, weights)
+    model.enqueue_locations(queue)
+    model.set_gallery(queue[:4])
+    model.save_pretrained(folder)
+    tiny_image_processor("geoclip").save_pretrained(folder)
+    byte_level_clip_tokenizer().save_pretrained(folder)
+    return model
+
+
+def _image_folder(folder, locations, generator):
+    import csv
+
+    from PIL import Image
+
+    folder.mkdir()
+    with open(folder / "metadata.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file_name", "latitude", "longitude"])
+        for index, (latitude, longitude) in enumerate(locations.tolist()):
+            pixels = torch.randint(0, 256, (40, 48, 3), generator=generator, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(folder / f"{index:03d}.png")
+            writer.writerow([f"{index:03d}.png", repr(latitude), repr(longitude)])
+
+
+def test_training_steps_match_the_official_trainer(wheel, tmp_path, monkeypatch):
+    """`geoloc train --recipe geoclip-paper` (the code path the CLI runs) and the official loop
+    (`geoclip/train/train.py` with the official `GeoCLIP`, its `get_gps_queue` and `dequeue_and_enqueue`), fed the
+    same batches from the same start, take the same 6 optimizer steps over 2 epochs: losses, weights, temperature
+    and queue agree within 1e-5.
+
+    The paper's optimiser (Adam, weight decay 1e-6, the rate times 0.87 after each epoch, no clipping) at a rate of
+    1e-3 instead of 3e-5, so that a wrong gradient moves the weights visibly. Intended differences, put in the same
+    state here: the official queue starts full of random unit vectors (ours empty, used as it fills), so both start
+    from the same full queue; the official code has no GPS noise (the recipe's 150 m / 1 km are turned off) and
+    its transforms are torchvision's random ones (augmentation off). The official image encoder gets the CLIP
+    features of our frozen tiny tower, which is what a frozen CLIP tower gives it."""
+    from geoloc import training_tasks
+    from geoloc.train import main as train_main
+
+    generator = torch.Generator().manual_seed(0)
+    queue = _grid_points(generator, TRAIN_QUEUE)
+    data, checkpoint, output = tmp_path / "data", tmp_path / "start", tmp_path / "trained"
+    _image_folder(data, _grid_points(generator, TRAIN_BATCH * STEPS_PER_EPOCH), generator)
+    start = _training_checkpoint(wheel, checkpoint, queue).eval()
+
+    batches, start_step = [], training_tasks.GeoCLIPTask.start_step
+
+    def recording_start_step(self, step_batches, weights):
+        batches.extend((batch["pixel_values"].clone(), batch["locations"].clone()) for batch in step_batches)
+        return start_step(self, step_batches, weights)
+
+    monkeypatch.setattr(training_tasks.GeoCLIPTask, "start_step", recording_start_step)
+    assert train_main([
+        "--recipe", "geoclip-paper", "--model-config", str(checkpoint), "--dataset", str(data),
+        "--output-dir", str(output), "--batch-size", str(TRAIN_BATCH), "--max-steps", str(2 * STEPS_PER_EPOCH),
+        "--learning-rate", LEARNING_RATE, "--augmentation", "none", "--gps-noise-km", "0", "--queue-noise-km", "0",
+        "--log-every", "1", "--checkpoint-every", "100"]) == 0
+    ours = AutoModel.from_pretrained(output)
+    our_losses = [json.loads(line)["loss"] for line in open(output / "log.jsonl")]
+
+    code = load_official_geoclip(wheel)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(code.image_encoder_module, "CLIPModel", _IdentityCLIP)
+        reference = code.GeoCLIP(from_pretrained=True, queue_size=TRAIN_QUEUE, clip_pretrained=False)
+    reference.gps_queue.copy_(queue.float().T)
+    optimizer = torch.optim.Adam(reference.parameters(), lr=float(LEARNING_RATE), weight_decay=1e-6)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.87)
+    official_losses = []
+
+    def criterion(logits, targets):
+        loss = F.cross_entropy(logits, targets)
+        official_losses.append(loss.item())
+        return loss
+
+    with torch.no_grad():
+        official_batches = [(start.get_clip_image_embeds(pixels), locations.float()) for pixels, locations in batches]
+    for epoch in range(2):
+        epoch_batches = official_batches[epoch * STEPS_PER_EPOCH:(epoch + 1) * STEPS_PER_EPOCH]
+        code.train(epoch_batches, reference, optimizer, epoch, TRAIN_BATCH, "cpu", scheduler, criterion)
+
+    assert len(batches) == 6 and len(our_losses) == 6
+    assert our_losses == pytest.approx(official_losses, abs=TOLERANCE, rel=0)
+    released = {key: value for key, value in reference.state_dict().items()
+                if key.startswith(("location_encoder.", "image_encoder.mlp.", "logit_scale"))}
+    trained = ours.state_dict()
+    from geoloc.convert import convert_official_state_dict
+
+    expected = convert_official_state_dict(released, {key: trained[key] for key in trained
+                                                      if key.startswith(("location_encoder.", "image_mlp.", "logit_scale"))})
+    moved = 0.0
+    for key, value in expected.items():
+        torch.testing.assert_close(trained[key], value, atol=TOLERANCE, rtol=0, msg=key)
+        moved = max(moved, (trained[key] - start.state_dict()[key]).abs().max().item())
+    assert moved > 100 * TOLERANCE  # the comparison is not of two untrained models
+    torch.testing.assert_close(ours.gps_queue.float(), reference.gps_queue.T, atol=0, rtol=0)
+    assert int(ours.gps_queue_ptr) == int(reference.gps_queue_ptr) == (6 * TRAIN_BATCH) % TRAIN_QUEUE
