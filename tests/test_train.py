@@ -115,6 +115,56 @@ def test_recipes_fill_what_the_command_line_leaves_open():
     assert args.backbone is None and args.epochs == 40 and args.label_smoothing == 0.1
 
 
+@pytest.mark.parametrize(("recipe", "expected"), [
+    ("geoclip-paper", {"model": "geoclip", "optimizer": "adam", "batch_size": 512, "queue_size": 4096,
+                       "gps_noise_km": 0.15, "queue_noise_km": 1.0, "epochs": 10, "decay_gamma": 0.87,
+                       "augmentation": "photo", "backbone": "openai/clip-vit-large-patch14"}),
+    ("geodecoder-paper", {"model": "geohier", "optimizer": "sgd", "batch_size": 256, "epochs": 40,
+                          "backbone": "google/vit-base-patch16-224-in21k"}),
+])
+def test_dry_run_prints_every_resolved_option_without_loading_anything(recipe, expected, capsys):
+    # Neither the dataset nor the backbone exists here (no network): nothing is loaded.
+    assert main(["--recipe", recipe, "--dry-run", "--dataset", "/no/such/dataset", "--learning-rate", "0.25"]) == 0
+    settings = json.loads(capsys.readouterr().out)
+    assert settings["recipe"] == recipe and settings["learning_rate"] == 0.25
+    assert {key: settings[key] for key in expected} == expected
+    assert set(settings) >= {"seed", "max_grad_norm", "weight_decay", "schedule", "warmup_steps", "output_dir"}
+    with pytest.raises(ValueError, match="required: --dataset, --output-dir"):
+        resolve_args(build_parser().parse_args(["--recipe", recipe]))
+
+
+@pytest.mark.parametrize("start", [(0.0, 0.0), (89.99, 30.0), (-45.0, 179.999)])
+def test_gps_noise_moves_points_by_true_distances_on_the_sphere(start):
+    from geoloc.geodesy import geodesic_distance_km
+    from geoloc.training_tasks import add_gps_noise
+
+    torch.manual_seed(0)
+    locations = torch.tensor([start], dtype=torch.float64).repeat(20_000, 1)
+    assert add_gps_noise(locations, 0.0) is locations
+    moved = add_gps_noise(locations, 1.0).numpy()
+    assert (np.abs(moved[:, 0]) <= 90).all() and (moved[:, 1] >= -180).all() and (moved[:, 1] < 180).all()
+    distances = geodesic_distance_km(locations[:, 0].numpy(), locations[:, 1].numpy(), moved[:, 0], moved[:, 1])
+    # 2-D Gaussian of 1 km per axis: E[d^2] = 2 km^2 (WGS84 vs the sphere: well under 1 %).
+    assert np.mean(distances**2) == pytest.approx(2.0, rel=0.04)
+    assert np.median(distances) == pytest.approx(np.sqrt(2 * np.log(2)), rel=0.03)  # Rayleigh median
+
+
+def test_batch_noise_stays_out_of_the_queue_and_queue_noise_goes_in(worldmap, tmp_path):
+    truth = load_geo_dataset(worldmap)
+    points = torch.tensor(np.stack([truth["latitude"], truth["longitude"]], axis=1))
+    args = ["--model", "geoclip", "--dataset", worldmap, "--max-steps", "2", "--augmentation", "none", *TINY]
+    nearest_km = {}
+    for name, noise in (("batch", ["--gps-noise-km", "500", "--queue-noise-km", "0"]),
+                        ("queue", ["--gps-noise-km", "0", "--queue-noise-km", "20"])):
+        assert main([*args, *noise, "--output-dir", str(tmp_path / name)]) == 0
+        model = AutoModel.from_pretrained(tmp_path / name)
+        queue = model.gps_queue[: int(model.gps_queue_count)]
+        assert len(queue) == 32
+        nearest_km[name] = torch.cdist(queue, points).min(dim=1).values * 111.2  # ~km at these scales
+    assert nearest_km["batch"].max() < 1e-3  # the queue got the true locations, not the 500 km noised ones
+    assert 5 < nearest_km["queue"].median() < 60  # ...and its own 20 km draw when asked
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     (["--max-steps", "0"], "--max-steps"),
     (["--train-fraction", "1.5"], "train-fraction"),
@@ -183,25 +233,34 @@ def test_killed_run_resumes_to_the_same_weights(worldmap, tmp_path):
     assert_same_weights(killed, reference)
 
 
-def test_two_processes_train_as_one_big_batch(worldmap, tmp_path):
-    """2 processes x 8 images = 1 process x 16 images: the same batches, every image against all 16 locations
-    and the queue, so the same weights. Augmentation and GPS noise are off (they draw per process), and so is
-    the tiny tower's training: its attention key biases get a gradient of ~0 (softmax ignores them) that Adam
-    blows up to full steps of float noise, different for every summation order."""
+def test_processes_and_accumulation_train_as_one_big_batch(worldmap, tmp_path):
+    """1 process x 16 images = 1 process x 2 accumulated micro-batches of 8 = 2 processes x 2 micro-batches of 4:
+    the same global batches, every image against all 16 locations of its step and the queue as it was before the
+    step, the queue updated once per step with the 16 locations in the same order, so the same weights and the
+    same queue. Augmentation and GPS noise are off (they draw per process), and so is the tiny tower's training:
+    its attention key biases get a gradient of ~0 (softmax ignores them) that Adam blows up to full steps of
+    float noise, different for every summation order."""
     args = ["--model", "geoclip", "--dataset", worldmap, "--max-steps", "6", "--checkpoint-every", "3",
-            "--augmentation", "none", "--gps-noise-km", "0", "--no-train-backbone", *TINY]
-    two, one = str(tmp_path / "two"), str(tmp_path / "one")
-    process = run_module([*args, "--output-dir", two], launcher=ACCELERATE, env={"ACCELERATE_USE_CPU": "1"})
+            "--augmentation", "none", "--gps-noise-km", "0", "--queue-noise-km", "0", "--no-train-backbone", *TINY]
+    two, accumulated, one = str(tmp_path / "two"), str(tmp_path / "accumulated"), str(tmp_path / "one")
+    process = run_module([*args, "--output-dir", two, "--gradient-accumulation-steps", "2"], launcher=ACCELERATE,
+                         env={"ACCELERATE_USE_CPU": "1"})
     output = process.communicate(timeout=300)[0]
     assert process.returncode == 0, output
+    assert main([*args, "--output-dir", accumulated, "--gradient-accumulation-steps", "2"]) == 0
     assert main([*args, "--output-dir", one]) == 0
     summary = json.load(open(os.path.join(two, "train_summary.json")))
     assert summary["num_processes"] == 2 and summary["samples_per_process"] == [48, 48]
     assert sorted(os.listdir(os.path.join(two, "checkpoints", "step_00000006"))) == [
         "model.safetensors", "optimizer.bin", "random_states_0.pkl", "random_states_1.pkl", "run_settings.json",
         "scheduler.bin", "stream_position_0.json", "stream_position_1.json"]
-    assert int(AutoModel.from_pretrained(two).gps_queue_count) == 6 * 16  # both processes' coordinates, each step
-    assert_same_weights(two, one, atol=2e-5)
+    reference = AutoModel.from_pretrained(one)
+    assert int(reference.gps_queue_count) == 6 * 16
+    for run in (two, accumulated):
+        model = AutoModel.from_pretrained(run)
+        assert torch.equal(model.gps_queue_coordinates, reference.gps_queue_coordinates), run
+        assert int(model.gps_queue_ptr) == int(reference.gps_queue_ptr)
+        assert_same_weights(run, one, atol=2e-5)
 
 
 def test_cached_features_train_like_raw_images(worldmap, tmp_path):
