@@ -1,19 +1,24 @@
 """CPU learnability benchmark: do the README's training commands teach the tiny models where world-map crops
-come from, better than trivial baselines?
+come from, better than the strongest cheap lookups of the training crops?
 
-Builds the world-map crops task (`geoloc worldmap`: Natural Earth shaded relief, disjoint train/test points),
-trains tiny GeoCLIP and tiny GeoHier with the README's command (`accelerate launch --multi_gpu --num_processes 2
--m geoloc.train --model MODEL --dataset DIR --output-dir OUT`: the default recipes, nothing else), scores the
-held-out crops with `geoloc evaluate`, and prints a markdown table beside these baselines on the same crops:
+For each split kind (`random`: held-out points drawn among the training points, so a held-out crop's window
+usually overlaps training crops; `buffered`: no training crop's window overlaps a held-out crop's), it builds the
+world-map crops (`geoloc worldmap`: Natural Earth shaded relief) with train / validation / test splits, trains the
+tiny GeoCLIP and GeoHier with the README's command (`accelerate launch --multi_gpu --num_processes 2 -m geoloc.train
+--model MODEL --dataset DIR --output-dir OUT --seed S`: the default recipes, nothing else) for several seeds,
+scores the validation and test splits with `geoloc evaluate`, and prints one markdown table per split kind, the
+models as mean ± standard deviation over the seeds, beside these baselines on the same crops:
 
 - chance: always the (spherical) mean of the training coordinates; a random training coordinate;
-- 1-NN on raw pixels: the location of the training crop nearest in pixel space (L2, the usual definition; and
-  cosine, a stronger variant that ignores brightness), i.e. the best a lookup of the training crops can do in
-  GeoCLIP's output space (its gallery is the training coordinates);
-- 1-NN on raw pixels snapped to the nearest centroid of GeoHier's finest cells, the same lookup in GeoHier's
-  output space (a classifier cannot beat its own cell resolution).
+- 1-NN lookups of the training crops (their answer is a training location, GeoCLIP's output space): raw pixels
+  (L2 and cosine), 4x4-pooled pixels (cosine), and shift-tolerant (the held-out crop's centre 24x24 pixels
+  against every 24x24 window of a training crop within +-4 px, 4x4-pooled, best cosine);
+- the same lookups snapped to the nearest centroid of GeoHier's finest cells (GeoHier's output space: a classifier
+  cannot beat its own cell resolution).
 
-    python benchmarks/bench_learnability.py [--train 2000 --test 500 --processes 2 --output-dir runs/learnability]
+The validation split is for tuning choices; the test split is reported and never tuned on.
+
+    python benchmarks/bench_learnability.py [--train 2000 --validation 250 --test 250 --seeds 0 1 2]
 """
 
 import argparse
@@ -27,27 +32,50 @@ import time
 import numpy as np
 from transformers import AutoModel
 
-import geoloc.models  # noqa: F401  (registers the models with the Auto classes)
 from geoloc.geodesy import unit_vectors, vector_directions
 from geoloc.metrics import geolocation_metrics
+import geoloc.models  # noqa: F401  (registers both models with the Auto classes)
 from geoloc.worldmap import build_worldmap_splits, write_imagefolder
 
 THRESHOLDS_KM = (25, 200, 750, 2500)
+HELD_OUT = ("validation", "test")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def pixels(images) -> np.ndarray:
-    """(N, H*W*3) float32 raw pixel vectors of PIL images."""
-    return np.stack([np.asarray(image.convert("RGB"), dtype=np.float32).ravel() for image in images])
+    """(N, H, W, 3) float32 pixels of PIL images."""
+    return np.stack([np.asarray(image.convert("RGB"), dtype=np.float32) for image in images])
 
 
-def nearest_neighbours(train: np.ndarray, test: np.ndarray, metric: str) -> np.ndarray:
-    """Index of each test vector's nearest training vector, by L2 distance or cosine similarity."""
+def pooled(images: np.ndarray, factor: int = 4) -> np.ndarray:
+    """(N, H, W, 3) -> (N, H/factor * W/factor * 3): mean over factor x factor blocks, flattened."""
+    n, height, width, channels = images.shape
+    blocks = images.reshape(n, height // factor, factor, width // factor, factor, channels)
+    return blocks.mean(axis=(2, 4)).reshape(n, -1)
+
+
+def nearest_neighbours(train: np.ndarray, query: np.ndarray, metric: str) -> np.ndarray:
+    """Index of each query vector's nearest training vector, by L2 distance or cosine similarity."""
     if metric == "cosine":
-        train = train / np.linalg.norm(train, axis=1, keepdims=True)
-        test = test / np.linalg.norm(test, axis=1, keepdims=True)
-        return (test @ train.T).argmax(axis=1)
-    return ((train**2).sum(1)[None] - 2 * test @ train.T).argmin(axis=1)
+        return (normalised(query) @ normalised(train).T).argmax(axis=1)
+    return ((train**2).sum(1)[None] - 2 * query @ train.T).argmin(axis=1)
+
+
+def normalised(vectors: np.ndarray) -> np.ndarray:
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
+def shift_tolerant_neighbours(train: np.ndarray, query: np.ndarray, shift: int = 4, factor: int = 4) -> np.ndarray:
+    """Index of the training crop one of whose windows, shifted by up to `shift` px, best matches (cosine) each
+    query crop's centre: (H - 2 shift) px squares, `factor` x `factor`-pooled."""
+    size = train.shape[1] - 2 * shift
+    centre = normalised(pooled(query[:, shift:shift + size, shift:shift + size], factor))
+    best = np.full((len(query), len(train)), -np.inf, dtype=np.float32)
+    for dy in range(2 * shift + 1):
+        for dx in range(2 * shift + 1):
+            windows = normalised(pooled(train[:, dy:dy + size, dx:dx + size], factor))
+            np.maximum(best, centre @ windows.T, out=best)
+    return best.argmax(axis=1)
 
 
 def snap(latitudes, longitudes, centroids: np.ndarray) -> np.ndarray:
@@ -62,79 +90,119 @@ def spherical_mean(latitudes, longitudes) -> tuple[float, float]:
     return float(lat[0]), float(lon[0])
 
 
-def train_command(model: str, data_dir: str, output_dir: str, processes: int, train_args=()) -> list[str]:
-    """The README's training command for `model`, with `processes` CPU processes (and `train_args` added)."""
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-                "-m"] if processes > 1 else [sys.executable, "-m"]
-    return [*launcher, "geoloc.train", "--model", model, "--dataset", data_dir, "--output-dir", output_dir,
-            *train_args]
+def baseline_answers(splits, seed: int) -> dict[str, dict[str, np.ndarray]]:
+    """{baseline name: {held-out split: (N, 2) answers}}: chance and the pixel lookups of the training crops."""
+    train = splits["train"]
+    train_points = np.stack([train["latitude"], train["longitude"]], axis=1)
+    train_pixels = pixels(train["image"])
+    mean = np.array(spherical_mean(train_points[:, 0], train_points[:, 1]))
+    answers = {}
+    for split in HELD_OUT:
+        query = pixels(splits[split]["image"])
+        picks = np.random.default_rng(seed).integers(0, len(train_points), len(query))
+        lookups = {
+            "chance: training mean": np.repeat(mean[None], len(query), axis=0),
+            "chance: random training location": train_points[picks],
+            "1-NN raw pixels (L2)": train_points[nearest_neighbours(
+                train_pixels.reshape(len(train_pixels), -1), query.reshape(len(query), -1), "l2")],
+            "1-NN raw pixels (cosine)": train_points[nearest_neighbours(
+                train_pixels.reshape(len(train_pixels), -1), query.reshape(len(query), -1), "cosine")],
+            "1-NN 4x4-pooled pixels (cosine)": train_points[nearest_neighbours(
+                pooled(train_pixels), pooled(query), "cosine")],
+            "1-NN shift-tolerant (centre 24 px, +-4 px, 4x4-pooled)": train_points[
+                shift_tolerant_neighbours(train_pixels, query)],
+        }
+        for name, points in lookups.items():
+            answers.setdefault(name, {})[split] = points
+    return answers
 
 
-def train_and_evaluate(model: str, data_dir: str, output_dir: str, processes: int, train_args=()
-                       ) -> tuple[dict, float, str]:
-    """Train with the README's command and score the test split with `geoloc evaluate`: (metrics, seconds,
-    recipe)."""
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+def train_and_evaluate(model: str, data_dir: str, output_dir: str, processes: int, seed: int, train_args=()
+                       ) -> tuple[dict[str, dict], float]:
+    """Train with the README's command (`--seed seed`, `train_args` added) and score the held-out splits with
+    `geoloc evaluate`: ({split: metrics}, training seconds)."""
+    launcher = ([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                 str(processes), "-m"] if processes > 1 else [sys.executable, "-m"])
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
     started = time.perf_counter()
-    subprocess.run(train_command(model, data_dir, output_dir, processes, train_args), cwd=REPO, env=env, check=True)
+    subprocess.run([*launcher, "geoloc.train", "--model", model, "--dataset", data_dir, "--output-dir", output_dir,
+                    "--seed", str(seed), *train_args], cwd=REPO, env=env, check=True)
     seconds = time.perf_counter() - started
-    evaluation = os.path.join(output_dir, "evaluation")
-    subprocess.run([sys.executable, "-m", "geoloc.evaluate", "--model", output_dir, "--dataset", data_dir,
-                    "--split", "test", "--output-dir", evaluation], cwd=REPO, env=env, check=True)
-    with open(os.path.join(evaluation, "metrics.json")) as handle:
-        metrics = json.load(handle)
-    with open(os.path.join(output_dir, "train_summary.json")) as handle:
-        recipe = json.load(handle)["recipe"]
-    return metrics, seconds, recipe
+    metrics = {}
+    for split in HELD_OUT:
+        evaluation = os.path.join(output_dir, f"evaluation-{split}")
+        subprocess.run([sys.executable, "-m", "geoloc.evaluate", "--model", output_dir, "--dataset", data_dir,
+                        "--split", split, "--output-dir", evaluation], cwd=REPO, env=env, check=True)
+        with open(os.path.join(evaluation, "metrics.json")) as handle:
+            metrics[split] = json.load(handle)
+    return metrics, seconds
 
 
-def run(train_size: int, test_size: int, output_dir: str, processes: int = 2, seed: int = 0,
-        models=("geoclip", "geohier"), train_args=()) -> list[tuple[str, dict, float]]:
-    """Build the crops, train the tiny `models` (`train_args`: options added to the README's command, e.g. a
-    shorter `--max-steps` for tests), and return `(name, metrics, train seconds)` rows: the baselines first, then
-    each model after its own snapped baseline."""
-    splits = build_worldmap_splits(train_size, test_size, seed=seed)
+def run(train_size: int, validation_size: int, test_size: int, output_dir: str, *, buffered: bool = False,
+        processes: int = 2, seeds=(0, 1, 2), models=("geoclip", "geohier"), data_seed: int = 0,
+        train_args=()) -> list[dict]:
+    """Build the crops, score the baselines, train the tiny `models` once per seed and return table rows:
+    `{"name", "metrics": {split: [metrics per seed]}, "seconds": [per seed]}`, baselines first, then each model
+    after the baselines snapped to its cells (GeoHier)."""
+
+    splits = build_worldmap_splits(train_size, test_size, validation=validation_size, seed=data_seed,
+                                   buffered=buffered)
     data_dir = os.path.join(output_dir, "data")
     write_imagefolder(splits, data_dir)
-    train, test = splits["train"], splits["test"]
-    train_lat, train_lon = np.asarray(train["latitude"]), np.asarray(train["longitude"])
-    ref_lat, ref_lon = np.asarray(test["latitude"]), np.asarray(test["longitude"])
+    truth = {split: (np.asarray(splits[split]["latitude"]), np.asarray(splits[split]["longitude"]))
+             for split in HELD_OUT}
 
-    def score(lat, lon):
-        return geolocation_metrics(np.asarray(lat), np.asarray(lon), ref_lat, ref_lon)
+    def scored(answers: dict[str, np.ndarray]) -> dict[str, list[dict]]:
+        return {split: [geolocation_metrics(answers[split][:, 0], answers[split][:, 1], *truth[split])]
+                for split in HELD_OUT}
 
-    mean_lat, mean_lon = spherical_mean(train_lat, train_lon)
-    picks = np.random.default_rng(seed).integers(0, len(train_lat), len(ref_lat))
-    train_pixels, test_pixels = pixels(train["image"]), pixels(test["image"])
-    nearest = {metric: nearest_neighbours(train_pixels, test_pixels, metric) for metric in ("l2", "cosine")}
-    rows = [
-        ("chance: training mean", score(np.full_like(ref_lat, mean_lat), np.full_like(ref_lon, mean_lon)), 0.0),
-        ("chance: random training location", score(train_lat[picks], train_lon[picks]), 0.0),
-        ("1-NN raw pixels (L2)", score(train_lat[nearest["l2"]], train_lon[nearest["l2"]]), 0.0),
-        ("1-NN raw pixels (cosine)", score(train_lat[nearest["cosine"]], train_lon[nearest["cosine"]]), 0.0),
-    ]
+    baselines = baseline_answers(splits, data_seed)
+    rows = [{"name": name, "metrics": scored(answers), "seconds": [0.0]} for name, answers in baselines.items()]
     for model in models:
-        model_dir = os.path.join(output_dir, model)
-        metrics, seconds, recipe = train_and_evaluate(model, data_dir, model_dir, processes, train_args)
-        if model == "geohier":
-            table = AutoModel.from_pretrained(model_dir).get_cell_table()[-1]
+        results, seconds, recipe = {split: [] for split in HELD_OUT}, [], None
+        for seed in seeds:
+            model_dir = os.path.join(output_dir, f"{model}-seed{seed}")
+            metrics, elapsed = train_and_evaluate(model, data_dir, model_dir, processes, seed, train_args)
+            for split in HELD_OUT:
+                results[split].append(metrics[split])
+            seconds.append(elapsed)
+            with open(os.path.join(model_dir, "train_summary.json")) as handle:
+                recipe = json.load(handle)["recipe"]
+        if model == "geohier":  # the lookups in GeoHier's output space: its finest cells (the same for every seed)
+            table = AutoModel.from_pretrained(os.path.join(output_dir, f"{model}-seed{seeds[0]}")).get_cell_table()[-1]
             centroids = np.stack([table["latitudes"], table["longitudes"]], axis=1)
-            for metric, name in (("l2", "L2"), ("cosine", "cosine")):
-                snapped = snap(train_lat[nearest[metric]], train_lon[nearest[metric]], centroids)
-                rows.append((f"1-NN raw pixels ({name}) snapped to GeoHier's {len(centroids)} finest cells",
-                             score(snapped[:, 0], snapped[:, 1]), 0.0))
-        steps = f", {' '.join(train_args)}" if train_args else ""
-        rows.append((f"tiny {model} (`{recipe}`{steps}, {processes} process{'es' if processes > 1 else ''})",
-                     metrics, seconds))
+            for name, answers in baselines.items():
+                if name.startswith("1-NN"):
+                    snapped = {split: snap(answers[split][:, 0], answers[split][:, 1], centroids) for split in HELD_OUT}
+                    rows.append({"name": f"{name} snapped to GeoHier's {len(centroids)} finest cells",
+                                 "metrics": scored(snapped), "seconds": [0.0]})
+        extra = f", {' '.join(train_args)}" if train_args else ""
+        rows.append({"name": f"**tiny {model}** (`{recipe}`{extra}, {processes} process{'es' if processes > 1 else ''},"
+                             f" {len(seeds)} seeds)", "metrics": results, "seconds": seconds, "model": model})
     return rows
 
 
+def median_km(row: dict, split: str) -> float:
+    """The row's median error on `split`, averaged over seeds."""
+    return float(np.mean([metrics["median_km"] for metrics in row["metrics"][split]]))
+
+
+def _cell(values: list[float], fmt: str) -> str:
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(np.mean(values))} ± {fmt.format(np.std(values))}"
+
+
 def markdown_table(rows) -> str:
-    header = "| method | " + " | ".join(f"acc@{t} km" for t in THRESHOLDS_KM) + " | median error (km) | train time (s) |"
-    lines = [header, "|" + "---|" * (len(THRESHOLDS_KM) + 3)]
-    for name, metrics, seconds in rows:
-        accuracies = " | ".join(f"{100 * metrics[f'acc_{t}km']:.1f}%" for t in THRESHOLDS_KM)
-        lines.append(f"| {name} | {accuracies} | {metrics['median_km']:.0f} | {seconds:.0f} |")
+    """Validation median, then test accuracies and median; models as mean ± standard deviation over seeds."""
+    header = ("| method | validation median (km) | " + " | ".join(f"test acc@{t} km" for t in THRESHOLDS_KM)
+              + " | test median (km) | train time (s) |")
+    lines = [header, "|" + "---|" * (len(THRESHOLDS_KM) + 4)]
+    for row in rows:
+        validation, test = row["metrics"]["validation"], row["metrics"]["test"]
+        accuracies = " | ".join(_cell([100 * m[f"acc_{t}km"] for m in test], "{:.1f}%") for t in THRESHOLDS_KM)
+        lines.append(f"| {row['name']} | {_cell([m['median_km'] for m in validation], '{:.0f}')} | {accuracies} | "
+                     f"{_cell([m['median_km'] for m in test], '{:.0f}')} | {_cell(row['seconds'], '{:.0f}')} |")
     return "\n".join(lines)
 
 
@@ -142,18 +210,23 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--train", type=int, default=2000, help="training crops")
-    parser.add_argument("--test", type=int, default=500, help="held-out crops")
+    parser.add_argument("--validation", type=int, default=250, help="validation crops (for tuning choices)")
+    parser.add_argument("--test", type=int, default=250, help="test crops (reported, never tuned on)")
+    parser.add_argument("--splits", nargs="+", default=["random", "buffered"], choices=["random", "buffered"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds")
     parser.add_argument("--processes", type=int, default=2, help="training processes (the README's command: 2)")
     parser.add_argument("--models", nargs="+", default=["geoclip", "geohier"], choices=["geoclip", "geohier"])
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", help="keep data and models here (default: a temporary folder)")
     args = parser.parse_args(argv)
-    load = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory() as scratch:
-        rows = run(args.train, args.test, args.output_dir or scratch, args.processes, args.seed, args.models)
-    print(f"\nWorld-map crops, {args.train} train / {args.test} test points, {os.cpu_count()} CPU cores, load "
-          f"{load:.1f} at the start:\n")
-    print(markdown_table(rows))
+    for kind in args.splits:
+        load = os.getloadavg()[0]
+        with tempfile.TemporaryDirectory() as scratch:
+            output_dir = os.path.join(args.output_dir or scratch, kind)
+            rows = run(args.train, args.validation, args.test, output_dir, buffered=kind == "buffered",
+                       processes=args.processes, seeds=tuple(args.seeds), models=tuple(args.models))
+        print(f"\nWorld-map crops, {kind} split: {args.train} train / {args.validation} validation / {args.test} test "
+              f"points, {os.cpu_count()} CPU cores, load {load:.1f} at the start, then {os.getloadavg()[0]:.1f}:\n")
+        print(markdown_table(rows), flush=True)
 
 
 if __name__ == "__main__":

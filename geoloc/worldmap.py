@@ -100,23 +100,51 @@ def render_crop(latitude: float, longitude: float, rng: np.random.Generator, *, 
     return ImageEnhance.Brightness(image).enhance(rng.uniform(1 - brightness, 1 + brightness))
 
 
+def overlaps_window(points: np.ndarray, others: np.ndarray, window_degrees: float) -> np.ndarray:
+    """True for each of `points` (N, 2) whose crop window (`window_degrees` wide, centred on the point) overlaps the
+    window of any of `others` (M, 2): centres less than a window apart in latitude and in (wrapped) longitude."""
+    if len(others) == 0:
+        return np.zeros(len(points), dtype=bool)
+    latitude_gap = np.abs(points[:, None, 0] - others[None, :, 0])
+    longitude_gap = np.abs((points[:, None, 1] - others[None, :, 1] + 180) % 360 - 180)
+    return ((latitude_gap < window_degrees) & (longitude_gap < window_degrees)).any(axis=1)
+
+
 def build_worldmap_splits(train: int, test: int, *, seed: int = 0, land_fraction: float = 0.75,
-                          window: int = 16, size: int = 32) -> datasets.DatasetDict:
-    """World-map crops as a `DatasetDict` with `train` and `test` splits (disjoint points), columns
-    `image` (PIL), `latitude`, `longitude` (float64 degrees).
+                          window: int = 16, size: int = 32, validation: int = 0,
+                          buffered: bool = False) -> datasets.DatasetDict:
+    """World-map crops as a `DatasetDict` with `train`, `test` and (when `validation` > 0) `validation` splits
+    (disjoint points), columns `image` (PIL), `latitude`, `longitude` (float64 degrees).
+
+    `buffered=True` makes a spatially buffered split: the held-out points are drawn first and every training crop's
+    window is kept clear of theirs (centres at least one window apart in latitude or longitude), so no held-out
+    crop shares a pixel of the map with a training crop; a lookup of the training crops cannot copy the answer.
 
     Example:
-        >>> splits = build_worldmap_splits(100, 20, seed=0)
-        >>> splits["test"].num_rows
-        20
+        >>> splits = build_worldmap_splits(100, 20, seed=0, validation=10)
+        >>> splits["test"].num_rows, splits["validation"].num_rows
+        (20, 10)
     """
     rng = np.random.default_rng(seed)
-    points = sample_points(train + test, rng, land_fraction)
+    if buffered:
+        held_out = sample_points(test + validation, rng, land_fraction)
+        training = np.zeros((0, 2))
+        while len(training) < train:
+            candidates = sample_points(train, rng, land_fraction)
+            kept = candidates[~overlaps_window(candidates, held_out, window * DEGREES_PER_PIXEL)]
+            training = np.concatenate([training, kept])[:train]
+        points = np.concatenate([training, held_out])
+    else:
+        points = sample_points(train + test + validation, rng, land_fraction)
     features = datasets.Features({
         "image": datasets.Image(), "latitude": datasets.Value("float64"), "longitude": datasets.Value("float64"),
     })
     splits = {}
-    for name, chunk in (("train", points[:train]), ("test", points[train:])):
+    bounds = {"train": (0, train), "test": (train, train + test), "validation": (train + test, len(points))}
+    for name, (start, end) in bounds.items():
+        if name == "validation" and not validation:
+            continue
+        chunk = points[start:end]
         images = [render_crop(lat, lon, rng, window=window, size=size) for lat, lon in chunk]
         splits[name] = datasets.Dataset.from_dict(
             {"image": images, "latitude": chunk[:, 0], "longitude": chunk[:, 1]}, features=features)
@@ -150,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", required=True, help="folder to write train/ and test/ into")
     parser.add_argument("--train", type=int, default=2000, help="number of training crops")
     parser.add_argument("--test", type=int, default=500, help="number of test crops (disjoint points)")
+    parser.add_argument("--validation", type=int, default=0,
+                        help="number of validation crops (disjoint points), for every tuning choice")
+    parser.add_argument("--buffered", action="store_true",
+                        help="spatially buffered split: no training crop's window overlaps a held-out crop's")
     parser.add_argument("--seed", type=int, default=0, help="seed of the points, crops and jitter")
     parser.add_argument("--land-fraction", type=float, default=0.75,
                         help="fraction of points drawn on land only; the rest are uniform on the sphere")
@@ -160,12 +192,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.train < 1 or args.test < 0:
-        raise SystemExit(f"geoloc worldmap: need --train >= 1 and --test >= 0, got {args.train}, {args.test}.")
+    if args.train < 1 or args.test < 0 or args.validation < 0:
+        raise ValueError(f"need --train >= 1, --test >= 0 and --validation >= 0, got {args.train}, {args.test}, "
+                         f"{args.validation}.")
     splits = build_worldmap_splits(args.train, args.test, seed=args.seed, land_fraction=args.land_fraction,
-                                   window=args.window, size=args.size)
+                                   window=args.window, size=args.size, validation=args.validation,
+                                   buffered=args.buffered)
     write_imagefolder(splits, args.output_dir)
-    print(f"Wrote {args.train} train and {args.test} test crops to {args.output_dir}")
+    counts = ", ".join(f"{len(split)} {name}" for name, split in splits.items())
+    print(f"Wrote {counts} crops to {args.output_dir}")
     return 0
 
 

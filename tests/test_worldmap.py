@@ -39,3 +39,21 @@ def test_cli_writes_a_loadable_image_folder(tmp_path):
     train, test = load_geo_dataset(tmp_path, "train"), load_geo_dataset(tmp_path, "test")
     assert (train.num_rows, test.num_rows) == (12, 4)
     assert set(train.column_names) == {"image", "latitude", "longitude"}
+
+
+def test_validation_and_buffered_splits(tmp_path):
+    from geoloc.worldmap import overlaps_window
+
+    splits = build_worldmap_splits(300, 20, seed=2, validation=20, buffered=True)
+    train = np.stack([splits["train"]["latitude"], splits["train"]["longitude"]], axis=1)
+    for name in ("validation", "test"):
+        held_out = np.stack([splits[name]["latitude"], splits[name]["longitude"]], axis=1)
+        assert len(held_out) == 20 and not overlaps_window(held_out, train, 8.0).any()
+    plain = build_worldmap_splits(300, 20, seed=2, validation=20)
+    held_out = np.stack([plain["test"]["latitude"], plain["test"]["longitude"]], axis=1)
+    train = np.stack([plain["train"]["latitude"], plain["train"]["longitude"]], axis=1)
+    assert overlaps_window(held_out, train, 8.0).mean() > 0.5  # a random split shares pixels across the split
+    # Windows wrap at the antimeridian.
+    assert overlaps_window(np.array([[0.0, 179.0]]), np.array([[3.0, -178.0]]), 8.0).all()
+    assert main(["--output-dir", str(tmp_path), "--train", "12", "--test", "4", "--validation", "3"]) == 0
+    assert load_geo_dataset(tmp_path, "validation").num_rows == 3
