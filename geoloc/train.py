@@ -170,7 +170,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError("Pass --model (geoclip or geohier) or --recipe.")
     missing = [option for option in ("dataset", "output_dir") if getattr(args, option) is None]
     if missing and not args.dry_run:
-        raise ValueError(f"the following arguments are required: {', '.join('--' + name.replace('_', '-') for name in missing)}")
+        options = ", ".join("--" + name.replace("_", "-") for name in missing)
+        raise ValueError(f"the following arguments are required: {options}")
     recipe = get_recipe(args.recipe or DEFAULT_RECIPES[args.model])
     if args.model is not None and args.model != recipe.model:
         raise ValueError(f"--recipe {recipe.name} trains {recipe.model}, not --model {args.model}.")
