@@ -48,10 +48,14 @@ class GeoHierConfig(PreTrainedConfig):
             Standard deviation of the decoder's linear weights (the queries start from N(0, 1), as DETR's).
         label_smoothing (`float`, defaults to 0.1):
             Label smoothing of the per-level cell cross-entropies (0.1 in the authors' code).
+        scene_label_smoothing (`float`, defaults to 0.0):
+            Label smoothing of the scene cross-entropy (GeoGuessNet's `main.py` path smooths it by 0.1 too, its
+            `lit.py` does not; the `geodecoder-paper` recipe sets 0.1).
         level_loss_weights (`list[float]`, *optional*):
             Weight of each level's cross-entropy, coarse to fine. Default (`None`): `[0.5, 0.3, 0.2]` for three
-            levels (the co-author's code, GeoGuessNet `lit.py`), `1 / (l + 1)` normalised to sum to 1 for any other
-            number of levels (coarse levels weigh more, as there).
+            levels (the co-author's GeoGuessNet `lit.py`; its `main.py` path, which the `geodecoder-paper` recipe
+            follows, weighs them equally), `1 / (l + 1)` normalised to sum to 1 for any other number of levels
+            (coarse levels weigh more, as in `lit.py`).
         scene_loss_weight (`float`, defaults to 1.0):
             Weight of the scene cross-entropy (used only when scene labels are given).
         scene_selection (`str`, defaults to `"predicted"`):
@@ -92,6 +96,7 @@ class GeoHierConfig(PreTrainedConfig):
     layer_norm_eps: float = 1e-5
     initializer_range: float = 0.02
     label_smoothing: float = 0.1
+    scene_label_smoothing: float = 0.0
     level_loss_weights: list[float] | tuple[float, ...] | None = None
     scene_loss_weight: float = 1.0
     scene_selection: str = "predicted"
@@ -134,9 +139,10 @@ class GeoHierConfig(PreTrainedConfig):
             )
         if self.scene_selection not in SCENE_SELECTIONS:
             raise ValueError(f"scene_selection must be one of {SCENE_SELECTIONS}, got {self.scene_selection!r}.")
-        if not 0 <= self.dropout < 1 or not 0 <= self.label_smoothing < 1:
+        if not all(0 <= value < 1 for value in (self.dropout, self.label_smoothing, self.scene_label_smoothing)):
             raise ValueError(
-                f"dropout and label_smoothing must be in [0, 1), got {self.dropout} and {self.label_smoothing}."
+                f"dropout, label_smoothing and scene_label_smoothing must be in [0, 1), got {self.dropout}, "
+                f"{self.label_smoothing} and {self.scene_label_smoothing}."
             )
 
     @property

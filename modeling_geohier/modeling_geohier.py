@@ -422,12 +422,7 @@ class GeoHierModel(GeoHierPreTrainedModel):
             labels = self._check_labels(
                 labels, (batch, self.config.num_levels), self.config.cells_per_level, "labels"
             )
-            loss = sum(
-                weight * self._cross_entropy(level_logits, labels[:, level], self.config.label_smoothing)
-                for weight, level_logits, level in zip(self.config.loss_weights, logits, range(len(logits)))
-            )
-            if scene_labels is not None:
-                loss = loss + self.config.scene_loss_weight * self._cross_entropy(scene_logits, scene_labels, 0.0)
+            loss = self.loss_from_logits(logits, labels, scene_logits, scene_labels)
         return GeoHierOutput(
             loss=loss,
             logits=logits,
@@ -436,6 +431,25 @@ class GeoHierModel(GeoHierPreTrainedModel):
             query_hidden_states=queries,
             cross_attentions=cross_attentions,
         )
+
+    def loss_from_logits(
+        self,
+        logits: tuple[torch.Tensor, ...],
+        labels: torch.Tensor,
+        scene_logits: torch.Tensor | None = None,
+        scene_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The training loss of `forward`: each level's label-smoothed cross-entropy times its `loss_weights`
+        entry, plus `scene_loss_weight` times the scene cross-entropy (smoothed by `scene_label_smoothing`) where
+        scene labels are given. Labels of -1 are ignored."""
+        loss = sum(
+            weight * self._cross_entropy(level_logits, labels[:, level], self.config.label_smoothing)
+            for level, (weight, level_logits) in enumerate(zip(self.config.loss_weights, logits))
+        )
+        if scene_labels is not None:
+            scene_loss = self._cross_entropy(scene_logits, scene_labels, self.config.scene_label_smoothing)
+            loss = loss + self.config.scene_loss_weight * scene_loss
+        return loss
 
     @staticmethod
     def _check_labels(labels, shape: tuple, sizes, name: str) -> torch.Tensor:
