@@ -271,6 +271,7 @@ class GeoHierModel(GeoHierPreTrainedModel):
     # What front ends may ask of `geolocate` (read by `geoloc.inference`, never probed from signatures).
     supports_text_queries = False  # images only
     returns_attention_maps = True  # `geolocate(..., output_attentions=True)` -> `cross_attentions`
+    supports_ten_crop = True  # `geolocate(..., num_crops=10)` on `GeoHierImageProcessor.ten_crop` pixels
     candidate_kind = "cells"  # candidates are the fine geocells (centroids)
 
     @property
@@ -598,14 +599,18 @@ class GeoHierModel(GeoHierPreTrainedModel):
         top_k: int = 5,
         backbone_hidden_states: torch.Tensor | None = None,
         output_attentions: bool = False,
+        num_crops: int = 1,
     ) -> GeoHierGeolocationOutput:
         """The `top_k` most probable fine cells of each image, at their centroids, using the predicted scene.
 
         Args:
-            pixel_values (`torch.FloatTensor` of shape `(B, 3, H, W)`), or backbone_hidden_states
-                (`(B, T, vision_hidden_size)`).
+            pixel_values (`torch.FloatTensor` of shape `(B * num_crops, 3, H, W)`), or backbone_hidden_states
+                (`(B * num_crops, T, vision_hidden_size)`).
             top_k (`int`): predictions per image, 1 <= top_k <= number of fine cells.
             output_attentions (`bool`): also return the decoder's cross-attention maps (same forward pass).
+            num_crops (`int`): crops per image, consecutive (e.g. 10 from `GeoHierImageProcessor.ten_crop`): each
+                level's logits and the scene logits are averaged over an image's crops before the softmax and the
+                hierarchical product, as GeoGuessNet's evaluation (`eval_images_weighted`) does.
 
         Returns: [`GeoHierGeolocationOutput`]: `latitudes`, `longitudes`, `probabilities`, `indices`, each
         `(B, top_k)` best first, plus `level_probabilities`, `scene_probabilities`, `selected_scenes` and, with
@@ -613,11 +618,22 @@ class GeoHierModel(GeoHierPreTrainedModel):
         """
         top_k = check_top_k(top_k, self.config.cells_per_level[-1])
         self._require_cell_table()
+        inputs = pixel_values if pixel_values is not None else backbone_hidden_states
+        if isinstance(num_crops, bool) or not isinstance(num_crops, int) or num_crops < 1:
+            raise ValueError(f"num_crops must be a positive integer, got {num_crops!r}.")
+        if inputs is not None and len(inputs) % num_crops:
+            raise ValueError(f"{len(inputs)} inputs are not a whole number of images of num_crops={num_crops} crops.")
+        if num_crops > 1 and output_attentions:
+            raise ValueError("output_attentions needs one crop per image (num_crops=1).")
         output = self(
             pixel_values=pixel_values,
             backbone_hidden_states=backbone_hidden_states,
             output_attentions=output_attentions,
         )
+        if num_crops > 1:
+            output.logits = tuple(logits.unflatten(0, (-1, num_crops)).mean(dim=1) for logits in output.logits)
+            output.scene_logits = output.scene_logits.unflatten(0, (-1, num_crops)).mean(dim=1)
+            output.selected_scenes = output.scene_logits.argmax(dim=1)
         level_probabilities = self.hierarchical_probabilities(output.logits)
         probabilities, indices = level_probabilities[-1].topk(top_k, dim=1)
         fine = self.config.num_levels - 1
