@@ -153,7 +153,6 @@ RECIPES = {recipe.name: recipe for recipe in (
         # GGN networks.py: 3298 / 7202 / 12893 classes; train_and_eval.py answers with cells_50_1000.csv's means.
         geocell_levels="geoestimation",
     ),
-    ),
 )}
 
 DEFAULT_RECIPES = {"geoclip": "geoclip-tiny", "geohier": "geohier-tiny"}
