@@ -25,15 +25,18 @@ class GeoHierConfig(PreTrainedConfig):
         vision_config (`ViTConfig`, `CLIPVisionConfig` or `dict`, defaults to ViT-B/16 at 224 px):
             The image encoder. A dict is resolved by its `model_type` (`"vit"` or `"clip_vision_model"`).
         num_scenes (`int`, defaults to 16):
-            Number of scene types (the 16 Places365 "IO hierarchy" classes in the paper).
+            Number of scene types (the 16 Places365 "IO hierarchy" classes in the paper; GeoGuessNet `networks.py`
+            GeoGuess1: queries of shape (16, 3, 768), i.e. 48 queries, trained on MP-16's `S16_Label`).
         cells_per_level (`list[int]`, defaults to `[3298, 7202, 12893]`):
             Number of geocells of each hierarchy level, coarse to fine. Must match the cell table
             (`GeoHierModel.set_cell_table`).
         num_independent_layers (`int`, defaults to 6):
-            N: decoder layers in which every query attends to every other query.
+            N: decoder layers in which every query attends to every other query (6 in GeoGuessNet `networks.py`
+            GeoGuess1: `CustomTransformer1(768, 6, 12, 64, 1024)`, whose layers, unlike these, do not feed each other).
         num_dependent_layers (`int`, defaults to 2):
             E: decoder layers whose self-attention is masked to the queries of the same level and which have one
-            FFN per level.
+            FFN per level. The value 2 is unconfirmed: the paper names E without a value in the text available to
+            us, and GeoGuess1 has no such layers.
         hidden_size (`int`, defaults to 768):
             Width of the queries; the image tokens are projected to it.
         num_attention_heads (`int`, defaults to 12):
@@ -41,7 +44,7 @@ class GeoHierConfig(PreTrainedConfig):
         intermediate_size (`int`, defaults to 1024):
             Hidden width of the decoder FFNs (1024 in the authors' code).
         dropout (`float`, defaults to 0.1):
-            Dropout on attention weights and after every residual branch.
+            Dropout on attention weights and after every residual branch (GeoGuess1's decoder uses 0.0).
         layer_norm_eps (`float`, defaults to 1e-5):
             Epsilon of the decoder LayerNorms.
         initializer_range (`float`, defaults to 0.02):
