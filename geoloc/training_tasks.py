@@ -105,7 +105,9 @@ class TrainingTask:
 
     def collator(self, label_columns=()) -> GeoCollator:
         """`GeoCollator` with this run's processor, augmentation and seed (kept for `set_epoch`)."""
-        augment = build_augmentation(self.args.augmentation, processor_input_size(self.image_processor))
+        augment = None
+        if self.args.augmentation != "none":  # augmentations end at the tower's input size
+            augment = build_augmentation(self.args.augmentation, processor_input_size(self.image_processor))
         self.image_collator = GeoCollator(self.image_processor, label_columns, augment=augment, seed=self.args.seed)
         return self.image_collator
 

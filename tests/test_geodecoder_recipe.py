@@ -109,3 +109,29 @@ def test_imported_geoestimation_partitions_keep_class_ids_and_means(tmp_path):
         np.testing.assert_allclose(level["latitudes"], [float(row["latitude_mean"]) for row in rows], atol=1e-9)
         np.testing.assert_allclose(level["longitudes"], [float(row["longitude_mean"]) for row in rows], atol=1e-9)
     assert all((level["parents"] >= 0).all() for level in cells[1:])
+
+
+def test_recipe_trains_end_to_end_and_saves_its_evaluation_transform(tmp_path):
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    from geoloc.train import main
+
+    rng = np.random.default_rng(0)
+    latitudes, longitudes = rng.uniform(-60, 60, 16), rng.uniform(-180, 180, 16)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for index in range(16):  # 4:3 photos
+        Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(folder / f"{index}.png")
+    (folder / "metadata.csv").write_text("file_name,latitude,longitude,S16_Label\n" + "".join(
+        f"{index}.png,{lat},{lon},{index % 4}\n" for index, (lat, lon) in enumerate(zip(latitudes, longitudes))))
+    cells, _ = build_geocells(latitudes, longitudes, levels=[(1, 8), (1, 4), (1, 2)], min_level=0)
+    save_cell_table(cells, tmp_path / "cells.json")
+    out = tmp_path / "run"
+    assert main(["--recipe", "geodecoder-paper", "--model-config", "tiny", "--dataset", str(folder),
+                 "--geocells", str(tmp_path / "cells.json"), "--scene-column", "S16_Label", "--output-dir", str(out),
+                 "--max-steps", "2", "--batch-size", "8", "--checkpoint-every", "100"]) == 0
+    processor = AutoImageProcessor.from_pretrained(out)
+    assert processor.size == {"shortest_edge": 37} and processor.crop_size == {"height": 32, "width": 32}
+    assert tuple(processor.image_mean) == IMAGENET_MEAN
+    assert processor(Image.new("RGB", (40, 30)), return_tensors="pt").pixel_values.shape == (1, 3, 32, 32)
