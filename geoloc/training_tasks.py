@@ -323,8 +323,9 @@ class GeoHierTask(TrainingTask):
         group = parser.add_argument_group("GeoHier")
         group.add_argument("--geocell-levels",
                            help="'auto' (the paper's thresholds scaled to the number of training images) or "
-                                "TAU_MIN:TAU_MAX per level, coarse to fine, e.g. 50:5000,50:2000,50:1000 (recipe "
-                                "default)")
+                                "TAU_MIN:TAU_MAX per level, coarse to fine, e.g. 50:5000,50:2000,50:1000, or "
+                                "'geoestimation' (the published MP-16 partitions, imported and given with --geocells) "
+                                "(recipe default)")
         group.add_argument("--geocells", metavar="FILE",
                            help="train on this cell table (JSON from `geoloc geocells build|import`) instead of "
                                 "building one")
