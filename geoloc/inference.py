@@ -216,8 +216,9 @@ class Geolocator:
             raise ValueError(f"names has {len(names)} entries for {len(images)} images: give one per image.")
         self._check_top_k(top_k)
         if ten_crop and (extras or not getattr(self.model, "supports_ten_crop", False)):
+            asked = " and extras were asked" if extras else ""
             raise ValueError(f"Ten-crop evaluation is GeoHier's (GeoGuessNet's TenCrop), without extras; "
-                             f"{self.name} is a {type(self.model).__name__}{' and extras were asked' if extras else ''}.")
+                             f"{self.name} is a {type(self.model).__name__}{asked}.")
         results = []
         for start in range(0, len(images), _check_batch_size(batch_size)):
             decoded, kept, errors = decode_images(images[start : start + batch_size])

@@ -142,10 +142,10 @@ RECIPES = {recipe.name: recipe for recipe in (
         decay_every_epochs=4.0,                        # GGN config.py: opt.step_size = 4 (StepLR step_size)
         decay_gamma=0.5,                               # GGN main.py: StepLR(..., gamma=0.5)
         max_grad_norm=0.0,                             # GGN train_and_eval.py: no clipping
-        augmentation="geodecoder",                     # GGN dataloader.py m16_transform (+ m16_val_transform to evaluate)
+        augmentation="geodecoder",                     # GGN dataloader.py m16_transform (and m16_val_transform)
         label_smoothing=0.1,                           # GGN main.py: CrossEntropyLoss(label_smoothing=0.1), every level
         scene_label_smoothing=0.1,                     # GGN train_and_eval.py: sceneloss = criterion(...), the same one
-        level_loss_weights="1,1,1",                    # GGN train_and_eval.py: loss = loss1 + loss2 + loss3 (+ sceneloss)
+        level_loss_weights="1,1,1",                    # GGN train_and_eval.py: loss = loss1 + loss2 + loss3
         # GGN train_and_eval.py: `#loss /= opt.accumulate` is commented out, so the gradients of its 2 micro-batches
         # of 128 add up: twice the gradient of the mean loss over the step's 256 images.
         loss_scale=2.0,

@@ -363,9 +363,9 @@ class GeoHierTask(TrainingTask):
             raise ValueError(
                 f"--recipe {args.recipe} trains on the published MP-16 partitions of GeoEstimation (Mueller-Budack et "
                 "al., ECCV 2018): get cells_50_5000.csv, cells_50_2000.csv and cells_50_1000.csv (geo-cells/ in the "
-                "history of TIBHannover/GeoEstimation), run `geoloc geocells import cells_50_5000.csv cells_50_2000.csv "
-                "cells_50_1000.csv --output mp16-cells.json` and pass --geocells mp16-cells.json (or choose "
-                "--geocell-levels TAU_MIN:TAU_MAX,... to build cells from the training coordinates).")
+                "history of TIBHannover/GeoEstimation), run `geoloc geocells import cells_50_5000.csv "
+                "cells_50_2000.csv cells_50_1000.csv --output mp16-cells.json` and pass --geocells mp16-cells.json "
+                "(or choose --geocell-levels TAU_MIN:TAU_MAX,... to build cells from the training coordinates).")
         if args.num_scenes is not None and args.num_scenes < 1:
             raise ValueError(f"--num-scenes must be >= 1, got {args.num_scenes}.")
         for name in ("label_smoothing", "scene_label_smoothing"):

@@ -80,7 +80,8 @@ def test_loss_on_given_logits_matches_the_source_formula(tmp_path):
     ours = model.loss_from_logits(logits, labels, scene_logits, scenes) * task.args.loss_scale
     ours_grads = torch.autograd.grad(ours, (*logits, scene_logits))
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
-    source = 2 * (sum(criterion(level, labels[:, i]) for i, level in enumerate(logits)) + criterion(scene_logits, scenes))
+    levels = sum(criterion(level, labels[:, i]) for i, level in enumerate(logits))
+    source = 2 * (levels + criterion(scene_logits, scenes))
     for mine, theirs in zip(ours_grads, torch.autograd.grad(source, (*logits, scene_logits))):
         torch.testing.assert_close(mine, theirs)
     assert ours.item() == pytest.approx(source.item(), rel=1e-6)
