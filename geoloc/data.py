@@ -318,7 +318,8 @@ class GeoCollator:
     (int): how many rows were skipped because their image could not be decoded. `B` may be smaller than the
     number of rows when images were skipped, and 0 when all of them were.
 
-    With `augment` (see `geoloc.augment`), each decoded image is augmented before the processor with a random
+    With `augment` (see `geoloc.augment`), each decoded image is augmented before the processor (which then only
+    normalises, when the augmentation has a `size`: its images already have the tower's size) with a random
     generator seeded by `(seed, epoch, the image's bytes or file name)`: set `epoch` before each epoch (the training
     loop does), and an image gets the same augmentation in a resumed run as in an uninterrupted one, in the main
     process or in DataLoader workers.
@@ -348,7 +349,10 @@ class GeoCollator:
         if self.augment is not None:
             images = [self.augment(image, self._generator(cells[position])) for image, position in zip(images, positions)]
         if images:
-            pixel_values = self.image_processor(images, return_tensors="pt").pixel_values
+            # An augmentation hands over images at the tower's size: the processor's resize and crop are for evaluation.
+            geometry = {} if self.augment is None or getattr(self.augment, "size", None) is None else {
+                "do_resize": False, "do_center_crop": False}
+            pixel_values = self.image_processor(images, return_tensors="pt", **geometry).pixel_values
         else:
             size = self.image_processor.crop_size
             pixel_values = torch.zeros(0, 3, size["height"], size["width"])

@@ -1,7 +1,7 @@
 """`geoloc evaluate`: score a GeoCLIP or GeoHier checkpoint on a benchmark or any geolocation dataset.
 
 Writes `DIR/metrics.json` (`acc_1km` ... `acc_2500km`, `mean_km`, `median_km`, `geoscore`, plus `n`,
-`n_unreadable`, `model`, `dataset`, `top_k`) and `DIR/predictions.csv`
+`n_unreadable`, `model`, `dataset`, `top_k`, `ten_crop`) and `DIR/predictions.csv`
 (`id,latitude,longitude,pred_latitude,pred_longitude,error_km`, the model's best guess per image), and
 `DIR/unreadable.csv` (`id,error`) when some images could not be decoded: those are skipped and counted,
 never fatal. With `--top-k K > 1`, metrics.json also holds `best_of_top_k`: the same metrics for the
@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=1,
                         help="candidates per image; metrics use the best-ranked, best_of_top_k the closest")
     parser.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N rows")
+    parser.add_argument("--ten-crop", action="store_true",
+                        help="GeoHier: answer each image from the average of its ten crops (the four corners and the "
+                             "centre of the resized image and of its mirror image; GeoGuessNet's TenCrop evaluation)")
     parser.add_argument("--data-dir", default=None,
                         help="local copy of a benchmark in its original layout (see geoloc.benchmark_datasets)")
     parser.add_argument("--split", help="split of a dataset path / Hub id (default: test; a local folder without "
@@ -102,20 +105,21 @@ class ShardPredictions:
 
 
 def locate_shard(geolocator: Geolocator, dataset, batch_size: int, top_k: int, offset: int = 0,
-                 show_progress: bool = True) -> ShardPredictions:
+                 show_progress: bool = True, ten_crop: bool = False) -> ShardPredictions:
     """Geolocate every row of `dataset` with `geolocator.locate_images`; unreadable images are skipped and
     recorded as `(id, error)` in `unreadable`.
 
     Args:
         dataset: rows with `image` (anything `geoloc.data.decode_image` reads), `latitude`, `longitude`.
         offset: the row number of the first row in the full dataset (for ids of rows without one).
+        ten_crop: answer each image from its ten crops (GeoHier).
     """
     shard = ShardPredictions()
     progress = tqdm(total=len(dataset), desc="Evaluating", unit="img", disable=not show_progress)
     for start in range(0, len(dataset), batch_size):
         rows = dataset[start : start + batch_size]
         results = geolocator.locate_images(rows["image"], top_k, names=row_ids(rows, offset + start),
-                                           batch_size=batch_size)
+                                           batch_size=batch_size, ten_crop=ten_crop)
         for result, latitude, longitude in zip(results, rows["latitude"], rows["longitude"]):
             if result.error:
                 shard.unreadable.append((result.input, result.error))
@@ -138,7 +142,8 @@ def _gather(shard: ShardPredictions) -> ShardPredictions:
     })
 
 
-def write_results(predictions: ShardPredictions, output_dir: str, model: str, dataset: str, top_k: int) -> dict:
+def write_results(predictions: ShardPredictions, output_dir: str, model: str, dataset: str, top_k: int,
+                  ten_crop: bool = False) -> dict:
     """Score the gathered predictions and write metrics.json, predictions.csv (and unreadable.csv)."""
     total = len(predictions.ids) + len(predictions.unreadable)
     if not predictions.ids:
@@ -152,7 +157,7 @@ def write_results(predictions: ShardPredictions, output_dir: str, model: str, da
     ).reshape(-1, top_k)
     metrics = distance_metrics(candidate_errors[:, 0])
     summary = {**metrics, "n": len(predictions.ids), "n_unreadable": len(predictions.unreadable),
-               "model": model, "dataset": dataset, "top_k": top_k}
+               "model": model, "dataset": dataset, "top_k": top_k, "ten_crop": ten_crop}
     if top_k > 1:
         summary["best_of_top_k"] = distance_metrics(candidate_errors.min(axis=1))
     os.makedirs(output_dir, exist_ok=True)
@@ -193,10 +198,10 @@ def evaluate(args: argparse.Namespace) -> int:
         shard = dataset.select(rows)
         offset = rows[0] if rows else 0
     predictions = locate_shard(geolocator, shard, args.batch_size, args.top_k, offset,
-                               show_progress=accelerator.is_local_main_process)
+                               show_progress=accelerator.is_local_main_process, ten_crop=args.ten_crop)
     predictions = _gather(predictions)
     if accelerator.is_main_process:
-        summary = write_results(predictions, args.output_dir, args.model, args.dataset, args.top_k)
+        summary = write_results(predictions, args.output_dir, args.model, args.dataset, args.top_k, args.ten_crop)
         print(f"geoloc evaluate: {summary['n']} images scored, {summary['n_unreadable']} unreadable, "
               f"{accelerator.num_processes} process(es) -> {args.output_dir}")
         print(json.dumps({key: value for key, value in summary.items() if key != "best_of_top_k"}, indent=2))

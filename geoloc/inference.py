@@ -206,14 +206,19 @@ class Geolocator:
 
     # --------------------------------------------------------------------------------------------- inputs
     def locate_images(self, images: Iterable, top_k: int = 5, *, places: bool = False, extras: bool = False,
-                      names: Sequence[str] | None = None, batch_size: int = DEFAULT_BATCH_SIZE
-                      ) -> list[GeolocationResult]:
-        """Geolocate images (see the module docstring); one result per image, in order."""
+                      names: Sequence[str] | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+                      ten_crop: bool = False) -> list[GeolocationResult]:
+        """Geolocate images (see the module docstring); one result per image, in order. With `ten_crop` (GeoHier),
+        each image is answered from the average of its ten crops (`GeoHierImageProcessor.ten_crop`)."""
         images = list(images)
         names = [_image_name(image, i) for i, image in enumerate(images)] if names is None else list(names)
         if len(names) != len(images):
             raise ValueError(f"names has {len(names)} entries for {len(images)} images: give one per image.")
         self._check_top_k(top_k)
+        if ten_crop and (extras or not getattr(self.model, "supports_ten_crop", False)):
+            asked = " and extras were asked" if extras else ""
+            raise ValueError(f"Ten-crop evaluation is GeoHier's (GeoGuessNet's TenCrop), without extras; "
+                             f"{self.name} is a {type(self.model).__name__}{asked}.")
         results = []
         for start in range(0, len(images), _check_batch_size(batch_size)):
             decoded, kept, errors = decode_images(images[start : start + batch_size])
@@ -221,13 +226,22 @@ class Geolocator:
             for position, error in errors:
                 batch[position] = GeolocationResult.failed(names[start + position], error)
             if decoded:
-                pixel_values = self.image_processor(decoded, return_tensors="pt").pixel_values
-                located = self.locate_pixel_values(pixel_values, top_k, extras=extras,
-                                                   names=[names[start + position] for position in kept])
+                located = self._locate_decoded(decoded, [names[start + position] for position in kept], top_k,
+                                               extras, ten_crop)
                 for position, result in zip(kept, located):
                     batch[position] = result
             results += batch
         return self._with_places(results) if places else results
+
+    def _locate_decoded(self, images: list, names: list[str], top_k: int, extras: bool, ten_crop: bool
+                        ) -> list[GeolocationResult]:
+        """Process decoded images and geolocate them; with `ten_crop`, from the average of each image's ten crops."""
+        if not ten_crop:
+            pixel_values = self.image_processor(images, return_tensors="pt").pixel_values
+            return self.locate_pixel_values(pixel_values, top_k, extras=extras, names=names)
+        pixel_values = self.image_processor.ten_crop(images, return_tensors="pt").pixel_values
+        return self._geolocate(top_k, False, names, num_crops=len(pixel_values) // len(images),
+                               pixel_values=pixel_values.to(device=self.model.device, dtype=self.model.dtype))
 
     def locate_texts(self, texts: Iterable[str], top_k: int = 5, *, places: bool = False, extras: bool = False,
                      batch_size: int = DEFAULT_BATCH_SIZE) -> list[GeolocationResult]:

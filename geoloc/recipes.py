@@ -9,9 +9,11 @@ text available to us):
 - GeoCLIP: Vivanco Cepeda et al., NeurIPS 2023, and the official code `VicenteVivan/geo-clip` (geoclip 1.3.0:
   `GeoCLIP.__init__` queue_size=4096 and logit scale log(1/0.07); `train/dataloader.py` augmentations;
   `train/train.py` the loop: one optimizer step per batch, scheduler stepped per epoch).
-- GeoDecoder: Clark et al., CVPR 2023, and the co-author's earlier code `AHKerrigan/GeoGuessNet` (`config.py`,
-  `main.py`, `networks.py` GeoGuess1, `dataloader.py`, `lit.py`), which is the same query decoder (16 scenes x 3
-  levels over ViT-B/16 in21k tokens).
+- GeoDecoder: the co-author's code `AHKerrigan/GeoGuessNet` (commit b249832), its `main.py` training path only:
+  `config.py` (getopt), `main.py` (criterion, optimiser, scheduler), `train_and_eval.py` (`train_images`: the
+  loss and the accumulation), `dataloader.py` (`m16_transform`, `m16_val_transform`, MP-16 labels), `networks.py`
+  (GeoGuess1). Not `lit.py` (a Lightning variant with AdamW and 0.5/0.3/0.2 level weights) and not the paper
+  (Clark et al., CVPR 2023), whose training numbers we could not read: the two are not mixed.
 """
 
 from dataclasses import asdict, dataclass, fields
@@ -54,6 +56,11 @@ class Recipe:
     queue_size: int | None = None
     label_smoothing: float | None = None
     geocell_levels: str = "auto"
+    # GeoHier only (None: the model config's defaults).
+    scene_label_smoothing: float | None = None
+    level_loss_weights: str | None = None
+    loss_scale: float = 1.0
+    scenes: bool | None = None
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS or self.schedule not in SCHEDULES or self.augmentation not in AUGMENTATIONS:
@@ -122,23 +129,34 @@ RECIPES = {recipe.name: recipe for recipe in (
     Recipe(
         name="geodecoder-paper",
         model="geohier",
-        description="GeoDecoder as in the co-author's code: ViT-B/16 (ImageNet-21k) fine-tuned end to end under a "
-                    "16-scene x 3-level query decoder, SGD with step decay, label smoothing 0.1.",
-        backbone="google/vit-base-patch16-224-in21k",  # GeoGuessNet networks.py GeoGuess1
-        train_backbone=True,                           # GeoGuessNet main.py: all parameters in the optimizer
-        epochs=40,                                     # GeoGuessNet config.py n_epochs
-        batch_size=256,                                # GeoGuessNet config.py batch_size 128 x accumulate 2
-        optimizer="sgd",                               # GeoGuessNet main.py SGD(momentum=0.9)
-        learning_rate=0.1,                             # GeoGuessNet config.py lr
-        weight_decay=1e-4,                             # GeoGuessNet main.py
-        momentum=0.9,
-        schedule="step",                               # GeoGuessNet main.py StepLR(step_size=4, gamma=0.5)
-        decay_every_epochs=4.0,
-        decay_gamma=0.5,
-        max_grad_norm=0.0,                             # GeoGuessNet: no clipping
-        augmentation="geodecoder",                     # GeoGuessNet dataloader.py m16_transform
-        label_smoothing=0.1,                           # GeoGuessNet main.py CrossEntropyLoss(label_smoothing=0.1)
-        geocell_levels="50:5000,50:2000,50:1000",      # Mueller-Budack et al. partitions (GeoGuessNet classes)
+        description="GeoDecoder as trained by the co-author's GeoGuessNet main.py: ViT-B/16 (ImageNet-21k) fine-tuned "
+                    "end to end under a 16-scene x 3-level query decoder on the published MP-16 partitions (--geocells "
+                    "from `geoloc geocells import`) with MP-16's scene labels; SGD 0.1 with step decay; the three "
+                    "level losses and the scene loss label-smoothed (0.1) and summed with equal weights.",
+        # GGN = AHKerrigan/GeoGuessNet at b249832; every value below was read there.
+        backbone="google/vit-base-patch16-224-in21k",  # GGN networks.py GeoGuess1: ViTModel.from_pretrained(...)
+        train_backbone=True,                           # GGN main.py: SGD(model.parameters(), ...), backbone included
+        epochs=40,                                     # GGN config.py: opt.n_epochs = 40
+        batch_size=256,                                # GGN config.py: batch_size 128 x accumulate 2, gpus 1
+        optimizer="sgd",                               # GGN main.py: torch.optim.SGD(..., momentum=0.9, ...)
+        learning_rate=0.1,                             # GGN config.py: opt.lr = 0.1
+        weight_decay=1e-4,                             # GGN main.py: SGD(..., weight_decay=0.0001)
+        momentum=0.9,                                  # GGN main.py: SGD(..., momentum=0.9, ...)
+        schedule="step",                               # GGN main.py: StepLR, scheduler.step() once per epoch
+        warmup_steps=0,                                # GGN main.py: no warm-up
+        decay_every_epochs=4.0,                        # GGN config.py: opt.step_size = 4 (StepLR step_size)
+        decay_gamma=0.5,                               # GGN main.py: StepLR(..., gamma=0.5)
+        max_grad_norm=0.0,                             # GGN train_and_eval.py: no clipping
+        augmentation="geodecoder",                     # GGN dataloader.py m16_transform (and m16_val_transform)
+        label_smoothing=0.1,                           # GGN main.py: CrossEntropyLoss(label_smoothing=0.1), every level
+        scene_label_smoothing=0.1,                     # GGN train_and_eval.py: sceneloss = criterion(...), the same one
+        level_loss_weights="1,1,1",                    # GGN train_and_eval.py: loss = loss1 + loss2 + loss3
+        # GGN train_and_eval.py: `#loss /= opt.accumulate` is commented out, so the gradients of its 2 micro-batches
+        # of 128 add up: twice the gradient of the mean loss over the step's 256 images.
+        loss_scale=2.0,
+        scenes=True,                                   # GGN dataloader.py: scene labels S16_Label (scenes[:, 1])
+        # GGN networks.py: 3298 / 7202 / 12893 classes; train_and_eval.py answers with cells_50_1000.csv's means.
+        geocell_levels="geoestimation",
     ),
 )}
 

@@ -12,6 +12,7 @@ decorating it with `@register_task("name")`; `geoloc train --model name` then tr
         def loss(self, model, batch, weight=1.0): ...
 """
 
+import argparse
 import hashlib
 import json
 import math
@@ -22,6 +23,7 @@ import datasets
 import numpy as np
 import torch
 from transformers import AutoImageProcessor, AutoTokenizer
+from transformers.image_utils import PILImageResampling
 
 from modeling_geoclip import GeoCLIPImageProcessor, GeoCLIPModel, byte_level_clip_tokenizer
 from modeling_geoclip.geo_common import destination_points
@@ -34,6 +36,8 @@ from .gallery import training_gallery
 
 TRAINING_TASKS: dict[str, type["TrainingTask"]] = {}
 SCENE_LABELS = "scene_labels"
+# `--geocell-levels` of a recipe that trains on GeoEstimation's published partitions, given with --geocells.
+GEOESTIMATION_PARTITIONS = "geoestimation"
 
 
 def register_task(name: str):
@@ -58,6 +62,15 @@ def backbone_image_processor(backbone: str, processor_class):
     if "do_center_crop" not in source:  # e.g. ViT: a plain resize to the model's size
         options["do_center_crop"] = False
     return processor_class(**options)
+
+
+def processor_input_size(image_processor) -> tuple[int, int]:
+    """(height, width) of the images an image processor makes: its centre crop, else its fixed resize."""
+    size = image_processor.crop_size if image_processor.do_center_crop else image_processor.size
+    if not size or "height" not in size:
+        raise ValueError(f"The image processor makes no fixed-size images (size {image_processor.size}, "
+                         f"do_center_crop {image_processor.do_center_crop}): give it a crop_size.")
+    return int(size["height"]), int(size["width"])
 
 
 class TrainingTask:
@@ -92,8 +105,10 @@ class TrainingTask:
 
     def collator(self, label_columns=()) -> GeoCollator:
         """`GeoCollator` with this run's processor, augmentation and seed (kept for `set_epoch`)."""
-        self.image_collator = GeoCollator(self.image_processor, label_columns,
-                                          augment=build_augmentation(self.args.augmentation), seed=self.args.seed)
+        augment = None
+        if self.args.augmentation != "none":  # augmentations end at the tower's input size
+            augment = build_augmentation(self.args.augmentation, processor_input_size(self.image_processor))
+        self.image_collator = GeoCollator(self.image_processor, label_columns, augment=augment, seed=self.args.seed)
         return self.image_collator
 
     def set_epoch(self, epoch: int) -> None:
@@ -333,8 +348,9 @@ class GeoHierTask(TrainingTask):
         group = parser.add_argument_group("GeoHier")
         group.add_argument("--geocell-levels",
                            help="'auto' (the paper's thresholds scaled to the number of training images) or "
-                                "TAU_MIN:TAU_MAX per level, coarse to fine, e.g. 50:5000,50:2000,50:1000 (recipe "
-                                "default)")
+                                "TAU_MIN:TAU_MAX per level, coarse to fine, e.g. 50:5000,50:2000,50:1000, or "
+                                "'geoestimation' (the published MP-16 partitions, imported and given with --geocells) "
+                                "(recipe default)")
         group.add_argument("--geocells", metavar="FILE",
                            help="train on this cell table (JSON from `geoloc geocells build|import`) instead of "
                                 "building one")
@@ -349,6 +365,18 @@ class GeoHierTask(TrainingTask):
                                 "or the labelled scene's")
         group.add_argument("--label-smoothing", type=float,
                            help="of the cell cross-entropies (recipe default; none: the model config's 0.1)")
+        group.add_argument("--scene-label-smoothing", type=float,
+                           help="of the scene cross-entropy (recipe default; none: the model config's 0)")
+        group.add_argument("--level-loss-weights", metavar="W1,W2,...",
+                           help="weight of each level's cross-entropy, coarse to fine (recipe default; none: the model "
+                                "config's, 0.5,0.3,0.2 for three levels)")
+        group.add_argument("--loss-scale", type=float,
+                           help="multiply the loss of every step (recipe default: 1; geodecoder-paper 2, as its source "
+                                "adds the gradients of 2 accumulated micro-batches)")
+        group.add_argument("--scenes", action=argparse.BooleanOptionalAction, default=None,
+                           help="--scenes: refuse to train without a scene label column; --no-scenes: train without "
+                                "scene labels even where the dataset has them (recipe default; none: use them where "
+                                "present)")
 
     @classmethod
     def check_args(cls, args) -> None:
@@ -357,10 +385,22 @@ class GeoHierTask(TrainingTask):
                              "trains end to end).")
         if args.geocells and "geocell_levels" in args.given_options:
             raise ValueError("Give --geocells FILE or --geocell-levels, not both.")
+        if args.geocell_levels == GEOESTIMATION_PARTITIONS and not args.geocells:
+            raise ValueError(
+                f"--recipe {args.recipe} trains on the published MP-16 partitions of GeoEstimation (Mueller-Budack et "
+                "al., ECCV 2018): get cells_50_5000.csv, cells_50_2000.csv and cells_50_1000.csv (geo-cells/ in the "
+                "history of TIBHannover/GeoEstimation), run `geoloc geocells import cells_50_5000.csv "
+                "cells_50_2000.csv cells_50_1000.csv --output mp16-cells.json` and pass --geocells mp16-cells.json "
+                "(or choose --geocell-levels TAU_MIN:TAU_MAX,... to build cells from the training coordinates).")
         if args.num_scenes is not None and args.num_scenes < 1:
             raise ValueError(f"--num-scenes must be >= 1, got {args.num_scenes}.")
-        if args.label_smoothing is not None and not 0 <= args.label_smoothing < 1:
-            raise ValueError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}.")
+        for name in ("label_smoothing", "scene_label_smoothing"):
+            value = getattr(args, name)
+            if value is not None and not 0 <= value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {value}.")
+        if not args.loss_scale > 0:
+            raise ValueError(f"--loss-scale must be > 0, got {args.loss_scale}.")
+        level_loss_weights(args.level_loss_weights)
 
     def build(self, dataset, latitudes, longitudes) -> None:
         from .geocells import assign_geocells, geocells_for, load_cell_table
@@ -376,8 +416,9 @@ class GeoHierTask(TrainingTask):
         self.scene_column = self._scene_column(dataset)
         options = dict(cells_per_level=[len(level["tokens"]) for level in self.cells],
                        scene_selection=args.scene_selection, trained_with_scene_labels=self.scene_column is not None)
-        if args.label_smoothing is not None:  # else the config's (or the checkpoint's)
-            options["label_smoothing"] = args.label_smoothing
+        losses = dict(label_smoothing=args.label_smoothing, scene_label_smoothing=args.scene_label_smoothing,
+                      level_loss_weights=level_loss_weights(args.level_loss_weights))
+        options.update({key: value for key, value in losses.items() if value is not None})  # else the config's
         num_scenes = self._num_scenes(dataset)
         if num_scenes is not None:
             options["num_scenes"] = num_scenes
@@ -390,6 +431,8 @@ class GeoHierTask(TrainingTask):
         else:
             self.model = GeoHierModel.from_pretrained(args.model_config, ignore_mismatched_sizes=True, **options)
             self.image_processor = AutoImageProcessor.from_pretrained(args.model_config)
+        if args.augmentation == "geodecoder":  # its evaluation transform goes with it
+            self.image_processor = geodecoder_image_processor(processor_input_size(self.image_processor))
         self.model.config.freeze_backbone = not args.train_backbone
         if not args.train_backbone:
             self.model.backbone.requires_grad_(False)
@@ -398,6 +441,13 @@ class GeoHierTask(TrainingTask):
     def _scene_column(self, dataset) -> str | None:
         """The dataset's scene label column: `--scene-column`, else `scene` when present."""
         columns = dataset.column_names or []
+        if self.args.scenes is False:
+            return None
+        if self.args.scenes and self.args.scene_column is None and "scene" not in columns:
+            raise ValueError(
+                f"--recipe {self.args.recipe} trains with scene labels (GeoGuessNet: MP-16's S16_Label, 16 scenes), "
+                f"but the dataset has no 'scene' column (columns: {sorted(columns)}): pass --scene-column NAME, or "
+                "--no-scenes to train without scene labels.")
         if self.args.scene_column is not None:
             if self.args.scene_column not in columns:
                 raise ValueError(f"--scene-column {self.args.scene_column!r} is not a column of the dataset "
@@ -440,7 +490,36 @@ class GeoHierTask(TrainingTask):
 
     def loss(self, model, batch, weight=1.0):
         inputs = {key: batch[key] for key in ("pixel_values", "labels", SCENE_LABELS) if key in batch}
-        return model(**inputs).loss * weight
+        return model(**inputs).loss * (weight * self.args.loss_scale)
+
+
+# GeoGuessNet's m16_val_transform: Resize(256) + CenterCrop(224) (+ TenCrop(224) with `geoloc evaluate --ten-crop`),
+# normalised with the ImageNet statistics (not the in21k ViT's 0.5 / 0.5).
+GEODECODER_RESIZE_RATIO = 256 / 224
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def geodecoder_image_processor(size: tuple[int, int]) -> GeoHierImageProcessor:
+    """GeoGuessNet's evaluation transform for a tower of input `size` (height, width): the shorter side resized to
+    256/224 of the tower's (bilinear, as torchvision's Resize), then the centre crop the tower takes."""
+    height, width = size
+    return GeoHierImageProcessor(
+        size={"shortest_edge": round(max(height, width) * GEODECODER_RESIZE_RATIO)},
+        crop_size={"height": height, "width": width}, do_center_crop=True, resample=PILImageResampling.BILINEAR,
+        image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
+
+
+def level_loss_weights(text: str | None) -> list[float] | None:
+    """`--level-loss-weights "1,1,1"` -> [1.0, 1.0, 1.0] (None stays None: the model config's default)."""
+    if text is None:
+        return None
+    try:
+        weights = [float(value) for value in str(text).split(",")]
+    except ValueError:
+        weights = []
+    if not weights or not all(weight >= 0 for weight in weights):
+        raise ValueError(f"--level-loss-weights must be comma-separated numbers >= 0, one per level, got {text!r}.")
+    return weights
 
 
 def steps_for_epochs(epochs: float, rows: int, batch_size: int) -> int:

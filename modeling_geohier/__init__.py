@@ -15,6 +15,8 @@ API for training and inference code:
 - `model.geolocate(pixel_values, top_k=5)` -> `GeoHierGeolocationOutput` with `latitudes`, `longitudes`,
   `probabilities`, `indices` (each `(B, top_k)`, best first), `level_probabilities`, `scene_probabilities`,
   `selected_scenes`, and with `output_attentions=True` the same forward pass's `cross_attentions`.
+  `GeoHierImageProcessor.ten_crop(images)` + `geolocate(pixel_values, num_crops=10)` answers from the average of
+  each image's ten crops' logits (GeoGuessNet's ten-crop evaluation).
 - `GeoHierModel.from_pretrained` is strict: missing, unexpected or wrongly shaped weights (cell table included)
   raise `ValueError`; `strict=False` loads a partial checkpoint.
 """

@@ -25,15 +25,18 @@ class GeoHierConfig(PreTrainedConfig):
         vision_config (`ViTConfig`, `CLIPVisionConfig` or `dict`, defaults to ViT-B/16 at 224 px):
             The image encoder. A dict is resolved by its `model_type` (`"vit"` or `"clip_vision_model"`).
         num_scenes (`int`, defaults to 16):
-            Number of scene types (the 16 Places365 "IO hierarchy" classes in the paper).
+            Number of scene types (the 16 Places365 "IO hierarchy" classes in the paper; GeoGuessNet `networks.py`
+            GeoGuess1: queries of shape (16, 3, 768), i.e. 48 queries, trained on MP-16's `S16_Label`).
         cells_per_level (`list[int]`, defaults to `[3298, 7202, 12893]`):
             Number of geocells of each hierarchy level, coarse to fine. Must match the cell table
             (`GeoHierModel.set_cell_table`).
         num_independent_layers (`int`, defaults to 6):
-            N: decoder layers in which every query attends to every other query.
+            N: decoder layers in which every query attends to every other query (6 in GeoGuessNet `networks.py`
+            GeoGuess1: `CustomTransformer1(768, 6, 12, 64, 1024)`, whose layers, unlike these, do not feed each other).
         num_dependent_layers (`int`, defaults to 2):
             E: decoder layers whose self-attention is masked to the queries of the same level and which have one
-            FFN per level.
+            FFN per level. The value 2 is unconfirmed: the paper names E without a value in the text available to
+            us, and GeoGuess1 has no such layers.
         hidden_size (`int`, defaults to 768):
             Width of the queries; the image tokens are projected to it.
         num_attention_heads (`int`, defaults to 12):
@@ -41,17 +44,21 @@ class GeoHierConfig(PreTrainedConfig):
         intermediate_size (`int`, defaults to 1024):
             Hidden width of the decoder FFNs (1024 in the authors' code).
         dropout (`float`, defaults to 0.1):
-            Dropout on attention weights and after every residual branch.
+            Dropout on attention weights and after every residual branch (GeoGuess1's decoder uses 0.0).
         layer_norm_eps (`float`, defaults to 1e-5):
             Epsilon of the decoder LayerNorms.
         initializer_range (`float`, defaults to 0.02):
             Standard deviation of the decoder's linear weights (the queries start from N(0, 1), as DETR's).
         label_smoothing (`float`, defaults to 0.1):
             Label smoothing of the per-level cell cross-entropies (0.1 in the authors' code).
+        scene_label_smoothing (`float`, defaults to 0.0):
+            Label smoothing of the scene cross-entropy (GeoGuessNet's `main.py` path smooths it by 0.1 too, its
+            `lit.py` does not; the `geodecoder-paper` recipe sets 0.1).
         level_loss_weights (`list[float]`, *optional*):
             Weight of each level's cross-entropy, coarse to fine. Default (`None`): `[0.5, 0.3, 0.2]` for three
-            levels (the co-author's code, GeoGuessNet `lit.py`), `1 / (l + 1)` normalised to sum to 1 for any other
-            number of levels (coarse levels weigh more, as there).
+            levels (the co-author's GeoGuessNet `lit.py`; its `main.py` path, which the `geodecoder-paper` recipe
+            follows, weighs them equally), `1 / (l + 1)` normalised to sum to 1 for any other number of levels
+            (coarse levels weigh more, as in `lit.py`).
         scene_loss_weight (`float`, defaults to 1.0):
             Weight of the scene cross-entropy (used only when scene labels are given).
         scene_selection (`str`, defaults to `"predicted"`):
@@ -92,6 +99,7 @@ class GeoHierConfig(PreTrainedConfig):
     layer_norm_eps: float = 1e-5
     initializer_range: float = 0.02
     label_smoothing: float = 0.1
+    scene_label_smoothing: float = 0.0
     level_loss_weights: list[float] | tuple[float, ...] | None = None
     scene_loss_weight: float = 1.0
     scene_selection: str = "predicted"
@@ -134,9 +142,10 @@ class GeoHierConfig(PreTrainedConfig):
             )
         if self.scene_selection not in SCENE_SELECTIONS:
             raise ValueError(f"scene_selection must be one of {SCENE_SELECTIONS}, got {self.scene_selection!r}.")
-        if not 0 <= self.dropout < 1 or not 0 <= self.label_smoothing < 1:
+        if not all(0 <= value < 1 for value in (self.dropout, self.label_smoothing, self.scene_label_smoothing)):
             raise ValueError(
-                f"dropout and label_smoothing must be in [0, 1), got {self.dropout} and {self.label_smoothing}."
+                f"dropout, label_smoothing and scene_label_smoothing must be in [0, 1), got {self.dropout}, "
+                f"{self.label_smoothing} and {self.scene_label_smoothing}."
             )
 
     @property

@@ -271,6 +271,7 @@ class GeoHierModel(GeoHierPreTrainedModel):
     # What front ends may ask of `geolocate` (read by `geoloc.inference`, never probed from signatures).
     supports_text_queries = False  # images only
     returns_attention_maps = True  # `geolocate(..., output_attentions=True)` -> `cross_attentions`
+    supports_ten_crop = True  # `geolocate(..., num_crops=10)` on `GeoHierImageProcessor.ten_crop` pixels
     candidate_kind = "cells"  # candidates are the fine geocells (centroids)
 
     @property
@@ -422,12 +423,7 @@ class GeoHierModel(GeoHierPreTrainedModel):
             labels = self._check_labels(
                 labels, (batch, self.config.num_levels), self.config.cells_per_level, "labels"
             )
-            loss = sum(
-                weight * self._cross_entropy(level_logits, labels[:, level], self.config.label_smoothing)
-                for weight, level_logits, level in zip(self.config.loss_weights, logits, range(len(logits)))
-            )
-            if scene_labels is not None:
-                loss = loss + self.config.scene_loss_weight * self._cross_entropy(scene_logits, scene_labels, 0.0)
+            loss = self.loss_from_logits(logits, labels, scene_logits, scene_labels)
         return GeoHierOutput(
             loss=loss,
             logits=logits,
@@ -436,6 +432,25 @@ class GeoHierModel(GeoHierPreTrainedModel):
             query_hidden_states=queries,
             cross_attentions=cross_attentions,
         )
+
+    def loss_from_logits(
+        self,
+        logits: tuple[torch.Tensor, ...],
+        labels: torch.Tensor,
+        scene_logits: torch.Tensor | None = None,
+        scene_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The training loss of `forward`: each level's label-smoothed cross-entropy times its `loss_weights`
+        entry, plus `scene_loss_weight` times the scene cross-entropy (smoothed by `scene_label_smoothing`) where
+        scene labels are given. Labels of -1 are ignored."""
+        loss = sum(
+            weight * self._cross_entropy(level_logits, labels[:, level], self.config.label_smoothing)
+            for level, (weight, level_logits) in enumerate(zip(self.config.loss_weights, logits))
+        )
+        if scene_labels is not None:
+            scene_loss = self._cross_entropy(scene_logits, scene_labels, self.config.scene_label_smoothing)
+            loss = loss + self.config.scene_loss_weight * scene_loss
+        return loss
 
     @staticmethod
     def _check_labels(labels, shape: tuple, sizes, name: str) -> torch.Tensor:
@@ -584,14 +599,18 @@ class GeoHierModel(GeoHierPreTrainedModel):
         top_k: int = 5,
         backbone_hidden_states: torch.Tensor | None = None,
         output_attentions: bool = False,
+        num_crops: int = 1,
     ) -> GeoHierGeolocationOutput:
         """The `top_k` most probable fine cells of each image, at their centroids, using the predicted scene.
 
         Args:
-            pixel_values (`torch.FloatTensor` of shape `(B, 3, H, W)`), or backbone_hidden_states
-                (`(B, T, vision_hidden_size)`).
+            pixel_values (`torch.FloatTensor` of shape `(B * num_crops, 3, H, W)`), or backbone_hidden_states
+                (`(B * num_crops, T, vision_hidden_size)`).
             top_k (`int`): predictions per image, 1 <= top_k <= number of fine cells.
             output_attentions (`bool`): also return the decoder's cross-attention maps (same forward pass).
+            num_crops (`int`): crops per image, consecutive (e.g. 10 from `GeoHierImageProcessor.ten_crop`): each
+                level's logits and the scene logits are averaged over an image's crops before the softmax and the
+                hierarchical product, as GeoGuessNet's evaluation (`eval_images_weighted`) does.
 
         Returns: [`GeoHierGeolocationOutput`]: `latitudes`, `longitudes`, `probabilities`, `indices`, each
         `(B, top_k)` best first, plus `level_probabilities`, `scene_probabilities`, `selected_scenes` and, with
@@ -599,11 +618,22 @@ class GeoHierModel(GeoHierPreTrainedModel):
         """
         top_k = check_top_k(top_k, self.config.cells_per_level[-1])
         self._require_cell_table()
+        inputs = pixel_values if pixel_values is not None else backbone_hidden_states
+        if isinstance(num_crops, bool) or not isinstance(num_crops, int) or num_crops < 1:
+            raise ValueError(f"num_crops must be a positive integer, got {num_crops!r}.")
+        if inputs is not None and len(inputs) % num_crops:
+            raise ValueError(f"{len(inputs)} inputs are not a whole number of images of num_crops={num_crops} crops.")
+        if num_crops > 1 and output_attentions:
+            raise ValueError("output_attentions needs one crop per image (num_crops=1).")
         output = self(
             pixel_values=pixel_values,
             backbone_hidden_states=backbone_hidden_states,
             output_attentions=output_attentions,
         )
+        if num_crops > 1:
+            output.logits = tuple(logits.unflatten(0, (-1, num_crops)).mean(dim=1) for logits in output.logits)
+            output.scene_logits = output.scene_logits.unflatten(0, (-1, num_crops)).mean(dim=1)
+            output.selected_scenes = output.scene_logits.argmax(dim=1)
         level_probabilities = self.hierarchical_probabilities(output.logits)
         probabilities, indices = level_probabilities[-1].topk(top_k, dim=1)
         fine = self.config.num_levels - 1

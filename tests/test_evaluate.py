@@ -230,3 +230,50 @@ def test_accelerate_launch_two_processes(model_dir, tmp_path):
     pd.testing.assert_frame_equal(single_predictions, sharded_predictions, atol=1e-9)
     assert sharded == pytest.approx(single)
     assert sharded["n"] == 8 and sharded["n_unreadable"] == 2
+
+
+def test_ten_crop_evaluation_averages_the_crops_logits(tmp_path):
+    """`--ten-crop` (GeoHier): each image's ten crops go through the model and their logits are averaged before the
+    softmax and the hierarchical product, as GeoGuessNet's eval_images_weighted does."""
+    import torch
+
+    from geoloc.configs import tiny_geohier_config
+    from geoloc.geocells import build_geocells
+    from geoloc.training_tasks import geodecoder_image_processor
+    from modeling_geohier import GeoHierModel
+
+    cells, _ = build_geocells(*np.array(POINTS * 3).T, levels=[(1, 12), (1, 6), (1, 2)], min_level=0)
+    torch.manual_seed(0)
+    model = GeoHierModel(tiny_geohier_config(cells_per_level=[len(level["tokens"]) for level in cells])).eval()
+    model.set_cell_table(cells)
+    model.save_pretrained(tmp_path / "geohier")
+    processor = geodecoder_image_processor((32, 32))  # resize 37 + centre crop 32, as GeoGuessNet's 256 / 224
+    processor.save_pretrained(tmp_path / "geohier")
+    data = tmp_path / "maps"
+    names = [f"crop_{i}.png" for i in range(len(POINTS))]
+    _crops(data, names)
+    pd.DataFrame({"file_name": names, "latitude": [p[0] for p in POINTS],
+                  "longitude": [p[1] for p in POINTS]}).to_csv(data / "metadata.csv", index=False)
+    out = tmp_path / "out"
+    assert main(["--model", str(tmp_path / "geohier"), "--dataset", str(data), "--output-dir", str(out),
+                 "--ten-crop", "--batch-size", "4"]) == 0
+    metrics, predictions = _read(out)
+    assert metrics["ten_crop"] is True and metrics["n"] == len(POINTS)
+
+    crops = processor.ten_crop([data / name for name in names], return_tensors="pt").pixel_values
+    with torch.no_grad():
+        output = model(pixel_values=crops)
+    averaged = tuple(logits.view(len(names), 10, -1).mean(dim=1) for logits in output.logits)
+    best = model.hierarchical_probabilities(averaged)[-1].argmax(dim=1)
+    centroids = model.get_cell_table()[-1]
+    np.testing.assert_allclose(predictions["pred_latitude"], centroids["latitudes"][best.numpy()], atol=1e-6)
+    np.testing.assert_allclose(predictions["pred_longitude"], centroids["longitudes"][best.numpy()], atol=1e-6)
+
+
+def test_ten_crop_is_refused_for_geoclip(model_dir, tmp_path):
+    _crops(tmp_path / "maps", ["a.png"])
+    pd.DataFrame({"file_name": ["a.png"], "latitude": [1.0], "longitude": [2.0]}).to_csv(
+        tmp_path / "maps" / "metadata.csv", index=False)
+    with pytest.raises(ValueError, match="Ten-crop evaluation is GeoHier's"):
+        main(["--model", str(model_dir), "--dataset", str(tmp_path / "maps"), "--output-dir", str(tmp_path / "o"),
+              "--ten-crop"])

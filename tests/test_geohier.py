@@ -188,6 +188,24 @@ def test_bad_inputs_raise_clear_errors(model):
         model(pixel_values=images(2), scene_labels=torch.tensor([0, 4]))
     with pytest.raises(ValueError, match="no cell table"):
         GeoHierModel(tiny_geohier_config()).geolocate(pixel_values=images(1))
+    with pytest.raises(ValueError, match="whole number of images"):
+        model.geolocate(pixel_values=images(4), num_crops=3)
+    with pytest.raises(ValueError, match="num_crops must be a positive integer"):
+        model.geolocate(pixel_values=images(4), num_crops=0)
+    with pytest.raises(ValueError, match="output_attentions needs one crop"):
+        model.geolocate(pixel_values=images(4), num_crops=2, output_attentions=True)
+
+
+def test_crops_of_one_image_are_averaged_in_logit_space(model):
+    crops = images(6)
+    answer = model.geolocate(pixel_values=crops, num_crops=3, top_k=4)
+    with torch.no_grad():
+        output = model(pixel_values=crops)
+    averaged = tuple(logits.view(2, 3, -1).mean(dim=1) for logits in output.logits)
+    expected = model.hierarchical_probabilities(averaged)[-1].topk(4, dim=1)
+    assert torch.equal(answer.indices, expected.indices)
+    torch.testing.assert_close(answer.probabilities, expected.values)
+    torch.testing.assert_close(answer.scene_probabilities, output.scene_logits.view(2, 3, -1).mean(1).softmax(-1))
 
 
 @pytest.mark.parametrize(
@@ -201,6 +219,7 @@ def test_bad_inputs_raise_clear_errors(model):
         ({"num_scenes": 0}, "num_scenes"),
         ({"vision_config": {"model_type": "bert"}}, "vision_config"),
         ({"scene_selection": "oracle"}, "scene_selection"),
+        ({"scene_label_smoothing": 1.0}, "scene_label_smoothing"),
     ],
 )
 def test_bad_config_values(overrides, message):

@@ -111,7 +111,8 @@ def test_recipes_fill_what_the_command_line_leaves_open():
     assert (args.optimizer, args.batch_size, args.queue_size, args.backbone) == (
         "adam", 512, 4096, "openai/clip-vit-large-patch14")
     args = resolve_args(build_parser().parse_args(
-        ["--recipe", "geodecoder-paper", "--dataset", "d", "--output-dir", "o", "--model-config", "tiny"]))
+        ["--recipe", "geodecoder-paper", "--dataset", "d", "--output-dir", "o", "--model-config", "tiny",
+         "--geocells", "cells.json"]))
     assert args.backbone is None and args.epochs == 40 and args.label_smoothing == 0.1
 
 
@@ -172,6 +173,10 @@ def test_batch_noise_stays_out_of_the_queue_and_queue_noise_goes_in(worldmap, tm
     (["--streaming", "--cache-features", "--no-train-backbone"], "not with --streaming"),
     (["--cache-features"], "needs a frozen image tower"),
     (["--recipe", "geodecoder-paper"], "trains geohier, not --model geoclip"),
+    (["--model", "geohier", "--recipe", "geodecoder-paper"], "geoloc geocells import cells_50_5000.csv"),
+    (["--model", "geohier", "--level-loss-weights", "1,x"], "--level-loss-weights"),
+    (["--model", "geohier", "--loss-scale", "0"], "--loss-scale"),
+    (["--model", "geohier", "--scene-label-smoothing", "1"], "--scene-label-smoothing"),
     (["--max-steps", "5", "--epochs", "2"], "not both"),
     (["--backbone", "x", "--model-config", "tiny"], "not both"),
     (["--resume", "--overwrite"], "pick one"),
