@@ -116,16 +116,18 @@ def test_recipes_fill_what_the_command_line_leaves_open():
     assert args.backbone is None and args.epochs == 40 and args.label_smoothing == 0.1
 
 
-@pytest.mark.parametrize(("recipe", "expected"), [
-    ("geoclip-paper", {"model": "geoclip", "optimizer": "adam", "batch_size": 512, "queue_size": 4096,
+@pytest.mark.parametrize(("recipe", "extra", "expected"), [
+    ("geoclip-paper", [], {"model": "geoclip", "optimizer": "adam", "batch_size": 512, "queue_size": 4096,
                        "gps_noise_km": 0.15, "queue_noise_km": 1.0, "epochs": 10, "decay_gamma": 0.87,
                        "augmentation": "photo", "backbone": "openai/clip-vit-large-patch14"}),
-    ("geodecoder-paper", {"model": "geohier", "optimizer": "sgd", "batch_size": 256, "epochs": 40,
-                          "backbone": "google/vit-base-patch16-224-in21k"}),
+    ("geodecoder-paper", ["--geocells", "mp16-cells.json"],
+     {"model": "geohier", "optimizer": "sgd", "batch_size": 256, "epochs": 40, "label_smoothing": 0.1,
+      "scene_label_smoothing": 0.1, "backbone": "google/vit-base-patch16-224-in21k"}),
 ])
-def test_dry_run_prints_every_resolved_option_without_loading_anything(recipe, expected, capsys):
-    # Neither the dataset nor the backbone exists here (no network): nothing is loaded.
-    assert main(["--recipe", recipe, "--dry-run", "--dataset", "/no/such/dataset", "--learning-rate", "0.25"]) == 0
+def test_dry_run_prints_every_resolved_option_without_loading_anything(recipe, extra, expected, capsys):
+    # Neither the dataset, the cell table nor the backbone exists here (no network): nothing is loaded.
+    argv = ["--recipe", recipe, "--dry-run", "--dataset", "/no/such/dataset", "--learning-rate", "0.25", *extra]
+    assert main(argv) == 0
     settings = json.loads(capsys.readouterr().out)
     assert settings["recipe"] == recipe and settings["learning_rate"] == 0.25
     assert {key: settings[key] for key in expected} == expected
