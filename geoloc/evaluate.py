@@ -36,6 +36,7 @@ from .data import load_geo_dataset
 from .geodesy import geodesic_distance_km
 from .inference import Geolocator
 from .metrics import distance_metrics
+from .models import register_models
 from .predict import row_ids
 
 
@@ -184,6 +185,7 @@ def main(argv=None) -> int:
 
 def evaluate(args: argparse.Namespace) -> int:
     """Predict the whole dataset (sharded over the accelerate processes) and write the results."""
+    register_models()
     accelerator = Accelerator()
     geolocator = Geolocator.from_pretrained(args.model, device=accelerator.device)
     dataset = load_evaluation_dataset(args)

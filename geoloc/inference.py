@@ -56,7 +56,7 @@ from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 from modeling_geoclip import check_top_k
 
 from . import DEFAULT_MODEL
-from . import models  # noqa: F401  (registers both model families with the Auto classes)
+from .models import register_models
 from .data import decode_images
 from .geodesy import geodesic_distance_km
 
@@ -195,6 +195,7 @@ class Geolocator:
             device: where the model runs (`torch.device` or str; default: where transformers loads it, the CPU).
             dtype: the model's weights dtype (default: the checkpoint's).
         """
+        register_models()
         source = resolve_model(source)
         model = AutoModel.from_pretrained(source, **({} if dtype is None else {"dtype": dtype}))
         if device is not None:

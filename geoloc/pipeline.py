@@ -1,8 +1,8 @@
 """The `image-geolocation` pipeline: images in, ranked (latitude, longitude, probability) out.
 
 A `transformers` pipeline over `geoloc.inference.Geolocator`, so it answers exactly like `geoloc predict`, the
-evaluator and the Space, for every model of this package (GeoCLIP, GeoHier). Importing this module registers
-the task with `transformers.pipeline`.
+evaluator and the Space, for every model of this package (GeoCLIP, GeoHier). Importing this module calls
+`geoloc.models.register_models()`: both models and the task are registered with `transformers.pipeline`.
 """
 
 import numpy as np
@@ -11,6 +11,7 @@ from transformers import AutoModel, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .inference import Geolocator
+from .models import register_models
 
 TASK = "image-geolocation"
 
@@ -61,6 +62,13 @@ class ImageGeolocationPipeline(Pipeline):
         return [{"latitude": lat, "longitude": lon, "probability": p} for lat, lon, p in rows]
 
 
-PIPELINE_REGISTRY.register_pipeline(TASK, pipeline_class=ImageGeolocationPipeline, pt_model=AutoModel, type="image")
+def register_pipeline() -> None:
+    """Register the `image-geolocation` task (part of `geoloc.models.register_models()`; idempotent)."""
+    if TASK not in PIPELINE_REGISTRY.get_supported_tasks():  # registering again would log a warning
+        PIPELINE_REGISTRY.register_pipeline(TASK, pipeline_class=ImageGeolocationPipeline, pt_model=AutoModel,
+                                            type="image")
 
-__all__ = ["ImageGeolocationPipeline", "TASK"]
+
+register_models()  # `import geoloc.pipeline` is the documented way to get the task: it registers explicitly
+
+__all__ = ["ImageGeolocationPipeline", "TASK", "register_pipeline"]

@@ -38,6 +38,7 @@ from transformers import AutoConfig
 from .benchmark_datasets import BENCHMARKS
 from .cli import HelpFormatter
 from .metrics import DEFAULT_THRESHOLDS_KM, threshold_key
+from .models import register_models
 from .remote_code import auto_maps, remote_code_files
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -221,6 +222,7 @@ def hub_files(checkpoint, repo_id: str, staging, *, eval_dirs=(), training_data:
         ValueError: on a folder without config.json, weights or image processor, an unpublishable model type, or
             bad eval dirs.
     """
+    register_models()  # the checkpoint's config is read through AutoConfig, whichever model it holds
     checkpoint, staging = Path(checkpoint), Path(staging)
     files = {path.name: path for path in checkpoint_files(checkpoint)}
     results = load_eval_results(eval_dirs)

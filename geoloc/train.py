@@ -36,7 +36,7 @@ itself. The coordinates are read once before training (only the latitude/longitu
 gallery and GeoHier's geocells.
 
 The output folder ends up with the model (`save_pretrained`, loadable with `AutoModel.from_pretrained` after
-`import geoloc.models`), its image processor (and tokenizer for GeoCLIP), `log.jsonl`, TensorBoard logs when
+`geoloc.models.register_models()`), its image processor (and tokenizer for GeoCLIP), `log.jsonl`, TensorBoard logs when
 tensorboard is installed, and `train_summary.json`.
 """
 
@@ -61,6 +61,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from .cli import HelpFormatter
 from .data import IMAGE, LATITUDE, LONGITUDE, load_geo_dataset
+from .models import register_models
 from .recipes import DEFAULT_RECIPES, OPTIMIZERS, RECIPE_OPTIONS, RECIPES, SCHEDULES, get_recipe
 from .training_tasks import TRAINING_TASKS, steps_for_epochs
 
@@ -381,6 +382,7 @@ def save_checkpoint(accelerator, output_dir: str, step: int, keep: int, settings
 # -------------------------------------------------------------------------------------------------- train
 def main(argv=None) -> int:
     args = resolve_args(build_parser().parse_args(argv))
+    register_models()  # --model-config and --backbone checkpoints are read through the Auto classes
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
