@@ -27,10 +27,12 @@ import time
 import numpy as np
 from transformers import AutoModel
 
-import geoloc.models  # noqa: F401  (registers the models with the Auto classes)
+from geoloc.models import register_models
 from geoloc.geodesy import unit_vectors, vector_directions
 from geoloc.metrics import geolocation_metrics
 from geoloc.worldmap import build_worldmap_splits, write_imagefolder
+
+register_models()  # the Auto classes below read GeoCLIP and GeoHier checkpoints
 
 THRESHOLDS_KM = (25, 200, 750, 2500)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

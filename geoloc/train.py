@@ -63,6 +63,7 @@ from .cli import HelpFormatter
 from .data import IMAGE, LATITUDE, LONGITUDE, load_geo_dataset
 from .models import register_models
 from .recipes import DEFAULT_RECIPES, OPTIMIZERS, RECIPE_OPTIONS, RECIPES, SCHEDULES, get_recipe
+from .threads import training_threads
 from .training_tasks import TRAINING_TASKS, steps_for_epochs
 
 CHECKPOINTS = "checkpoints"
@@ -70,7 +71,7 @@ RUN_SETTINGS = "run_settings.json"
 # Options that fix the data order and the schedule: a checkpoint is only resumed with the same values.
 RESUME_SETTINGS = ("model", "dataset", "split", "train_fraction", "streaming", "shuffle_buffer", "seed", "batch_size",
                    "gradient_accumulation_steps", "num_processes", "max_steps", "optimizer", "learning_rate",
-                   "schedule", "warmup_steps", "decay_every_epochs", "decay_gamma", "train_rows")
+                   "schedule", "warmup_steps", "decay_every_epochs", "decay_gamma", "train_rows", "threads")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="default: accelerate's setting (`accelerate launch --mixed_precision`), else no")
     group.add_argument("--seed", type=int, default=0, help="seed of the data order, noise and initialisation")
     group.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    group.add_argument("--threads", type=int, metavar="N",
+                       help="torch intra-op threads of each process (default: OMP_NUM_THREADS, else the cores divided "
+                            "among this machine's processes; never the machine's load, so runs are reproducible; "
+                            "recorded in run_settings.json, and --resume reuses the recorded count)")
 
     for task in TRAINING_TASKS.values():
         task.add_arguments(parser)
@@ -379,10 +384,33 @@ def save_checkpoint(accelerator, output_dir: str, step: int, keep: int, settings
     accelerator.wait_for_everyone()
 
 
+def choose_threads(args) -> int:
+    """Set torch's threads for this run and return the count: the one recorded in the checkpoint that `--resume`
+    continues (a resumed run must compute its sums as the first part did), else `training_threads(--threads)`.
+
+    Raises:
+        ValueError: `--threads` other than the recorded count of the run to resume.
+    """
+    recorded = None
+    if args.resume and checkpoint_steps(args.output_dir):
+        step = checkpoint_steps(args.output_dir)[-1]
+        path = os.path.join(args.output_dir, CHECKPOINTS, f"step_{step:08d}", RUN_SETTINGS)
+        if os.path.isfile(path):
+            with open(path) as handle:
+                recorded = json.load(handle).get("threads")
+    if recorded is not None and args.threads not in (None, recorded):
+        raise ValueError(f"--threads {args.threads}: the run in {args.output_dir} trained with {recorded} threads "
+                         f"and resumes with them (its weights would differ otherwise); leave --threads out.")
+    threads = recorded or training_threads(args.threads)
+    torch.set_num_threads(threads)
+    return threads
+
+
 # -------------------------------------------------------------------------------------------------- train
 def main(argv=None) -> int:
     args = resolve_args(build_parser().parse_args(argv))
     register_models()  # --model-config and --backbone checkpoints are read through the Auto classes
+    args.threads = choose_threads(args)
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -507,6 +535,7 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> int:
         task.finalize(model, latitudes, longitudes)
         task.save(model, args.output_dir)
         summary = {"model": args.model, "recipe": args.recipe, "steps": step, "num_processes": accelerator.num_processes,
+                   "threads": args.threads,
                    "samples_per_process": counts, "unreadable_images_per_process": skipped,
                    "train_rows": len(latitudes), "seconds": round(time.perf_counter() - started, 1),
                    "args": {key: value for key, value in vars(args).items() if key != "given_options"}}
