@@ -101,6 +101,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_arguments(parser, args)
+    check_sources(args)
     if args.dataset:
         return predict_dataset(args)
     return predict_inputs(args)
@@ -120,6 +121,16 @@ def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     for name in ("top_k", "batch_size", "chunk_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+
+
+def check_sources(args: argparse.Namespace) -> None:
+    """Fail at once on a `--model` / `--dataset` that is neither a local path nor a Hub id (before any loading)."""
+    from .sources import check_local_or_hub
+
+    if args.model != "default":
+        check_local_or_hub(args.model, "--model")
+    if args.dataset:
+        check_local_or_hub(args.dataset, "--dataset", patterns=True)
 
 
 def load_geolocator(args: argparse.Namespace, device=None):

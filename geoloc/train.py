@@ -63,6 +63,7 @@ from .cli import HelpFormatter
 from .data import IMAGE, LATITUDE, LONGITUDE, load_geo_dataset
 from .models import register_models
 from .recipes import DEFAULT_RECIPES, OPTIMIZERS, RECIPE_OPTIONS, RECIPES, SCHEDULES, get_recipe
+from .sources import check_local_or_hub
 from .threads import training_threads
 from .training_tasks import TRAINING_TASKS, steps_for_epochs
 
@@ -409,6 +410,7 @@ def choose_threads(args) -> int:
 # -------------------------------------------------------------------------------------------------- train
 def main(argv=None) -> int:
     args = resolve_args(build_parser().parse_args(argv))
+    check_local_or_hub(args.dataset, "--dataset", patterns=True)  # before anything is loaded
     register_models()  # --model-config and --backbone checkpoints are read through the Auto classes
     args.threads = choose_threads(args)
     accelerator = Accelerator(
