@@ -46,6 +46,7 @@ rows with coordinates, valid or not, are all geolocated):
 """
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -342,6 +343,18 @@ def _write_atomically(path: Path, write) -> None:
         temporary.unlink(missing_ok=True)
 
 
+def _report_resumed(parts: ChunkParts, args: argparse.Namespace, rows: int | None, main_process: bool) -> None:
+    """Say how much of the work a rerun keeps: "Resumed: 1,200 of 3,000 rows already predicted (...)"."""
+    done = sorted(int(path.stem.split("-")[1]) for path in parts.folder.glob("chunk-*.parquet"))
+    if not done or not main_process:
+        return
+    if rows is None:  # a stream: its length is known once read
+        kept = f"{len(done):,} chunks of {args.chunk_size:,} rows"
+    else:
+        kept = f"{sum(min(args.chunk_size, rows - chunk * args.chunk_size) for chunk in done):,} of {rows:,} rows"
+    print(f"geoloc predict: Resumed: {kept} already predicted (in {parts.folder}).", file=sys.stderr)
+
+
 def iterate_chunks(dataset, chunk_size: int, wanted):
     """`(chunk, first_row, rows)` for every chunk of `chunk_size` consecutive rows, in order, with `rows` as
     columns -> lists, or None where `wanted(chunk)` is false (then a `Dataset` is not read; a stream is read past).
@@ -370,9 +383,8 @@ def predict_dataset(args: argparse.Namespace) -> int:
     """Geolocate every image of `--dataset` into `--output`, sharded over the accelerate processes."""
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
-    from tqdm.auto import tqdm
 
-    from .data import load_geo_dataset
+    from .processes import exit_with_launcher, output_lock
 
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as `Accelerator()` reads it
     output = Path(args.output)
@@ -382,6 +394,18 @@ def predict_dataset(args: argparse.Namespace) -> int:
             print(f"geoloc predict: {output} already exists and no run is in progress ({parts.folder} is absent): "
                   "nothing to do. Delete it, or give another --output, to run again.")
         return 0
+    exit_with_launcher()  # a worker whose launcher was killed must not keep writing parts
+    lock = output.with_name(output.name + ".lock")
+    with output_lock(lock, f"--output {output}") if state.is_main_process else contextlib.nullcontext():
+        return _geolocate_chunks(args, state, output, parts)
+
+
+def _geolocate_chunks(args: argparse.Namespace, state, output: Path, parts: ChunkParts) -> int:
+    """The work of `predict_dataset` on this process: its chunks not yet done, then (main process) the merge."""
+    from tqdm.auto import tqdm
+
+    from .data import load_geo_dataset
+
     with state.main_process_first():  # one process builds the datasets cache, the others read it
         dataset = load_geo_dataset(args.dataset, split=args.split, image_column=args.image_column,
                                    streaming=args.streaming, coordinates=False)
@@ -399,6 +423,7 @@ def predict_dataset(args: argparse.Namespace) -> int:
     if not args.streaming:
         total = sum(min(args.chunk_size, len(dataset) - first) for first in range(0, len(dataset), args.chunk_size)
                     if mine(first // args.chunk_size))
+    _report_resumed(parts, args, None if args.streaming else len(dataset), state.is_main_process)
     progress = tqdm(total=total, unit="image", desc=f"Geolocating (process {state.process_index + 1} of "
                     f"{state.num_processes})", disable=not state.is_local_main_process)
     num_chunks = 0

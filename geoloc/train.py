@@ -47,6 +47,7 @@ import os
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 
 import datasets
 import numpy as np
@@ -63,6 +64,7 @@ from .cli import HelpFormatter
 from .data import IMAGE, LATITUDE, LONGITUDE, load_geo_dataset
 from .models import register_models
 from .recipes import DEFAULT_RECIPES, OPTIMIZERS, RECIPE_OPTIONS, RECIPES, SCHEDULES, get_recipe
+from .processes import exit_with_launcher, output_lock
 from .sources import check_local_or_hub
 from .threads import training_threads
 from .training_tasks import TRAINING_TASKS, steps_for_epochs
@@ -421,8 +423,11 @@ def main(argv=None) -> int:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
         step_scheduler_with_optimizer=False,
     )
+    exit_with_launcher()  # a worker whose launcher was killed must not train on beside a rerun
+    lock = os.path.join(args.output_dir, ".geoloc.lock")  # one run per --output-dir at a time
     try:
-        return train(args, accelerator)
+        with output_lock(lock, f"--output-dir {args.output_dir}") if accelerator.is_main_process else nullcontext():
+            return train(args, accelerator)
     finally:  # accelerate keeps its settings process-wide: a later run in this Python may want others
         AcceleratorState._reset_state()
 
@@ -471,7 +476,7 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> int:
         accelerator.load_state(checkpoint)
         with open(stream_position_file(checkpoint, accelerator.process_index)) as handle:
             stream = BatchStream(dataloader, accelerator, task.set_epoch, **json.load(handle))
-        accelerator.print(f"Resumed from step {step}.")
+        accelerator.print(f"Resumed from step {step} of {max_steps}: {step:,} optimizer steps kept ({checkpoint}).")
     elif args.resume:
         accelerator.print(f"No checkpoint in {args.output_dir}: starting from step 0.")
     if accelerator.is_main_process:
