@@ -36,8 +36,14 @@ itself. The coordinates are read once before training (only the latitude/longitu
 gallery and GeoHier's geocells.
 
 The output folder ends up with the model (`save_pretrained`, loadable with `AutoModel.from_pretrained` after
-`geoloc.models.register_models()`), its image processor (and tokenizer for GeoCLIP), `log.jsonl`, TensorBoard logs when
-tensorboard is installed, and `train_summary.json`.
+`geoloc.models.register_models()`), its image processor (and tokenizer for GeoCLIP), `log.jsonl`, TensorBoard logs
+when tensorboard is installed, and `train_summary.json`.
+
+**Threads** never depend on the machine's load (`geoloc.threads.training_threads`: `--threads`, else
+OMP_NUM_THREADS, else the cores divided among this machine's processes): the count is recorded in
+`run_settings.json` and `train_summary.json` and `--resume` reuses it, so the same command and seed give the same
+weights on a quiet or a busy machine. One run at a time per output folder (`.geoloc.lock`, with its pid), and the
+workers of `accelerate launch` end when their launcher dies.
 """
 
 import argparse
@@ -63,8 +69,8 @@ from transformers import get_cosine_schedule_with_warmup
 from .cli import HelpFormatter
 from .data import IMAGE, LATITUDE, LONGITUDE, load_geo_dataset
 from .models import register_models
-from .recipes import DEFAULT_RECIPES, OPTIMIZERS, RECIPE_OPTIONS, RECIPES, SCHEDULES, get_recipe
 from .processes import exit_with_launcher, output_lock
+from .recipes import DEFAULT_RECIPES, OPTIMIZERS, RECIPE_OPTIONS, RECIPES, SCHEDULES, get_recipe
 from .sources import check_local_or_hub
 from .threads import training_threads
 from .training_tasks import TRAINING_TASKS, steps_for_epochs
@@ -476,7 +482,7 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> int:
         accelerator.load_state(checkpoint)
         with open(stream_position_file(checkpoint, accelerator.process_index)) as handle:
             stream = BatchStream(dataloader, accelerator, task.set_epoch, **json.load(handle))
-        accelerator.print(f"Resumed from step {step} of {max_steps}: {step:,} optimizer steps kept ({checkpoint}).")
+        accelerator.print(f"Resumed from step {step:,} of {max_steps:,} ({checkpoint}).")
     elif args.resume:
         accelerator.print(f"No checkpoint in {args.output_dir}: starting from step 0.")
     if accelerator.is_main_process:

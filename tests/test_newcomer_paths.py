@@ -99,7 +99,8 @@ def test_workers_end_with_their_launcher():
     worker = ("import time; from geoloc.processes import exit_with_launcher; "
               "assert exit_with_launcher(poll_s=0.1); time.sleep(60)")
     launcher = ("import os, subprocess, sys, time; "
-                f"child = subprocess.Popen([sys.executable, '-c', {worker!r}], env={{**os.environ, 'LOCAL_RANK': '0'}}); "
+                f"child = subprocess.Popen([sys.executable, '-c', {worker!r}], "
+                "env={**os.environ, 'LOCAL_RANK': '0'}); "
                 "print(child.pid, flush=True); time.sleep(1)")  # then dies without waiting for its worker
     pid = int(subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True, check=True).stdout)
     deadline = time.monotonic() + 30

@@ -117,7 +117,8 @@ def test_published_folder_loads_as_remote_code_without_the_package(
     for key in ("latitudes", "longitudes", "probabilities"):
         torch.testing.assert_close(torch.tensor(loaded[key], dtype=torch.float64), getattr(expected, key).double())
     assert loaded["indices"] == expected.indices.tolist()
-    pipelined = torch.tensor([[row[key] for key in ("latitude", "longitude", "probability")] for row in loaded["pipeline"]])
+    keys = ("latitude", "longitude", "probability")
+    pipelined = torch.tensor([[row[key] for key in keys] for row in loaded["pipeline"]])
     torch.testing.assert_close(pipelined, torch.stack(
         [getattr(expected, key)[0] for key in ("latitudes", "longitudes", "probabilities")], 1).float())
     if has_text:
