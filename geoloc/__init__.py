@@ -1,7 +1,7 @@
 """geoloc: everything around the models (CLI, data, geodesy, geocells, inference, training, evaluation, publishing).
 
 Importing `geoloc` loads neither torch nor transformers (so `geoloc --help` answers at once). The inference
-adapter is loaded on first use: `from geoloc import Geolocator` (see `geoloc.inference`). 
+adapter is loaded on first use: `from geoloc import Geolocator` (see `geoloc.inference`).
 `geoloc.models.register_models()` (called by every entry point that loads checkpoints, the adapter included)
 registers GeoCLIP, GeoHier and the `image-geolocation` pipeline with the transformers Auto classes; importing
 `geoloc.pipeline` calls it.

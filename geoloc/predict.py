@@ -27,8 +27,10 @@ rows with coordinates, valid or not, are all geolocated):
   `OUTPUT.parts/chunk-NNNNNN.parquet` as soon as it is done; when all are done they are merged into OUTPUT
   and the parts folder is removed. A rerun of a killed job resumes from the parts already written (it loses at
   most the chunks in progress, one per process), and refuses options that differ from the first run's
-  (`OUTPUT.parts/manifest.json`). A rerun once OUTPUT exists does nothing: an existing output is never
-  rewritten.
+  (`OUTPUT.parts/manifest.json`); it says how much it kept ("Resumed: 1,200 of 3,000 rows already predicted").
+  A rerun once OUTPUT exists does nothing: an existing output is never rewritten. A second run while the first
+  is alive refuses (`OUTPUT.lock` holds the first one's pid), and the workers of `accelerate launch` end when
+  their launcher dies.
 - Many processes: chunk c is done by process `c % num_processes`, so each image is geolocated exactly once, in
   the same batches as on one process (the same answers: the same rows and coordinates; on CPU, probabilities
   equal to float32 rounding, since MKL's sums depend on memory alignment, and bit-identical with
