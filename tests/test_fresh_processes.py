@@ -1,5 +1,6 @@
 """Every entry point that loads a checkpoint works in a fresh Python, for both models: `geoloc predict` (files and
-`--dataset`), `evaluate`, `publish --local-dir`, `convert` (GeoCLIP's official release) and the Space's start.
+`--dataset`), `evaluate`, `publish --local-dir`, `convert` (GeoCLIP's official release), `train --model-config`
+(GeoCLIP) and the Space's start.
 In-process tests cannot show this: once one test imported both model packages, a command that forgot to register
 them still passes. The commands start together (each in its own `python -m geoloc` process) to keep the file
 fast; each test reads one command's result."""
@@ -78,6 +79,11 @@ def runs(tmp_path_factory):
                                         "--output-dir", str(work / f"eval-{name}")]
         commands[f"publish {name}"] = ["-m", "geoloc", "publish", str(model), "--repo-id", f"me/{name}",
                                        "--local-dir", str(work / f"repo-{name}")]
+    # Continuing from a checkpoint reads its image processor through AutoImageProcessor (GeoCLIP: GeoHier's
+    # geocells would have to be rebuilt from three photos).
+    commands["train geoclip"] = ["-m", "geoloc", "train", "--model", "geoclip", "--model-config",
+                                 str(models["geoclip"]), "--dataset", str(data), "--output-dir", str(work / "trained"),
+                                 "--max-steps", "1", "--batch-size", "3"]
     commands["space"] = ["-c", SPACE_START, str(REPO / "spaces" / "geolocation")]
     wheel = cached_official_wheel()
     if wheel is not None:
@@ -124,6 +130,11 @@ def test_publish_local_dir(runs, model):
     _ok(runs, f"publish {model}")
     config = json.loads((runs[1] / f"repo-{model}" / "config.json").read_text())
     assert config["model_type"] == model and "AutoModel" in config["auto_map"]
+
+
+def test_train_from_a_checkpoint(runs):
+    assert "Saved the trained geoclip" in _ok(runs, "train geoclip").stderr
+    assert (runs[1] / "trained" / "model.safetensors").is_file()
 
 
 def test_space_starts_with_both_models(runs):
