@@ -11,11 +11,13 @@ import numpy as np
 import torch
 from transformers import CLIPVisionConfig
 
-import geoloc.models  # noqa: F401  (registers the models with the Auto classes)
+from geoloc.models import register_models
 from geoloc.configs import TINY_IMAGE_SIZE, tiny_geohier_config
 from geoloc.geocells import build_geocells, leaf_cell_ids
 from modeling_geoclip import GeoCLIPConfig, GeoCLIPModel
 from modeling_geohier import GeoHierConfig, GeoHierModel
+
+register_models()  # the Auto classes below read GeoCLIP and GeoHier checkpoints
 
 VIT_B16 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, patch_size=16,
                image_size=224)

@@ -36,7 +36,7 @@ from transformers import AutoModel
 
 from geoloc.geodesy import unit_vectors, vector_directions
 from geoloc.metrics import geolocation_metrics
-import geoloc.models  # noqa: F401  (registers both models with the Auto classes)
+from geoloc.models import register_models
 from geoloc.worldmap import build_worldmap_splits, write_imagefolder
 
 THRESHOLDS_KM = (25, 200, 750, 2500)
@@ -146,6 +146,7 @@ def run(train_size: int, validation_size: int, test_size: int, output_dir: str, 
     """Build the crops, score the baselines, train the tiny `models` once per seed and return table rows:
     `{"name", "metrics": {split: [metrics per seed]}, "seconds": [per seed]}`, baselines first, then each model
     after the baselines snapped to its cells (GeoHier)."""
+    register_models()  # GeoHier's cell table is read through the Auto classes
 
     splits = build_worldmap_splits(train_size, test_size, validation=validation_size, seed=data_seed,
                                    buffered=buffered)

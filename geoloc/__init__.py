@@ -1,9 +1,10 @@
 """geoloc: everything around the models (CLI, data, geodesy, geocells, inference, training, evaluation, publishing).
 
 Importing `geoloc` loads neither torch nor transformers (so `geoloc --help` answers at once). The inference
-adapter is loaded on first use: `from geoloc import Geolocator` (see `geoloc.inference`). Importing
-`geoloc.models` (done by every module that loads checkpoints, the adapter included) registers GeoCLIP and GeoHier
-with the transformers Auto classes; importing `geoloc.pipeline` registers the `image-geolocation` pipeline.
+adapter is loaded on first use: `from geoloc import Geolocator` (see `geoloc.inference`).
+`geoloc.models.register_models()` (called by every entry point that loads checkpoints, the adapter included)
+registers GeoCLIP, GeoHier and the `image-geolocation` pipeline with the transformers Auto classes; importing
+`geoloc.pipeline` calls it.
 
 `DEFAULT_MODEL` is the bundled toy model's folder as an absolute path: pass it to `Geolocator.from_pretrained`,
 `AutoModel.from_pretrained` or `--model` from any folder (`--model default` means the same).

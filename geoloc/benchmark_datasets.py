@@ -199,7 +199,7 @@ def load_benchmark(name: str, data_dir=None) -> datasets.Dataset:
     spec = _spec(name)
     folder = Path(data_dir) if data_dir is not None else download_benchmark(name)
     if not folder.is_dir():
-        raise ValueError(f"{name} folder '{folder}' does not exist.")
+        raise ValueError(f"--data-dir '{folder}' ({name}): no such folder.")
     csv_path = _first_existing(folder, spec.csv_names, "metadata CSV", name)
     image_dir = _first_existing(folder, spec.image_dirs, "image folder", name)
     _extract_archives(image_dir)

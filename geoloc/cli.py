@@ -112,7 +112,10 @@ def main(argv=None) -> int:
     if offline:
         go_offline()
     try:
-        if not {"-h", "--help"} & set(namespace.args):  # help answers at once, without importing torch
+        if command == "train":  # picks threads that do not depend on the load, and records them
+            if namespace.threads is not None:
+                namespace.args = ["--threads", str(namespace.threads), *namespace.args]
+        elif not {"-h", "--help"} & set(namespace.args):  # help answers at once, without importing torch
             set_threads(namespace.threads)
         return importlib.import_module(SUBCOMMANDS[command][0]).main(namespace.args) or 0
     except Exception as error:  # KeyboardInterrupt and SystemExit (argparse's exit 2) pass through

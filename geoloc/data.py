@@ -36,6 +36,7 @@ from modeling_geoclip import load_image
 from modeling_geoclip.processing_geoclip import MAX_IMAGE_PIXELS
 
 from .geodesy import validate_lat_lon
+from .sources import check_local_or_hub
 
 logger = logging.get_logger(__name__)
 
@@ -143,7 +144,7 @@ def _load_raw(source: str, split: str, streaming: bool, coordinates: bool = True
             f"Cannot read '{source}': pass an image folder with metadata.csv, .parquet or .tar (webdataset) "
             "shards, or a Hugging Face Hub dataset id."
         )
-    return datasets.load_dataset(source, split=split, streaming=streaming)
+    return datasets.load_dataset(check_local_or_hub(source, "dataset"), split=split, streaming=streaming)
 
 
 def is_saved_dataset(folder: str) -> bool:

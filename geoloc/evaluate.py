@@ -36,6 +36,8 @@ from .data import load_geo_dataset
 from .geodesy import geodesic_distance_km
 from .inference import Geolocator
 from .metrics import distance_metrics
+from .models import register_models
+from .sources import check_local_or_hub
 from .predict import row_ids
 
 
@@ -189,6 +191,13 @@ def main(argv=None) -> int:
 
 def evaluate(args: argparse.Namespace) -> int:
     """Predict the whole dataset (sharded over the accelerate processes) and write the results."""
+    if args.model != "default":  # paths first: a mistyped one fails before the model is loaded
+        check_local_or_hub(args.model, "--model")
+    if args.dataset not in BENCHMARKS:
+        check_local_or_hub(args.dataset, "--dataset", patterns=True)
+    if args.data_dir is not None:
+        check_local_or_hub(args.data_dir, "--data-dir", hub=False)
+    register_models()
     accelerator = Accelerator()
     geolocator = Geolocator.from_pretrained(args.model, device=accelerator.device)
     dataset = load_evaluation_dataset(args)

@@ -56,9 +56,10 @@ from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 from modeling_geoclip import check_top_k
 
 from . import DEFAULT_MODEL
-from . import models  # noqa: F401  (registers both model families with the Auto classes)
 from .data import decode_images
 from .geodesy import geodesic_distance_km
+from .models import register_models
+from .sources import check_local_or_hub
 
 UNCERTAINTY_POINTS = 3000  # candidates returned as uncertainty points at most (GeoCLIP's heat layer)
 ATTENTION_SIZE = 224  # side in pixels of the attention overlays
@@ -156,16 +157,15 @@ def _number(value) -> float | None:
 
 
 def resolve_model(source: str | os.PathLike) -> str:
-    """A checkpoint source as `from_pretrained` takes it: "default" becomes `geoloc.DEFAULT_MODEL`; a path that
-    looks local must be an existing folder (else a `ValueError` instead of a Hub lookup)."""
+    """A checkpoint source as `from_pretrained` takes it: "default" becomes `geoloc.DEFAULT_MODEL`; anything that is
+    not a valid Hub id must exist locally (`geoloc.sources.check_local_or_hub`: "no such folder", no Hub lookup)."""
     source = os.fspath(source)
     if source == "default":
         source = DEFAULT_MODEL
-    looks_local = os.path.isabs(source) or source.startswith(".") or source.count("/") > 1
-    if looks_local and not os.path.isdir(source):
-        hint = " (the bundled default model is not installed)" if source == DEFAULT_MODEL else ""
-        raise ValueError(f"Model folder '{source}' does not exist{hint}: pass a checkpoint folder or a Hub id.")
-    return source
+    if source == DEFAULT_MODEL and not os.path.isdir(source):
+        raise ValueError(f"Model folder '{source}' does not exist (the bundled default model is not installed): "
+                         "pass a checkpoint folder or a Hub id.")
+    return check_local_or_hub(source, "--model")
 
 
 class Geolocator:
@@ -195,6 +195,7 @@ class Geolocator:
             device: where the model runs (`torch.device` or str; default: where transformers loads it, the CPU).
             dtype: the model's weights dtype (default: the checkpoint's).
         """
+        register_models()
         source = resolve_model(source)
         model = AutoModel.from_pretrained(source, **({} if dtype is None else {"dtype": dtype}))
         if device is not None:

@@ -27,8 +27,10 @@ rows with coordinates, valid or not, are all geolocated):
   `OUTPUT.parts/chunk-NNNNNN.parquet` as soon as it is done; when all are done they are merged into OUTPUT
   and the parts folder is removed. A rerun of a killed job resumes from the parts already written (it loses at
   most the chunks in progress, one per process), and refuses options that differ from the first run's
-  (`OUTPUT.parts/manifest.json`). A rerun once OUTPUT exists does nothing: an existing output is never
-  rewritten.
+  (`OUTPUT.parts/manifest.json`); it says how much it kept ("Resumed: 1,200 of 3,000 rows already predicted").
+  A rerun once OUTPUT exists does nothing: an existing output is never rewritten. A second run while the first
+  is alive refuses (`OUTPUT.lock` holds the first one's pid), and the workers of `accelerate launch` end when
+  their launcher dies.
 - Many processes: chunk c is done by process `c % num_processes`, so each image is geolocated exactly once, in
   the same batches as on one process (the same answers: the same rows and coordinates; on CPU, probabilities
   equal to float32 rounding, since MKL's sums depend on memory alignment, and bit-identical with
@@ -46,6 +48,7 @@ rows with coordinates, valid or not, are all geolocated):
 """
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -101,6 +104,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_arguments(parser, args)
+    check_sources(args)
     if args.dataset:
         return predict_dataset(args)
     return predict_inputs(args)
@@ -120,6 +124,16 @@ def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     for name in ("top_k", "batch_size", "chunk_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+
+
+def check_sources(args: argparse.Namespace) -> None:
+    """Fail at once on a `--model` / `--dataset` that is neither a local path nor a Hub id (before any loading)."""
+    from .sources import check_local_or_hub
+
+    if args.model != "default":
+        check_local_or_hub(args.model, "--model")
+    if args.dataset:
+        check_local_or_hub(args.dataset, "--dataset", patterns=True)
 
 
 def load_geolocator(args: argparse.Namespace, device=None):
@@ -331,6 +345,18 @@ def _write_atomically(path: Path, write) -> None:
         temporary.unlink(missing_ok=True)
 
 
+def _report_resumed(parts: ChunkParts, args: argparse.Namespace, rows: int | None, main_process: bool) -> None:
+    """Say how much of the work a rerun keeps: "Resumed: 1,200 of 3,000 rows already predicted (...)"."""
+    done = sorted(int(path.stem.split("-")[1]) for path in parts.folder.glob("chunk-*.parquet"))
+    if not done or not main_process:
+        return
+    if rows is None:  # a stream: its length is known once read
+        kept = f"{len(done):,} chunks of {args.chunk_size:,} rows"
+    else:
+        kept = f"{sum(min(args.chunk_size, rows - chunk * args.chunk_size) for chunk in done):,} of {rows:,} rows"
+    print(f"geoloc predict: Resumed: {kept} already predicted (in {parts.folder}).", file=sys.stderr)
+
+
 def iterate_chunks(dataset, chunk_size: int, wanted):
     """`(chunk, first_row, rows)` for every chunk of `chunk_size` consecutive rows, in order, with `rows` as
     columns -> lists, or None where `wanted(chunk)` is false (then a `Dataset` is not read; a stream is read past).
@@ -359,9 +385,8 @@ def predict_dataset(args: argparse.Namespace) -> int:
     """Geolocate every image of `--dataset` into `--output`, sharded over the accelerate processes."""
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
-    from tqdm.auto import tqdm
 
-    from .data import load_geo_dataset
+    from .processes import exit_with_launcher, output_lock
 
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as `Accelerator()` reads it
     output = Path(args.output)
@@ -371,6 +396,18 @@ def predict_dataset(args: argparse.Namespace) -> int:
             print(f"geoloc predict: {output} already exists and no run is in progress ({parts.folder} is absent): "
                   "nothing to do. Delete it, or give another --output, to run again.")
         return 0
+    exit_with_launcher()  # a worker whose launcher was killed must not keep writing parts
+    lock = output.with_name(output.name + ".lock")
+    with output_lock(lock, f"--output {output}") if state.is_main_process else contextlib.nullcontext():
+        return _geolocate_chunks(args, state, output, parts)
+
+
+def _geolocate_chunks(args: argparse.Namespace, state, output: Path, parts: ChunkParts) -> int:
+    """The work of `predict_dataset` on this process: its chunks not yet done, then (main process) the merge."""
+    from tqdm.auto import tqdm
+
+    from .data import load_geo_dataset
+
     with state.main_process_first():  # one process builds the datasets cache, the others read it
         dataset = load_geo_dataset(args.dataset, split=args.split, image_column=args.image_column,
                                    streaming=args.streaming, coordinates=False)
@@ -388,6 +425,7 @@ def predict_dataset(args: argparse.Namespace) -> int:
     if not args.streaming:
         total = sum(min(args.chunk_size, len(dataset) - first) for first in range(0, len(dataset), args.chunk_size)
                     if mine(first // args.chunk_size))
+    _report_resumed(parts, args, None if args.streaming else len(dataset), state.is_main_process)
     progress = tqdm(total=total, unit="image", desc=f"Geolocating (process {state.process_index + 1} of "
                     f"{state.num_processes})", disable=not state.is_local_main_process)
     num_chunks = 0

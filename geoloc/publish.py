@@ -35,10 +35,14 @@ import jinja2
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, SpaceCard
 from transformers import AutoConfig
 
+from modeling_geoclip.pipeline_geolocation import custom_pipelines_entry
+
 from .benchmark_datasets import BENCHMARKS
 from .cli import HelpFormatter
 from .metrics import DEFAULT_THRESHOLDS_KM, threshold_key
+from .models import register_models
 from .remote_code import auto_maps, remote_code_files
+from .sources import is_hub_id
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CARDS_DIR = REPO_ROOT / "hub_cards"
@@ -54,6 +58,10 @@ DEFAULT_TRAINING_DATA = (
     "Not stated by the publisher. For reference, the GeoCLIP and GeoDecoder papers train on MP-16 (4.72M "
     "geotagged Flickr photos from YFCC100M, without the photographers of the Im2GPS test sets)."
 )
+FAMILY_NAMES = {"geoclip": "GeoCLIP", "geohier": "GeoHier"}
+# The Hub has no geolocation task; both models rank candidates (gallery points, geocells) for an image. The
+# `image-geolocation` pipeline itself is named in config.json's `custom_pipelines`.
+PIPELINE_TAG = "image-classification"
 SKIPPED_NAMES = {"__pycache__", ".git", ".cache", ".gitattributes"}
 # What `save_pretrained` of a model, image processor or tokenizer writes: the only files of a checkpoint folder
 # that are uploaded. Never pickles (`*.bin`, `*.pt`, `*.pkl`), training state or logs.
@@ -126,9 +134,30 @@ def _template(name: str) -> Path:
     return path
 
 
+def card_metadata(config, repo_id: str, results: list[dict], training_run: dict | None = None) -> dict:
+    """The card YAML fields that say what the model is: `pipeline_tag`, `base_model` (the pretrained tower, when
+    it is a Hub repo), `datasets` (the Hub datasets it was trained or evaluated on; never a local path) and
+    `model_name` (the family and the repo's name). `training_run`: the `args` of the checkpoint's
+    `train_summary.json`, if any."""
+    training_run = training_run or {}
+    name = repo_id.split("/")[-1]
+    family = FAMILY_NAMES.get(config.model_type, config.model_type)
+
+    def hub_repo(value) -> bool:
+        return isinstance(value, str) and "/" in value and is_hub_id(value) and not os.path.exists(value)
+
+    base_model = next((value for value in (getattr(config, "backbone", None), training_run.get("backbone"))
+                       if hub_repo(value)), None)
+    datasets = sorted({value for value in [training_run.get("dataset")]
+                       + [_dataset_ids(metrics["dataset"])[1] for metrics in results] if hub_repo(value)})
+    return {"pipeline_tag": PIPELINE_TAG, "base_model": base_model, "datasets": datasets or None,
+            "model_name": name if family.lower() in name.lower() else f"{family} {name}"}
+
+
 def render_model_card(config, repo_id: str, results: list[dict], training_data: str = DEFAULT_TRAINING_DATA,
-                      license: str = "mit") -> ModelCard:
-    """Render `hub_cards/<config.model_type>.md` for `repo_id` with the given `geoloc evaluate` results.
+                      license: str = "mit", training_run: dict | None = None) -> ModelCard:
+    """Render `hub_cards/<config.model_type>.md` for `repo_id` with the given `geoloc evaluate` results
+    (`training_run`: see `card_metadata`).
 
     Raises:
         ValueError: when there is no card template for the model type.
@@ -137,15 +166,16 @@ def render_model_card(config, repo_id: str, results: list[dict], training_data: 
     rows = [{"title": _dataset_ids(metrics["dataset"])[0], "n_unreadable": metrics.get("n_unreadable", 0),
              **{key: _metric_value(metrics, key) for key in METRIC_NAMES}, "n": metrics["n"]} for metrics in results]
     results_section = jinja2.Template(_template("_results.md.jinja").read_text()).render(results=rows)
+    metadata = card_metadata(config, repo_id, results, training_run)
     card_data = ModelCardData(
         license=license,
         library_name="transformers",
         tags=["image-geolocation", "geolocation", config.model_type, "geoloc"],
-        model_name=repo_id.split("/")[-1],
         eval_results=eval_results(results) or None,
+        **metadata,
     )
     return ModelCard.from_template(
-        card_data, template_path=str(template), model_name=repo_id.split("/")[-1], repo_id=repo_id, config=config,
+        card_data, template_path=str(template), model_name=metadata["model_name"], repo_id=repo_id, config=config,
         training_data=training_data, results_section=results_section,
     )
 
@@ -192,10 +222,12 @@ def eval_record(metrics: dict) -> dict:
             **{key: metrics[key] for key in EVAL_RECORD_KEYS if key in metrics}}
 
 
-def _with_auto_map(source: Path, destination: Path, auto_map: dict, image_processor: str | None = None) -> None:
-    """Copy a JSON settings file, adding `auto_map` (and naming the model's own image processor class)."""
+def _with_auto_map(source: Path, destination: Path, auto_map: dict, image_processor: str | None = None,
+                   **extra) -> None:
+    """Copy a JSON settings file, adding `auto_map` and `extra` keys (and naming the model's own image processor
+    class)."""
     settings = json.loads(source.read_text())
-    settings["auto_map"] = auto_map
+    settings.update(auto_map=auto_map, **extra)
     if image_processor is not None:
         settings["image_processor_type"] = image_processor
     destination.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
@@ -221,6 +253,7 @@ def hub_files(checkpoint, repo_id: str, staging, *, eval_dirs=(), training_data:
         ValueError: on a folder without config.json, weights or image processor, an unpublishable model type, or
             bad eval dirs.
     """
+    register_models()  # the checkpoint's config is read through AutoConfig, whichever model it holds
     checkpoint, staging = Path(checkpoint), Path(staging)
     files = {path.name: path for path in checkpoint_files(checkpoint)}
     results = load_eval_results(eval_dirs)
@@ -229,11 +262,15 @@ def hub_files(checkpoint, repo_id: str, staging, *, eval_dirs=(), training_data:
     processor_class = auto_maps(config.model_type)["preprocessor_config.json"]["AutoImageProcessor"]
     (staging / "eval_results").mkdir(parents=True, exist_ok=True)
     for name, auto_map in auto_maps(config.model_type).items():
-        _with_auto_map(files[name], staging / name, auto_map,
-                       processor_class.split(".")[-1] if name == "preprocessor_config.json" else None)
+        if name == "config.json":  # `pipeline(model=REPO, trust_remote_code=True)` finds the repo's pipeline here
+            _with_auto_map(files[name], staging / name, auto_map, custom_pipelines=custom_pipelines_entry())
+        else:
+            _with_auto_map(files[name], staging / name, auto_map, processor_class.split(".")[-1])
         files[name] = staging / name
     files.update(code)
-    render_model_card(config, repo_id, results, training_data, license).save(staging / "README.md")
+    summary = checkpoint / "train_summary.json"  # what `geoloc train` ran: the card's base_model and datasets
+    training_run = json.loads(summary.read_text()).get("args", {}) if summary.is_file() else None
+    render_model_card(config, repo_id, results, training_data, license, training_run).save(staging / "README.md")
     files["README.md"] = staging / "README.md"
     for metrics in results:
         record = eval_record(metrics)

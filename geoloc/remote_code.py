@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 SHARED_SOURCE = "modeling_geoclip"
-SHARED_MODULES = ("geo_common.py", "geo_image_processing.py", "integrity.py")
+SHARED_MODULES = ("geo_common.py", "geo_image_processing.py", "integrity.py", "pipeline_geolocation.py")
 # Every model folder that is pushed alone as remote code and therefore needs the shared modules.
 MODEL_PACKAGES = ("modeling_geoclip", "modeling_geohier")
 COPY_HEADER = "# Generated from {source} by `python geoloc/remote_code.py --sync`; do not edit.\n"
@@ -72,8 +72,10 @@ def remote_code_files(model_type: str) -> dict[str, Path]:
     from transformers.dynamic_module_utils import get_relative_import_files
 
     files = set()
-    for cls in _auto_classes(model_type):
-        module_file = Path(inspect.getfile(cls))
+    package = AUTO_CLASSES[model_type][0]
+    # The classes' modules, and the pipeline that `custom_pipelines` in config.json names (`pipeline_geolocation`).
+    for module_file in [Path(inspect.getfile(cls)) for cls in _auto_classes(model_type)] + [
+            PACKAGES_ROOT / package / "pipeline_geolocation.py"]:
         files.update(Path(path) for path in [module_file, *get_relative_import_files(module_file)])
     stale = [copy for copy in stale_shared_copies() if PACKAGES_ROOT / copy in files]
     if stale:

@@ -5,8 +5,9 @@ workers, `accelerate launch` ranks, other jobs on the machine), every parallel o
 thread that the kernel has descheduled: on a loaded 2-core machine a tiny model trained at 1.9 it/s with the
 default threads and at 17 it/s with one. `pick_threads` chooses a count that leaves the cores to whoever else
 needs them; `set_threads` applies it; `add_threads_argument` adds the `--threads` option to a parser. The
-`geoloc` dispatcher applies it before every command (`geoloc --threads N COMMAND ...`), so `accelerate launch -m
-geoloc.train` ranks share the cores too; DataLoader workers keep the one thread PyTorch gives them.
+`geoloc` dispatcher applies it before every inference command (`geoloc --threads N COMMAND ...`); DataLoader
+workers keep the one thread PyTorch gives them. Training does not look at the load (`training_threads`): the
+same command and seed must give the same weights on a quiet and on a busy machine.
 
 Example:
     >>> parser = argparse.ArgumentParser()
@@ -116,6 +117,20 @@ def pick_threads(
     return max(1, (cores - round(load)) // processes)
 
 
+def training_threads(requested: int | None = None, *, processes: int | None = None, cores: int | None = None,
+                     environ=None) -> int:
+    """Torch intra-op threads for a training process: `pick_threads` without the machine's load, so the count
+    (and with it the order of every parallel sum, hence the weights) is the same whether the machine is quiet
+    or busy: `requested`, else `OMP_NUM_THREADS`, else the cores divided among this job's processes
+    (`LOCAL_WORLD_SIZE`), at least 1. `geoloc train` records it and `--resume` reuses it.
+
+    Example:
+        >>> training_threads(cores=8, processes=2, environ={})
+        4
+    """
+    return pick_threads(requested, processes=processes, cores=cores, load=0.0, environ=environ)
+
+
 def set_threads(requested: int | None = None, **kwargs) -> int:
     """Set torch's intra-op threads to `pick_threads(requested, **kwargs)` and return the count."""
     import torch  # here, not at the top: `geoloc --help` does not wait for torch
@@ -148,4 +163,5 @@ def add_threads_argument(parser: argparse.ArgumentParser) -> argparse.Action:
     )
 
 
-__all__ = ["add_threads_argument", "available_cores", "busy_threads", "pick_threads", "set_threads"]
+__all__ = ["add_threads_argument", "available_cores", "busy_threads", "pick_threads", "set_threads",
+           "training_threads"]

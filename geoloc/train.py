@@ -39,18 +39,24 @@ itself. The coordinates are read once before training (only the latitude/longitu
 gallery and GeoHier's geocells.
 
 The output folder ends up with the model (`save_pretrained`, loadable with `AutoModel.from_pretrained` after
-`import geoloc.models`), its image processor (and tokenizer for GeoCLIP), `log.jsonl`, TensorBoard logs when
-tensorboard is installed, and `train_summary.json`.
+`geoloc.models.register_models()`), its image processor (and tokenizer for GeoCLIP), `log.jsonl`, TensorBoard logs
+when tensorboard is installed, and `train_summary.json`.
+
+**Threads** never depend on the machine's load (`geoloc.threads.training_threads`: `--threads`, else
+OMP_NUM_THREADS, else the cores divided among this machine's processes): the count is recorded in
+`run_settings.json` and `train_summary.json` and `--resume` reuses it, so the same command and seed give the same
+weights on a quiet or a busy machine. One run at a time per output folder (`.geoloc.lock`, with its pid), and the
+workers of `accelerate launch` end when their launcher dies.
 """
 
 import argparse
-import contextlib
 import json
 import math
 import os
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 
 import datasets
 import numpy as np
@@ -65,7 +71,11 @@ from transformers import get_cosine_schedule_with_warmup
 
 from .cli import HelpFormatter
 from .data import IMAGE, LATITUDE, LONGITUDE, load_geo_dataset
+from .models import register_models
+from .processes import exit_with_launcher, output_lock
 from .recipes import DEFAULT_RECIPES, OPTIMIZERS, RECIPE_OPTIONS, RECIPES, SCHEDULES, get_recipe
+from .sources import check_local_or_hub
+from .threads import training_threads
 from .training_tasks import TRAINING_TASKS, steps_for_epochs
 
 CHECKPOINTS = "checkpoints"
@@ -73,7 +83,7 @@ RUN_SETTINGS = "run_settings.json"
 # Options that fix the data order and the schedule: a checkpoint is only resumed with the same values.
 RESUME_SETTINGS = ("model", "dataset", "split", "train_fraction", "streaming", "shuffle_buffer", "seed", "batch_size",
                    "gradient_accumulation_steps", "num_processes", "max_steps", "optimizer", "learning_rate",
-                   "schedule", "warmup_steps", "decay_every_epochs", "decay_gamma", "train_rows")
+                   "schedule", "warmup_steps", "decay_every_epochs", "decay_gamma", "train_rows", "threads")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="default: accelerate's setting (`accelerate launch --mixed_precision`), else no")
     group.add_argument("--seed", type=int, default=0, help="seed of the data order, noise and initialisation")
     group.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    group.add_argument("--threads", type=int, metavar="N",
+                       help="torch intra-op threads of each process (default: OMP_NUM_THREADS, else the cores divided "
+                            "among this machine's processes; never the machine's load, so runs are reproducible; "
+                            "recorded in run_settings.json, and --resume reuses the recorded count)")
 
     for task in TRAINING_TASKS.values():
         task.add_arguments(parser)
@@ -426,12 +440,37 @@ def save_checkpoint(accelerator, output_dir: str, step: int, keep: int, settings
     accelerator.wait_for_everyone()
 
 
+def choose_threads(args) -> int:
+    """Set torch's threads for this run and return the count: the one recorded in the checkpoint that `--resume`
+    continues (a resumed run must compute its sums as the first part did), else `training_threads(--threads)`.
+
+    Raises:
+        ValueError: `--threads` other than the recorded count of the run to resume.
+    """
+    recorded = None
+    if args.resume and checkpoint_steps(args.output_dir):
+        step = checkpoint_steps(args.output_dir)[-1]
+        path = os.path.join(args.output_dir, CHECKPOINTS, f"step_{step:08d}", RUN_SETTINGS)
+        if os.path.isfile(path):
+            with open(path) as handle:
+                recorded = json.load(handle).get("threads")
+    if recorded is not None and args.threads not in (None, recorded):
+        raise ValueError(f"--threads {args.threads}: the run in {args.output_dir} trained with {recorded} threads "
+                         f"and resumes with them (its weights would differ otherwise); leave --threads out.")
+    threads = recorded or training_threads(args.threads)
+    torch.set_num_threads(threads)
+    return threads
+
+
 # -------------------------------------------------------------------------------------------------- train
 def main(argv=None) -> int:
     args = resolve_args(build_parser().parse_args(argv))
     if args.dry_run:
         print(json.dumps(resolved_settings(args), indent=2, sort_keys=True))
         return 0
+    check_local_or_hub(args.dataset, "--dataset", patterns=True)  # before anything is loaded
+    register_models()  # --model-config and --backbone checkpoints are read through the Auto classes
+    args.threads = choose_threads(args)
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         log_with="tensorboard" if is_tensorboard_available() else None,
@@ -439,8 +478,11 @@ def main(argv=None) -> int:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
         step_scheduler_with_optimizer=False,
     )
+    exit_with_launcher()  # a worker whose launcher was killed must not train on beside a rerun
+    lock = os.path.join(args.output_dir, ".geoloc.lock")  # one run per --output-dir at a time
     try:
-        return train(args, accelerator)
+        with output_lock(lock, f"--output-dir {args.output_dir}") if accelerator.is_main_process else nullcontext():
+            return train(args, accelerator)
     finally:  # accelerate keeps its settings process-wide: a later run in this Python may want others
         AcceleratorState._reset_state()
 
@@ -489,7 +531,7 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> int:
         accelerator.load_state(checkpoint)
         with open(stream_position_file(checkpoint, accelerator.process_index)) as handle:
             stream = BatchStream(dataloader, accelerator, task.set_epoch, **json.load(handle))
-        accelerator.print(f"Resumed from step {step}.")
+        accelerator.print(f"Resumed from step {step:,} of {max_steps:,} ({checkpoint}).")
     elif args.resume:
         accelerator.print(f"No checkpoint in {args.output_dir}: starting from step 0.")
     if accelerator.is_main_process:
@@ -510,7 +552,7 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> int:
         for index, (batch, weight) in enumerate(zip(batches, weights)):
             # Gradients are averaged across processes once, on the step's last micro-batch.
             last = index == len(batches) - 1
-            with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            with nullcontext() if last else accelerator.no_sync(model):
                 loss = task.loss(model, batch, weight)
                 accelerator.backward(loss / len(batches))
             step_losses.append(loss.detach())
@@ -548,6 +590,7 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> int:
         task.finalize(model, latitudes, longitudes)
         task.save(model, args.output_dir)
         summary = {"model": args.model, "recipe": args.recipe, "steps": step, "num_processes": accelerator.num_processes,
+                   "threads": args.threads,
                    "samples_per_process": counts, "unreadable_images_per_process": skipped,
                    "train_rows": len(latitudes), "seconds": round(time.perf_counter() - started, 1),
                    "args": resolved_settings(args)}

@@ -80,8 +80,9 @@ class GeoCLIPPreTrainedModel(StrictFromPretrainedMixin, PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _supports_sdpa = True
-    # Random Fourier features at sigma=256 need fp32: bf16 would scramble the phases.
-    _keep_in_fp32_modules = ["location_encoder"]
+    # Random Fourier features at sigma=256 need fp32: bf16 would scramble the phases. The strict list is the one
+    # `from_pretrained(..., dtype=torch.bfloat16)` honours (the plain one applies to fp16 only).
+    _keep_in_fp32_modules_strict = ["location_encoder"]
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -145,7 +146,7 @@ class GeoCLIPLocationEncoder(GeoCLIPPreTrainedModel):
     config: GeoCLIPLocationEncoderConfig
     main_input_name = "locations"
     input_modalities = ()
-    _keep_in_fp32_modules = ["capsules"]
+    _keep_in_fp32_modules_strict = ["capsules"]
 
     def __init__(self, config: GeoCLIPLocationEncoderConfig):
         super().__init__(config)

@@ -1,5 +1,5 @@
-"""GeoHier (the GeoDecoder of Clark et al., CVPR 2023) as a transformers model. Importing this package registers it
-with `AutoConfig`, `AutoModel` and `AutoImageProcessor`.
+"""GeoHier (the GeoDecoder of Clark et al., CVPR 2023) as a transformers model. Importing this package registers
+nothing: `geoloc.models.register_models()` registers it with `AutoConfig`, `AutoModel` and `AutoImageProcessor`.
 
 API for training and inference code:
 
@@ -21,15 +21,9 @@ API for training and inference code:
   raise `ValueError`; `strict=False` loads a partial checkpoint.
 """
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModel
-
 from .configuration_geohier import MP16_CELLS_PER_LEVEL, GeoHierConfig
 from .image_processing_geohier import GeoHierImageProcessor
 from .modeling_geohier import GeoHierGeolocationOutput, GeoHierModel, GeoHierOutput, GeoHierPreTrainedModel
-
-AutoConfig.register(GeoHierConfig.model_type, GeoHierConfig, exist_ok=True)
-AutoModel.register(GeoHierConfig, GeoHierModel, exist_ok=True)
-AutoImageProcessor.register(GeoHierConfig, image_processor_classes={"pil": GeoHierImageProcessor}, exist_ok=True)
 
 __all__ = [
     "GeoHierConfig",

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, CLIPVisionModel, PreTrainedModel, ViTModel
 from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from .configuration_geohier import SUPPORTED_BACKBONES, GeoHierConfig
@@ -154,13 +155,16 @@ class GeoHierFeedForward(nn.Module):
         return self.fc2(self.dropout(F.gelu(self.fc1(self.layer_norm(hidden_states)))))
 
 
-class GeoHierDecoderLayer(nn.Module):
+class GeoHierDecoderLayer(GradientCheckpointingLayer):
     """One pre-LayerNorm decoder layer over the queries `(B, num_scenes * num_levels, D)`, scene-major:
     cross-attention to the image tokens, self-attention among the queries, FFN.
 
     Hierarchy-independent (`hierarchy_dependent=False`): every query attends to every query, one shared FFN.
     Hierarchy-dependent: self-attention is masked to the queries of the same level and each level has its own FFN,
     so the levels only meet through the image tokens they all read.
+
+    A `GradientCheckpointingLayer`: after `model.gradient_checkpointing_enable()` its activations are recomputed in
+    the backward pass instead of kept (the queries and image tokens are passed positionally, so they get gradients).
     """
 
     def __init__(self, config: GeoHierConfig, hierarchy_dependent: bool):
@@ -214,7 +218,7 @@ class GeoHierPreTrainedModel(StrictFromPretrainedMixin, PreTrainedModel):
     base_model_prefix = "geohier"
     main_input_name = "pixel_values"
     input_modalities = ("image",)
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True  # the backbone's layers and the decoder's
     _supports_sdpa = True
     _no_split_modules = ["GeoHierDecoderLayer"]
 

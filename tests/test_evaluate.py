@@ -23,6 +23,9 @@ from geoloc.evaluate import PREDICTION_COLUMNS, main
 from geoloc.geodesy import geodesic_distance_km
 from geoloc.metrics import distance_metrics, geolocation_metrics
 from geoloc.worldmap import render_crop
+from geoloc.models import register_models
+
+register_models()  # the Auto classes below read GeoCLIP and GeoHier checkpoints
 
 METRIC_KEYS = ["acc_1km", "acc_25km", "acc_200km", "acc_750km", "acc_2500km", "mean_km", "median_km", "geoscore"]
 # (latitude, longitude) of the test images: cities on every continent, the antimeridian and a pole.

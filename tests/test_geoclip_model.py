@@ -21,6 +21,9 @@ from modeling_geoclip import (
     byte_level_clip_tokenizer,
     load_image,
 )
+from geoloc.models import register_models
+
+register_models()  # the Auto classes below read GeoCLIP and GeoHier checkpoints
 
 GALLERY = [[48.8566, 2.3522], [40.7128, -74.006], [-33.8688, 151.2093], [35.6762, 139.6503], [-90, 180], [90, -180]]
 

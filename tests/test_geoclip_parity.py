@@ -26,6 +26,9 @@ from geoloc.configs import tiny_clip_configs
 from geoloc.convert import convert_geoclip, main, read_official_geoclip
 from geoloc.official_geoclip import DEFAULT_CACHE, cached_official_wheel, load_official_geoclip
 from modeling_geoclip import GeoCLIPLocationEncoder, GeoCLIPModel
+from geoloc.models import register_models
+
+register_models()  # the Auto classes below read GeoCLIP and GeoHier checkpoints
 
 TOLERANCE = 1e-5
 # Poles, the antimeridian from both sides, their corners, the origin.

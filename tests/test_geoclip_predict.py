@@ -159,7 +159,7 @@ def test_predict_cli_missing_models(photos, tmp_path, monkeypatch, capsys):
     assert cli.main(["predict", photos[0]]) == 1
     assert "bundled default model is not installed" in capsys.readouterr().err
     assert cli.main(["predict", photos[0], "--model", str(tmp_path / "nowhere")]) == 1
-    assert "nowhere' does not exist" in capsys.readouterr().err
+    assert "nowhere': no such folder" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------- galleries

@@ -9,10 +9,12 @@ import torch.nn.functional as F
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, ViTConfig
 
-import geoloc.models  # noqa: F401  (registers the GeoHier image processor)
+from geoloc.models import register_models
 from geoloc.configs import TINY_IMAGE_SIZE, tiny_geohier_config
 from geoloc.geocells import build_geocells
 from modeling_geohier import GeoHierConfig, GeoHierGeolocationOutput, GeoHierModel
+
+register_models()  # the Auto classes below read GeoCLIP and GeoHier checkpoints
 
 CONFIG_ERRORS = (ValueError, StrictDataclassClassValidationError)
 

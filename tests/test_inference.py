@@ -187,7 +187,7 @@ def test_pipeline_answers_like_the_adapter_for_both_models(geoclip, geohier, pic
 
 def test_default_model_from_any_folder(tmp_path):
     """`geoloc.DEFAULT_MODEL` and `--model default` work outside the repository."""
-    code = ("import geoloc, geoloc.models, json; from geoloc import Geolocator; from transformers import AutoModel; "
+    code = ("import geoloc, json; from geoloc import Geolocator; from transformers import AutoModel; "
             "g = Geolocator.from_pretrained(geoloc.DEFAULT_MODEL); "
             "r = g.locate_texts(['hot desert'], top_k=2)[0]; "
             "print(json.dumps([AutoModel.from_pretrained(geoloc.DEFAULT_MODEL).config.model_type, r.to_dict()]))")

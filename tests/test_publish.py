@@ -22,9 +22,11 @@ from tests.test_geohier import synthetic_cells
 
 METRICS = {"im2gps3k": 0.1, "osv5m": 0.02}
 GEOCLIP_CODE = ["configuration_geoclip.py", "gallery_geoclip.py", "geo_common.py", "geo_image_processing.py",
-                "integrity.py", "modeling_geoclip.py", "processing_geoclip.py"]
+                "integrity.py", "modeling_geoclip.py", "pipeline_geolocation.py", "processing_geoclip.py"]
 GEOHIER_CODE = ["configuration_geohier.py", "geo_common.py", "geo_image_processing.py", "image_processing_geohier.py",
-                "integrity.py", "modeling_geohier.py"]
+                "integrity.py", "modeling_geohier.py", "pipeline_geolocation.py"]
+PIPELINES = {"image-geolocation": {"impl": "pipeline_geolocation.ImageGeolocationPipeline", "pt": ["AutoModel"],
+                                   "tf": [], "type": "image"}}
 GENERATED = {"README.md", "config.json", "preprocessor_config.json"}  # made for the repo, not copied
 
 
@@ -100,7 +102,9 @@ def test_publish_folder_with_results_and_space(checkpoint, eval_dirs, tmp_path):
     config = json.loads(files["config.json"])
     assert config["auto_map"] == {"AutoConfig": "configuration_geoclip.GeoCLIPConfig",
                                   "AutoModel": "modeling_geoclip.GeoCLIPModel"}
-    assert {k: v for k, v in config.items() if k != "auto_map"} == json.loads((checkpoint / "config.json").read_text())
+    assert config["custom_pipelines"] == PIPELINES
+    assert {k: v for k, v in config.items() if k not in ("auto_map", "custom_pipelines")} == json.loads(
+        (checkpoint / "config.json").read_text())
     processor = json.loads(files["preprocessor_config.json"])
     assert processor["auto_map"] == {"AutoImageProcessor": "processing_geoclip.GeoCLIPImageProcessor"}
     assert processor["image_processor_type"] == "GeoCLIPImageProcessor"
@@ -115,6 +119,9 @@ def test_publish_folder_with_results_and_space(checkpoint, eval_dirs, tmp_path):
     card = _card(files)
     metadata = yaml.safe_load(files["README.md"].decode().split("---")[1])
     assert metadata["library_name"] == "transformers" and metadata["license"] == "mit"
+    # what the model is: the tiny tower is no Hub repo (no base_model); only Hub datasets are named
+    assert metadata["pipeline_tag"] == "image-classification" and "base_model" not in metadata
+    assert metadata["datasets"] == ["osv5m/osv5m"] and metadata["model-index"][0]["name"] == "tiny-geoclip"
     results = metadata["model-index"][0]["results"]
     assert {(r["dataset"]["name"], r["dataset"]["type"]) for r in results} == {
         ("Im2GPS3k", "im2gps3k"), ("OSV-5M", "osv5m/osv5m")}
@@ -199,6 +206,19 @@ def test_geohier_card_carries_the_paper_anchor_figures():
                 "| GWS15k | 0.7 | 1.5 | 8.7 | 26.9 | 50.5 |"):
         assert row in text
     assert "8 / 16 / 32 cells per level" in text and "geohier" in card.data.tags
+    # only what GeoHier can do: it reads no text
+    assert "locate_texts" not in text and "locate_images" in text
+
+
+def test_card_names_the_pretrained_tower_and_the_hub_training_data():
+    config = tiny_geoclip_config(backbone="openai/clip-vit-base-patch32")
+    run = {"dataset": "someone/geotagged-photos", "backbone": None}
+    card = render_model_card(config, "me/my-model", [], training_run=run)
+    assert card.data.base_model == "openai/clip-vit-base-patch32" and card.data.pipeline_tag == "image-classification"
+    assert card.data.datasets == ["someone/geotagged-photos"] and card.data.model_name == "GeoCLIP my-model"
+    assert "\n# GeoCLIP my-model\n" in card.text  # the heading: the family and the repo name
+    local = render_model_card(tiny_geoclip_config(), "me/geoclip-x", [], training_run={"dataset": "/data/photos"})
+    assert local.data.datasets is None and local.data.model_name == "geoclip-x"  # never a local path
 
 
 def test_rejects_bad_inputs(checkpoint, eval_dirs, tmp_path):
@@ -287,8 +307,10 @@ def test_geohier_repo_gets_its_own_processor_and_code(tmp_path):
     original = json.loads((tmp_path / "ckpt" / "preprocessor_config.json").read_text())
     assert processor == {**original, "image_processor_type": "GeoHierImageProcessor",
                          "auto_map": {"AutoImageProcessor": "image_processing_geohier.GeoHierImageProcessor"}}
-    assert json.loads(files["config.json"].read_text())["auto_map"] == {
+    config = json.loads(files["config.json"].read_text())
+    assert config["auto_map"] == {
         "AutoConfig": "configuration_geohier.GeoHierConfig", "AutoModel": "modeling_geohier.GeoHierModel"}
+    assert config["custom_pipelines"] == PIPELINES
     assert {name for name, path in files.items() if tmp_path / "staging" in path.parents} == GENERATED
 
 

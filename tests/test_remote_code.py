@@ -42,7 +42,7 @@ for name in BLOCKED:
         continue
     raise SystemExit(f"{{name}} is importable")
 
-from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, pipeline
 
 repo, text, images = sys.argv[1], sys.argv[2], sys.argv[3:]
 model = AutoModel.from_pretrained(repo, trust_remote_code=True).eval()
@@ -54,6 +54,8 @@ answer = {{
     "output_types": [cls.__name__ for cls in type(output).__mro__],
     **{{key: getattr(output, key).tolist() for key in ("latitudes", "longitudes", "probabilities", "indices")}},
 }}
+# No task given: config.json's custom_pipelines names the repo's own pipeline.
+answer["pipeline"] = pipeline(model=repo, trust_remote_code=True)(images[0], top_k=3)
 if text:
     tokens = AutoTokenizer.from_pretrained(repo, trust_remote_code=True)([text], return_tensors="pt")
     answer["text_latitudes"] = model.geolocate(
@@ -115,6 +117,10 @@ def test_published_folder_loads_as_remote_code_without_the_package(
     for key in ("latitudes", "longitudes", "probabilities"):
         torch.testing.assert_close(torch.tensor(loaded[key], dtype=torch.float64), getattr(expected, key).double())
     assert loaded["indices"] == expected.indices.tolist()
+    keys = ("latitude", "longitude", "probability")
+    pipelined = torch.tensor([[row[key] for key in keys] for row in loaded["pipeline"]])
+    torch.testing.assert_close(pipelined, torch.stack(
+        [getattr(expected, key)[0] for key in ("latitudes", "longitudes", "probabilities")], 1).float())
     if has_text:
         tokens = byte_level_clip_tokenizer()([TEXT], return_tensors="pt")
         expected = model.geolocate(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, top_k=3)

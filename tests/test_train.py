@@ -21,13 +21,15 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
-import geoloc.models  # noqa: F401  (registers the models with the Auto classes)
+from geoloc.models import register_models
 from geoloc import cli, train
 from geoloc.configs import tiny_clip_configs, tiny_image_processor
 from geoloc.data import GeoCollator, decode_image, load_geo_dataset
 from geoloc.recipes import RECIPES
 from geoloc.train import build_parser, main, resolve_args
 from geoloc.worldmap import build_worldmap_splits, write_imagefolder
+
+register_models()  # the Auto classes below read GeoCLIP and GeoHier checkpoints
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model-config", "tiny", "--batch-size", "16", "--warmup-steps", "5"]
@@ -37,12 +39,14 @@ ACCELERATE = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """Train the tiny models on one torch thread (in-process runs; subprocesses get OMP_NUM_THREADS=1): their
-    ops are too small to gain from intra-op threads, which only wait on each other on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    """Train the tiny models on one torch thread (`geoloc train` reads OMP_NUM_THREADS in-process; subprocesses
+    get it too): their ops are too small to gain from intra-op threads, which only wait on each other on a busy
+    machine."""
+    threads, previous = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
     yield
     torch.set_num_threads(threads)
+    os.environ.pop("OMP_NUM_THREADS") if previous is None else os.environ.update(OMP_NUM_THREADS=previous)
 
 
 @pytest.fixture(scope="module")

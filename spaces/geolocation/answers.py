@@ -32,6 +32,7 @@ from geoloc import DEFAULT_MODEL
 from geoloc.configs import tiny_geoclip_config, tiny_image_processor
 from geoloc.geodesy import geodesic_distance_km
 from geoloc.inference import GeolocationResult, Geolocator, nearest_places
+from geoloc.models import register_models
 from geoloc.worldmap import is_land, sample_points
 from modeling_geoclip import GeoCLIPModel, byte_level_clip_tokenizer, check_top_k
 
@@ -86,6 +87,7 @@ def load_geolocators(spec: str | None = None) -> tuple[dict[str, Geolocator], st
         spec: comma-separated Hub ids or local folders; defaults to the `GEOLOC_MODEL` environment variable.
             Empty: the bundled demo model if installed, else a random tiny GeoCLIP.
     """
+    register_models()  # the Space's start: every model it may serve, whatever was imported before
     spec = os.environ.get(MODEL_ENV, "") if spec is None else spec
     sources = [source.strip() for source in spec.split(",") if source.strip()]
     if sources:
