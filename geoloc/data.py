@@ -272,12 +272,14 @@ def load_geo_dataset(
     return dataset
 
 
-def decode_image(value, max_pixels: int = MAX_IMAGE_PIXELS):
+def decode_image(value, max_pixels: int = MAX_IMAGE_PIXELS, resize_edge: int | None = None):
     """Decode one `image` cell (a `{"bytes", "path"}` dict from `Image(decode=False)`, a path, bytes or a
     PIL image) into an RGB PIL image with `modeling_geoclip.load_image`.
 
     Args:
         max_pixels: images with more pixels are refused before decoding (see `load_image`).
+        resize_edge: the short edge the image processor resizes to: images whose resize would exceed
+            `max_pixels` are refused before decoding too (see `image_limits`).
 
     Raises:
         ValueError: naming the file when it is missing, corrupt, not an image or too large.
@@ -286,11 +288,18 @@ def decode_image(value, max_pixels: int = MAX_IMAGE_PIXELS):
         value = value.get("bytes") or value.get("path")
         if value is None:
             raise ValueError("Image cell has neither bytes nor a path.")
-    return load_image(value, max_pixels)
+    return load_image(value, max_pixels, resize_edge)
+
+
+def image_limits(image_processor) -> dict:
+    """`{"max_pixels", "resize_edge"}` of an image processor (a `GeoImageProcessor`'s own; defaults for others),
+    so that images are decoded once, with the limits the processor would apply."""
+    return {"max_pixels": getattr(image_processor, "max_image_pixels", MAX_IMAGE_PIXELS),
+            "resize_edge": getattr(image_processor, "resize_edge", None)}
 
 
 def decode_images(
-    cells: Sequence, max_pixels: int = MAX_IMAGE_PIXELS
+    cells: Sequence, max_pixels: int = MAX_IMAGE_PIXELS, resize_edge: int | None = None
 ) -> tuple[list, list[int], list[tuple[int, str]]]:
     """Decode a batch of `image` cells, skipping the unreadable ones with a warning, never raising for a
     bad file (`load_image` turns every decoder failure into a ValueError; MemoryError still propagates).
@@ -301,7 +310,7 @@ def decode_images(
     images, kept, errors = [], [], []
     for position, cell in enumerate(cells):
         try:
-            images.append(decode_image(cell, max_pixels))
+            images.append(decode_image(cell, max_pixels, resize_edge))
         except ValueError as error:
             logger.warning(f"Skipping an unreadable image: {error}")
             errors.append((position, str(error)))
@@ -325,7 +334,7 @@ class GeoCollator:
 
     Args:
         image_processor: a `GeoCLIPImageProcessor` (or any image processor taking PIL images); its
-            `max_image_pixels`, when it has one, also bounds decoding.
+            limits (`image_limits`) also bound decoding.
         label_columns: integer columns passed through as tensors.
         augment: `(image, rng) -> image`, or None.
         seed: the run's seed for `augment`.
@@ -339,11 +348,11 @@ class GeoCollator:
         self.image_processor = image_processor
         self.label_columns = tuple(label_columns)
         self.augment, self.seed, self.epoch = augment, seed, 0
-        self.max_pixels = getattr(image_processor, "max_image_pixels", MAX_IMAGE_PIXELS)
+        self.limits = image_limits(image_processor)
 
     def __call__(self, rows: list[dict]) -> dict:
         cells = [row[IMAGE] for row in rows]
-        images, positions, errors = decode_images(cells, self.max_pixels)
+        images, positions, errors = decode_images(cells, **self.limits)
         kept = [rows[position] for position in positions]
         if self.augment is not None:
             images = [self.augment(image, self._generator(cells[position])) for image, position in zip(images, positions)]
@@ -383,6 +392,7 @@ __all__ = [
     "confined_path",
     "decode_image",
     "decode_images",
+    "image_limits",
     "invalid_coordinate_rows",
     "load_geo_dataset",
 ]

@@ -57,7 +57,7 @@ from modeling_geoclip import check_top_k
 
 from . import DEFAULT_MODEL
 from . import models  # noqa: F401  (registers both model families with the Auto classes)
-from .data import decode_images
+from .data import decode_images, image_limits
 from .geodesy import geodesic_distance_km
 
 UNCERTAINTY_POINTS = 3000  # candidates returned as uncertainty points at most (GeoCLIP's heat layer)
@@ -216,7 +216,9 @@ class Geolocator:
         self._check_top_k(top_k)
         results = []
         for start in range(0, len(images), _check_batch_size(batch_size)):
-            decoded, kept, errors = decode_images(images[start : start + batch_size])
+            # decoded once, with the processor's own pixel and resize limits (it re-checks, never re-decodes)
+            limits = image_limits(self.image_processor)
+            decoded, kept, errors = decode_images(images[start : start + batch_size], **limits)
             batch = [None] * (len(kept) + len(errors))
             for position, error in errors:
                 batch[position] = GeolocationResult.failed(names[start + position], error)

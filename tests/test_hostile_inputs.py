@@ -169,7 +169,7 @@ def test_the_pixel_limit_is_a_saved_processor_setting(tmp_path):
     (tmp_path / "wide.png").write_bytes(_encoded("PNG", (31, 30)))
     with pytest.raises(ValueError, match=r"wide.png' is too large: 31x30 = 930 pixels, above the limit of 900"):
         loaded(str(tmp_path / "wide.png"))
-    assert GeoCollator(loaded).max_pixels == 900
+    assert GeoCollator(loaded).limits == {"max_pixels": 900, "resize_edge": 8}
     with pytest.raises(ValueError, match="max_image_pixels must be a positive integer"):
         GeoCLIPImageProcessor(max_image_pixels=0)
 

@@ -368,6 +368,12 @@ BAD_INPUTS = {
                        r"top_k must be a whole number from 1 to 20, got 2.5"),
     "unknown model": (lambda c, tmp: c.predict("a beach", 3, "/srv/models/x", api_name="/geolocate_text"),
                       r"Unknown model '/srv/models/x': choose one of"),
+    # Gradio shows error messages as HTML: what a visitor typed comes back escaped, never as markup
+    "model with markup": (lambda c, tmp: c.predict("a beach", 3, "<img src=x onerror=alert(1)>",
+                                                   api_name="/geolocate_text"),
+                          r"Unknown model '&lt;img src=x onerror=alert\(1\)&gt;'"),
+    "top_k with markup": (lambda c, tmp: c.predict("a beach", "<b>5</b>", api_name="/geolocate_text"),
+                          r"got '&lt;b&gt;5&lt;/b&gt;'"),
 }
 
 

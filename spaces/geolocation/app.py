@@ -13,6 +13,7 @@ or API client runs one query at a time (more fail at once with a message), uploa
 """
 
 import csv
+import html
 import os
 import secrets
 import threading
@@ -59,8 +60,9 @@ EXAMPLES = read_examples()
 
 # ------------------------------------------------------------------------------------ checked inputs
 def readable_error(message: str) -> gr.Error:
-    """An error the visitor reads; the server log gets no traceback for it."""
-    return gr.Error(message, print_exception=False)
+    """An error the visitor reads; the server log gets no traceback for it. Gradio shows the message as HTML,
+    and it may echo a visitor's input (a share link's `?example=`, a file name): escaped, so none renders."""
+    return gr.Error(html.escape(message), print_exception=False)
 
 
 def decode_upload(path: str, shown_name: str | None):
@@ -275,7 +277,7 @@ def warm_up() -> None:
 
 def banner() -> str:
     """Which model(s) this page runs, and a plain warning when it is a demo or random model."""
-    names = ", ".join(GEOLOCATORS)
+    names = html.escape(", ".join(GEOLOCATORS))  # Markdown renders HTML
     return f"**Model{'s' if len(GEOLOCATORS) > 1 else ''}:** {names}" + (f" — {MODEL_NOTE}" if MODEL_NOTE else "")
 
 
