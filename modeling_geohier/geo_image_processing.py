@@ -15,7 +15,7 @@ import os
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import BmpImagePlugin, IcoImagePlugin, Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 from transformers import CLIPImageProcessorPil
 
 # Images above this many pixels are refused from their header, before any pixel is decoded: 8192 x 8192 (64 Mpx,
@@ -102,6 +102,33 @@ def _from_array(array: np.ndarray, name: str, max_pixels: int, resize_edge: int 
     return Image.fromarray(np.ascontiguousarray(array if array.dtype.kind == "i" else array.astype(np.uint8)))
 
 
+def _check_ico_frames(source, name: str, max_pixels: int, resize_edge: int | None) -> None:
+    """Pillow decodes an ICO's largest frame while *opening* it, at the size the embedded PNG or BMP declares,
+    whatever the directory says (16x16 may hold 13000x13000): read every frame's own header first."""
+    with open(source, "rb") if isinstance(source, (str, os.PathLike)) else io.BytesIO(source) as stream:
+        if stream.read(4) != IcoImagePlugin._MAGIC:
+            return
+        try:
+            sizes = [_ico_frame_size(stream, entry.offset) for entry in IcoImagePlugin.IcoFile(stream).entry]
+        except MemoryError:
+            raise
+        except Exception as error:
+            raise ValueError(f"Image {name} is truncated or corrupt ({type(error).__name__}: {error}).") from None
+    for width, height in sizes:
+        _check_size(width, height, name, max_pixels, resize_edge)
+
+
+def _ico_frame_size(stream, offset: int) -> tuple[int, int]:
+    """The size an ICO frame's own header declares (PNG, or BMP whose height counts the AND mask too)."""
+    stream.seek(offset)
+    is_png = stream.read(8) == PngImagePlugin._MAGIC
+    stream.seek(offset)
+    if is_png:
+        return PngImagePlugin.PngImageFile(stream).size
+    width, height = BmpImagePlugin.DibImageFile(stream).size
+    return width, height // 2
+
+
 def _decode_file(source, name: str, max_pixels: int, resize_edge: int | None) -> Image.Image:
     """Decode a path or bytes: the size is checked from the header before any pixel is decoded, and every
     decoder failure (Pillow raises OSError, SyntaxError, but also IndexError, ValueError, NotImplementedError...
@@ -113,6 +140,7 @@ def _decode_file(source, name: str, max_pixels: int, resize_edge: int | None) ->
             raise ValueError(f"Image file {name} is empty.")
     elif len(source) == 0:
         raise ValueError("Image bytes are empty.")
+    _check_ico_frames(source, name, max_pixels, resize_edge)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is checked below
@@ -128,9 +156,6 @@ def _decode_file(source, name: str, max_pixels: int, resize_edge: int | None) ->
     with opened:  # closes the file; the decoded pixels stay (multi-frame files: frame 0)
         _check_size(opened.width, opened.height, name, max_pixels, resize_edge)
         try:
-            if opened.format == "ICO":  # the directory's size may lie about the embedded PNG's: check that one
-                embedded = opened.ico.getimage(opened.size)
-                _check_size(embedded.width, embedded.height, name, max_pixels, resize_edge)
             opened.load()
         except MemoryError:
             raise
@@ -230,6 +255,20 @@ class GeoImageProcessor(CLIPImageProcessorPil):
         """`load_image` with this processor's limits: the pixel budget bounds the decoded image and its resize."""
         return load_image(source, self.max_image_pixels, self.resize_edge)
 
+    def _resized(self, image: Image.Image, resample) -> Image.Image:
+        """Resize as CLIP's processor would (same output size and filter, so the same pixels), but on the PIL
+        image: CLIP's PIL backend first copies the full-size image to numpy and back (+400 MB at 64 Mpx)."""
+        size = self.size
+        if size.get("shortest_edge") and not size.get("longest_edge"):
+            short, long = sorted((image.width, image.height))
+            new_short, new_long = size["shortest_edge"], int(size["shortest_edge"] * long / short)
+            target = (new_short, new_long) if image.width <= image.height else (new_long, new_short)
+        elif size.get("height") and size.get("width"):
+            target = (size["width"], size["height"])
+        else:
+            return image
+        return image.resize(target, resample=resample)
+
     def preprocess(self, images, *args, **kwargs):
         if not isinstance(images, (list, tuple)):
             images = [images]
@@ -238,6 +277,10 @@ class GeoImageProcessor(CLIPImageProcessorPil):
         if kwargs.get("size") is not None:
             raise ValueError("Pass size= when creating the image processor, where it is checked, not per call.")
         # An image decoded by `load` (an upright RGB PIL image) is checked again, never decoded again.
-        return super().preprocess([self.load(image) for image in images], *args, **kwargs)
+        images = [self.load(image) for image in images]
+        if kwargs.pop("do_resize", None) is not False and self.do_resize:
+            resample = kwargs.pop("resample", None)
+            images = [self._resized(image, self.resample if resample is None else resample) for image in images]
+        return super().preprocess(images, *args, do_resize=False, **kwargs)
 
 __all__ = ["GeoImageProcessor", "MAX_IMAGE_PIXELS", "load_image"]

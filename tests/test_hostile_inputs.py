@@ -174,6 +174,115 @@ def test_the_pixel_limit_is_a_saved_processor_setting(tmp_path):
         GeoCLIPImageProcessor(max_image_pixels=0)
 
 
+# ----------------------------------------------------------------------------- resize budget, peak memory
+MEASURE_PROCESSOR = textwrap.dedent("""
+    import json, resource, sys
+    from modeling_geoclip import GeoCLIPImageProcessor
+    processor = GeoCLIPImageProcessor(**json.loads(sys.argv[2]))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        print(processor(sys.argv[1], return_tensors="pt").pixel_values.shape)
+    except ValueError as error:
+        print(error)
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+""")
+
+
+def _processed(path, **processor_options) -> tuple[str, int]:
+    """(what the processor printed, growth of the peak memory in MB) in a fresh process."""
+    result = subprocess.run([sys.executable, "-c", MEASURE_PROCESSOR, str(path), json.dumps(processor_options)],
+                            capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    message, peak_growth_mb = result.stdout.strip().splitlines()
+    return message, int(peak_growth_mb)
+
+
+def _save(tmp_path, name, image, **options):
+    path = tmp_path / name
+    image.save(path, compress_level=1, **options)
+    return path
+
+
+def test_a_thin_image_that_resizing_would_balloon_is_refused_from_its_header(tmp_path):
+    """64 x 1048576 = 64 Mpx passes the pixel limit, but its short edge resized to 224 px makes 822 Mpx (the issue
+    measured 9.9 GB): refused before decoding."""
+    thin = _save(tmp_path, "thin.png", Image.new("L", (64, 1048576)))
+    assert thin.stat().st_size < 300_000
+    message, growth_mb = _processed(thin)  # CLIP's 224-px processor
+    assert message == (f"Image '{thin}' is too elongated: 64x1048576 would be resized to 822083584 pixels (short "
+                       f"edge 224), above the limit of {MAX_IMAGE_PIXELS} pixels (max_image_pixels of the image "
+                       "processor); aspect ratios up to 1337:1 are allowed.")
+    assert growth_mb < 50, f"refusing the thin image grew the peak memory by {growth_mb} MB"
+    message, _ = _processed(thin, size={"shortest_edge": 16}, crop_size=16)  # 16 x 262144 = 4 Mpx: fine
+    assert message == "torch.Size([1, 3, 16, 16])"
+
+
+@pytest.mark.parametrize("mode, peak_mb", [("I;16", 600), ("P", 450)])
+def test_deep_and_palette_images_of_64_mpx_decode_within_a_bounded_peak(tmp_path, mode, peak_mb):
+    """The issue measured 2.2 GB (16-bit) and 1.3 GB (palette) for these; now 512 and 384 MB, of which the RGB
+    result takes 192 MB (the processor resizes the PIL image: no full-size numpy copies)."""
+    image = Image.new(mode, (8192, 8192))
+    if mode == "P":
+        image.putpalette([0, 0, 0, 255, 255, 255] * 128)
+    path = _save(tmp_path, f"{mode[0]}.png", image)
+    del image
+    message, growth_mb = _processed(path, size={"shortest_edge": 16}, crop_size=16)
+    assert message == "torch.Size([1, 3, 16, 16])"
+    assert growth_mb < peak_mb, f"a 64 Mpx {mode} PNG grew the peak memory by {growth_mb} MB"
+
+
+def ico_hiding_a_huge_png(side: int = 13000) -> bytes:
+    """An ICO whose directory says 16x16 while its embedded PNG's header says `side` x `side`."""
+    buffer = io.BytesIO()
+    Image.new("RGBA", (16, 16)).save(buffer, "ICO", sizes=[(16, 16)])
+    data = bytearray(buffer.getvalue())
+    ihdr = data.find(b"IHDR")
+    chunk = b"IHDR" + struct.pack(">II", side, side) + bytes(data[ihdr + 12 : ihdr + 17])
+    data[ihdr : ihdr + 17] = chunk
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", zlib.crc32(chunk))
+    return bytes(data)
+
+
+def test_an_ico_whose_directory_lies_is_refused_before_decoding(tmp_path):
+    path = tmp_path / "icon.ico"
+    path.write_bytes(ico_hiding_a_huge_png())
+    assert path.read_bytes()[6:8] == bytes([16, 16])  # the directory entry: 16x16
+    result = subprocess.run([sys.executable, "-c", MEASURE_DECODE, str(path)], capture_output=True, text=True,
+                            check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    message, growth_mb = result.stdout.strip().splitlines()
+    assert message.startswith(f"Image '{path}' is too large: 13000x13000 = 169000000 pixels, above the limit")
+    assert int(growth_mb) < 50, f"refusing the ICO grew the peak memory by {growth_mb} MB"
+
+
+def test_a_processor_config_that_would_balloon_every_image_is_refused_on_load(tmp_path, geoclip_dir):
+    config = json.loads((geoclip_dir / "preprocessor_config.json").read_text())
+    hostile = _edited_copy(geoclip_dir, tmp_path / "hostile")
+    (hostile / "preprocessor_config.json").write_text(json.dumps({**config, "size": {"shortest_edge": 100000}}))
+    with pytest.raises(ValueError, match=r"size \{'shortest_edge': 100000\} makes images of 10000000000 pixels"):
+        GeoCLIPImageProcessor.from_pretrained(hostile)
+    with pytest.raises(ValueError, match=r"crop_size\['height'\] must be a positive integer, got -3"):
+        GeoCLIPImageProcessor(crop_size={"height": -3, "width": 8})
+
+
+def test_a_thin_image_is_one_skipped_image_in_predict_and_training(tmp_path, geoclip_dir, capsys):
+    """With the tiny 32-px processor, 4 x 16777216 (64 Mpx) would be resized to 4.3 Gpx."""
+    good = tmp_path / "good.png"
+    Image.new("RGB", (40, 30), "green").save(good)
+    thin = tmp_path / "thin.png"
+    thin.write_bytes(png_declaring(4, 16777216))
+    assert cli.main(["predict", str(good), str(thin), "--model", str(geoclip_dir), "--json", "--top-k", "2"]) == 1
+    captured = capsys.readouterr()
+    first, second = json.loads(captured.out)
+    assert len(first["predictions"]) == 2 and first["error"] is None and second["predictions"] == []
+    assert "4x16777216 would be resized to 4294967296 pixels (short edge 32)" in second["error"]
+    [line] = captured.err.strip().splitlines()
+    assert line.startswith("geoloc predict: error: ") and str(thin) in line
+    collate = GeoCollator(GeoCLIPImageProcessor.from_pretrained(geoclip_dir))  # what `geoloc train` batches with
+    rows = [{"image": {"bytes": None, "path": str(thin)}, "latitude": 1.0, "longitude": 2.0},
+            {"image": {"bytes": good.read_bytes(), "path": None}, "latitude": 3.0, "longitude": 4.0}]
+    batch = collate(rows)
+    assert batch["unreadable"] == 1 and batch["locations"].tolist() == [[3.0, 4.0]]
+
+
 # -------------------------------------------------------------------------------------- confined paths
 @pytest.fixture
 def outside(tmp_path):
