@@ -107,6 +107,7 @@ def _check_ico_frames(source, name: str, max_pixels: int, resize_edge: int | Non
     with open(source, "rb") if isinstance(source, (str, os.PathLike)) else io.BytesIO(source) as stream:
         if stream.read(4) != IcoImagePlugin._MAGIC:
             return
+        stream.seek(0)
         try:
             sizes = [_ico_frame_size(stream, entry.offset) for entry in IcoImagePlugin.IcoFile(stream).entry]
         except MemoryError:
