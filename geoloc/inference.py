@@ -184,7 +184,7 @@ class Geolocator:
         """The tokenizer (None when the model reads no text). `from_pretrained` loads it on first use, so
         image-only work needs no tokenizer files."""
         if self._tokenizer is None and self._tokenizer_source is not None:
-            self._tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_source)
+            self._tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_source, trust_remote_code=False)
         return self._tokenizer
 
     @classmethod
@@ -196,10 +196,12 @@ class Geolocator:
             dtype: the model's weights dtype (default: the checkpoint's).
         """
         source = resolve_model(source)
-        model = AutoModel.from_pretrained(source, **({} if dtype is None else {"dtype": dtype}))
+        # trust_remote_code=False: a folder whose config names code of its own is refused, never prompted for
+        options = {"trust_remote_code": False, **({} if dtype is None else {"dtype": dtype})}
+        model = AutoModel.from_pretrained(source, **options)
         if device is not None:
             model = model.to(device)
-        geolocator = cls(model, AutoImageProcessor.from_pretrained(source), name=source)
+        geolocator = cls(model, AutoImageProcessor.from_pretrained(source, trust_remote_code=False), name=source)
         if geolocator.capabilities.text:
             geolocator._tokenizer_source = source
         return geolocator

@@ -224,7 +224,7 @@ def hub_files(checkpoint, repo_id: str, staging, *, eval_dirs=(), training_data:
     checkpoint, staging = Path(checkpoint), Path(staging)
     files = {path.name: path for path in checkpoint_files(checkpoint)}
     results = load_eval_results(eval_dirs)
-    config = AutoConfig.from_pretrained(checkpoint)
+    config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=False)
     code = remote_code_files(config.model_type)
     processor_class = auto_maps(config.model_type)["preprocessor_config.json"]["AutoImageProcessor"]
     (staging / "eval_results").mkdir(parents=True, exist_ok=True)

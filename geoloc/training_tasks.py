@@ -51,7 +51,7 @@ def backbone_image_processor(backbone: str, processor_class):
     """A `processor_class` (the model family's processor: robust decoding of any file) with the resizing and
     normalisation of the backbone's own image processor (e.g. CLIP's resize + centre crop, ViT's 224x224 resize,
     their mean/std)."""
-    source = AutoImageProcessor.from_pretrained(backbone).to_dict()
+    source = AutoImageProcessor.from_pretrained(backbone, trust_remote_code=False).to_dict()
     known = processor_class().to_dict()
     options = {key: value for key, value in source.items()
                if key in known and not key.startswith("_") and key not in ("image_processor_type", "processor_class")}
@@ -151,14 +151,14 @@ class GeoCLIPTask(TrainingTask):
         if args.backbone:
             self.model = GeoCLIPModel.from_clip_backbone(args.backbone, queue_size=args.queue_size)
             self.image_processor = backbone_image_processor(args.backbone, GeoCLIPImageProcessor)
-            self.tokenizer = AutoTokenizer.from_pretrained(args.backbone)
+            self.tokenizer = AutoTokenizer.from_pretrained(args.backbone, trust_remote_code=False)
         elif args.model_config == "tiny":
             self.model = GeoCLIPModel(tiny_geoclip_config(queue_size=args.queue_size))
             self.image_processor, self.tokenizer = tiny_image_processor("geoclip"), byte_level_clip_tokenizer()
         else:
             self.model = GeoCLIPModel.from_pretrained(args.model_config)
-            self.image_processor = AutoImageProcessor.from_pretrained(args.model_config)
-            self.tokenizer = AutoTokenizer.from_pretrained(args.model_config)
+            self.image_processor = AutoImageProcessor.from_pretrained(args.model_config, trust_remote_code=False)
+            self.tokenizer = AutoTokenizer.from_pretrained(args.model_config, trust_remote_code=False)
         # The text tower is never trained (the paper aligns images and GPS; text reads the image MLP's space).
         self.model.config.freeze_backbone = not args.train_backbone
         self.model.image_tower.requires_grad_(args.train_backbone)
@@ -363,7 +363,7 @@ class GeoHierTask(TrainingTask):
             self.image_processor = tiny_image_processor("geohier")
         else:
             self.model = GeoHierModel.from_pretrained(args.model_config, ignore_mismatched_sizes=True, **options)
-            self.image_processor = AutoImageProcessor.from_pretrained(args.model_config)
+            self.image_processor = AutoImageProcessor.from_pretrained(args.model_config, trust_remote_code=False)
         self.model.config.freeze_backbone = not args.train_backbone
         if not args.train_backbone:
             self.model.backbone.requires_grad_(False)
