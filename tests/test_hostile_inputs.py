@@ -25,6 +25,7 @@ from geoloc.benchmark_datasets import load_benchmark
 from geoloc.configs import tiny_geoclip_config, tiny_geohier_config, tiny_image_processor
 from geoloc.data import GeoCollator, decode_images, load_geo_dataset
 from modeling_geoclip import GeoCLIPImageProcessor, GeoCLIPModel, load_image
+from modeling_geoclip.integrity import tensor_sha256
 from modeling_geoclip.processing_geoclip import MAX_IMAGE_PIXELS
 from modeling_geohier import GeoHierModel
 
@@ -422,6 +423,60 @@ def test_config_sizes_are_checked_against_the_file_before_allocating(geoclip_dir
     assert time.perf_counter() - started < 30
 
 
+def _without(*names):
+    def edit(weights):
+        for name in names:
+            weights.pop(name, None)
+    return edit
+
+
+@pytest.mark.parametrize("model, edit_config, removed, implied", [
+    ("geoclip", {"gallery_size": 1_000_000_000}, ("gallery_coordinates", "gallery_embeddings"),
+     "gallery_coordinates"),
+    ("geoclip", {"queue_size": 300_000_000}, ("gps_queue_coordinates",), "gps_queue_coordinates"),
+    ("geoclip", {"gallery_index_nbytes": 100_000_000_000}, (), "gallery_index"),
+    ("geohier", {"cells_per_level": [8, 16, 300_000_000]}, tuple(f"cell_table.{name}_2" for name in (
+        "centroids", "parents", "counts", "cell_ids")) + ("classifiers.2.weight", "classifiers.2.bias"),
+     "classifiers.2.weight"),
+])
+def test_sizes_of_tensors_missing_from_the_file_are_checked_before_allocating(
+        geoclip_dir, geohier_dir, tmp_path, model, edit_config, removed, implied):
+    """Each would allocate gigabytes (the issue saw 256 GB tried, 2.4 GB allocated) before finding the tensor
+    missing: now refused from the config and the header, strict or not."""
+    source, model_class = (geoclip_dir, GeoCLIPModel) if model == "geoclip" else (geohier_dir, GeoHierModel)
+    edited = _edited_copy(source, tmp_path / "edited", _without(*removed), lambda config: config.update(edit_config))
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match=rf"missing: \[.*'{implied}'.*nothing was allocated"):
+        model_class.from_pretrained(edited)
+    with pytest.raises(ValueError, match=rf"implies \d+ bytes of tensors the checkpoint does not hold \(largest: "
+                                         rf"\[.*'{implied}: .*above {1 << 30} bytes; nothing was allocated"):
+        model_class.from_pretrained(edited, strict=False)
+    assert time.perf_counter() - started < 20
+
+
+def test_a_pickle_checkpoint_loads_only_when_asked_for(geoclip_dir, tmp_path):
+    folder = _edited_copy(geoclip_dir, tmp_path / "pickled")
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"holds only a pickle file \(pytorch_model.bin\).*use_safetensors=False"):
+        GeoCLIPModel.from_pretrained(folder)
+    with pytest.raises(ValueError, match="holds only a pickle file"):
+        cli.main(["--debug", "predict", "--text", "x", "--model", str(folder)])
+    loaded = GeoCLIPModel.from_pretrained(folder, use_safetensors=False)  # the user asked for it
+    assert torch.equal(loaded.gallery_coordinates, load_file(geoclip_dir / "model.safetensors")["gallery_coordinates"])
+
+
+def test_a_folder_naming_its_own_code_is_refused_without_a_prompt(geoclip_dir, tmp_path):
+    """transformers would ask "Do you wish to run the custom code?" (and run it on "y"): never asked."""
+    folder = _edited_copy(geoclip_dir, tmp_path / "custom", edit_config=lambda config: config.update(
+        model_type="surprise", auto_map={"AutoConfig": "evil.Config", "AutoModel": "evil.Model"}))
+    (folder / "evil.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\n")
+    result, _ = _run_cli("predict", "--text", "x", "--model", str(folder))
+    [line] = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and line.startswith("geoloc predict: error: ") and "trust_remote_code" in line
+    assert not (tmp_path / "ran").exists()
+
+
 def test_a_truncated_weights_file_is_named(geoclip_dir, tmp_path):
     edited = _edited_copy(geoclip_dir, tmp_path / "cut")
     data = (edited / "model.safetensors").read_bytes()
@@ -453,6 +508,31 @@ def test_a_corrupted_faiss_index_is_refused(tmp_path, keep_torch_threads):
     edited = _edited_copy(tmp_path / "faiss", tmp_path / "corrupt", flip_a_byte)
     with pytest.raises(ValueError, match=r"FAISS index \(gallery_index, \d+ bytes\) does not match the SHA-256"):
         GeoCLIPModel.from_pretrained(edited)
+
+    unhashed = _edited_copy(tmp_path / "faiss", tmp_path / "unhashed",
+                            edit_config=lambda config: config.update(gallery_index_sha256=None))
+    with pytest.raises(ValueError, match=r"records no SHA-256 of its FAISS index.*require_hashes=False"):
+        GeoCLIPModel.from_pretrained(unhashed)
+    trusted = GeoCLIPModel.from_pretrained(unhashed, require_hashes=False)  # asked for explicitly
+    assert torch.equal(trusted.gallery_index, model.gallery_index)
+
+    # crafted bytes whose hash (and size) were recomputed: refused at load, not at the first query
+    crafted_bytes = model.gallery_index[: len(model.gallery_index) // 2].clone()
+
+    def crafted_config(config):
+        config.update(gallery_index_nbytes=len(crafted_bytes), gallery_index_sha256=tensor_sha256(crafted_bytes))
+
+    crafted = _edited_copy(tmp_path / "faiss", tmp_path / "crafted",
+                           lambda weights: weights.update(gallery_index=crafted_bytes), crafted_config)
+    with pytest.raises(ValueError, match=r"FAISS index \(gallery_index\) cannot be read"):
+        GeoCLIPModel.from_pretrained(crafted)
+    other = GeoCLIPModel(tiny_geoclip_config()).eval()
+    other.set_gallery(GALLERY[:3], backend="faiss")  # a sound index of another gallery
+    foreign = _edited_copy(tmp_path / "faiss", tmp_path / "foreign", lambda weights: weights.update(
+        gallery_index=other.gallery_index), lambda config: config.update(
+        gallery_index_nbytes=len(other.gallery_index), gallery_index_sha256=tensor_sha256(other.gallery_index)))
+    with pytest.raises(ValueError, match=r"FAISS index holds 3 vectors .* not the gallery's 4"):
+        GeoCLIPModel.from_pretrained(foreign)
 
 
 def test_nan_answers_are_errors_not_numbers(geoclip_dir, geohier_dir):
