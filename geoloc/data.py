@@ -80,21 +80,26 @@ def check_no_outside_links(folder) -> None:
         )
 
 
-def confined_path(folder, name: str) -> str:
-    """`folder/name`, refusing a `name` that is absolute or leaves `folder` through `..`.
+def confined_path(folder, name: str, what: str = "Image path") -> str:
+    """`folder/name`, refusing a `name` that is absolute, leaves `folder` through `..`, or resolves outside it
+    through a symbolic link (`DIR/images` -> elsewhere).
 
     Raises:
-        ValueError: naming `name` and `folder`.
+        ValueError: naming `name` and `folder` (and where a link leads).
 
     Example:
         >>> confined_path("data", "img/1.jpg")
         'data/img/1.jpg'
     """
     folder = os.fspath(folder)
-    path = os.path.normpath(os.path.join(folder, name))
-    if os.path.isabs(name) or not is_inside(os.path.abspath(folder), os.path.abspath(path)):
-        raise ValueError(f"Image path {name!r} is outside the dataset folder '{folder}': give paths relative to it.")
-    return os.path.join(folder, name)
+    path = os.path.join(folder, name)
+    if os.path.isabs(name) or not is_inside(os.path.abspath(folder), os.path.abspath(os.path.normpath(path))):
+        raise ValueError(f"{what} {name!r} is outside the dataset folder '{folder}': give paths relative to it.")
+    resolved = os.path.realpath(path)
+    if not is_inside(os.path.realpath(folder), resolved):
+        raise ValueError(f"{what} {name!r} is outside the dataset folder '{folder}': it is a symbolic link to "
+                         f"'{resolved}'. Copy the files in (e.g. `cp -rL`) or point at the folder that holds them.")
+    return path
 
 
 def _shard_builder(source: str) -> str | None:
@@ -112,7 +117,11 @@ def _shard_builder(source: str) -> str | None:
 
 def _load_raw(source: str, split: str, streaming: bool, coordinates: bool = True):
     """Dispatch on the kind of `source`: image folder, parquet/webdataset shards, or a Hub dataset id. Without
-    `coordinates`, an image folder needs no metadata.csv (its images' paths name the rows)."""
+    `coordinates`, an image folder needs no metadata.csv (its images' paths name the rows).
+
+    Returns `(dataset, roots)`: the folders image cells holding only a path may be read from (None for an image
+    folder, confined as a whole): a shard's folder, a saved dataset's, the Hugging Face caches for a Hub
+    dataset (the files `datasets` downloaded; never other local files)."""
     builder = _shard_builder(source)
     if builder is not None:
         pattern = os.path.join(source, f"*{'.parquet' if builder == 'parquet' else '.tar'}") if os.path.isdir(
@@ -120,14 +129,15 @@ def _load_raw(source: str, split: str, streaming: bool, coordinates: bool = True
         files = sorted(glob.glob(pattern))
         if not files:
             raise ValueError(f"No {builder} shards match '{source}'.")
-        return datasets.load_dataset(builder, data_files={split: files}, split=split, streaming=streaming)
+        roots = sorted({os.path.dirname(os.path.abspath(file)) for file in files})
+        return datasets.load_dataset(builder, data_files={split: files}, split=split, streaming=streaming), roots
     if os.path.isdir(source) and is_saved_dataset(source):
         saved = datasets.load_from_disk(source)
         if isinstance(saved, datasets.DatasetDict):
             if split not in saved:
                 raise ValueError(f"Saved dataset '{source}' has no split {split!r} (splits: {sorted(saved)}).")
             saved = saved[split]
-        return saved.to_iterable_dataset() if streaming else saved
+        return (saved.to_iterable_dataset() if streaming else saved), [source]
     if os.path.isdir(source):
         if coordinates and not any(name == "metadata.csv" for _, _, names in os.walk(source) for name in names):
             raise ValueError(
@@ -135,7 +145,7 @@ def _load_raw(source: str, split: str, streaming: bool, coordinates: bool = True
             )
         check_no_outside_links(source)
         try:
-            return datasets.load_dataset("imagefolder", data_dir=source, split=split, streaming=streaming)
+            return datasets.load_dataset("imagefolder", data_dir=source, split=split, streaming=streaming), None
         except DatasetGenerationError as error:  # e.g. a metadata file_name escaping the folder
             raise ValueError(f"Cannot read image folder '{source}': {error.__cause__ or error}") from error
     if os.path.exists(source):
@@ -143,7 +153,43 @@ def _load_raw(source: str, split: str, streaming: bool, coordinates: bool = True
             f"Cannot read '{source}': pass an image folder with metadata.csv, .parquet or .tar (webdataset) "
             "shards, or a Hugging Face Hub dataset id."
         )
-    return datasets.load_dataset(source, split=split, streaming=streaming)
+    from huggingface_hub import constants
+
+    roots = [datasets.config.HF_DATASETS_CACHE, constants.HF_HUB_CACHE]
+    return datasets.load_dataset(source, split=split, streaming=streaming), roots
+
+
+def confine_image_paths(dataset, roots: Sequence, source: str):
+    """Refuse image cells that hold only a path (no bytes) leading outside `roots`: a parquet or Arrow cell
+    `{"path": "/etc/passwd", "bytes": None}` would otherwise be read from this machine. A `Dataset` is checked
+    column-wise at once (a `ValueError` naming the first such path); a streamed one drops such paths as rows
+    pass (each becomes one unreadable image, reported as such).
+    """
+    roots = [os.path.realpath(root) for root in roots]
+
+    def outside(path) -> bool:
+        return path is not None and not any(is_inside(root, os.path.realpath(path)) for root in roots)
+
+    if isinstance(dataset, datasets.IterableDataset):
+        def drop_outside(row):
+            if outside(row[IMAGE]["path"]) and not row[IMAGE]["bytes"]:
+                logger.warning(f"Not reading image path {row[IMAGE]['path']!r}: it is outside {roots}.")
+                row[IMAGE] = {"bytes": None, "path": None}
+            return row
+
+        return dataset.map(drop_outside)
+    import pyarrow.compute as pc
+
+    cells = dataset.data.column(IMAGE)
+    path_only = pc.and_(pc.is_null(pc.struct_field(cells, "bytes")), pc.is_valid(pc.struct_field(cells, "path")))
+    paths = pc.struct_field(cells, "path").filter(path_only).to_pylist()
+    refused = [path for path in paths if outside(path)]
+    if refused:
+        raise ValueError(
+            f"Dataset '{source}' has {len(refused)} image cell(s) naming a file outside {roots} instead of holding "
+            f"its bytes (first: {refused[0]!r}): such files are not read. Embed the image bytes in the dataset."
+        )
+    return dataset
 
 
 def is_saved_dataset(folder: str) -> bool:
@@ -248,11 +294,13 @@ def load_geo_dataset(
         >>> ds.column_names  # doctest: +SKIP
         ['image', 'latitude', 'longitude']
     """
-    dataset = _load_raw(os.fspath(source), split, streaming, coordinates)
+    dataset, roots = _load_raw(os.fspath(source), split, streaming, coordinates)
     renames = {image_column: IMAGE, lat_column: LATITUDE, lon_column: LONGITUDE} if coordinates else {
         image_column: IMAGE}
     dataset = _canonical_names(dataset, renames)
     dataset = dataset.cast_column(IMAGE, ImageFeature(decode=False))
+    if roots is not None:
+        dataset = confine_image_paths(dataset, roots, source)
     if not coordinates:
         return dataset
     if streaming:
@@ -287,7 +335,7 @@ def decode_image(value, max_pixels: int = MAX_IMAGE_PIXELS, resize_edge: int | N
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
         if value is None:
-            raise ValueError("Image cell has neither bytes nor a path.")
+            raise ValueError("Image cell has neither bytes nor a path (paths outside the dataset are not read).")
     return load_image(value, max_pixels, resize_edge)
 
 
@@ -389,6 +437,7 @@ __all__ = [
     "CANONICAL_COLUMNS",
     "GeoCollator",
     "check_no_outside_links",
+    "confine_image_paths",
     "confined_path",
     "decode_image",
     "decode_images",

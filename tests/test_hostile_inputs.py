@@ -334,6 +334,43 @@ def test_image_folder_paths_outside_the_folder_are_refused(tmp_path, outside):
         load_geo_dataset(folder)
 
 
+@pytest.mark.parametrize("linked", ["images", "im2gps3k_places365.csv"])
+def test_benchmark_image_folder_or_csv_linked_outside_is_refused(tmp_path, outside, linked):
+    """`DIR/images` (or the CSV) as a symbolic link to elsewhere: nothing outside DIR is scored or listed."""
+    folder = _benchmark_folder(tmp_path, ["a.png"])
+    elsewhere = tmp_path / "elsewhere"
+    (folder / linked).rename(elsewhere)
+    (folder / linked).symlink_to(elsewhere)
+    with pytest.raises(ValueError, match=rf"'{linked}' is outside the dataset folder .*symbolic link to "
+                                         rf"'{elsewhere}'"):
+        load_benchmark("im2gps3k", folder)
+
+
+def _parquet_with_path_cells(folder, paths):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir()
+    cells = [{"bytes": None, "path": str(path)} for path in paths]
+    table = pa.table({"image": cells, "latitude": [1.0] * len(paths), "longitude": [2.0] * len(paths)})
+    pq.write_table(table, folder / "shard.parquet")
+    return folder
+
+
+def test_parquet_cells_naming_files_outside_the_dataset_are_never_read(tmp_path, outside):
+    shards = _parquet_with_path_cells(tmp_path / "shards", [tmp_path / "shards" / "a.png", "/etc/passwd", outside])
+    (shards / "a.png").write_bytes(_encoded("PNG"))
+    with pytest.raises(ValueError, match=r"has 2 image cell\(s\) naming a file outside .* \(first: '/etc/passwd'\)"):
+        load_geo_dataset(shards)
+    streamed = list(load_geo_dataset(shards, streaming=True))
+    images, kept, errors = decode_images([row["image"] for row in streamed])
+    assert kept == [0] and [position for position, _ in errors] == [1, 2]
+    assert all("neither bytes nor a path" in message and "passwd" not in message for _, message in errors)
+    fine = _parquet_with_path_cells(tmp_path / "fine", [tmp_path / "fine" / "a.png"])  # inside its folder: read
+    (fine / "a.png").write_bytes(_encoded("PNG"))
+    assert decode_images(load_geo_dataset(fine)["image"])[1] == [0]
+
+
 # ----------------------------------------------------------------------------------------- checkpoints
 @pytest.fixture(scope="module")
 def geoclip_dir(tmp_path_factory):
