@@ -586,6 +586,44 @@ def test_nan_answers_are_errors_not_numbers(geoclip_dir, geohier_dir):
         geohier.geolocate(pixel_values=nan_pixels, top_k=2)
 
 
+# ---------------------------------------------------------------------------------------------- publish
+def test_publish_writes_no_local_path_and_copies_no_link(geoclip_dir, geohier_dir, tmp_path):
+    """After `train --backbone /home/alice/private-models/clip-tiny`: the path reached config.json (`backbone`,
+    `_name_or_path`) and the README."""
+    private = "/home/alice/private-models/clip-tiny"
+
+    def trained_locally(config):
+        config.update(backbone=private, _name_or_path=private)
+        config["vision_config"]["_name_or_path"] = private
+
+    folder = _edited_copy(geoclip_dir, tmp_path / "run", edit_config=trained_locally)
+    for name in ("preprocessor_config.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                 "special_tokens_map.json", "tokenizer.json"):
+        if (geoclip_dir / name).exists():
+            (folder / name).write_bytes((geoclip_dir / name).read_bytes())
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**settings, "name_or_path": private}))
+    assert cli.main(["publish", str(folder), "--repo-id", "me/tiny", "--local-dir", str(tmp_path / "repo")]) == 0
+    published = {path: path.read_bytes() for path in (tmp_path / "repo").rglob("*") if path.is_file()}
+    assert not [path for path, data in published.items() if b"/home/alice" in data or str(tmp_path).encode() in data]
+    config = json.loads((tmp_path / "repo" / "config.json").read_text())
+    assert config["backbone"] is None and "_name_or_path" not in json.dumps(config)
+    assert GeoCLIPModel.from_pretrained(tmp_path / "repo").config.backbone is None  # still loads
+
+    hier = _edited_copy(geohier_dir, tmp_path / "hier", edit_config=lambda config: config.update(_name_or_path=private))
+    tiny_image_processor("geohier").save_pretrained(hier)
+    assert cli.main(["publish", str(hier), "--repo-id", "me/hier", "--local-dir", str(tmp_path / "hier-repo")]) == 0
+    assert "/home/alice" not in (tmp_path / "hier-repo" / "config.json").read_text()
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the Hub")
+    (folder / "tokenizer.json").unlink(missing_ok=True)
+    (folder / "tokenizer.json").symlink_to(secret)
+    with pytest.raises(ValueError, match=r"holds symbolic link\(s\) \['tokenizer.json'\]: publish copies no link"):
+        cli.main(["--debug", "publish", str(folder), "--repo-id", "me/tiny", "--local-dir", str(tmp_path / "r2")])
+    assert not (tmp_path / "r2").exists()
+
+
 # ------------------------------------------------------------------------------------------------- CLI
 def _run_cli(*args, env=None):
     environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
