@@ -624,6 +624,91 @@ def test_publish_writes_no_local_path_and_copies_no_link(geoclip_dir, geohier_di
     assert not (tmp_path / "r2").exists()
 
 
+# --------------------------------------------------------------------------- no silent data loss or mixing
+def _image_folder(folder, count=3):
+    folder.mkdir()
+    for number in range(count):
+        Image.new("RGB", (40, 40), (number * 60, 90, 30)).save(folder / f"{number}.png")
+    rows = "".join(f"{number}.png,{number},{number}\n" for number in range(count))
+    (folder / "metadata.csv").write_text("file_name,latitude,longitude\n" + rows)
+    return folder
+
+
+def test_train_never_replaces_a_saved_model_without_overwrite(geoclip_dir, tmp_path, capsys):
+    model = _edited_copy(geoclip_dir, tmp_path / "model")
+    tiny_image_processor().save_pretrained(model)
+    weights = (model / "model.safetensors").read_bytes()
+    data = _image_folder(tmp_path / "data")
+    assert cli.main(["train", "--model", "geoclip", "--model-config", str(model), "--dataset", str(data),
+                     "--output-dir", str(model), "--max-steps", "1"]) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line == (f"geoloc train: error: --output-dir {model} holds a saved model (config.json, model.safetensors) "
+                    "that training would replace: choose a new folder, or pass --overwrite to replace it.")
+    assert (model / "model.safetensors").read_bytes() == weights
+
+
+def test_resume_refuses_every_changed_setting_that_affects_the_weights(tmp_path):
+    from geoloc import train
+
+    def settings(*options):
+        argv = ["--model", "geoclip", "--dataset", "d", "--output-dir", str(tmp_path), *options]
+        return train.run_settings(train.resolve_args(train.build_parser().parse_args(argv)), max_steps=10,
+                                  num_processes=1, train_rows=100)
+
+    checkpoint = tmp_path / "step"
+    checkpoint.mkdir()
+    (checkpoint / train.RUN_SETTINGS).write_text(json.dumps(settings()))
+    train.check_resume_settings(str(checkpoint), settings("--log-every", "3", "--num-workers", "2"))  # no effect
+    changed = ["--augmentation", "none", "--gps-noise-km", "7", "--weight-decay", "0.5", "--max-grad-norm", "0.25",
+               "--queue-size", "16", "--mixed-precision", "bf16"]
+    with pytest.raises(ValueError, match="was made with other settings") as error:
+        train.check_resume_settings(str(checkpoint), settings(*changed))
+    for name in ("augmentation", "gps_noise_km", "weight_decay", "max_grad_norm", "queue_size", "mixed_precision"):
+        assert f"{name}=" in str(error.value)
+    with pytest.raises(ValueError, match=r"label_smoothing=.* \(now 0.3\)"):  # a GeoHier task option
+        geohier = ["--model", "geohier", "--dataset", "d", "--output-dir", str(tmp_path)]
+        parse = train.build_parser().parse_args
+        (checkpoint / train.RUN_SETTINGS).write_text(json.dumps(train.run_settings(
+            train.resolve_args(parse(geohier)), max_steps=10, num_processes=1, train_rows=100)))
+        train.check_resume_settings(str(checkpoint), train.run_settings(train.resolve_args(parse(
+            [*geohier, "--label-smoothing", "0.3"])), max_steps=10, num_processes=1, train_rows=100))
+
+
+def test_predict_dataset_resume_checks_the_model_content_and_keeps_other_files(geoclip_dir, tmp_path, monkeypatch,
+                                                                                capsys):
+    from geoloc import predict
+
+    model = _edited_copy(geoclip_dir, tmp_path / "model")
+    for name in ("preprocessor_config.json", "tokenizer_config.json", "tokenizer.json"):
+        (model / name).write_bytes((geoclip_dir / name).read_bytes())
+    data = _image_folder(tmp_path / "data")
+    output = tmp_path / "report.csv"
+    errors = tmp_path / "report.errors.csv"
+    errors.write_text("mine, not geoloc's\n")
+    command = ["predict", "--dataset", str(data), "--output", str(output), "--top-k", "2", "--model", str(model),
+               "--chunk-size", "1"]
+    assert cli.main(command) == 1
+    assert f"{errors} already exists" in capsys.readouterr().err and errors.read_text() == "mine, not geoloc's\n"
+    errors.rename(tmp_path / "kept.csv")
+
+    def killed(self, *args):
+        raise RuntimeError("killed before merging")
+
+    monkeypatch.setattr(predict.ChunkParts, "merge", killed)
+    assert cli.main(command) == 1  # the parts are written; the run is resumable
+    assert "killed before merging" in capsys.readouterr().err
+    assert len(list((tmp_path / "report.csv.parts").glob("chunk-*.parquet"))) == 3
+    # retrained in place: same path, other weights
+    _edited_copy(geoclip_dir, model, _set("logit_scale", (), 1.5))
+    assert cli.main(command) == 1
+    assert "holds a run with other options (model_sha256: " in capsys.readouterr().err
+    _edited_copy(geoclip_dir, model)  # the original weights again, and the model moved: resumes
+    model.rename(tmp_path / "moved")
+    monkeypatch.undo()
+    assert cli.main([*command[:-3], str(tmp_path / "moved"), "--chunk-size", "1"]) == 0
+    assert output.is_file() and (tmp_path / "kept.csv").is_file() and not errors.exists()
+
+
 # ------------------------------------------------------------------------------------------------- CLI
 def _run_cli(*args, env=None):
     environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
