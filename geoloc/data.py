@@ -35,7 +35,6 @@ from transformers.utils import logging
 from modeling_geoclip import load_image
 from modeling_geoclip.processing_geoclip import MAX_IMAGE_PIXELS
 
-from .geodesy import validate_lat_lon
 
 logger = logging.get_logger(__name__)
 
@@ -45,8 +44,6 @@ CANONICAL_COLUMNS = (IMAGE, LATITUDE, LONGITUDE)
 # File extensions of the shard formats read by `load_geo_dataset`, and the `datasets` builder for each.
 SHARD_BUILDERS = {".parquet": "parquet", ".tar": "webdataset"}
 
-# Rows validated at once; a chunk that fails is re-checked row by row to name and count the bad rows.
-_VALIDATION_CHUNK = 4096
 
 
 def is_inside(root: str, path: str) -> bool:
@@ -217,11 +214,13 @@ def _canonical_names(dataset, renames: dict[str, str]):
 
 def _as_floats(values) -> np.ndarray:
     """Any column of numbers/strings/None -> float64 array, with NaN where a value is not a number."""
-    return pd.to_numeric(pd.Series(list(values), dtype=object), errors="coerce").to_numpy(np.float64)
+    series = values if isinstance(values, pd.Series) else pd.Series(list(values), dtype=object)
+    return pd.to_numeric(series, errors="coerce").to_numpy(np.float64)
 
 
 def invalid_coordinate_rows(latitudes, longitudes) -> list[tuple[int, str]]:
-    """Rows whose coordinates `geoloc.geodesy.validate_lat_lon` rejects, as `(row, reason)` pairs.
+    """Rows whose coordinates `geoloc.geodesy.validate_lat_lon` rejects, as `(row, reason)` pairs, found with
+    the same rules column-wise (a million bad rows take about a second, not a minute row by row).
 
     Args:
         latitudes, longitudes: sequences of length N (numbers, numeric strings, None).
@@ -231,18 +230,18 @@ def invalid_coordinate_rows(latitudes, longitudes) -> list[tuple[int, str]]:
         1
     """
     latitudes, longitudes = _as_floats(latitudes), _as_floats(longitudes)
-    bad = []
-    for start in range(0, len(latitudes), _VALIDATION_CHUNK):
-        stop = start + _VALIDATION_CHUNK
-        try:
-            validate_lat_lon(latitudes[start:stop], longitudes[start:stop])
-        except ValueError:
-            for row in range(start, min(stop, len(latitudes))):
-                try:
-                    validate_lat_lon(latitudes[row : row + 1], longitudes[row : row + 1])
-                except ValueError as error:
-                    bad.append((row, f"row {row}: {error}"))
-    return bad
+    with np.errstate(invalid="ignore"):
+        rules = (
+            (~(np.isfinite(latitudes) & np.isfinite(longitudes)), "coordinates must be finite (no NaN or inf)"),
+            (np.abs(latitudes) > 90, "latitude must be in [-90, 90]"),
+            (np.abs(longitudes) > 180, "longitude must be in [-180, 180]"),
+        )
+    reasons = {}
+    for bad, rule in rules:  # the first rule a row breaks names it, as `validate_lat_lon` does
+        for row in np.flatnonzero(bad):
+            reasons.setdefault(int(row), rule)
+    return [(row, f"row {row}: ({latitudes[row]}, {longitudes[row]}): {reasons[row]} (degrees, (latitude, "
+                  "longitude) order).") for row in sorted(reasons)]
 
 
 def _has_valid_coordinates(batch: dict) -> list[bool]:
@@ -305,7 +304,8 @@ def load_geo_dataset(
         return dataset
     if streaming:
         return dataset.filter(_has_valid_coordinates, batched=True, batch_size=1000)
-    bad = invalid_coordinate_rows(dataset[LATITUDE], dataset[LONGITUDE])
+    columns = dataset.with_format("pandas")  # whole columns at once (`dataset[name]` iterates row by row)
+    bad = invalid_coordinate_rows(columns[LATITUDE], columns[LONGITUDE])
     if bad:
         logger.warning(
             f"Skipping {len(bad)} of {len(dataset)} rows with invalid coordinates in '{source}' ({split}); "

@@ -586,6 +586,40 @@ def test_nan_answers_are_errors_not_numbers(geoclip_dir, geohier_dir):
         geohier.geolocate(pixel_values=nan_pixels, top_k=2)
 
 
+# ------------------------------------------------------------------------------------ CSVs and columns
+def test_a_gallery_csv_with_a_byte_order_mark_is_read(tmp_path):
+    from geoloc.gallery import read_gallery_csv
+
+    path = tmp_path / "gallery.csv"
+    path.write_bytes("LAT,LON\n48.8566,2.3522\n-33.8688,151.2093\n".encode("utf-8-sig"))
+    assert path.read_bytes().startswith(b"\xef\xbb\xbf")
+    np.testing.assert_array_equal(read_gallery_csv(path), [[48.8566, 2.3522], [-33.8688, 151.2093]])
+    np.testing.assert_array_equal(read_gallery_csv(io.StringIO(path.read_text("utf-8")), "s"), read_gallery_csv(path))
+
+
+def test_a_million_rows_without_coordinates_are_dropped_at_once(tmp_path, monkeypatch, caplog):
+    """The issue measured 106 s for 1e6 NaN rows (58 s re-checking rows one by one, the rest reading the columns
+    row by row); column-wise it takes a few seconds."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    rows = 1_000_000
+    latitudes = np.full(rows, np.nan)
+    latitudes[[0, 500_000]] = [10.0, 20.0]
+    (tmp_path / "shards").mkdir()
+    pq.write_table(pa.table({"image": [{"bytes": b"x", "path": None}] * rows, "latitude": latitudes,
+                             "longitude": np.zeros(rows)}), tmp_path / "shards" / "rows.parquet")
+    started = time.perf_counter()
+    dataset = load_geo_dataset(tmp_path / "shards")
+    seconds = time.perf_counter() - started
+    assert dataset["latitude"][:] == [10.0, 20.0]
+    assert f"Skipping {rows - 2} of {rows} rows with invalid coordinates" in caplog.text
+    assert "row 1: (nan, 0.0): coordinates must be finite" in caplog.text
+    assert seconds < 30, f"{seconds:.1f} s"
+
+
 # ---------------------------------------------------------------------------------------------- publish
 def test_publish_writes_no_local_path_and_copies_no_link(geoclip_dir, geohier_dir, tmp_path):
     """After `train --backbone /home/alice/private-models/clip-tiny`: the path reached config.json (`backbone`,
