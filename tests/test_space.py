@@ -626,6 +626,30 @@ def test_geohier_page_shows_cells_scenes_and_attention_and_no_text_tab(server, t
     assert outside == []
 
 
+BEACON = "http://beacon.invalid"  # never resolves: a request for it would still be recorded as leaving
+HOSTILE_LINKS = {
+    "example": {"example": f'<img src="{BEACON}/example.png"><a id="phish" href="{BEACON}/login">Session '
+                           'expired: click here to log in</a>'},
+    "model": {"example": "alps", "model": f'<img src="{BEACON}/model.png"><a id="phish" href="{BEACON}">x</a>'},
+    "k": {"example": "alps", "k": f'<img src="{BEACON}/k.png"><a id="phish" href="{BEACON}">x</a>'},
+}
+
+
+@needs_chromium
+def test_hostile_share_links_render_no_markup_and_send_no_request(server, tmp_path):
+    """Issue 23: `?example=<img src=beacon><a href=...>` was echoed into the error pop-up and rendered (the browser
+    requested the beacon). Every echoed value is escaped: the text shows, no element from it exists."""
+    with browser_pages(tmp_path) as (new_page, outside):
+        page_ = new_page(viewport={"width": 1280, "height": 900})
+        for name, params in HOSTILE_LINKS.items():
+            page_.goto(server.url + "?" + urllib.parse.urlencode(params))
+            page_.wait_for_function("document.body.innerText.includes('beacon.invalid')", timeout=60_000)
+            page_.wait_for_timeout(500)  # an injected <img> would have started loading by now
+            injected = page_.locator("img[src*='beacon'], a[href*='beacon'], #phish").count()
+            assert injected == 0, f"?{name}=: {injected} element(s) from the link were rendered"
+    assert not [url for url in outside if "beacon" in url] and outside == [], outside
+
+
 @needs_chromium
 def test_phone_shows_the_answer_at_the_top_after_the_click(server, tmp_path):
     with browser_pages(tmp_path) as (new_page, outside):
