@@ -348,6 +348,13 @@ def write_huge_png(path: Path) -> Path:
     return path
 
 
+def write_thin_png(path: Path) -> Path:
+    """8 x 4M pixels (32 Mpx, within the pixel limit): resizing its short edge to the processor's size would
+    make hundreds of megapixels."""
+    Image.new("L", (8, 4_000_000)).save(path)
+    return path
+
+
 BAD_INPUTS = {
     "empty text": (lambda c, tmp: c.predict("   ", 5, api_name="/geolocate_text"), "The text is empty"),
     "long text": (lambda c, tmp: c.predict("x" * 301, 5, api_name="/geolocate_text"),
@@ -358,6 +365,9 @@ BAD_INPUTS = {
                      r"'notes.png' is not an image file"),
     "huge image": (lambda c, tmp: c.predict(handle_file(write_huge_png(tmp / "huge.png")), 5,
                                             api_name="/geolocate_image"), r"'huge.png' is too large"),
+    "thin image": (lambda c, tmp: c.predict(handle_file(write_thin_png(tmp / "thin.png")), 5,
+                                            api_name="/geolocate_image"),
+                   r"'thin.png' is too elongated: 8x4000000 would be resized to \d+ pixels"),
     "top_k 0": (lambda c, tmp: c.predict("a beach", 0, api_name="/geolocate_text"),
                 r"top_k must be a whole number from 1 to 20, got 0"),
     "top_k text": (lambda c, tmp: c.predict("a beach", "five", api_name="/geolocate_text"),
