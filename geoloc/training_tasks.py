@@ -28,7 +28,7 @@ from modeling_geohier import GeoHierImageProcessor, GeoHierModel
 
 from .augment import build_augmentation
 from .configs import tiny_geoclip_config, tiny_geohier_config, tiny_image_processor
-from .data import IMAGE, LATITUDE, LONGITUDE, GeoCollator, decode_images
+from .data import IMAGE, LATITUDE, LONGITUDE, GeoCollator, decode_images, image_limits
 from .gallery import training_gallery
 from .geodesy import KM_PER_DEGREE
 
@@ -243,7 +243,7 @@ def cache_clip_features(model, image_processor, dataset, cache_dir: str, acceler
         tower = model.to(accelerator.device).eval()
 
         def embed(rows):
-            images, kept, _ = decode_images(rows[IMAGE])
+            images, kept, _ = decode_images(rows[IMAGE], **image_limits(image_processor))
             embeds = np.zeros((0, model.config.vision_config.projection_dim), dtype=np.float32)
             if images:
                 pixel_values = image_processor(images, return_tensors="pt").pixel_values.to(accelerator.device)
