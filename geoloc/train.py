@@ -73,9 +73,10 @@ RESUME_SETTINGS = ("model", "dataset", "split", "train_fraction", "streaming", "
                    "gradient_accumulation_steps", "num_processes", "max_steps", "optimizer", "learning_rate",
                    "schedule", "warmup_steps", "decay_every_epochs", "decay_gamma", "train_rows")
 # Options that cannot change the weights (where outputs go, how often to log or save, worker processes, a trial
-# run); a resume may change them. Every other option, present or added later, is compared on --resume.
+# run; which options were given explicitly, their values being compared); a resume may change them. Every other
+# option, present or added later, is compared on --resume.
 NOT_WEIGHT_SETTINGS = ("output_dir", "overwrite", "resume", "checkpoint_every", "checkpoints_to_keep", "log_every",
-                       "push_to_hub", "num_workers", "cache_dir", "dry_run")
+                       "push_to_hub", "num_workers", "cache_dir", "dry_run", "given_options")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -350,11 +351,16 @@ def run_settings(args, **run_values) -> dict:
     `num_processes`, `train_rows`); `RESUME_SETTINGS` are always among them."""
     values = {**vars(args), **run_values}
     names = set(RESUME_SETTINGS) | set(values) - set(NOT_WEIGHT_SETTINGS)
-    return json.loads(json.dumps({name: values[name] for name in sorted(names)}, default=str))
+    return json.loads(json.dumps({name: values[name] for name in sorted(names)}, default=_json_value))
+
+
+def _json_value(value):
+    """A setting JSON cannot hold: a set sorted (its order varies between runs), anything else as its text."""
+    return sorted(value) if isinstance(value, (set, frozenset)) else str(value)
 
 
 def check_resume_settings(checkpoint: str, settings: dict) -> None:
-    """Refuse to resume a checkpoint made with other settings (a different data order or schedule)."""
+    """Refuse to resume a checkpoint made with other settings (any that can change the weights), naming each."""
     path = os.path.join(checkpoint, RUN_SETTINGS)
     if not os.path.isfile(path):
         raise ValueError(f"{checkpoint} has no {RUN_SETTINGS}: it was not written by this version of geoloc train.")
