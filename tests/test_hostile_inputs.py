@@ -2,6 +2,7 @@
 paths escaping their folder, corrupted checkpoints, NaN answers. Every fixture is made here; nothing is
 downloaded."""
 
+import csv
 import io
 import json
 import os
@@ -282,6 +283,16 @@ def test_a_thin_image_is_one_skipped_image_in_predict_and_training(tmp_path, geo
             {"image": {"bytes": good.read_bytes(), "path": None}, "latitude": 3.0, "longitude": 4.0}]
     batch = collate(rows)
     assert batch["unreadable"] == 1 and batch["locations"].tolist() == [[3.0, 4.0]]
+    data = tmp_path / "data"  # evaluate: scored on the readable image, the thin one counted and listed
+    data.mkdir()
+    good.rename(data / "good.png")
+    thin.rename(data / "thin.png")
+    (data / "metadata.csv").write_text("file_name,latitude,longitude\ngood.png,1,2\nthin.png,3,4\n")
+    assert cli.main(["evaluate", "--model", str(geoclip_dir), "--dataset", str(data), "--output-dir",
+                     str(tmp_path / "eval")]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["n"] == 1 and metrics["n_unreadable"] == 1
+    assert "too elongated" in (tmp_path / "eval" / "unreadable.csv").read_text()
 
 
 # -------------------------------------------------------------------------------------- confined paths
@@ -716,6 +727,9 @@ def test_predict_dataset_resume_checks_the_model_content_and_keeps_other_files(g
     for name in ("preprocessor_config.json", "tokenizer_config.json", "tokenizer.json"):
         (model / name).write_bytes((geoclip_dir / name).read_bytes())
     data = _image_folder(tmp_path / "data")
+    (data / "thin.png").write_bytes(png_declaring(4, 16777216))  # one skipped, reported image: the run finishes
+    with open(data / "metadata.csv", "a") as metadata:
+        metadata.write("thin.png,0,0\n")
     output = tmp_path / "report.csv"
     errors = tmp_path / "report.errors.csv"
     errors.write_text("mine, not geoloc's\n")
@@ -731,7 +745,7 @@ def test_predict_dataset_resume_checks_the_model_content_and_keeps_other_files(g
     monkeypatch.setattr(predict.ChunkParts, "merge", killed)
     assert cli.main(command) == 1  # the parts are written; the run is resumable
     assert "killed before merging" in capsys.readouterr().err
-    assert len(list((tmp_path / "report.csv.parts").glob("chunk-*.parquet"))) == 3
+    assert len(list((tmp_path / "report.csv.parts").glob("chunk-*.parquet"))) == 4
     # retrained in place: same path, other weights
     _edited_copy(geoclip_dir, model, _set("logit_scale", (), 1.5))
     assert cli.main(command) == 1
@@ -740,7 +754,9 @@ def test_predict_dataset_resume_checks_the_model_content_and_keeps_other_files(g
     model.rename(tmp_path / "moved")
     monkeypatch.undo()
     assert cli.main([*command[:-3], str(tmp_path / "moved"), "--chunk-size", "1"]) == 0
-    assert output.is_file() and (tmp_path / "kept.csv").is_file() and not errors.exists()
+    assert output.is_file() and (tmp_path / "kept.csv").is_file()
+    [unreadable] = list(csv.DictReader(errors.open()))  # this run's own errors file
+    assert unreadable["id"] == "thin.png" and "too elongated" in unreadable["error"]
 
 
 # ------------------------------------------------------------------------------------------------- CLI
