@@ -107,9 +107,10 @@ def _pick(names, candidates, what: str, where) -> str:
 
 
 def _first_existing(folder: Path, names: tuple[str, ...], what: str, benchmark: str) -> Path:
+    """The first of `names` in `folder`, refused when a symbolic link takes it outside `folder`."""
     for name in names:
         if (folder / name).exists():
-            return folder / name
+            return Path(confined_path(folder, name, what=f"The {what}"))
     raise ValueError(
         f"'{folder}' is not a {benchmark} folder: no {what} ({' or '.join(names)}). "
         f"See `geoloc.benchmark_datasets` for the expected layout and where to get the files."

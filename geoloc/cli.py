@@ -14,7 +14,7 @@ import socket
 import sys
 import urllib.parse
 import urllib.request
-
+from unittest import mock
 
 from .threads import add_threads_argument, set_threads
 
@@ -77,12 +77,28 @@ def quiet_progress_bars() -> None:
     huggingface_hub.utils.disable_progress_bars()
 
 
+MAX_MESSAGE_CHARS = 500  # a longer message (e.g. an unpickler's dump of the bytes) is cut there
+
+
+class UsageError(ValueError):
+    """A bad command line, as argparse found it: reported like every other failure (one line, exit 1)."""
+
+
+def _raise_usage_error(parser: argparse.ArgumentParser, message: str):
+    raise UsageError(f"{message} (see `{parser.prog} --help`)")
+
+
 def one_line(error: BaseException) -> str:
-    """The message of `error` on one line; unexpected kinds (not ValueError/OSError/ImportError) are named."""
+    """The message of `error` on one line, without Python's type names; unexpected kinds (not ValueError,
+    OSError, ImportError) point at `--debug` for the traceback."""
     text = " ".join(str(error).split())
+    if len(text) > MAX_MESSAGE_CHARS:
+        text = text[:MAX_MESSAGE_CHARS] + "..."
+    if isinstance(error, MemoryError):
+        return f"out of memory{': ' + text if text else ''} (run `geoloc --debug ...` for the traceback)"
     if isinstance(error, (ValueError, OSError, ImportError)) and text:
         return text
-    return f"{type(error).__name__}: {text} (run `geoloc --debug ...` for the traceback)"
+    return f"{text or 'unexpected failure'} (run `geoloc --debug ...` for the traceback)"
 
 
 def main(argv=None) -> int:
@@ -103,8 +119,18 @@ def main(argv=None) -> int:
     if argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0
-    # Options before the command are the dispatcher's (`geoloc --threads 1 train ...`); the rest is the command's.
-    namespace = parser.parse_args(argv)
+    # argparse's errors (usage block, exit 2) become one line and exit 1, here and in every subcommand's parser
+    with mock.patch.object(argparse.ArgumentParser, "error", _raise_usage_error):
+        try:
+            # Options before the command are the dispatcher's (`geoloc --threads 1 train ...`); the rest the command's.
+            namespace = parser.parse_args(argv)
+        except UsageError as error:
+            print(f"geoloc: error: {one_line(error)}", file=sys.stderr)
+            return 1
+        return _run(namespace)
+
+
+def _run(namespace: argparse.Namespace) -> int:
     command = namespace.command
     if not sys.stderr.isatty():  # logs and pipes get messages, not progress bars redrawn with carriage returns
         quiet_progress_bars()
@@ -118,7 +144,7 @@ def main(argv=None) -> int:
         elif not {"-h", "--help"} & set(namespace.args):  # help answers at once, without importing torch
             set_threads(namespace.threads)
         return importlib.import_module(SUBCOMMANDS[command][0]).main(namespace.args) or 0
-    except Exception as error:  # KeyboardInterrupt and SystemExit (argparse's exit 2) pass through
+    except Exception as error:  # KeyboardInterrupt and SystemExit (--help's exit 0) pass through
         if namespace.debug:
             raise
         message = one_line(error)

@@ -55,12 +55,14 @@ def read_gallery_csv(source, name: str | None = None) -> np.ndarray:
         array([[48.8566,  2.3522]])
     """
     name = name or f"'{source}'"
-    opened = open(source, newline="", encoding="utf-8") if isinstance(source, (str, os.PathLike)) else None
+    # utf-8-sig: a byte-order mark (as spreadsheet programs write) is not part of the first column's name
+    opened = open(source, newline="", encoding="utf-8-sig") if isinstance(source, (str, os.PathLike)) else None
     with opened or contextlib.nullcontext(source) as stream:
         reader = csv.reader(stream)
         header = next(reader, None)
         if header is None:
             raise ValueError(f"Gallery CSV {name} is empty.")
+        header = [header[0].removeprefix("\ufeff"), *header[1:]]  # a text stream may still start with one
         latitude, longitude = (header.index(column) for column in find_coordinate_columns(header))
         rows = []
         for line, row in enumerate(reader, start=2):

@@ -56,7 +56,7 @@ from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 from modeling_geoclip import check_top_k
 
 from . import DEFAULT_MODEL
-from .data import decode_images
+from .data import decode_images, image_limits
 from .geodesy import geodesic_distance_km
 from .models import register_models
 from .sources import check_local_or_hub
@@ -184,7 +184,7 @@ class Geolocator:
         """The tokenizer (None when the model reads no text). `from_pretrained` loads it on first use, so
         image-only work needs no tokenizer files."""
         if self._tokenizer is None and self._tokenizer_source is not None:
-            self._tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_source)
+            self._tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_source, trust_remote_code=False)
         return self._tokenizer
 
     @classmethod
@@ -197,10 +197,12 @@ class Geolocator:
         """
         register_models()
         source = resolve_model(source)
-        model = AutoModel.from_pretrained(source, **({} if dtype is None else {"dtype": dtype}))
+        # trust_remote_code=False: a folder whose config names code of its own is refused, never prompted for
+        options = {"trust_remote_code": False, **({} if dtype is None else {"dtype": dtype})}
+        model = AutoModel.from_pretrained(source, **options)
         if device is not None:
             model = model.to(device)
-        geolocator = cls(model, AutoImageProcessor.from_pretrained(source), name=source)
+        geolocator = cls(model, AutoImageProcessor.from_pretrained(source, trust_remote_code=False), name=source)
         if geolocator.capabilities.text:
             geolocator._tokenizer_source = source
         return geolocator
@@ -222,7 +224,9 @@ class Geolocator:
                              f"{self.name} is a {type(self.model).__name__}{asked}.")
         results = []
         for start in range(0, len(images), _check_batch_size(batch_size)):
-            decoded, kept, errors = decode_images(images[start : start + batch_size])
+            # decoded once, with the processor's own pixel and resize limits (it re-checks, never re-decodes)
+            limits = image_limits(self.image_processor)
+            decoded, kept, errors = decode_images(images[start : start + batch_size], **limits)
             batch = [None] * (len(kept) + len(errors))
             for position, error in errors:
                 batch[position] = GeolocationResult.failed(names[start + position], error)

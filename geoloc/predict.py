@@ -49,6 +49,7 @@ rows with coordinates, valid or not, are all geolocated):
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -148,6 +149,27 @@ def load_geolocator(args: argparse.Namespace, device=None):
                              f"{type(geolocator.model).__name__} predicts {geolocator.capabilities.uncertainty}.")
         geolocator.model.set_gallery(load_gallery(args.gallery), show_progress=True)
     return geolocator
+
+
+def content_sha256(source: str, gallery: str | None = None) -> str:
+    """SHA-256 of what the answers depend on: the checkpoint's config, image processor and weights (local or from
+    the Hub cache) and the `--gallery` file, so that a resumed run refuses a model retrained in place."""
+    from transformers.utils import cached_file
+
+    from modeling_geoclip.integrity import checkpoint_files
+
+    from .inference import resolve_model
+
+    source = resolve_model(source)
+    settings = [cached_file(source, name, _raise_exceptions_for_missing_entries=False)
+                for name in ("config.json", "preprocessor_config.json")]
+    digest = hashlib.sha256((gallery or "").encode())  # a gallery that is not a local file is named
+    local_gallery = [gallery] if gallery and os.path.isfile(gallery) else []
+    for file in [*filter(None, settings), *checkpoint_files(source, {}), *local_gallery]:
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------ files and texts
@@ -283,6 +305,10 @@ class ChunkParts:
                 raise ValueError(f"{self.folder} holds a run with other options ({listed}): rerun with the same "
                                  f"options to resume, or delete {self.folder} to start over.")
         elif create:
+            errors = errors_path(self.output)
+            if errors.exists():  # not this run's: never deleted, never mixed with this run's errors
+                raise ValueError(f"{errors} already exists, where this run lists its unreadable images: delete or "
+                                 "move it, or give another --output.")
             self.folder.mkdir(parents=True, exist_ok=True)
             _write_atomically(self.manifest, lambda path: path.write_text(json.dumps(options, indent=2)))
 
@@ -324,8 +350,6 @@ class ChunkParts:
         errors_file = errors_path(self.output)
         if len(errors):
             _write_atomically(errors_file, lambda path: errors.to_csv(path, index=False))
-        elif errors_file.exists():
-            errors_file.unlink()  # from an earlier run over this output name
         shutil.rmtree(self.folder)
         return images, len(errors)
 
@@ -411,7 +435,8 @@ def _geolocate_chunks(args: argparse.Namespace, state, output: Path, parts: Chun
     with state.main_process_first():  # one process builds the datasets cache, the others read it
         dataset = load_geo_dataset(args.dataset, split=args.split, image_column=args.image_column,
                                    streaming=args.streaming, coordinates=False)
-    options = {"model": args.model, "gallery": args.gallery, "dataset": args.dataset, "split": args.split,
+    # the model and gallery by content, not path: one retrained in place must not be mixed with the old answers
+    options = {"model_sha256": content_sha256(args.model, args.gallery), "dataset": args.dataset, "split": args.split,
                "streaming": args.streaming, "rows": None if args.streaming else len(dataset),
                "chunk_size": args.chunk_size, "top_k": args.top_k, "places": args.places}
     parts.check_manifest(options, create=state.is_main_process)

@@ -62,6 +62,9 @@ FAMILY_NAMES = {"geoclip": "GeoCLIP", "geohier": "GeoHier"}
 # The Hub has no geolocation task; both models rank candidates (gallery points, geocells) for an image. The
 # `image-geolocation` pipeline itself is named in config.json's `custom_pipelines`.
 PIPELINE_TAG = "image-classification"
+# Keys naming where a config, processor or tokenizer was loaded from (a local folder, often): never published.
+LOADED_FROM_KEYS = ("_name_or_path", "name_or_path")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 SKIPPED_NAMES = {"__pycache__", ".git", ".cache", ".gitattributes"}
 # What `save_pretrained` of a model, image processor or tokenizer writes: the only files of a checkpoint folder
 # that are uploaded. Never pickles (`*.bin`, `*.pt`, `*.pkl`), training state or logs.
@@ -196,7 +199,8 @@ def checkpoint_files(folder) -> list[Path]:
     summaries are left out.
 
     Raises:
-        ValueError: when the folder has no config.json, no safetensors weights, or no preprocessor_config.json.
+        ValueError: when the folder has no config.json, no safetensors weights, or no preprocessor_config.json,
+            or when a file to publish is a symbolic link.
 
     Example:
         >>> [path.name for path in checkpoint_files("runs/geoclip-tiny")]  # doctest: +SKIP
@@ -209,6 +213,10 @@ def checkpoint_files(folder) -> list[Path]:
             raise ValueError(f"'{folder}' has no {required}: {hint}.")
     files = sorted(path for path in folder.iterdir()
                    if path.is_file() and (path.name in CHECKPOINT_FILES or WEIGHT_SHARD.fullmatch(path.name)))
+    links = [path.name for path in files if path.is_symlink()]
+    if links:  # publishing a link would upload its target's content, whatever and wherever it is
+        raise ValueError(f"'{folder}' holds symbolic link(s) {links}: publish copies no link's target. Replace "
+                         "them with the files themselves (e.g. `cp --remove-destination TARGET LINK`).")
     if not any(path.name in ("model.safetensors", "model.safetensors.index.json") for path in files):
         raise ValueError(f"'{folder}' has no model.safetensors (pickled *.bin weights are never uploaded: save the "
                          "model with save_pretrained, which writes safetensors).")
@@ -222,12 +230,37 @@ def eval_record(metrics: dict) -> dict:
             **{key: metrics[key] for key in EVAL_RECORD_KEYS if key in metrics}}
 
 
-def _with_auto_map(source: Path, destination: Path, auto_map: dict, image_processor: str | None = None,
-                   **extra) -> None:
-    """Copy a JSON settings file, adding `auto_map` and `extra` keys (and naming the model's own image processor
-    class)."""
-    settings = json.loads(source.read_text())
-    settings.update(auto_map=auto_map, **extra)
+def public_backbone(backbone) -> str | None:
+    """A config's `backbone` as published: a Hub id, or None for a local folder (never its path).
+
+    Example:
+        >>> public_backbone("openai/clip-vit-base-patch32"), public_backbone("/home/alice/private/clip-tiny")
+        ('openai/clip-vit-base-patch32', None)
+    """
+    if not isinstance(backbone, str) or not HUB_ID.fullmatch(backbone) or os.path.exists(backbone):
+        return None
+    return backbone
+
+
+def without_local_paths(settings):
+    """A JSON settings tree as published: `_name_or_path` / `name_or_path` (where it was loaded from) dropped at
+    any depth, `backbone` only as a Hub id (`public_backbone`)."""
+    if isinstance(settings, dict):
+        return {key: public_backbone(value) if key == "backbone" else without_local_paths(value)
+                for key, value in settings.items() if key not in LOADED_FROM_KEYS}
+    if isinstance(settings, list):
+        return [without_local_paths(value) for value in settings]
+    return settings
+
+
+def _settings_copy(source: Path, destination: Path, auto_map: dict | None = None,
+                   image_processor: str | None = None, **extra) -> None:
+    """Copy a JSON settings file without local paths, adding `auto_map` and `extra` keys (and naming the model's
+    own image processor class) when given."""
+    settings = without_local_paths(json.loads(source.read_text()))
+    if auto_map is not None:
+        settings["auto_map"] = auto_map
+    settings.update(extra)
     if image_processor is not None:
         settings["image_processor_type"] = image_processor
     destination.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
@@ -257,17 +290,20 @@ def hub_files(checkpoint, repo_id: str, staging, *, eval_dirs=(), training_data:
     checkpoint, staging = Path(checkpoint), Path(staging)
     files = {path.name: path for path in checkpoint_files(checkpoint)}
     results = load_eval_results(eval_dirs)
-    config = AutoConfig.from_pretrained(checkpoint)
+    config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=False)
     code = remote_code_files(config.model_type)
     processor_class = auto_maps(config.model_type)["preprocessor_config.json"]["AutoImageProcessor"]
     (staging / "eval_results").mkdir(parents=True, exist_ok=True)
-    for name, auto_map in auto_maps(config.model_type).items():
-        if name == "config.json":  # `pipeline(model=REPO, trust_remote_code=True)` finds the repo's pipeline here
-            _with_auto_map(files[name], staging / name, auto_map, custom_pipelines=custom_pipelines_entry())
-        else:
-            _with_auto_map(files[name], staging / name, auto_map, processor_class.split(".")[-1])
+    maps = auto_maps(config.model_type)
+    for name in [name for name in files if name.endswith("config.json") or name == "special_tokens_map.json"]:
+        # `pipeline(model=REPO, trust_remote_code=True)` finds the repo's pipeline in config.json
+        extra = {"custom_pipelines": custom_pipelines_entry()} if name == "config.json" else {}
+        _settings_copy(files[name], staging / name, maps.get(name),
+                       processor_class.split(".")[-1] if name == "preprocessor_config.json" else None, **extra)
         files[name] = staging / name
     files.update(code)
+    if hasattr(config, "backbone"):
+        config.backbone = public_backbone(config.backbone)  # the card names it too
     summary = checkpoint / "train_summary.json"  # what `geoloc train` ran: the card's base_model and datasets
     training_run = json.loads(summary.read_text()).get("args", {}) if summary.is_file() else None
     render_model_card(config, repo_id, results, training_data, license, training_run).save(staging / "README.md")

@@ -79,11 +79,18 @@ from .threads import training_threads
 from .training_tasks import TRAINING_TASKS, steps_for_epochs
 
 CHECKPOINTS = "checkpoints"
+MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
 RUN_SETTINGS = "run_settings.json"
-# Options that fix the data order and the schedule: a checkpoint is only resumed with the same values.
+# Options that fix the data order and the schedule: a checkpoint is only resumed with the same values (and with
+# every other option that is not in NOT_WEIGHT_SETTINGS: see `run_settings`).
 RESUME_SETTINGS = ("model", "dataset", "split", "train_fraction", "streaming", "shuffle_buffer", "seed", "batch_size",
                    "gradient_accumulation_steps", "num_processes", "max_steps", "optimizer", "learning_rate",
                    "schedule", "warmup_steps", "decay_every_epochs", "decay_gamma", "train_rows", "threads")
+# Options that cannot change the weights (where outputs go, how often to log or save, worker processes, a trial
+# run; which options were given explicitly, their values being compared); a resume may change them. Every other
+# option, present or added later, is compared on --resume.
+NOT_WEIGHT_SETTINGS = ("output_dir", "overwrite", "resume", "checkpoint_every", "checkpoints_to_keep", "log_every",
+                       "push_to_hub", "num_workers", "cache_dir", "dry_run", "given_options")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -378,13 +385,20 @@ def stream_position_file(checkpoint: str, process_index: int) -> str:
 
 def prepare_output_dir(args, accelerator) -> None:
     """Refuse to mix two runs in one folder: one that already holds a run needs `--resume` (continue it) or
-    `--overwrite` (its checkpoints, logs and model files are deleted first)."""
+    `--overwrite` (its checkpoints and logs are deleted first); one that holds a saved model but no run (a
+    `--model-config` folder, a downloaded checkpoint) is replaced only with `--overwrite`."""
     names = (CHECKPOINTS, "log.jsonl", "train_summary.json", "tensorboard")
     holds_run = [name for name in names if os.path.exists(os.path.join(args.output_dir, name))]
     if holds_run and not (args.resume or args.overwrite):
         raise ValueError(
             f"--output-dir {args.output_dir} already holds a training run ({', '.join(holds_run)}): pass --resume to "
             "continue it, --overwrite to start over there, or choose a new folder."
+        )
+    saved_model = [name for name in MODEL_FILES if os.path.exists(os.path.join(args.output_dir, name))]
+    if saved_model and not holds_run and not args.overwrite:  # e.g. --output-dir is the --model-config folder
+        raise ValueError(
+            f"--output-dir {args.output_dir} holds a saved model ({', '.join(saved_model)}) that training would "
+            "replace: choose a new folder, or pass --overwrite to replace it."
         )
     if args.overwrite and accelerator.is_main_process:
         for name in holds_run:
@@ -394,20 +408,28 @@ def prepare_output_dir(args, accelerator) -> None:
 
 
 def run_settings(args, **run_values) -> dict:
-    """The values of `RESUME_SETTINGS` for this run (JSON-safe): from `args`, or `run_values` where known only
-    once the run started (`max_steps`, `num_processes`, `train_rows`)."""
+    """What a resume must keep (JSON-safe): every option of this run (the task's own options included, whatever
+    they are) except `NOT_WEIGHT_SETTINGS`, and `run_values` known only once the run started (`max_steps`,
+    `num_processes`, `train_rows`); `RESUME_SETTINGS` are always among them."""
     values = {**vars(args), **run_values}
-    return {name: values[name] for name in RESUME_SETTINGS}
+    names = set(RESUME_SETTINGS) | set(values) - set(NOT_WEIGHT_SETTINGS)
+    return json.loads(json.dumps({name: values[name] for name in sorted(names)}, default=_json_value))
+
+
+def _json_value(value):
+    """A setting JSON cannot hold: a set sorted (its order varies between runs), anything else as its text."""
+    return sorted(value) if isinstance(value, (set, frozenset)) else str(value)
 
 
 def check_resume_settings(checkpoint: str, settings: dict) -> None:
-    """Refuse to resume a checkpoint made with other settings (a different data order or schedule)."""
+    """Refuse to resume a checkpoint made with other settings (any that can change the weights), naming each."""
     path = os.path.join(checkpoint, RUN_SETTINGS)
     if not os.path.isfile(path):
         raise ValueError(f"{checkpoint} has no {RUN_SETTINGS}: it was not written by this version of geoloc train.")
     with open(path) as handle:
         saved = json.load(handle)
-    changed = [f"{name}={saved.get(name)!r} (now {settings[name]!r})" for name in settings if saved.get(name) != settings[name]]
+    changed = [f"{name}={saved[name]!r} (now {settings[name]!r})" if name in saved else f"{name} (not recorded)"
+               for name in settings if saved.get(name) != settings[name] or name not in saved]
     if changed:
         raise ValueError(
             f"--resume: {checkpoint} was made with other settings: {', '.join(changed)}. Rerun with the checkpoint's "

@@ -31,7 +31,7 @@ from modeling_geohier import GeoHierImageProcessor, GeoHierModel
 
 from .augment import build_augmentation
 from .configs import tiny_geoclip_config, tiny_geohier_config, tiny_image_processor
-from .data import IMAGE, LATITUDE, LONGITUDE, GeoCollator, decode_images
+from .data import IMAGE, LATITUDE, LONGITUDE, GeoCollator, decode_images, image_limits
 from .gallery import training_gallery
 
 TRAINING_TASKS: dict[str, type["TrainingTask"]] = {}
@@ -55,7 +55,7 @@ def backbone_image_processor(backbone: str, processor_class):
     """A `processor_class` (the model family's processor: robust decoding of any file) with the resizing and
     normalisation of the backbone's own image processor (e.g. CLIP's resize + centre crop, ViT's 224x224 resize,
     their mean/std)."""
-    source = AutoImageProcessor.from_pretrained(backbone).to_dict()
+    source = AutoImageProcessor.from_pretrained(backbone, trust_remote_code=False).to_dict()
     known = processor_class().to_dict()
     options = {key: value for key, value in source.items()
                if key in known and not key.startswith("_") and key not in ("image_processor_type", "processor_class")}
@@ -179,14 +179,14 @@ class GeoCLIPTask(TrainingTask):
         if args.backbone:
             self.model = GeoCLIPModel.from_clip_backbone(args.backbone, queue_size=args.queue_size)
             self.image_processor = backbone_image_processor(args.backbone, GeoCLIPImageProcessor)
-            self.tokenizer = AutoTokenizer.from_pretrained(args.backbone)
+            self.tokenizer = AutoTokenizer.from_pretrained(args.backbone, trust_remote_code=False)
         elif args.model_config == "tiny":
             self.model = GeoCLIPModel(tiny_geoclip_config(queue_size=args.queue_size))
             self.image_processor, self.tokenizer = tiny_image_processor("geoclip"), byte_level_clip_tokenizer()
         else:
             self.model = GeoCLIPModel.from_pretrained(args.model_config)
-            self.image_processor = AutoImageProcessor.from_pretrained(args.model_config)
-            self.tokenizer = AutoTokenizer.from_pretrained(args.model_config)
+            self.image_processor = AutoImageProcessor.from_pretrained(args.model_config, trust_remote_code=False)
+            self.tokenizer = AutoTokenizer.from_pretrained(args.model_config, trust_remote_code=False)
             if "queue_size" in args.given_options and args.queue_size != self.model.config.queue_size:
                 raise ValueError(f"--queue-size {args.queue_size}: {args.model_config} has a queue of "
                                  f"{self.model.config.queue_size} (its contents are part of the training state).")
@@ -283,7 +283,7 @@ def cache_clip_features(model, image_processor, dataset, cache_dir: str, acceler
         tower = model.to(accelerator.device).eval()
 
         def embed(rows):
-            images, kept, _ = decode_images(rows[IMAGE])
+            images, kept, _ = decode_images(rows[IMAGE], **image_limits(image_processor))
             embeds = np.zeros((0, model.config.vision_config.projection_dim), dtype=np.float32)
             if images:
                 pixel_values = image_processor(images, return_tensors="pt").pixel_values.to(accelerator.device)
@@ -430,7 +430,7 @@ class GeoHierTask(TrainingTask):
             self.image_processor = tiny_image_processor("geohier")
         else:
             self.model = GeoHierModel.from_pretrained(args.model_config, ignore_mismatched_sizes=True, **options)
-            self.image_processor = AutoImageProcessor.from_pretrained(args.model_config)
+            self.image_processor = AutoImageProcessor.from_pretrained(args.model_config, trust_remote_code=False)
         if args.augmentation == "geodecoder":  # its evaluation transform goes with it
             self.image_processor = geodecoder_image_processor(processor_input_size(self.image_processor))
         self.model.config.freeze_backbone = not args.train_backbone

@@ -87,8 +87,9 @@ class GeoCLIPConfig(PreTrainedConfig):
             Build the text tower; `False` gives an image-only model (no `get_text_features`).
         freeze_backbone (`bool`, defaults to `True`):
             Keep the CLIP towers frozen during training, as the paper does.
-        backbone (`str`, defaults to `"openai/clip-vit-large-patch14"`):
-            Hub id of the CLIP checkpoint the towers come from (informational, used by the converter).
+        backbone (`str` or `None`, defaults to `"openai/clip-vit-large-patch14"`):
+            Hub id of the CLIP checkpoint the towers come from (informational, used by the converter); None when
+            unknown or local (a published model never names a local folder).
 
     Example:
 
@@ -117,7 +118,7 @@ class GeoCLIPConfig(PreTrainedConfig):
     gallery_index_sha256: str | None = None
     use_text_tower: bool = True
     freeze_backbone: bool = True
-    backbone: str = OFFICIAL_BACKBONE
+    backbone: str | None = OFFICIAL_BACKBONE
 
     def __post_init__(self, **kwargs):
         # Defaults reproduce the official model: CLIP ViT-L/14 towers (projection 768).

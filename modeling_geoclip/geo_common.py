@@ -149,11 +149,14 @@ class StrictFromPretrainedMixin:
 
         Also a `ValueError`, naming the tensor: a config whose sizes disagree with the safetensors header
         (checked before anything is allocated), NaN/inf in a weight or buffer, and what the model's
-        `check_loaded_state` refuses (see `integrity`)."""
+        `check_loaded_state` refuses (see `integrity`). A pickle-only checkpoint (`pytorch_model.bin`) loads only
+        with `use_safetensors=False`; stored bytes without a recorded hash (an old FAISS index) only with
+        `require_hashes=False`: ask for either only for a source you trust."""
         ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
+        require_hashes = kwargs.pop("require_hashes", True)
         pretrained = args[0] if args else kwargs.get("pretrained_model_name_or_path")
-        if not ignore_mismatched_sizes and pretrained is not None and kwargs.get("state_dict") is None:
-            check_config_against_checkpoint(cls, pretrained, kwargs)
+        if pretrained is not None and kwargs.get("state_dict") is None:
+            check_config_against_checkpoint(cls, pretrained, kwargs, strict, ignore_mismatched_sizes)
         model, info = super().from_pretrained(
             *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
         )
@@ -172,12 +175,13 @@ class StrictFromPretrainedMixin:
                 "checkpoint, ignore_mismatched_sizes=True to re-initialise wrongly shaped weights."
             )
         check_finite_tensors(model)
-        model.check_loaded_state()
+        model.check_loaded_state(require_hashes)
         return (model, info) if output_loading_info else model
 
-    def check_loaded_state(self) -> None:
+    def check_loaded_state(self, require_hashes: bool = True) -> None:
         """Checks of a loaded checkpoint beyond shapes and finiteness (called by `from_pretrained`): a model
-        overrides it for what only it knows (coordinates in range, hashes of stored bytes); none by default."""
+        overrides it for what only it knows (coordinates in range, hashes of stored bytes, which must be recorded
+        unless `require_hashes=False`); none by default."""
 
 
 __all__ = [

@@ -35,7 +35,6 @@ from .geo_common import (
 )
 from .integrity import check_finite_answer, tensor_sha256
 
-logger = logging.get_logger(__name__)
 
 # Equal Earth projection constants (Šavrič, Patterson & Jenny 2018), as in the official GeoCLIP code.
 _A1, _A2, _A3, _A4 = 1.340264, -0.081106, 0.000893, 0.003796
@@ -285,10 +284,12 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
         self._register_state("gallery_sample_embeddings", torch.zeros(sample, dim))
         self._faiss_gallery = None
 
-    def check_loaded_state(self) -> None:
+    def check_loaded_state(self, require_hashes: bool = True) -> None:
         """Checks of a loaded checkpoint that shapes and finiteness cannot show (called by `from_pretrained`):
         gallery and GPS-queue coordinates in range, the queue's pointers and the normaliser sample's rows in
-        bounds, and the FAISS index bytes matching the SHA-256 that `set_gallery` recorded in the config.
+        bounds, and the FAISS index bytes matching the SHA-256 that `set_gallery` recorded in the config (an index
+        without one only with `require_hashes=False`), then deserialised and searched once, so that crafted bytes
+        fail here rather than at the first query.
 
         Raises:
             ValueError: naming the bad tensor (and row).
@@ -307,21 +308,43 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
                 f"The checkpoint's gallery_sample_indices must be gallery rows in [0, {self.config.gallery_size}), "
                 f"got values in [{int(rows.min())}, {int(rows.max())}]."
             )
-        self._check_faiss_index_hash()
+        self._check_faiss_index_hash(require_hashes)
+        self._load_faiss_index()
 
-    def _check_faiss_index_hash(self) -> None:
+    def _check_faiss_index_hash(self, require_hashes: bool) -> None:
         if not self.config.gallery_index_nbytes:
             return
         expected = self.config.gallery_index_sha256
-        if expected is None:
-            logger.warning("This checkpoint records no SHA-256 of its FAISS index (saved by an older version): "
-                           "the index bytes cannot be checked.")
-        elif tensor_sha256(self.gallery_index) != expected:
+        if expected is None and require_hashes:
+            raise ValueError(
+                "This checkpoint records no SHA-256 of its FAISS index (gallery_index_sha256 is null): its bytes "
+                "cannot be checked. Rebuild the gallery with set_gallery(..., backend='faiss') and save again, or "
+                "pass require_hashes=False to from_pretrained (only for a checkpoint you trust)."
+            )
+        if expected is not None and tensor_sha256(self.gallery_index) != expected:
             raise ValueError(
                 f"The checkpoint's FAISS index (gallery_index, {self.config.gallery_index_nbytes} bytes) does not "
                 f"match the SHA-256 recorded in its config ({expected[:12]}...): the file is corrupt or was edited. "
                 "Rebuild the gallery with set_gallery(..., backend='faiss') and save again."
             )
+
+    def _load_faiss_index(self) -> None:
+        """Deserialise the stored FAISS index and check it against the gallery (rows, width, one search)."""
+        if self.config.gallery_backend != "faiss" or not self.config.gallery_index_nbytes:
+            return
+        size, dim = self.config.gallery_size, self.config.projection_dim
+        try:
+            gallery = FaissGallery.deserialize(self.gallery_index, self.gallery_sample_indices,
+                                               self.gallery_sample_embeddings, self.config.gallery_options or {})
+            _, rows = gallery.index.search(np.zeros((1, dim), dtype=np.float32), 1)
+        except (RuntimeError, TypeError, ValueError) as error:  # faiss raises RuntimeError for bad bytes
+            raise ValueError(f"The checkpoint's FAISS index (gallery_index) cannot be read: {error}") from None
+        if gallery.index.ntotal != size or gallery.index.d != dim or not 0 <= int(rows.max()) < size:
+            raise ValueError(
+                f"The checkpoint's FAISS index holds {gallery.index.ntotal} vectors of width {gallery.index.d}, "
+                f"not the gallery's {size} of width {dim}: the index does not belong to this gallery."
+            )
+        self._faiss_gallery = gallery
 
     def _register_state(self, name: str, tensor: torch.Tensor) -> None:
         # Empty tensors stay out of checkpoints: safetensors would take them for shared storage.

@@ -541,7 +541,7 @@ class GeoHierModel(GeoHierPreTrainedModel):
                 self.cell_table.get(name, level).copy_(value)
         self.config.has_cell_table = True
 
-    def check_loaded_state(self) -> None:
+    def check_loaded_state(self, require_hashes: bool = True) -> None:
         """Check a loaded cell table as `set_cell_table` checks a new one (called by `from_pretrained`): centroids
         in range, parents rows of the level above, counts >= 0, valid S2 ids.
 

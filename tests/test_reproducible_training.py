@@ -3,7 +3,6 @@ resumed run ends with the weights of an uninterrupted one even where the environ
 training's thread count never depends on the load, is recorded in the run settings, and `--resume` reuses it."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys

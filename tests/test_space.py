@@ -348,6 +348,13 @@ def write_huge_png(path: Path) -> Path:
     return path
 
 
+def write_thin_png(path: Path) -> Path:
+    """8 x 4M pixels (32 Mpx, within the pixel limit): resizing its short edge to the processor's size would
+    make hundreds of megapixels."""
+    Image.new("L", (8, 4_000_000)).save(path)
+    return path
+
+
 BAD_INPUTS = {
     "empty text": (lambda c, tmp: c.predict("   ", 5, api_name="/geolocate_text"), "The text is empty"),
     "long text": (lambda c, tmp: c.predict("x" * 301, 5, api_name="/geolocate_text"),
@@ -358,6 +365,9 @@ BAD_INPUTS = {
                      r"'notes.png' is not an image file"),
     "huge image": (lambda c, tmp: c.predict(handle_file(write_huge_png(tmp / "huge.png")), 5,
                                             api_name="/geolocate_image"), r"'huge.png' is too large"),
+    "thin image": (lambda c, tmp: c.predict(handle_file(write_thin_png(tmp / "thin.png")), 5,
+                                            api_name="/geolocate_image"),
+                   r"'thin.png' is too elongated: 8x4000000 would be resized to \d+ pixels"),
     "top_k 0": (lambda c, tmp: c.predict("a beach", 0, api_name="/geolocate_text"),
                 r"top_k must be a whole number from 1 to 20, got 0"),
     "top_k text": (lambda c, tmp: c.predict("a beach", "five", api_name="/geolocate_text"),
@@ -368,6 +378,12 @@ BAD_INPUTS = {
                        r"top_k must be a whole number from 1 to 20, got 2.5"),
     "unknown model": (lambda c, tmp: c.predict("a beach", 3, "/srv/models/x", api_name="/geolocate_text"),
                       r"Unknown model '/srv/models/x': choose one of"),
+    # Gradio shows error messages as HTML: what a visitor typed comes back escaped, never as markup
+    "model with markup": (lambda c, tmp: c.predict("a beach", 3, "<img src=x onerror=alert(1)>",
+                                                   api_name="/geolocate_text"),
+                          r"Unknown model '&lt;img src=x onerror=alert\(1\)&gt;'"),
+    "top_k with markup": (lambda c, tmp: c.predict("a beach", "<b>5</b>", api_name="/geolocate_text"),
+                          r"got '&lt;b&gt;5&lt;/b&gt;'"),
 }
 
 
@@ -618,6 +634,30 @@ def test_geohier_page_shows_cells_scenes_and_attention_and_no_text_tab(server, t
         assert insight.locator("figure img").count() == 3
         assert desktop.get_by_role("tab", name="Description").is_disabled()  # GeoHier reads no text
     assert outside == []
+
+
+BEACON = "http://beacon.invalid"  # never resolves: a request for it would still be recorded as leaving
+HOSTILE_LINKS = {
+    "example": {"example": f'<img src="{BEACON}/example.png"><a id="phish" href="{BEACON}/login">Session '
+                           'expired: click here to log in</a>'},
+    "model": {"example": "alps", "model": f'<img src="{BEACON}/model.png"><a id="phish" href="{BEACON}">x</a>'},
+    "k": {"example": "alps", "k": f'<img src="{BEACON}/k.png"><a id="phish" href="{BEACON}">x</a>'},
+}
+
+
+@needs_chromium
+def test_hostile_share_links_render_no_markup_and_send_no_request(server, tmp_path):
+    """Issue 23: `?example=<img src=beacon><a href=...>` was echoed into the error pop-up and rendered (the browser
+    requested the beacon). Every echoed value is escaped: the text shows, no element from it exists."""
+    with browser_pages(tmp_path) as (new_page, outside):
+        page_ = new_page(viewport={"width": 1280, "height": 900})
+        for name, params in HOSTILE_LINKS.items():
+            page_.goto(server.url + "?" + urllib.parse.urlencode(params))
+            page_.wait_for_function("document.body.innerText.includes('beacon.invalid')", timeout=60_000)
+            page_.wait_for_timeout(500)  # an injected <img> would have started loading by now
+            injected = page_.locator("img[src*='beacon'], a[href*='beacon'], #phish").count()
+            assert injected == 0, f"?{name}=: {injected} element(s) from the link were rendered"
+    assert not [url for url in outside if "beacon" in url] and outside == [], outside
 
 
 @needs_chromium

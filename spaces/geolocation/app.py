@@ -13,6 +13,7 @@ or API client runs one query at a time (more fail at once with a message), uploa
 """
 
 import csv
+import html
 import os
 import secrets
 import threading
@@ -24,6 +25,7 @@ from pathlib import Path
 import gradio as gr
 
 from answers import MAX_TEXT_CHARS, MAX_TOP_K, Truth, load_geolocators, locate
+from geoloc.data import image_limits
 from modeling_geoclip import load_image
 from page import CSS, EMPTY_SUMMARY, basemap_file, details_html, empty_map, insight_html, summary_html, world_map
 
@@ -44,6 +46,10 @@ TEXT_EXAMPLES = [
 GEOLOCATORS, MODEL_NOTE = load_geolocators()
 DEFAULT_MODEL_NAME = next(iter(GEOLOCATORS))
 READS_TEXT = {name: geolocator.capabilities.text for name, geolocator in GEOLOCATORS.items()}
+# Uploads are decoded once, within the limits of every served model's image processor (pixels and resize).
+_LIMITS = [image_limits(geolocator.image_processor) for geolocator in GEOLOCATORS.values()]
+UPLOAD_LIMITS = {"max_pixels": min(limits["max_pixels"] for limits in _LIMITS),
+                 "resize_edge": max((limits["resize_edge"] or 0 for limits in _LIMITS), default=0) or None}
 
 
 def read_examples() -> dict[str, tuple[Path, Truth]]:
@@ -59,14 +65,15 @@ EXAMPLES = read_examples()
 
 # ------------------------------------------------------------------------------------ checked inputs
 def readable_error(message: str) -> gr.Error:
-    """An error the visitor reads; the server log gets no traceback for it."""
-    return gr.Error(message, print_exception=False)
+    """An error the visitor reads; the server log gets no traceback for it. Gradio shows the message as HTML,
+    and it may echo a visitor's input (a share link's `?example=`, a file name): escaped, so none renders."""
+    return gr.Error(html.escape(message, quote=False), print_exception=False)  # element text: < > & suffice
 
 
 def decode_upload(path: str, shown_name: str | None):
     """An uploaded file as an RGB PIL image, or a readable error that names the file as the visitor knows it."""
     try:
-        return load_image(path)
+        return load_image(path, **UPLOAD_LIMITS)
     except ValueError as error:
         raise readable_error(str(error).replace(path, shown_name or "the upload")) from None
 
@@ -275,7 +282,7 @@ def warm_up() -> None:
 
 def banner() -> str:
     """Which model(s) this page runs, and a plain warning when it is a demo or random model."""
-    names = ", ".join(GEOLOCATORS)
+    names = html.escape(", ".join(GEOLOCATORS))  # Markdown renders HTML
     return f"**Model{'s' if len(GEOLOCATORS) > 1 else ''}:** {names}" + (f" — {MODEL_NOTE}" if MODEL_NOTE else "")
 
 
