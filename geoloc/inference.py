@@ -2,7 +2,8 @@
 
 `geoloc predict`, `geoloc evaluate`, the `image-geolocation` pipeline (`geoloc.pipeline`) and the Space all go
 through `Geolocator`. It never inspects signatures: what a model can do is what its class declares
-(`supports_text_queries`, `predicts_scenes`, `returns_attention_maps`, `candidate_kind`, `num_candidates`),
+(`supports_text_queries`, `predicts_scenes`, `returns_attention_maps`, `candidate_kind`, `num_candidates`,
+`candidate_ids`),
 gathered in `Geolocator.capabilities`.
 
 Contract (these names are kept stable):
@@ -31,7 +32,9 @@ Contract (these names are kept stable):
   `(k,)`, best first; probabilities are masses of a distribution over the model's candidates), `places`
   (`[{"place", "country", "km"}]` or None), `scenes` (`{name: p}` or None), `attention` (`[AttentionMap]` per
   hierarchy level, coarse to fine, or None), `uncertainty` (`(N, 3)` (latitude, longitude, probability) of the
-  N most probable candidates, or None), `error` (str or None), and `to_dict()` (JSON-safe: no NaN, no arrays).
+  N most probable candidates, or None), `error` (str or None), `candidate_ids` (the model's id of each answer:
+  GeoCLIP's gallery row, GeoHier's fine-cell S2 token) and `uncertainty_ids` (the same for the uncertainty
+  points), and `to_dict()` (JSON-safe: no NaN, no arrays).
 
 Example:
     >>> from geoloc import DEFAULT_MODEL, Geolocator
@@ -79,6 +82,8 @@ class Capabilities:
     def of(cls, model) -> "Capabilities":
         """Read the declarations of a GeoCLIP or GeoHier model (or any model class that makes them)."""
         try:
+            if not callable(model.candidate_ids):
+                raise AttributeError("candidate_ids is not a method")
             return cls(
                 text=bool(model.supports_text_queries),
                 scenes=bool(model.predicts_scenes),
@@ -88,7 +93,8 @@ class Capabilities:
         except AttributeError as error:
             raise ValueError(
                 f"{type(model).__name__} does not declare its geolocation capabilities ({error}); models need "
-                "supports_text_queries, predicts_scenes, returns_attention_maps, candidate_kind, num_candidates."
+                "supports_text_queries, predicts_scenes, returns_attention_maps, candidate_kind, num_candidates, "
+                "candidate_ids."
             ) from None
 
 
@@ -121,6 +127,8 @@ class GeolocationResult:
     attention: list[AttentionMap] | None = None
     uncertainty: np.ndarray | None = None
     error: str | None = None
+    candidate_ids: list | None = None
+    uncertainty_ids: list | None = None
 
     @classmethod
     def failed(cls, name: str, error: str) -> "GeolocationResult":
@@ -136,6 +144,8 @@ class GeolocationResult:
             {"latitude": _number(lat), "longitude": _number(lon), "probability": _number(p)}
             for lat, lon, p in zip(self.latitudes.tolist(), self.longitudes.tolist(), self.probabilities.tolist())
         ]
+        for prediction, candidate in zip(predictions, self.candidate_ids or []):
+            prediction["candidate"] = candidate
         for prediction, place in zip(predictions, self.places or []):
             prediction.update(place=place["place"], country=place["country"], km=_number(place["km"]))
         answer = {"input": self.input, "error": self.error, "predictions": predictions}
@@ -143,6 +153,7 @@ class GeolocationResult:
             answer["scenes"] = {name: _number(p) for name, p in self.scenes.items()}
         if self.uncertainty is not None:
             answer["uncertainty"] = [[_number(x) for x in row] for row in self.uncertainty.tolist()]
+            answer["uncertainty_ids"] = self.uncertainty_ids
         if self.attention is not None:
             answer["attention"] = [
                 {"caption": m.caption, "weights": [[_number(x) for x in row] for row in m.weights.tolist()]}
@@ -307,12 +318,15 @@ class Geolocator:
         latitudes, longitudes, probabilities = (
             x.double().cpu().numpy() for x in (output.latitudes, output.longitudes, output.probabilities)
         )
+        ids = self.model.candidate_ids(output.indices)
         results = []
         for row, name in enumerate(names):
             result = GeolocationResult(input=name, latitudes=latitudes[row, :top_k],
-                                       longitudes=longitudes[row, :top_k], probabilities=probabilities[row, :top_k])
+                                       longitudes=longitudes[row, :top_k], probabilities=probabilities[row, :top_k],
+                                       candidate_ids=ids[row][:top_k])
             if wants_uncertainty:
                 result.uncertainty = np.stack([latitudes[row], longitudes[row], probabilities[row]], axis=1)
+                result.uncertainty_ids = ids[row]
             if extras and capabilities.scenes:
                 result.scenes = self._scene_names(output.scene_probabilities[row])
             if wants_attention:

@@ -59,7 +59,7 @@ from pathlib import Path
 # With no input, `geoloc predict` geolocates a crop of the bundled world map around this point.
 DEMO_NAME, DEMO_LATITUDE, DEMO_LONGITUDE = "Sahara", 23.0, 10.0
 OUTPUT_FORMATS = (".csv", ".parquet")
-PREDICTION_COLUMNS = ["id", "rank", "latitude", "longitude", "probability"]
+PREDICTION_COLUMNS = ["id", "rank", "latitude", "longitude", "probability", "candidate"]
 PLACE_COLUMNS = ["place", "country", "km"]
 ERROR_COLUMNS = ["id", "error"]
 
@@ -271,13 +271,15 @@ def predictions_frame(results: list, places: bool):
         for name, values in (("latitude", result.latitudes), ("longitude", result.longitudes),
                              ("probability", result.probabilities)):
             columns[name] += values.tolist() or [np.nan]
+        # the model's id of each answer (GeoCLIP gallery row, GeoHier cell token), as text for one schema
+        columns["candidate"] += [None if c is None else str(c) for c in result.candidate_ids or []] or [None]
         if places:
             found = result.places or [{"place": None, "country": None, "km": np.nan}]
             for name in PLACE_COLUMNS:
                 columns[name] += [place[name] for place in found]
         columns["error"] += [result.error] * count
     dtypes = {"id": "string", "rank": "int64", "latitude": "float64", "longitude": "float64",
-              "probability": "float64", "place": "string", "country": "string", "km": "float64", "error": "string"}
+              "probability": "float64", "candidate": "string", "place": "string", "country": "string", "km": "float64", "error": "string"}
     return pd.DataFrame(columns).astype({name: dtypes[name] for name in columns})
 
 

@@ -215,6 +215,10 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
         """The largest `top_k` of `geolocate`: the gallery size."""
         return self.config.gallery_size
 
+    def candidate_ids(self, indices: torch.Tensor) -> list[list[int | None]]:
+        """The ids of `geolocate`'s `indices` `(B, k)`: gallery rows (None for a FAISS normaliser sample point)."""
+        return [[row if row >= 0 else None for row in rows] for rows in indices.tolist()]
+
     def __init__(self, config: GeoCLIPConfig):
         super().__init__(config)
         self.image_tower = CLIPVisionModelWithProjection._from_config(config.vision_config)

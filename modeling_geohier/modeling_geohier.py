@@ -288,6 +288,11 @@ class GeoHierModel(GeoHierPreTrainedModel):
         """The largest `top_k` of `geolocate`: the number of fine cells."""
         return self.config.cells_per_level[-1]
 
+    def candidate_ids(self, indices: torch.Tensor) -> list[list[str]]:
+        """The ids of `geolocate`'s `indices` `(B, k)`: the fine cells' S2 tokens."""
+        cell_ids = self.cell_table.get("cell_ids", self.config.num_levels - 1).cpu()
+        return [[s2_id_to_token(cell_ids[row]) for row in rows] for rows in indices.tolist()]
+
     def __init__(self, config: GeoHierConfig):
         super().__init__(config)
         vision = config.vision_config

@@ -17,6 +17,7 @@ import geoloc
 import geoloc.pipeline  # noqa: F401  (registers the image-geolocation task)
 from geoloc.configs import tiny_geoclip_config, tiny_geohier_config, tiny_image_processor
 from geoloc.geocells import build_geocells
+from geoloc.predict import predictions_frame
 from geoloc.inference import UNCERTAINTY_POINTS, Capabilities, GeolocationResult, Geolocator
 from geoloc.worldmap import sample_points
 from modeling_geoclip import GeoCLIPModel, byte_level_clip_tokenizer
@@ -160,6 +161,26 @@ def test_geohier_extras_are_scenes_attention_and_cells(geohier, pictures):
     untrained = Geolocator(tiny_geohier(trained_with_scene_labels=False), tiny_image_processor("geohier"))
     [result] = untrained.locate_images(pictures[:1], top_k=3, extras=True)
     assert result.scenes is None and len(result.attention) == 3
+
+
+def test_answers_carry_their_candidate_ids_for_both_models(geoclip, geohier, pictures):
+    """GeoCLIP: the gallery row of each answer; GeoHier: the fine cell's S2 token; in to_dict and the dataset
+    output too (nothing downstream rebuilds ids from coordinates)."""
+    [clip] = geoclip.locate_images(pictures[:1], top_k=3, extras=True)
+    for row, lat, lon in zip(clip.candidate_ids, clip.latitudes, clip.longitudes):
+        assert CITIES[row].tolist() == pytest.approx([lat, lon], abs=1e-6)
+    assert clip.uncertainty_ids[:3] == clip.candidate_ids
+    assert sorted(clip.uncertainty_ids) == list(range(len(CITIES)))
+    [hier] = geohier.locate_images(pictures[:1], top_k=3, extras=True)
+    fine = geohier.model.get_cell_table()[-1]
+    for token, lat, lon in zip(hier.candidate_ids, hier.latitudes, hier.longitudes):
+        row = fine["tokens"].index(token)
+        assert [fine["latitudes"][row], fine["longitudes"][row]] == pytest.approx([lat, lon], abs=1e-6)
+    assert hier.uncertainty_ids[:3] == hier.candidate_ids
+    assert sorted(hier.uncertainty_ids) == sorted(fine["tokens"])  # every fine cell once (a small table)
+    assert [p["candidate"] for p in hier.to_dict()["predictions"]] == hier.candidate_ids
+    frame = predictions_frame([clip, hier], places=False)
+    assert frame["candidate"].tolist() == [str(row) for row in clip.candidate_ids] + hier.candidate_ids
 
 
 def test_places_and_json(geoclip, pictures):

@@ -22,7 +22,6 @@ import io
 import json
 import os
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -261,24 +260,8 @@ def locate(geolocator: Geolocator, *, image=None, text: str | None = None, top_k
         raise ValueError(f"The model {geolocator.name} returned no usable probabilities for this input.")
     phrases = [place_phrase(place, lat, lon)
                for place, lat, lon in zip(result.places, result.latitudes, result.longitudes)]
-    cells = None
-    if geolocator.capabilities.uncertainty == "cells" and result.uncertainty is not None:
-        tokens = fine_cell_tokens(geolocator)
-        cells = [tokens[(lat, lon)] for lat, lon in np.round(result.uncertainty[:, :2], CELL_KEY_DECIMALS).tolist()]
+    cells = result.uncertainty_ids if geolocator.capabilities.uncertainty == "cells" else None
     return Answer(result, geolocator.name, query, phrases, country_shares(result), truth, cells)
-
-
-CELL_KEY_DECIMALS = 6  # centroids are stored in micro-degrees: rounded to 6 decimals, they are exact keys
-
-
-@lru_cache(maxsize=16)
-def fine_cell_tokens(geolocator: Geolocator) -> dict[tuple[float, float], str]:
-    """For a model whose candidates are geocells (`capabilities.uncertainty == "cells"`): the S2 token of each
-    fine cell keyed by its centroid, the point the adapter reports for it (read once per model)."""
-    fine = geolocator.model.get_cell_table()[-1]
-    keys = np.round(np.stack([fine["latitudes"], fine["longitudes"]], axis=1).astype(np.float64),
-                    CELL_KEY_DECIMALS).tolist()
-    return {tuple(key): token for key, token in zip(keys, fine["tokens"])}
 
 
 def format_percent(p: float) -> str:
