@@ -16,7 +16,7 @@ text available to us):
   (Clark et al., CVPR 2023), whose training numbers we could not read: the two are not mixed.
 """
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 from .augment import AUGMENTATIONS
 
@@ -30,6 +30,8 @@ class Recipe:
 
     `max_steps` or `epochs` sets the length (epochs are turned into steps once the dataset size is known);
     `batch_size` is the global batch per optimizer step, over all processes and accumulation steps.
+    `model_options` sets options of the model's own training task (its `recipe_options`, e.g. GeoCLIP's
+    `gps_noise_km`); the task's defaults fill the rest.
     """
 
     name: str
@@ -51,16 +53,7 @@ class Recipe:
     decay_gamma: float = 1.0
     max_grad_norm: float = 1.0
     augmentation: str = "none"
-    gps_noise_km: float = 0.0
-    queue_noise_km: float = 0.0
-    queue_size: int | None = None
-    label_smoothing: float | None = None
-    geocell_levels: str = "auto"
-    # GeoHier only (None: the model config's defaults).
-    scene_label_smoothing: float | None = None
-    level_loss_weights: str | None = None
-    loss_scale: float = 1.0
-    scenes: bool | None = None
+    model_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS or self.schedule not in SCHEDULES or self.augmentation not in AUGMENTATIONS:
@@ -69,8 +62,8 @@ class Recipe:
             raise ValueError(f"Recipe {self.name!r} must set exactly one of max_steps and epochs.")
 
     def defaults(self) -> dict:
-        """The option defaults of this recipe, without its name, model and description."""
-        return {key: value for key, value in asdict(self).items() if key not in ("name", "model", "description")}
+        """The shared option defaults of this recipe (not its name, model, description or model options)."""
+        return {key: value for key, value in asdict(self).items() if key in RECIPE_OPTIONS}
 
 
 RECIPES = {recipe.name: recipe for recipe in (
@@ -89,9 +82,7 @@ RECIPES = {recipe.name: recipe for recipe in (
         weight_decay=1e-6,
         warmup_steps=50,
         augmentation="map",
-        gps_noise_km=100.0,
-        queue_noise_km=100.0,
-        queue_size=1024,
+        model_options=dict(gps_noise_km=100.0, queue_noise_km=100.0, queue_size=1024),
     ),
     Recipe(
         name="geohier-tiny",
@@ -122,9 +113,11 @@ RECIPES = {recipe.name: recipe for recipe in (
         decay_gamma=0.87,                          # unconfirmed (third-party configs): StepLR gamma 0.87
         max_grad_norm=0.0,                         # official train.py: no clipping
         augmentation="photo",                      # official train/dataloader.py img_train_transform
-        gps_noise_km=0.15,                         # paper: SD 150 m on the batch's coordinates and 1 km on the
-        queue_noise_km=1.0,                        # queue's (quoted in geo-clip issue #17); the official code adds none
-        queue_size=4096,                           # official GeoCLIP(queue_size=4096); paper Sec. 3.3
+        model_options=dict(
+            gps_noise_km=0.15,                     # paper: SD 150 m on the batch's coordinates and 1 km on the
+            queue_noise_km=1.0,                    # queue's (quoted in geo-clip issue #17); the official code adds none
+            queue_size=4096,                       # official GeoCLIP(queue_size=4096); paper Sec. 3.3
+        ),
     ),
     Recipe(
         name="geodecoder-paper",
@@ -148,20 +141,21 @@ RECIPES = {recipe.name: recipe for recipe in (
         decay_gamma=0.5,                               # GGN main.py: StepLR(..., gamma=0.5)
         max_grad_norm=0.0,                             # GGN train_and_eval.py: no clipping
         augmentation="geodecoder",                     # GGN dataloader.py m16_transform (and m16_val_transform)
-        label_smoothing=0.1,                           # GGN main.py: CrossEntropyLoss(label_smoothing=0.1), every level
-        scene_label_smoothing=0.1,                     # GGN train_and_eval.py: sceneloss = criterion(...), the same one
-        level_loss_weights="1,1,1",                    # GGN train_and_eval.py: loss = loss1 + loss2 + loss3
-        # GGN train_and_eval.py: `#loss /= opt.accumulate` is commented out, so the gradients of its 2 micro-batches
-        # of 128 add up: twice the gradient of the mean loss over the step's 256 images.
-        loss_scale=2.0,
-        scenes=True,                                   # GGN dataloader.py: scene labels S16_Label (scenes[:, 1])
-        # GGN networks.py: 3298 / 7202 / 12893 classes; train_and_eval.py answers with cells_50_1000.csv's means.
-        geocell_levels="geoestimation",
+        model_options=dict(
+            label_smoothing=0.1,                       # GGN main.py: CrossEntropyLoss(label_smoothing=0.1), every level
+            scene_label_smoothing=0.1,                 # GGN train_and_eval.py: sceneloss = criterion(...), the same one
+            level_loss_weights="1,1,1",                # GGN train_and_eval.py: loss = loss1 + loss2 + loss3
+            # GGN train_and_eval.py: `#loss /= opt.accumulate` is commented out, so the gradients of its 2
+            # micro-batches of 128 add up: twice the gradient of the mean loss over the step's 256 images.
+            loss_scale=2.0,
+            scenes=True,                               # GGN dataloader.py: scene labels S16_Label (scenes[:, 1])
+            # GGN networks.py: 3298 / 7202 / 12893 classes; train_and_eval.py answers with cells_50_1000.csv's means.
+            geocell_levels="geoestimation",
+        ),
     ),
 )}
 
-DEFAULT_RECIPES = {"geoclip": "geoclip-tiny", "geohier": "geohier-tiny"}
-RECIPE_OPTIONS = tuple(field.name for field in fields(Recipe) if field.name not in ("name", "model", "description"))
+RECIPE_OPTIONS = tuple(f.name for f in fields(Recipe) if f.name not in ("name", "model", "description", "model_options"))
 
 
 def get_recipe(name: str) -> Recipe:
@@ -171,4 +165,4 @@ def get_recipe(name: str) -> Recipe:
     return RECIPES[name]
 
 
-__all__ = ["DEFAULT_RECIPES", "OPTIMIZERS", "RECIPES", "RECIPE_OPTIONS", "SCHEDULES", "Recipe", "get_recipe"]
+__all__ = ["OPTIMIZERS", "RECIPES", "RECIPE_OPTIONS", "SCHEDULES", "Recipe", "get_recipe"]

@@ -73,7 +73,7 @@ from .cli import HelpFormatter
 from .data import IMAGE, LATITUDE, LONGITUDE, load_geo_dataset
 from .models import register_models
 from .processes import exit_with_launcher, output_lock
-from .recipes import DEFAULT_RECIPES, OPTIMIZERS, RECIPE_OPTIONS, RECIPES, SCHEDULES, get_recipe
+from .recipes import OPTIMIZERS, RECIPE_OPTIONS, RECIPES, SCHEDULES, get_recipe
 from .sources import check_local_or_hub
 from .threads import training_threads
 from .training_tasks import TRAINING_TASKS, steps_for_epochs
@@ -103,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     group = parser.add_argument_group("model and data")
-    group.add_argument("--recipe", choices=sorted(RECIPES),
-                       help=f"the defaults to train with (default: {', '.join(f'{v} for --model {k}' for k, v in DEFAULT_RECIPES.items())})")
+    defaults = ", ".join(f"{task.default_recipe} for --model {name}" for name, task in TRAINING_TASKS.items())
+    group.add_argument("--recipe", choices=sorted(RECIPES), help=f"the defaults to train with (default: {defaults})")
     group.add_argument("--model", choices=sorted(TRAINING_TASKS), help="model family (default: the recipe's)")
     group.add_argument("--model-config",
                        help="'tiny' (random toy model from geoloc.configs), or a checkpoint folder / Hub id to continue "
@@ -193,16 +193,23 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if missing and not args.dry_run:
         options = ", ".join("--" + name.replace("_", "-") for name in missing)
         raise ValueError(f"the following arguments are required: {options}")
-    recipe = get_recipe(args.recipe or DEFAULT_RECIPES[args.model])
+    recipe = get_recipe(args.recipe or TRAINING_TASKS[args.model].default_recipe)
     if args.model is not None and args.model != recipe.model:
         raise ValueError(f"--recipe {recipe.name} trains {recipe.model}, not --model {args.model}.")
     args.model, args.recipe = recipe.model, recipe.name
-    args.given_options = {name for name in RECIPE_OPTIONS if getattr(args, name, None) is not None}
+    task = TRAINING_TASKS[args.model]
+    task_options = {name: other.name for other in TRAINING_TASKS.values() for name in other.recipe_options}
+    args.given_options = {name for name in (*RECIPE_OPTIONS, *task_options) if getattr(args, name, None) is not None}
+    for name in sorted(args.given_options - set(RECIPE_OPTIONS) - set(task.recipe_options)):
+        raise ValueError(f"--{name.replace('_', '-')} is a {task_options[name]} option, not one of {args.model}.")
+    unknown = set(recipe.model_options) - set(task.recipe_options)
+    if unknown:
+        raise ValueError(f"Recipe {recipe.name} sets {sorted(unknown)}: not options of the {args.model} task.")
     if {"max_steps", "epochs"} <= args.given_options:
         raise ValueError("Give --max-steps or --epochs, not both.")
     if {"model_config", "backbone"} <= args.given_options:
         raise ValueError("Give --model-config (a tiny model or a checkpoint) or --backbone (pretrained towers), not both.")
-    defaults = recipe.defaults()
+    defaults = {**recipe.defaults(), **task.recipe_options, **recipe.model_options}
     if args.given_options & {"max_steps", "epochs"}:  # the user's length replaces the recipe's
         defaults.update(max_steps=None, epochs=None)
     if "model_config" in args.given_options:  # a model to continue: not the recipe's backbone

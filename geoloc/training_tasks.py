@@ -4,10 +4,13 @@ A task builds its model and processors (a tiny random model, a checkpoint to fin
 with fresh heads), turns the dataset into training batches, computes the loss of a batch, does what must follow
 an optimizer step, and adds what the saved model needs (GeoCLIP's gallery, GeoHier's cell table). The loop in
 `geoloc/train.py` knows nothing else about the models, so a third model joins by subclassing `TrainingTask` and
-decorating it with `@register_task("name")`; `geoloc train --model name` then trains it.
+decorating it with `@register_task("name")`; `geoloc train --model name` then trains it. A task declares its
+own options (`add_arguments`), their checks (`check_args`) and the defaults of those a recipe may set
+(`recipe_options`); recipes (`geoloc.recipes`) name values for them in `model_options`.
 
     @register_task("mymodel")
     class MyTask(TrainingTask):
+        recipe_options = {"my_weight": 1.0}
         def build(self, dataset, latitudes, longitudes): ...
         def loss(self, model, batch, weight=1.0): ...
 """
@@ -26,13 +29,13 @@ from transformers import AutoImageProcessor, AutoTokenizer
 from transformers.image_utils import PILImageResampling
 
 from modeling_geoclip import GeoCLIPImageProcessor, GeoCLIPModel, byte_level_clip_tokenizer
-from modeling_geoclip.geo_common import destination_points
 from modeling_geohier import GeoHierImageProcessor, GeoHierModel
 
 from .augment import build_augmentation
 from .configs import tiny_geoclip_config, tiny_geohier_config, tiny_image_processor
 from .data import IMAGE, LATITUDE, LONGITUDE, GeoCollator, decode_images, image_limits
 from .gallery import training_gallery
+from .geoclip_loss import GeoCLIPLoss
 
 TRAINING_TASKS: dict[str, type["TrainingTask"]] = {}
 SCENE_LABELS = "scene_labels"
@@ -81,6 +84,11 @@ class TrainingTask:
     """
 
     name: ClassVar[str] = ""
+    # The options of `add_arguments` that recipes set (their argparse default is None), with their values when
+    # the recipe does not; a recipe's `model_options` may name only these.
+    recipe_options: ClassVar[dict] = {}
+    # The recipe of `geoloc train --model NAME` without --recipe (None: the shared and task defaults only).
+    default_recipe: ClassVar[str | None] = None
 
     def __init__(self, args, accelerator):
         self.args, self.accelerator = args, accelerator
@@ -149,7 +157,11 @@ class GeoCLIPTask(TrainingTask):
 
     GPS noise as in the paper: the batch's coordinates are moved by Gaussian noise of
     `--gps-noise-km` (150 m) and the locations entering the queue by `--queue-noise-km` (1 km), as distances on
-    the sphere. The official code adds none (intended difference only where a recipe sets it)."""
+    the sphere. The official code adds none (intended difference only where a recipe sets it). The loss, its
+    gather and its queue updates are `geoloc.geoclip_loss.GeoCLIPLoss`."""
+
+    recipe_options = {"queue_size": None, "gps_noise_km": 0.0, "queue_noise_km": 0.0}  # None: the config's
+    default_recipe = "geoclip-tiny"
 
     @classmethod
     def add_arguments(cls, parser) -> None:
@@ -190,6 +202,7 @@ class GeoCLIPTask(TrainingTask):
             if "queue_size" in args.given_options and args.queue_size != self.model.config.queue_size:
                 raise ValueError(f"--queue-size {args.queue_size}: {args.model_config} has a queue of "
                                  f"{self.model.config.queue_size} (its contents are part of the training state).")
+        self.contrastive_loss = GeoCLIPLoss(self.accelerator, args.gps_noise_km, args.queue_noise_km)
         # The text tower is never trained (the paper aligns images and GPS; text reads the image MLP's space).
         self.model.config.freeze_backbone = not args.train_backbone
         self.model.image_tower.requires_grad_(args.train_backbone)
@@ -206,60 +219,16 @@ class GeoCLIPTask(TrainingTask):
         return CachedFeatures(features), CachedFeatures.collate
 
     def start_step(self, batches, weights):
-        """Gather the step's locations from every process and micro-batch, ordered (micro-batch, process) as one
-        process reading the global batch would have them, noised once; mark each image's own row among them
-        (`positive_rows`). A stand-in batch (weight 0) contributes no rows."""
-        device, noised, queued, start = self.accelerator.device, [], [], 0
-        for batch, weight in zip(batches, weights):
-            locations, real = batch["locations"].to(device), weight > 0
-            everyone, offset = gather_rows(add_gps_noise(locations, self.args.gps_noise_km), self.accelerator, real)
-            batch["positive_rows"] = torch.arange(start + offset, start + offset + len(locations), device=device)
-            start += len(everyone)
-            noised.append(everyone)
-            queued.append(gather_rows(add_gps_noise(locations, self.args.queue_noise_km), self.accelerator, real)[0])
-        self.step_locations, self.step_queue_entries = torch.cat(noised), torch.cat(queued)
-        return batches
+        return self.contrastive_loss.gather_step(batches, weights)
 
     def loss(self, model, batch, weight=1.0):
-        inputs = {key: batch[key] for key in ("pixel_values", "clip_image_embeds") if key in batch}
-        if weight > 0:
-            outputs = model(**inputs, locations=self.step_locations, labels=batch["positive_rows"], return_loss=True)
-        else:  # a stand-in batch (its loss is multiplied by 0): scored against its own locations only
-            outputs = model(**inputs, locations=batch["locations"], return_loss=True)
-        return outputs.loss * weight
+        return self.contrastive_loss(model, batch, weight)
 
     def after_step(self, model) -> None:
-        # Every process enqueues the same global batch in the same order: the queues stay identical.
-        self.accelerator.unwrap_model(model).enqueue_locations(self.step_queue_entries)
+        self.contrastive_loss.update_queue(model)
 
     def finalize(self, model, latitudes, longitudes) -> None:
         model.set_gallery(training_gallery(latitudes, longitudes, self.args.gallery_size, self.args.seed))
-
-
-def gather_rows(rows: torch.Tensor, accelerator, real: bool = True) -> tuple[torch.Tensor, int]:
-    """All processes' `(n_p, 2)` rows concatenated in process order, and where this process's rows start.
-
-    `real=False` contributes no rows (a stand-in batch) but still takes part in the collective calls.
-    """
-    if accelerator.num_processes == 1:
-        return (rows, 0) if real else (rows[:0], 0)
-    mine = rows if real else rows[:0]
-    counts = accelerator.gather(torch.tensor([len(mine)], device=rows.device)).tolist()
-    padded = accelerator.pad_across_processes(mine, dim=0)
-    gathered = accelerator.gather(padded).view(accelerator.num_processes, -1, rows.shape[-1])
-    everyone = torch.cat([gathered[process, :count] for process, count in enumerate(counts)])
-    return everyone, sum(counts[: accelerator.process_index])
-
-
-def add_gps_noise(locations: torch.Tensor, sd_km: float) -> torch.Tensor:
-    """GeoCLIP's GPS augmentation: each (lat, lon) of `locations` (B, 2) moved by 2-D Gaussian noise of standard
-    deviation `sd_km` along each axis (north, east), i.e. a uniform bearing and a Rayleigh distance, on the sphere
-    (`destination_points`). `sd_km == 0` returns `locations` unchanged."""
-    if not sd_km:
-        return locations
-    north, east = torch.randn(2, len(locations), dtype=torch.float64, device=locations.device) * sd_km
-    moved = destination_points(locations, torch.atan2(east, north), torch.hypot(north, east))
-    return moved.to(locations.dtype)
 
 
 DEFAULT_FEATURE_CACHE = os.path.join(
@@ -343,6 +312,12 @@ class GeoHierTask(TrainingTask):
     The geocells come from the training coordinates (`--geocell-levels`, `auto` by default) or from a cell table
     file (`--geocells`, written by `geoloc geocells build|import`); the table is stored in the model."""
 
+    # None: the model config's value (label smoothing 0.1, scene smoothing 0, level weights 0.5,0.3,0.2), and
+    # scene labels used where the dataset has them.
+    recipe_options = {"geocell_levels": "auto", "label_smoothing": None, "scene_label_smoothing": None,
+                      "level_loss_weights": None, "loss_scale": 1.0, "scenes": None}
+    default_recipe = "geohier-tiny"
+
     @classmethod
     def add_arguments(cls, parser) -> None:
         group = parser.add_argument_group("GeoHier")
@@ -380,9 +355,8 @@ class GeoHierTask(TrainingTask):
 
     @classmethod
     def check_args(cls, args) -> None:
-        if args.cache_features or args.gps_noise_km or args.queue_noise_km:
-            raise ValueError("--cache-features, --gps-noise-km and --queue-noise-km are GeoCLIP options (GeoHier "
-                             "trains end to end).")
+        if args.cache_features:
+            raise ValueError("--cache-features is a GeoCLIP option (GeoHier trains end to end).")
         if args.geocells and "geocell_levels" in args.given_options:
             raise ValueError("Give --geocells FILE or --geocell-levels, not both.")
         if args.geocell_levels == GEOESTIMATION_PARTITIONS and not args.geocells:

@@ -57,8 +57,8 @@ class GeoCLIPOutput(ModelOutput):
     """Output of [`GeoCLIPModel.forward`].
 
     Args:
-        loss (`torch.FloatTensor` of shape `()`, *optional*): contrastive loss of each image against its own
-            location, the batch's other locations and the GPS queue (when `return_loss=True`).
+        loss (`torch.FloatTensor` of shape `()`, *optional*): cross-entropy of each image against its own location
+            among all the locations passed (when `return_loss=True`).
         logits_per_image (`torch.FloatTensor` of shape `(N, M)`): scaled cosine similarities, image x location.
         logits_per_location (`torch.FloatTensor` of shape `(M, N)`): the transpose.
         image_embeds (`torch.FloatTensor` of shape `(N, projection_dim)`): L2-normalised image embeddings.
@@ -421,8 +421,8 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
         Args:
             pixel_values (`torch.FloatTensor` of shape `(N, 3, H, W)`) or clip_image_embeds (`(N, clip_dim)`).
             locations (`torch.FloatTensor` of shape `(M, 2)`): (lat, lon) degrees.
-            return_loss (`bool`): compute the contrastive loss of each image against its true location, the other
-                locations and the filled part of the GPS queue.
+            return_loss (`bool`): compute the cross-entropy of each image against its true location among the M
+                locations (training passes the GPS queue among them as extra negatives: `geoloc.geoclip_loss`).
             labels (`torch.LongTensor` of shape `(N,)`, *optional*): with `return_loss`, the row of `locations`
                 holding image i's true location. Default: row i (then M must equal N). In multi-process training
                 every process passes all processes' locations and points at its own rows, so each image meets the
@@ -432,19 +432,13 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
             raise ValueError("forward needs locations of shape (M, 2); use geolocate() to search the gallery.")
         locations = validate_locations(locations)
         image_embeds = F.normalize(self.get_image_features(pixel_values, clip_image_embeds), dim=-1)
-        # With the loss, the filled part of the GPS queue is encoded in the same pass, after the locations, as
-        # in the official loop (`torch.cat([gps, gps_queue])`): the same operations give the same gradients.
-        queue = self.gps_queue[: int(self.gps_queue_count)] if return_loss else locations[:0]
-        everything = torch.cat([locations, queue.to(locations)]) if len(queue) else locations
-        embeds = F.normalize(self.get_location_features(everything), dim=-1).to(image_embeds.dtype)
-        scale = self.logit_scale.exp()
+        location_embeds = F.normalize(self.get_location_features(locations), dim=-1).to(image_embeds.dtype)
         # Scale after the matmul, in the official code's order, so converted weights give identical logits.
-        logits = scale * (image_embeds @ embeds.T)
-        logits_per_image, location_embeds = logits[:, : len(locations)], embeds[: len(locations)]
+        logits_per_image = self.logit_scale.exp() * (image_embeds @ location_embeds.T)
         loss = None
         if return_loss:
             labels = self._positive_rows(labels, len(image_embeds), len(location_embeds), image_embeds.device)
-            loss = F.cross_entropy(logits.float(), labels)
+            loss = F.cross_entropy(logits_per_image.float(), labels)
         return GeoCLIPOutput(
             loss=loss,
             logits_per_image=logits_per_image,

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from accelerate import Accelerator
 from transformers import AutoModel
 
 from geoloc.configs import TINY_IMAGE_SIZE, tiny_clip_configs, tiny_geoclip_config, tiny_image_processor
@@ -21,6 +22,7 @@ from modeling_geoclip import (
     byte_level_clip_tokenizer,
     load_image,
 )
+from geoloc.geoclip_loss import GeoCLIPLoss
 from geoloc.models import register_models
 
 register_models()  # the Auto classes below read GeoCLIP and GeoHier checkpoints
@@ -137,9 +139,11 @@ def test_contrastive_loss_decreases_with_the_queue():
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     assert not any(parameter.requires_grad for parameter in model.image_tower.parameters())  # frozen CLIP
     optimizer = torch.optim.Adam(trainable, lr=1e-3)
+    contrastive_loss = GeoCLIPLoss(Accelerator(cpu=True))
     losses = []
     for _ in range(8):
-        loss = model(clip_image_embeds=features, locations=locations, return_loss=True).loss
+        [batch] = contrastive_loss.gather_step([{"clip_image_embeds": features, "locations": locations}], [1.0])
+        loss = contrastive_loss(model, batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -147,10 +151,13 @@ def test_contrastive_loss_decreases_with_the_queue():
     assert losses[-1] < 0.5 * losses[0]
     # The queue's 3 coordinates are negatives: the loss is a cross-entropy over 8 + 3 columns.
     with torch.no_grad():
-        output = model(clip_image_embeds=features, locations=locations, return_loss=True)
+        loss = contrastive_loss(model, batch)
+        output = model(clip_image_embeds=features, locations=locations)
         queue = F.normalize(model.get_location_features(model.gps_queue[:3]), dim=-1)
         logits = torch.cat([output.logits_per_image, model.logit_scale.exp() * output.image_embeds @ queue.T], dim=1)
-    assert torch.allclose(output.loss, F.cross_entropy(logits, torch.arange(8)), atol=1e-6)
+    assert torch.allclose(loss, F.cross_entropy(logits, torch.arange(8)), atol=1e-6)
+    contrastive_loss.update_queue(model)  # after the step: the batch enters the queue, behind the 3
+    assert model.gps_queue[3:11].tolist() == locations.tolist() and int(model.gps_queue_count) == 11
 
 
 def test_enqueue_is_a_ring_buffer():
@@ -357,14 +364,16 @@ def test_paper_sized_batch_and_queue_converge_to_kilometres():
     training = points(50_000)
     model.enqueue_locations(training[torch.randperm(len(training), generator=generator)[:queue]])
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    losses = []
+    contrastive_loss, losses = GeoCLIPLoss(Accelerator(cpu=True)), []
     for _ in range(40):
         locations = training[torch.randint(len(training), (batch,), generator=generator)]
-        loss = model(clip_image_embeds=image_embeddings(locations), locations=locations, return_loss=True).loss
+        [step] = contrastive_loss.gather_step([{"clip_image_embeds": image_embeddings(locations),
+                                                 "locations": locations}], [1.0])
+        loss = contrastive_loss(model, step)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        model.enqueue_locations(locations)
+        contrastive_loss.update_queue(model)
         losses.append(loss.item())
     assert losses[0] == pytest.approx(np.log(batch + queue), rel=0.1)
 

@@ -25,7 +25,8 @@ from geoloc.models import register_models
 from geoloc import cli, train
 from geoloc.configs import tiny_clip_configs, tiny_image_processor
 from geoloc.data import GeoCollator, decode_image, load_geo_dataset
-from geoloc.recipes import RECIPES
+from geoloc.recipes import RECIPE_OPTIONS, RECIPES, get_recipe
+from geoloc.training_tasks import TRAINING_TASKS
 from geoloc.train import build_parser, main, resolve_args
 from geoloc.worldmap import build_worldmap_splits, write_imagefolder
 
@@ -120,6 +121,18 @@ def test_recipes_fill_what_the_command_line_leaves_open():
     assert args.backbone is None and args.epochs == 40 and args.label_smoothing == 0.1
 
 
+def test_each_task_declares_the_options_its_recipes_set():
+    """A recipe's model options are its task's (a third model adds its task, its options and its recipes, and
+    nothing in the shared loop or the other tasks)."""
+    for recipe in RECIPES.values():
+        task = TRAINING_TASKS[recipe.model]
+        assert set(recipe.model_options) <= set(task.recipe_options), recipe.name
+        assert get_recipe(task.default_recipe).model == recipe.model
+    shared = set(RECIPE_OPTIONS)
+    geoclip, geohier = (set(TRAINING_TASKS[name].recipe_options) for name in ("geoclip", "geohier"))
+    assert not (geoclip & geohier) and not (shared & (geoclip | geohier))
+
+
 @pytest.mark.parametrize(("recipe", "extra", "expected"), [
     ("geoclip-paper", [], {"model": "geoclip", "optimizer": "adam", "batch_size": 512, "queue_size": 4096,
                        "gps_noise_km": 0.15, "queue_noise_km": 1.0, "epochs": 10, "decay_gamma": 0.87,
@@ -143,7 +156,7 @@ def test_dry_run_prints_every_resolved_option_without_loading_anything(recipe, e
 @pytest.mark.parametrize("start", [(0.0, 0.0), (89.99, 30.0), (-45.0, 179.999)])
 def test_gps_noise_moves_points_by_true_distances_on_the_sphere(start):
     from geoloc.geodesy import geodesic_distance_km
-    from geoloc.training_tasks import add_gps_noise
+    from geoloc.geoclip_loss import add_gps_noise
 
     torch.manual_seed(0)
     locations = torch.tensor([start], dtype=torch.float64).repeat(20_000, 1)
@@ -175,7 +188,9 @@ def test_batch_noise_stays_out_of_the_queue_and_queue_noise_goes_in(worldmap, tm
 @pytest.mark.parametrize(("extra", "message"), [
     (["--max-steps", "0"], "--max-steps"),
     (["--train-fraction", "1.5"], "train-fraction"),
-    (["--model", "geohier", "--cache-features"], "GeoCLIP options"),
+    (["--model", "geohier", "--cache-features"], "is a GeoCLIP option"),
+    (["--model", "geohier", "--gps-noise-km", "1"], "--gps-noise-km is a geoclip option, not one of geohier"),
+    (["--model", "geoclip", "--loss-scale", "2"], "--loss-scale is a geohier option, not one of geoclip"),
     (["--streaming", "--cache-features", "--no-train-backbone"], "not with --streaming"),
     (["--cache-features"], "needs a frozen image tower"),
     (["--recipe", "geodecoder-paper"], "trains geohier, not --model geoclip"),
