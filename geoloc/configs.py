@@ -1,5 +1,5 @@
 """Named model configurations: the one home of the tiny configs used by tests, the CPU benchmarks and
-`geoloc.train --model-config tiny`."""
+`geoloc.training.train --model-config tiny`."""
 
 from transformers import CLIPTextConfig, CLIPVisionConfig
 

@@ -6,7 +6,7 @@ processor with that decoding in front, so odd files never reach a model.
 
 The single source is `modeling_geoclip/geo_image_processing.py`; `modeling_geohier/geo_image_processing.py` is
 a generated copy (each model folder is pushed to the Hub alone as remote code). Edit the source, then run
-`python geoloc/remote_code.py --sync`; `tests/test_remote_code.py` fails while a copy differs.
+`python geoloc/hub/remote_code.py --sync`; `tests/test_remote_code.py` fails while a copy differs.
 """
 
 import io

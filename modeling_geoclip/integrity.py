@@ -12,7 +12,7 @@
 
 The single source is `modeling_geoclip/integrity.py`; `modeling_geohier/integrity.py` is a generated copy (each
 model folder is pushed to the Hub alone as remote code). Edit the source, then run
-`python geoloc/remote_code.py --sync`. Imports only torch, safetensors and transformers.
+`python geoloc/hub/remote_code.py --sync`. Imports only torch, safetensors and transformers.
 """
 
 import hashlib

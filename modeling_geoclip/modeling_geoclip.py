@@ -200,7 +200,7 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
 
     config: GeoCLIPConfig
 
-    # What front ends may ask of `geolocate` (read by `geoloc.inference`, never probed from signatures).
+    # What front ends may ask of `geolocate` (read by `geoloc.inference.adapter`, never probed from signatures).
     predicts_scenes = False  # no `scene_probabilities`
     returns_attention_maps = False  # no `output_attentions`
     candidate_kind = "gallery"  # candidates are the points of a replaceable GPS gallery (`set_gallery`)
@@ -532,7 +532,7 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
         `benchmarks/bench_scale.py` for how their recall compares with real image and text queries).
 
         Args:
-            locations: (N, 2) degrees (lat, lon) as a tensor, numpy array or list (`geoloc.gallery` loads them
+            locations: (N, 2) degrees (lat, lon) as a tensor, numpy array or list (`geoloc.data.gallery` loads them
                 from a CSV, a Dataset or the Hub).
             batch_size (`int`): points encoded at a time.
             show_progress (`bool`): show a progress bar while encoding.

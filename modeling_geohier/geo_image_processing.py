@@ -1,4 +1,4 @@
-# Generated from modeling_geoclip/geo_image_processing.py by `python geoloc/remote_code.py --sync`; do not edit.
+# Generated from modeling_geoclip/geo_image_processing.py by `python geoloc/hub/remote_code.py --sync`; do not edit.
 """Image decoding and preprocessing shared by every model of this package (PIL backend, no torchvision).
 
 `load_image` turns whatever a user has (a path, bytes, a numpy array, a PIL image) into an upright RGB
@@ -7,7 +7,7 @@ processor with that decoding in front, so odd files never reach a model.
 
 The single source is `modeling_geoclip/geo_image_processing.py`; `modeling_geohier/geo_image_processing.py` is
 a generated copy (each model folder is pushed to the Hub alone as remote code). Edit the source, then run
-`python geoloc/remote_code.py --sync`; `tests/test_remote_code.py` fails while a copy differs.
+`python geoloc/hub/remote_code.py --sync`; `tests/test_remote_code.py` fails while a copy differs.
 """
 
 import io

@@ -1,4 +1,4 @@
-# Generated from modeling_geoclip/integrity.py by `python geoloc/remote_code.py --sync`; do not edit.
+# Generated from modeling_geoclip/integrity.py by `python geoloc/hub/remote_code.py --sync`; do not edit.
 """Checks that what a model loads, and what it answers, is sound: shared by every model of this package.
 
 `from_pretrained` calls them around transformers' loading:
@@ -13,7 +13,7 @@
 
 The single source is `modeling_geoclip/integrity.py`; `modeling_geohier/integrity.py` is a generated copy (each
 model folder is pushed to the Hub alone as remote code). Edit the source, then run
-`python geoloc/remote_code.py --sync`. Imports only torch, safetensors and transformers.
+`python geoloc/hub/remote_code.py --sync`. Imports only torch, safetensors and transformers.
 """
 
 import hashlib

@@ -331,7 +331,7 @@ def test_paper_sized_batch_and_queue_converge_to_kilometres():
 
     The first loss is log(B + Q) (nothing learnt yet); after 40 steps the median error of held-out points in the
     1 x 1 degree box, retrieved over a 1.1 km grid, is a few km (chance: ~45 km)."""
-    from geoloc.geodesy import geodesic_distance_km
+    from geoloc.geography.geodesy import geodesic_distance_km
 
     batch, queue = 512, 4096
     vision, text = tiny_clip_configs()

@@ -11,11 +11,11 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData, SpaceCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
-from geoloc import publish as publish_module
+from geoloc.hub import publish as publish_module
 from geoloc.configs import tiny_geoclip_config, tiny_geohier_config, tiny_image_processor
-from geoloc.publish import METRIC_NAMES, checkpoint_files, hub_files, main, publish, render_model_card
-from geoloc.remote_code import PACKAGES_ROOT as REPO_ROOT
-from geoloc.space import export_space
+from geoloc.hub.publish import METRIC_NAMES, checkpoint_files, hub_files, main, publish, render_model_card
+from geoloc.hub.remote_code import PACKAGES_ROOT as REPO_ROOT
+from geoloc.hub.space import export_space
 from modeling_geoclip import GeoCLIPImageProcessor, GeoCLIPModel, byte_level_clip_tokenizer
 from modeling_geohier import GeoHierModel
 from tests.test_geohier import synthetic_cells
@@ -146,7 +146,7 @@ def test_publish_folder_with_results_and_space(checkpoint, eval_dirs, tmp_path):
     assert sorted(space_files) == sorted(
         path.relative_to(exported).as_posix() for path in exported.rglob("*") if path.is_file()
     )
-    assert {"app.py", "requirements.txt", "geoloc/evaluate.py", "modeling_geoclip/__init__.py"} <= set(space_files)
+    assert {"app.py", "requirements.txt", "geoloc/inference/evaluate.py", "modeling_geoclip/__init__.py"} <= set(space_files)
     assert space_files["app.py"] == (exported / "app.py").read_bytes()
     space_card = SpaceCard(space_files["README.md"].decode())
     original = SpaceCard.load(exported / "README.md")

@@ -14,8 +14,8 @@ from PIL import Image
 
 from conftest import save_tiny_geoclip
 from geoloc.configs import tiny_geohier_config, tiny_image_processor
-from geoloc.publish import write_local_repo
-from geoloc.remote_code import COPY_HEADER, PACKAGES_ROOT, SHARED_MODULES, stale_shared_copies, sync_shared_copies
+from geoloc.hub.publish import write_local_repo
+from geoloc.hub.remote_code import COPY_HEADER, PACKAGES_ROOT, SHARED_MODULES, stale_shared_copies, sync_shared_copies
 from modeling_geoclip import GeoCLIPImageProcessor, byte_level_clip_tokenizer
 from modeling_geohier import GeoHierImageProcessor, GeoHierModel
 from tests.test_geohier import synthetic_cells
@@ -128,7 +128,7 @@ def test_published_folder_loads_as_remote_code_without_the_package(
 
 
 def test_shared_module_copies_match_their_source():
-    assert stale_shared_copies() == [], "run `python geoloc/remote_code.py --sync`"
+    assert stale_shared_copies() == [], "run `python geoloc/hub/remote_code.py --sync`"
     for name in SHARED_MODULES:
         copy = (PACKAGES_ROOT / "modeling_geohier" / name).read_text()
         header = COPY_HEADER.format(source=f"modeling_geoclip/{name}")
@@ -157,6 +157,6 @@ def test_a_drifted_copy_is_reported_and_resynced(tmp_path):
 def test_sync_script_runs_without_importing_the_packages(tmp_path):
     # A source edit that the copies lack can break `import modeling_geohier`: the script must not need it, so it
     # runs without site-packages (no torch, transformers or this package).
-    result = subprocess.run([sys.executable, "-I", "-S", str(PACKAGES_ROOT / "geoloc" / "remote_code.py"), "--check"],
+    result = subprocess.run([sys.executable, "-I", "-S", str(PACKAGES_ROOT / "geoloc" / "hub" / "remote_code.py"), "--check"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.strip() == "all copies in sync", result.stderr

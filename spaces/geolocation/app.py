@@ -25,7 +25,7 @@ from pathlib import Path
 import gradio as gr
 
 from answers import MAX_TEXT_CHARS, MAX_TOP_K, Truth, load_geolocators, locate
-from geoloc.data import image_limits
+from geoloc.data.dataset import image_limits
 from modeling_geoclip import load_image
 from page import CSS, EMPTY_SUMMARY, basemap_file, details_html, empty_map, insight_html, summary_html, world_map
 

@@ -35,7 +35,7 @@ from transformers.utils import logging
 from modeling_geoclip import load_image
 from modeling_geoclip.processing_geoclip import MAX_IMAGE_PIXELS
 
-from .sources import check_local_or_hub
+from ..sources import check_local_or_hub
 
 logger = logging.get_logger(__name__)
 
@@ -220,7 +220,7 @@ def _as_floats(values) -> np.ndarray:
 
 
 def invalid_coordinate_rows(latitudes, longitudes) -> list[tuple[int, str]]:
-    """Rows whose coordinates `geoloc.geodesy.validate_lat_lon` rejects, as `(row, reason)` pairs, found with
+    """Rows whose coordinates `geoloc.geography.geodesy.validate_lat_lon` rejects, as `(row, reason)` pairs, found with
     the same rules column-wise (a million bad rows take about a second, not a minute row by row).
 
     Args:
@@ -376,7 +376,7 @@ class GeoCollator:
     (int): how many rows were skipped because their image could not be decoded. `B` may be smaller than the
     number of rows when images were skipped, and 0 when all of them were.
 
-    With `augment` (see `geoloc.augment`), each decoded image is augmented before the processor (which then only
+    With `augment` (see `geoloc.training.augment`), each decoded image is augmented before the processor (which then only
     normalises, when the augmentation has a `size`: its images already have the tower's size) with a random
     generator seeded by `(seed, epoch, the image's bytes or file name)`: set `epoch` before each epoch (the training
     loop does), and an image gets the same augmentation in a resumed run as in an uninterrupted one, in the main

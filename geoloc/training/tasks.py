@@ -1,9 +1,9 @@
-"""What `geoloc.train`'s one Accelerate loop needs from each model family: a small task object per model.
+"""What `geoloc.training.train`'s one Accelerate loop needs from each model family: a small task object per model.
 
 A task builds its model and processors (a tiny random model, a checkpoint to fine-tune, or a pretrained backbone
 with fresh heads), turns the dataset into training batches, computes the loss of a batch, does what must follow
 an optimizer step, and adds what the saved model needs (GeoCLIP's gallery, GeoHier's cell table). The loop in
-`geoloc/train.py` knows nothing else about the models, so a third model joins by subclassing `TrainingTask` and
+`geoloc/training/train.py` knows nothing else about the models, so a third model joins by subclassing `TrainingTask` and
 decorating it with `@register_task("name")`; `geoloc train --model name` then trains it.
 
     @register_task("mymodel")
@@ -30,9 +30,9 @@ from modeling_geoclip.geo_common import destination_points
 from modeling_geohier import GeoHierImageProcessor, GeoHierModel
 
 from .augment import build_augmentation
-from .configs import tiny_geoclip_config, tiny_geohier_config, tiny_image_processor
-from .data import IMAGE, LATITUDE, LONGITUDE, GeoCollator, decode_images, image_limits
-from .gallery import training_gallery
+from ..configs import tiny_geoclip_config, tiny_geohier_config, tiny_image_processor
+from ..data.dataset import IMAGE, LATITUDE, LONGITUDE, GeoCollator, decode_images, image_limits
+from ..data.gallery import training_gallery
 
 TRAINING_TASKS: dict[str, type["TrainingTask"]] = {}
 SCENE_LABELS = "scene_labels"
@@ -122,7 +122,7 @@ class TrainingTask:
         return batches
 
     def loss(self, model, batch: dict, weight: float = 1.0) -> torch.Tensor:
-        """The loss of one micro-batch (times `weight`; 0 for a stand-in batch, see `geoloc.train`)."""
+        """The loss of one micro-batch (times `weight`; 0 for a stand-in batch, see `geoloc.training.train`)."""
         raise NotImplementedError
 
     def after_step(self, model) -> None:
@@ -403,7 +403,7 @@ class GeoHierTask(TrainingTask):
         level_loss_weights(args.level_loss_weights)
 
     def build(self, dataset, latitudes, longitudes) -> None:
-        from .geocells import assign_geocells, geocells_for, load_cell_table
+        from ..geography.geocells import assign_geocells, geocells_for, load_cell_table
 
         args = self.args
         if args.geocells:
@@ -479,7 +479,7 @@ class GeoHierTask(TrainingTask):
         if self.scene_column and self.scene_column != SCENE_LABELS:
             dataset = dataset.rename_column(self.scene_column, SCENE_LABELS)
         if isinstance(dataset, datasets.IterableDataset):  # label each row as it streams by
-            from .geocells import assign_geocells
+            from ..geography.geocells import assign_geocells
 
             cells = self.cells
             dataset = dataset.map(lambda rows: {"labels": assign_geocells(cells, rows[LATITUDE],
