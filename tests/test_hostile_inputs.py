@@ -25,9 +25,9 @@ from geoloc import cli
 from geoloc.data.benchmarks import load_benchmark
 from geoloc.configs import tiny_geoclip_config, tiny_geohier_config, tiny_image_processor
 from geoloc.data.dataset import GeoCollator, decode_images, load_geo_dataset
-from modeling_geoclip import GeoCLIPImageProcessor, GeoCLIPModel, load_image
-from modeling_geoclip.integrity import tensor_sha256
-from modeling_geoclip.processing_geoclip import MAX_IMAGE_PIXELS
+from geo_core import MAX_IMAGE_PIXELS, load_image
+from geo_core.integrity import tensor_sha256
+from modeling_geoclip import GeoCLIPImageProcessor, GeoCLIPModel
 from modeling_geohier import GeoHierModel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -141,7 +141,7 @@ def test_predict_answers_the_readable_images_and_reports_the_other(tmp_path, cap
 # ------------------------------------------------------------------------------------------ pixel limit
 MEASURE_DECODE = textwrap.dedent("""
     import resource, sys
-    from modeling_geoclip import load_image
+    from geo_core import load_image
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     try:
         load_image(sys.argv[1])

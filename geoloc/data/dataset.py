@@ -4,7 +4,7 @@
 webdataset shards, or a Hub dataset, and returns a `datasets.Dataset` (or `IterableDataset` when streaming)
 with the canonical columns `image`, `latitude`, `longitude` (plus whatever else the source has, e.g.
 `scene` or `id`). Rows with bad coordinates are counted and dropped with one warning. Images are *not*
-decoded here (`Image(decode=False)`): `GeoCollator` decodes each one with `modeling_geoclip.load_image`
+decoded here (`Image(decode=False)`): `GeoCollator` decodes each one with `geo_core.load_image`
 when a batch is built, and drops (and counts) the unreadable ones, so a single broken file never stops a
 long run.
 
@@ -32,8 +32,7 @@ from datasets import Image as ImageFeature
 from datasets.exceptions import DatasetGenerationError
 from transformers.utils import logging
 
-from modeling_geoclip import load_image
-from modeling_geoclip.processing_geoclip import MAX_IMAGE_PIXELS
+from geo_core import MAX_IMAGE_PIXELS, load_image
 
 from ..sources import check_local_or_hub
 
@@ -323,7 +322,7 @@ def load_geo_dataset(
 
 def decode_image(value, max_pixels: int = MAX_IMAGE_PIXELS, resize_edge: int | None = None):
     """Decode one `image` cell (a `{"bytes", "path"}` dict from `Image(decode=False)`, a path, bytes or a
-    PIL image) into an RGB PIL image with `modeling_geoclip.load_image`.
+    PIL image) into an RGB PIL image with `geo_core.load_image`.
 
     Args:
         max_pixels: images with more pixels are refused before decoding (see `load_image`).

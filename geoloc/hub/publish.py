@@ -35,7 +35,7 @@ import jinja2
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, SpaceCard
 from transformers import AutoConfig
 
-from modeling_geoclip.pipeline_geolocation import custom_pipelines_entry
+from geo_core.pipeline_geolocation import custom_pipelines_entry
 
 from ..data.benchmarks import BENCHMARKS
 from ..cli import HelpFormatter

@@ -6,7 +6,8 @@ A published repo loads with `AutoModel.from_pretrained(repo, trust_remote_code=T
 the files of one model folder (`modeling_geoclip/` or `modeling_geohier/`) that its config, model and image
 processor classes import, and `auto_map` in `config.json` (config, model) and `preprocessor_config.json` (image
 processor). Remote code allows only relative imports inside the repo, so each model folder holds its own copy of
-the shared modules (`SHARED_MODULES`); the single source is in `SHARED_SOURCE` and the copies are generated:
+the shared modules (`SHARED_MODULES`); their single source is `geo_core/` (`SHARED_SOURCE`, neither model's
+folder) and the copies in every model folder are generated:
 
     python geoloc/hub/remote_code.py --sync     # rewrite the copies from the source
     python geoloc/hub/remote_code.py --check    # exit 1 naming the copies that differ (also a test)
@@ -20,12 +21,12 @@ import inspect
 import sys
 from pathlib import Path
 
-SHARED_SOURCE = "modeling_geoclip"
+SHARED_SOURCE = "geo_core"
 SHARED_MODULES = ("geo_common.py", "geo_image_processing.py", "integrity.py", "pipeline_geolocation.py")
 # Every model folder that is pushed alone as remote code and therefore needs the shared modules.
 MODEL_PACKAGES = ("modeling_geoclip", "modeling_geohier")
 COPY_HEADER = "# Generated from {source} by `python geoloc/hub/remote_code.py --sync`; do not edit.\n"
-# geoloc, modeling_geoclip and modeling_geohier are installed side by side (a checkout or site-packages).
+# geoloc, geo_core, modeling_geoclip and modeling_geohier are installed side by side (a checkout or site-packages).
 PACKAGES_ROOT = Path(__file__).resolve().parents[2]
 # model_type -> the package and its (config, model, image processor) classes, for each publishable model.
 AUTO_CLASSES = {
@@ -91,8 +92,7 @@ def expected_copy(name: str, root: Path = PACKAGES_ROOT) -> str:
 
 
 def _copies(root: Path) -> list[tuple[str, Path]]:
-    return [(name, root / package / name) for package in MODEL_PACKAGES if package != SHARED_SOURCE
-            for name in SHARED_MODULES]
+    return [(name, root / package / name) for package in MODEL_PACKAGES for name in SHARED_MODULES]
 
 
 def stale_shared_copies(root: Path = PACKAGES_ROOT) -> list[str]:

@@ -21,7 +21,7 @@ from ..cli import HelpFormatter
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 SPACE_SOURCE = REPOSITORY / "spaces" / "geolocation"
-PACKAGES = ("geoloc", "modeling_geoclip", "modeling_geohier")
+PACKAGES = ("geoloc", "geo_core", "modeling_geoclip", "modeling_geohier")
 COPIED = ("*.py", "*.md", "*.txt", "*.json", "*.csv", "*.png", "*.jpg", "*.safetensors")  # what a Space needs
 
 

@@ -53,7 +53,7 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
-from modeling_geoclip import check_top_k
+from geo_core import check_top_k
 
 from .. import DEFAULT_MODEL
 from ..data.dataset import decode_images, image_limits

@@ -156,7 +156,7 @@ def content_sha256(source: str, gallery: str | None = None) -> str:
     the Hub cache) and the `--gallery` file, so that a resumed run refuses a model retrained in place."""
     from transformers.utils import cached_file
 
-    from modeling_geoclip.integrity import checkpoint_files
+    from geo_core.integrity import checkpoint_files
 
     from .adapter import resolve_model
 

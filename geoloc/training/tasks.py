@@ -25,8 +25,8 @@ import torch
 from transformers import AutoImageProcessor, AutoTokenizer
 from transformers.image_utils import PILImageResampling
 
+from geo_core import destination_points
 from modeling_geoclip import GeoCLIPImageProcessor, GeoCLIPModel, byte_level_clip_tokenizer
-from modeling_geoclip.geo_common import destination_points
 from modeling_geohier import GeoHierImageProcessor, GeoHierModel
 
 from .augment import build_augmentation

@@ -34,7 +34,8 @@ from geoloc.geography.geodesy import geodesic_distance_km
 from geoloc.inference.adapter import GeolocationResult, Geolocator, nearest_places
 from geoloc.models import register_models
 from geoloc.data.worldmap import is_land, sample_points
-from modeling_geoclip import GeoCLIPModel, byte_level_clip_tokenizer, check_top_k
+from geo_core import check_top_k
+from modeling_geoclip import GeoCLIPModel, byte_level_clip_tokenizer
 
 MODEL_ENV = "GEOLOC_MODEL"
 BUNDLED_MODEL = DEFAULT_MODEL
