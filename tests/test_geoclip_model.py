@@ -12,13 +12,18 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
-from geoloc.configs import TINY_IMAGE_SIZE, tiny_clip_configs, tiny_geoclip_config, tiny_image_processor
+from geoloc.configs import (
+    TINY_IMAGE_SIZE,
+    byte_level_clip_tokenizer,
+    tiny_clip_configs,
+    tiny_geoclip_config,
+    tiny_image_processor,
+)
 from modeling_geoclip import (
     GeoCLIPConfig,
     GeoCLIPLocationEncoder,
     GeoCLIPLocationEncoderConfig,
     GeoCLIPModel,
-    byte_level_clip_tokenizer,
     load_image,
 )
 from geoloc.models import register_models

@@ -298,9 +298,9 @@ def _grid_points(generator, count):
 def _training_checkpoint(wheel, folder, queue):
     """The released GeoCLIP weights on a tiny random CLIP tower (768-d projection), with `queue` already in its
     GPS queue, saved as `geoloc train --model-config` reads it."""
-    from geoloc.configs import tiny_image_processor
+    from geoloc.configs import byte_level_clip_tokenizer, tiny_image_processor
     from geoloc.hub.convert import load_official_weights, read_official_geoclip
-    from modeling_geoclip import GeoCLIPConfig, GeoCLIPLocationEncoderConfig, byte_level_clip_tokenizer
+    from modeling_geoclip import GeoCLIPConfig, GeoCLIPLocationEncoderConfig
 
     weights, metadata = read_official_geoclip(wheel)
     vision, text = _random_backbone_config()

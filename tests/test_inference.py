@@ -15,11 +15,11 @@ from transformers import pipeline
 
 import geoloc
 import geoloc.pipeline  # noqa: F401  (registers the image-geolocation task)
-from geoloc.configs import tiny_geoclip_config, tiny_geohier_config, tiny_image_processor
+from geoloc.configs import byte_level_clip_tokenizer, tiny_geoclip_config, tiny_geohier_config, tiny_image_processor
 from geoloc.geography.geocells import build_geocells
 from geoloc.inference.adapter import UNCERTAINTY_POINTS, Capabilities, GeolocationResult, Geolocator
 from geoloc.data.worldmap import sample_points
-from modeling_geoclip import GeoCLIPModel, byte_level_clip_tokenizer
+from modeling_geoclip import GeoCLIPModel
 from modeling_geohier import GeoHierModel
 
 CITIES = np.array([[48.8566, 2.3522], [40.7128, -74.006], [-33.8688, 151.2093], [35.6762, 139.6503],

@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 
 from conftest import save_tiny_geoclip
-from geoloc.configs import tiny_geohier_config, tiny_image_processor
+from geoloc.configs import byte_level_clip_tokenizer, tiny_geohier_config, tiny_image_processor
 from geoloc.hub.publish import write_local_repo
 from geoloc.hub.remote_code import COPY_HEADER, PACKAGES_ROOT, SHARED_MODULES, stale_shared_copies, sync_shared_copies
-from modeling_geoclip import GeoCLIPImageProcessor, byte_level_clip_tokenizer
+from modeling_geoclip import GeoCLIPImageProcessor
 from modeling_geohier import GeoHierImageProcessor, GeoHierModel
 from tests.test_geohier import synthetic_cells
 
@@ -82,7 +82,7 @@ def _geohier_checkpoint(folder):
 @pytest.mark.parametrize(
     "build, model_module, model_class, processor_module, processor_class",
     [
-        (_geoclip_checkpoint, "modeling_geoclip", "GeoCLIPModel", "processing_geoclip", "GeoCLIPImageProcessor"),
+        (_geoclip_checkpoint, "modeling_geoclip", "GeoCLIPModel", "image_processing_geoclip", "GeoCLIPImageProcessor"),
         (_geohier_checkpoint, "modeling_geohier", "GeoHierModel", "image_processing_geohier", "GeoHierImageProcessor"),
     ],
 )

@@ -33,12 +33,12 @@ from PIL import Image
 
 import geoloc.hub.space
 from geoloc import DEFAULT_MODEL
-from geoloc.configs import tiny_geoclip_config, tiny_geohier_config, tiny_image_processor
+from geoloc.configs import byte_level_clip_tokenizer, tiny_geoclip_config, tiny_geohier_config, tiny_image_processor
 from geoloc.geography.geocells import build_geocells
 from geoloc.geography.geodesy import geodesic_distance_km
 from geoloc.inference.adapter import GeolocationResult, Geolocator, nearest_places
 from geoloc.data.worldmap import sample_points
-from modeling_geoclip import GeoCLIPModel, byte_level_clip_tokenizer
+from modeling_geoclip import GeoCLIPModel
 from modeling_geohier import GeoHierModel
 
 REPO = Path(__file__).resolve().parents[1]

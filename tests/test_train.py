@@ -290,7 +290,7 @@ def test_cached_features_train_like_raw_images(worldmap, tmp_path):
 def test_pretrained_clip_backbone_is_loaded_frozen_with_fresh_heads(worldmap, tmp_path):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from modeling_geoclip import byte_level_clip_tokenizer
+    from geoloc.configs import byte_level_clip_tokenizer
 
     vision, text = tiny_clip_configs()
     backbone = tmp_path / "clip"

@@ -39,11 +39,11 @@ from modeling_geoclip import (
     GeoCLIPLocationEncoder,
     GeoCLIPLocationEncoderConfig,
     GeoCLIPModel,
-    byte_level_clip_tokenizer,
 )
 from modeling_geoclip.configuration_geoclip import OFFICIAL_BACKBONE, OFFICIAL_SIGMAS
 
 from ..cli import HelpFormatter
+from ..configs import byte_level_clip_tokenizer
 from ..data.gallery import read_gallery_csv
 
 RELEASE_TYPES = ("geoclip-geolocation", "geoclip-location-encoder")

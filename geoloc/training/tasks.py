@@ -26,11 +26,11 @@ from transformers import AutoImageProcessor, AutoTokenizer
 from transformers.image_utils import PILImageResampling
 
 from geo_core import destination_points
-from modeling_geoclip import GeoCLIPImageProcessor, GeoCLIPModel, byte_level_clip_tokenizer
+from modeling_geoclip import GeoCLIPImageProcessor, GeoCLIPModel
 from modeling_geohier import GeoHierImageProcessor, GeoHierModel
 
 from .augment import build_augmentation
-from ..configs import tiny_geoclip_config, tiny_geohier_config, tiny_image_processor
+from ..configs import byte_level_clip_tokenizer, tiny_geoclip_config, tiny_geohier_config, tiny_image_processor
 from ..data.dataset import IMAGE, LATITUDE, LONGITUDE, GeoCollator, decode_images, image_limits
 from ..data.gallery import training_gallery
 

@@ -29,13 +29,13 @@ import numpy as np
 import torch
 
 from geoloc import DEFAULT_MODEL
-from geoloc.configs import tiny_geoclip_config, tiny_image_processor
+from geoloc.configs import byte_level_clip_tokenizer, tiny_geoclip_config, tiny_image_processor
 from geoloc.geography.geodesy import geodesic_distance_km
 from geoloc.inference.adapter import GeolocationResult, Geolocator, nearest_places
 from geoloc.models import register_models
 from geoloc.data.worldmap import is_land, sample_points
 from geo_core import check_top_k
-from modeling_geoclip import GeoCLIPModel, byte_level_clip_tokenizer
+from modeling_geoclip import GeoCLIPModel
 
 MODEL_ENV = "GEOLOC_MODEL"
 BUNDLED_MODEL = DEFAULT_MODEL
