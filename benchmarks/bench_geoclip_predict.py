@@ -17,6 +17,7 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,9 +27,12 @@ import torch
 from PIL import Image
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, pipeline
 
+# The official GeoCLIP reference is test code (tests/official_geoclip.py), not part of the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
 from geoloc.configs import tiny_clip_configs
-from geoloc.convert import convert_geoclip
-from geoloc.official_geoclip import fetch_official_wheel, load_official_geoclip
+from geoloc.hub.convert import convert_geoclip
+from official_geoclip import fetch_official_wheel, load_official_geoclip
 from geoloc.pipeline import TASK
 from modeling_geoclip import GeoCLIPConfig, GeoCLIPLocationEncoderConfig, GeoCLIPModel
 

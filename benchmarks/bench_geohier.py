@@ -13,7 +13,7 @@ from transformers import CLIPVisionConfig
 
 from geoloc.models import register_models
 from geoloc.configs import TINY_IMAGE_SIZE, tiny_geohier_config
-from geoloc.geocells import build_geocells, leaf_cell_ids
+from geoloc.geography.geocells import build_geocells, leaf_cell_ids
 from modeling_geoclip import GeoCLIPConfig, GeoCLIPModel
 from modeling_geohier import GeoHierConfig, GeoHierModel
 

@@ -4,7 +4,7 @@ come from, better than the strongest cheap lookups of the training crops?
 For each split kind (`random`: held-out points drawn among the training points, so a held-out crop's window
 usually overlaps training crops; `buffered`: no training crop's window overlaps a held-out crop's), it builds the
 world-map crops (`geoloc worldmap`: Natural Earth shaded relief) with train / validation / test splits, trains the
-tiny GeoCLIP and GeoHier with the README's command (`accelerate launch --multi_gpu --num_processes 2 -m geoloc.train
+tiny GeoCLIP and GeoHier with the README's command (`accelerate launch --multi_gpu --num_processes 2 -m geoloc.training.train
 --model MODEL --dataset DIR --output-dir OUT --seed S`: the default recipes, nothing else) for several seeds,
 scores the validation and test splits with `geoloc evaluate`, and prints one markdown table per split kind, the
 models as mean ± standard deviation over the seeds, beside these baselines on the same crops:
@@ -34,10 +34,10 @@ import time
 import numpy as np
 from transformers import AutoModel
 
-from geoloc.geodesy import unit_vectors, vector_directions
-from geoloc.metrics import geolocation_metrics
+from geoloc.geography.geodesy import unit_vectors, vector_directions
+from geoloc.inference.metrics import geolocation_metrics
 from geoloc.models import register_models
-from geoloc.worldmap import build_worldmap_splits, write_imagefolder
+from geoloc.data.worldmap import build_worldmap_splits, write_imagefolder
 
 THRESHOLDS_KM = (25, 200, 750, 2500)
 HELD_OUT = ("validation", "test")
@@ -127,13 +127,13 @@ def train_and_evaluate(model: str, data_dir: str, output_dir: str, processes: in
                  str(processes), "-m"] if processes > 1 else [sys.executable, "-m"])
     env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
     started = time.perf_counter()
-    subprocess.run([*launcher, "geoloc.train", "--model", model, "--dataset", data_dir, "--output-dir", output_dir,
+    subprocess.run([*launcher, "geoloc.training.train", "--model", model, "--dataset", data_dir, "--output-dir", output_dir,
                     "--seed", str(seed), *train_args], cwd=REPO, env=env, check=True)
     seconds = time.perf_counter() - started
     metrics = {}
     for split in HELD_OUT:
         evaluation = os.path.join(output_dir, f"evaluation-{split}")
-        subprocess.run([sys.executable, "-m", "geoloc.evaluate", "--model", output_dir, "--dataset", data_dir,
+        subprocess.run([sys.executable, "-m", "geoloc.inference.evaluate", "--model", output_dir, "--dataset", data_dir,
                         "--split", split, "--output-dir", evaluation], cwd=REPO, env=env, check=True)
         with open(os.path.join(evaluation, "metrics.json")) as handle:
             metrics[split] = json.load(handle)

@@ -34,13 +34,15 @@ import torch.nn.functional as F
 from transformers import CLIPVisionConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The official GeoCLIP reference is test code (tests/official_geoclip.py), not part of the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from geoloc.configs import TINY_IMAGE_SIZE, tiny_clip_configs
-from geoloc.convert import convert_official_state_dict, read_official_geoclip
-from geoloc.official_geoclip import fetch_official_wheel, load_official_geoclip
+from geoloc.configs import TINY_IMAGE_SIZE, byte_level_clip_tokenizer, tiny_clip_configs
+from geoloc.hub.convert import convert_official_state_dict, read_official_geoclip
+from official_geoclip import fetch_official_wheel, load_official_geoclip
 from geoloc.threads import set_threads
-from geoloc.worldmap import render_crop, sample_points
-from modeling_geoclip import GeoCLIPConfig, GeoCLIPImageProcessor, GeoCLIPModel, byte_level_clip_tokenizer
+from geoloc.data.worldmap import render_crop, sample_points
+from modeling_geoclip import GeoCLIPConfig, GeoCLIPImageProcessor, GeoCLIPModel
 from modeling_geoclip.gallery_geoclip import (
     FaissGallery,
     exact_search,

@@ -4,7 +4,7 @@ and under a concurrent CPU load, with default settings and with one torch thread
 The raw path decodes, preprocesses and runs the frozen CLIP tower on every batch; `--cache-features`
 computes the tower's embeddings once (`Dataset.map`, cached on disk) and trains the MLP and location encoder
 on them. Every run is `geoloc train` in a fresh process (so the dispatcher picks its torch threads at start,
-as for a user; `geoloc.threads.pick_threads`); samples/s are measured by `geoloc.train` itself (last
+as for a user; `geoloc.threads.pick_threads`); samples/s are measured by `geoloc.training.train` itself (last
 `log.jsonl` record, which excludes setup and the one-off feature caching; the caching time is printed
 separately). The load is one busy-loop process per core, started `--load-warmup` seconds before the loaded
 runs. "Quiet" means no load of ours; the other busy threads the picker saw (`geoloc.threads.busy_threads`) and
@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from geoloc.threads import available_cores, busy_threads, pick_threads
-from geoloc.worldmap import build_worldmap_splits, write_imagefolder
+from geoloc.data.worldmap import build_worldmap_splits, write_imagefolder
 
 BUSY_LOOP = "while True: pass"
 

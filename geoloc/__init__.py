@@ -1,7 +1,7 @@
 """geoloc: everything around the models (CLI, data, geodesy, geocells, inference, training, evaluation, publishing).
 
 Importing `geoloc` loads neither torch nor transformers (so `geoloc --help` answers at once). The inference
-adapter is loaded on first use: `from geoloc import Geolocator` (see `geoloc.inference`).
+adapter is loaded on first use: `from geoloc import Geolocator` (see `geoloc.inference.adapter`).
 `geoloc.models.register_models()` (called by every entry point that loads checkpoints, the adapter included)
 registers GeoCLIP, GeoHier and the `image-geolocation` pipeline with the transformers Auto classes; importing
 `geoloc.pipeline` calls it.
@@ -25,9 +25,9 @@ DEFAULT_MODEL = str(Path(__file__).resolve().parent / "assets" / "geoclip-worldm
 
 # Public names loaded on first access, so that `import geoloc` stays light.
 _LAZY = {
-    "Capabilities": "geoloc.inference",
-    "GeolocationResult": "geoloc.inference",
-    "Geolocator": "geoloc.inference",
+    "Capabilities": "geoloc.inference.adapter",
+    "GeolocationResult": "geoloc.inference.adapter",
+    "Geolocator": "geoloc.inference.adapter",
     "ImageGeolocationPipeline": "geoloc.pipeline",
 }
 

@@ -31,14 +31,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 SUBCOMMANDS = {
-    "predict": ("geoloc.predict", "geolocate images or text with a GeoCLIP or GeoHier checkpoint"),
-    "train": ("geoloc.train", "train GeoCLIP or GeoHier (also: accelerate launch -m geoloc.train)"),
-    "evaluate": ("geoloc.evaluate", "evaluate a checkpoint on a benchmark (metrics.json + predictions.csv)"),
-    "convert": ("geoloc.convert", "convert an official GeoCLIP release (wheel or Hub folder) into a checkpoint"),
-    "publish": ("geoloc.publish", "push a checkpoint, its model card and results to the Hugging Face Hub"),
-    "geocells": ("geoloc.geocells", "build S2 geocell hierarchies from training coordinates"),
-    "worldmap": ("geoloc.worldmap", "build the world-map crops dataset used by the CPU learnability benchmark"),
-    "space": ("geoloc.space", "assemble the Gradio Space (app + package sources) in a folder ready to upload"),
+    "predict": ("geoloc.inference.predict", "geolocate images or text with a GeoCLIP or GeoHier checkpoint"),
+    "train": ("geoloc.training.train", "train GeoCLIP or GeoHier (also: accelerate launch -m geoloc.training.train)"),
+    "evaluate": ("geoloc.inference.evaluate", "evaluate a checkpoint on a benchmark (metrics.json + predictions.csv)"),
+    "convert": ("geoloc.hub.convert", "convert an official GeoCLIP release (wheel or Hub folder) into a checkpoint"),
+    "publish": ("geoloc.hub.publish", "push a checkpoint, its model card and results to the Hugging Face Hub"),
+    "geocells": ("geoloc.geography.geocells", "build S2 geocell hierarchies from training coordinates"),
+    "worldmap": ("geoloc.data.worldmap", "build the world-map crops dataset used by the CPU learnability benchmark"),
+    "space": ("geoloc.hub.space", "assemble the Gradio Space (app + package sources) in a folder ready to upload"),
 }
 HUB_COMMANDS = ("convert", "publish")
 HUB_PROBE_TIMEOUT_S = 3.0

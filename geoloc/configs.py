@@ -1,7 +1,7 @@
 """Named model configurations: the one home of the tiny configs used by tests, the CPU benchmarks and
-`geoloc.train --model-config tiny`."""
+`geoloc.training.train --model-config tiny`, and of the offline byte-level tokenizer that matches them."""
 
-from transformers import CLIPTextConfig, CLIPVisionConfig
+from transformers import CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig
 
 from modeling_geoclip import GeoCLIPConfig, GeoCLIPImageProcessor, GeoCLIPLocationEncoderConfig
 from modeling_geohier import GeoHierConfig, GeoHierImageProcessor
@@ -11,7 +11,7 @@ TINY_IMAGE_SIZE = 32
 
 def tiny_clip_configs() -> tuple[CLIPVisionConfig, CLIPTextConfig]:
     """A random CLIP pair small enough for CPU tests: 32x32 images, 8x8 patches, a byte-level vocabulary
-    (matching `modeling_geoclip.byte_level_clip_tokenizer`)."""
+    (matching `byte_level_clip_tokenizer`)."""
     vision = CLIPVisionConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         image_size=TINY_IMAGE_SIZE, patch_size=8, projection_dim=64,
@@ -21,6 +21,18 @@ def tiny_clip_configs() -> tuple[CLIPVisionConfig, CLIPTextConfig]:
         projection_dim=64, max_position_embeddings=77, bos_token_id=512, eos_token_id=513, pad_token_id=513,
     )
     return vision, text
+
+
+def byte_level_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
+    """A CLIP tokenizer with a byte-level vocabulary and no merges (514 tokens), for tiny models and tests
+    that must run offline. Real checkpoints ship the OpenAI CLIP tokenizer instead."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    symbols = sorted(ByteLevel.alphabet())
+    vocab = {symbol: index for index, symbol in enumerate(symbols + [s + "</w>" for s in symbols])}
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
 
 
 def tiny_geoclip_config(**overrides) -> GeoCLIPConfig:

@@ -1,7 +1,7 @@
 """The `image-geolocation` pipeline: images in, ranked (latitude, longitude, probability) out.
 
-The class is the one every published repo ships as remote code (`modeling_geoclip/pipeline_geolocation.py`): it
-calls `model.geolocate`, as the inference adapter does, so it answers like `geoloc predict`, the evaluator and
+The class is the one every published repo ships as remote code (`geo_core/pipeline_geolocation.py`, copied into
+each model folder): it calls `model.geolocate`, as the inference adapter does, so it answers like `geoloc predict`, the evaluator and
 the Space, for every model of this package (GeoCLIP, GeoHier). Importing this module calls
 `geoloc.models.register_models()`: both models and the task are registered with `transformers.pipeline`.
 
@@ -17,7 +17,7 @@ Example:
 from transformers import AutoModel
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from modeling_geoclip.pipeline_geolocation import TASK, ImageGeolocationPipeline
+from geo_core.pipeline_geolocation import TASK, ImageGeolocationPipeline
 
 from .models import register_models
 

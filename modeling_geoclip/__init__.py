@@ -6,7 +6,7 @@ from .configuration_geoclip import GeoCLIPConfig, GeoCLIPLocationEncoderConfig
 from .geo_common import GeolocationOutput, check_top_k, validate_locations
 from .geo_image_processing import load_image
 from .modeling_geoclip import GeoCLIPLocationEncoder, GeoCLIPModel, GeoCLIPOutput
-from .processing_geoclip import GeoCLIPImageProcessor, byte_level_clip_tokenizer
+from .image_processing_geoclip import GeoCLIPImageProcessor
 
 __all__ = [
     "GeoCLIPConfig",
@@ -16,7 +16,6 @@ __all__ = [
     "GeoCLIPModel",
     "GeoCLIPOutput",
     "GeolocationOutput",
-    "byte_level_clip_tokenizer",
     "check_top_k",
     "load_image",
     "validate_locations",

@@ -1,9 +1,10 @@
+# Generated from geo_core/geo_common.py by `python geoloc/hub/remote_code.py --sync`; do not edit.
 """What every model of this package shares: coordinate validation and storage, moving points on the sphere,
 the `top_k` check, the `geolocate` output type and strict checkpoint loading.
 
-The single source is `modeling_geoclip/geo_common.py`; `modeling_geohier/geo_common.py` is a generated copy
-(each model folder is pushed to the Hub alone as remote code, which allows only relative imports, so each
-folder needs the file). Edit the source, then run `python geoloc/remote_code.py --sync`;
+The single source is `geo_core/geo_common.py`, which neither model owns; `modeling_geoclip/geo_common.py` and
+`modeling_geohier/geo_common.py` are generated copies (each model folder is pushed to the Hub alone as remote
+code, which allows only relative imports, so each folder needs the file). Edit the source, then run `python geoloc/hub/remote_code.py --sync`;
 `tests/test_remote_code.py` fails while a copy differs. Imports only torch, numpy and transformers.
 """
 

@@ -200,7 +200,7 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
 
     config: GeoCLIPConfig
 
-    # What front ends may ask of `geolocate` (read by `geoloc.inference`, never probed from signatures).
+    # What front ends may ask of `geolocate` (read by `geoloc.inference.adapter`, never probed from signatures).
     predicts_scenes = False  # no `scene_probabilities`
     returns_attention_maps = False  # no `output_attentions`
     candidate_kind = "gallery"  # candidates are the points of a replaceable GPS gallery (`set_gallery`)
@@ -422,7 +422,7 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
             pixel_values (`torch.FloatTensor` of shape `(N, 3, H, W)`) or clip_image_embeds (`(N, clip_dim)`).
             locations (`torch.FloatTensor` of shape `(M, 2)`): (lat, lon) degrees.
             return_loss (`bool`): compute the cross-entropy of each image against its true location among the M
-                locations (training passes the GPS queue among them as extra negatives: `geoloc.geoclip_loss`).
+                locations (training passes the GPS queue among them as extra negatives: `geoloc.training.geoclip_loss`).
             labels (`torch.LongTensor` of shape `(N,)`, *optional*): with `return_loss`, the row of `locations`
                 holding image i's true location. Default: row i (then M must equal N). In multi-process training
                 every process passes all processes' locations and points at its own rows, so each image meets the
@@ -530,7 +530,7 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
         `benchmarks/bench_scale.py` for how their recall compares with real image and text queries).
 
         Args:
-            locations: (N, 2) degrees (lat, lon) as a tensor, numpy array or list (`geoloc.gallery` loads them
+            locations: (N, 2) degrees (lat, lon) as a tensor, numpy array or list (`geoloc.data.gallery` loads them
                 from a CSV, a Dataset or the Hub).
             batch_size (`int`): points encoded at a time.
             show_progress (`bool`): show a progress bar while encoding.

@@ -9,7 +9,7 @@ API for training and inference code:
   `.scene_logits` `(B, num_scenes)`, `.selected_scenes` `(B,)`, and with `output_attentions=True`
   `.cross_attentions` `(B, N + E, heads, num_queries, tokens)`. `backbone_hidden_states=(B, T, vision_hidden)`
   replaces `pixel_values` when the encoder's tokens are cached (frozen backbone).
-- Labels come from `geoloc.geocells.build_geocells(latitudes, longitudes)` -> `(cells, labels)`; build the
+- Labels come from `geoloc.geography.geocells.build_geocells(latitudes, longitudes)` -> `(cells, labels)`; build the
   config with `cells_per_level=[len(level["tokens"]) for level in cells]` and call `model.set_cell_table(cells)`
   before saving, so the checkpoint can geolocate.
 - `model.geolocate(pixel_values, top_k=5)` -> `GeoHierGeolocationOutput` with `latitudes`, `longitudes`,

@@ -1,13 +1,13 @@
-# Generated from modeling_geoclip/geo_image_processing.py by `python geoloc/remote_code.py --sync`; do not edit.
+# Generated from geo_core/geo_image_processing.py by `python geoloc/hub/remote_code.py --sync`; do not edit.
 """Image decoding and preprocessing shared by every model of this package (PIL backend, no torchvision).
 
 `load_image` turns whatever a user has (a path, bytes, a numpy array, a PIL image) into an upright RGB
 PIL image, or raises a `ValueError` that names the input. `GeoImageProcessor` is CLIP's PIL image
 processor with that decoding in front, so odd files never reach a model.
 
-The single source is `modeling_geoclip/geo_image_processing.py`; `modeling_geohier/geo_image_processing.py` is
+The single source is `geo_core/geo_image_processing.py`; `modeling_geoclip/` and `modeling_geohier/` hold
 a generated copy (each model folder is pushed to the Hub alone as remote code). Edit the source, then run
-`python geoloc/remote_code.py --sync`; `tests/test_remote_code.py` fails while a copy differs.
+`python geoloc/hub/remote_code.py --sync`; `tests/test_remote_code.py` fails while a copy differs.
 """
 
 import io

@@ -1,4 +1,4 @@
-# Generated from modeling_geoclip/integrity.py by `python geoloc/remote_code.py --sync`; do not edit.
+# Generated from geo_core/integrity.py by `python geoloc/hub/remote_code.py --sync`; do not edit.
 """Checks that what a model loads, and what it answers, is sound: shared by every model of this package.
 
 `from_pretrained` calls them around transformers' loading:
@@ -11,9 +11,9 @@
   checks (coordinates in range, hashes of stored bytes) follow.
 `check_finite_answer` makes a NaN in a `geolocate` answer an error instead of a printed number.
 
-The single source is `modeling_geoclip/integrity.py`; `modeling_geohier/integrity.py` is a generated copy (each
-model folder is pushed to the Hub alone as remote code). Edit the source, then run
-`python geoloc/remote_code.py --sync`. Imports only torch, safetensors and transformers.
+The single source is `geo_core/integrity.py`; `modeling_geoclip/integrity.py` and `modeling_geohier/integrity.py` are
+generated copies (each model folder is pushed to the Hub alone as remote code). Edit the source, then run
+`python geoloc/hub/remote_code.py --sync`. Imports only torch, safetensors and transformers.
 """
 
 import hashlib

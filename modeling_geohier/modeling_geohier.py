@@ -272,7 +272,7 @@ class GeoHierModel(GeoHierPreTrainedModel):
 
     config: GeoHierConfig
 
-    # What front ends may ask of `geolocate` (read by `geoloc.inference`, never probed from signatures).
+    # What front ends may ask of `geolocate` (read by `geoloc.inference.adapter`, never probed from signatures).
     supports_text_queries = False  # images only
     returns_attention_maps = True  # `geolocate(..., output_attentions=True)` -> `cross_attentions`
     supports_ten_crop = True  # `geolocate(..., num_crops=10)` on `GeoHierImageProcessor.ten_crop` pixels
@@ -497,7 +497,7 @@ class GeoHierModel(GeoHierPreTrainedModel):
             cells: one entry per level, coarse to fine, each a mapping with `tokens` (S2 tokens, n strings),
                 `latitudes` and `longitudes` (n centroid degrees), `parents` (n row indices into the previous
                 level; -1 or absent for level 0) and `counts` (n training points) — the first output of
-                `geoloc.geocells.build_geocells` / `load_geoestimation_partitions`.
+                `geoloc.geography.geocells.build_geocells` / `load_geoestimation_partitions`.
 
         Raises:
             ValueError: wrong number of levels or cells (the config's `cells_per_level`), bad tokens, coordinates or

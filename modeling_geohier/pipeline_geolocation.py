@@ -1,4 +1,4 @@
-# Generated from modeling_geoclip/pipeline_geolocation.py by `python geoloc/remote_code.py --sync`; do not edit.
+# Generated from geo_core/pipeline_geolocation.py by `python geoloc/hub/remote_code.py --sync`; do not edit.
 """The `image-geolocation` pipeline: images in, ranked (latitude, longitude, probability) out.
 
 One implementation for both models (it only calls `model.geolocate`), shipped with every published repo (its

@@ -19,8 +19,8 @@ def _seed():
 def save_tiny_geoclip(folder, gallery):
     """A tiny random GeoCLIP (seed 0) with `gallery` ((N, 2) degrees), saved to `folder` as `geoloc` commands
     expect it: model, image processor and tokenizer. Returns the model (eval mode)."""
-    from geoloc.configs import tiny_geoclip_config, tiny_image_processor
-    from modeling_geoclip import GeoCLIPModel, byte_level_clip_tokenizer
+    from geoloc.configs import byte_level_clip_tokenizer, tiny_geoclip_config, tiny_image_processor
+    from modeling_geoclip import GeoCLIPModel
 
     torch.manual_seed(0)
     model = GeoCLIPModel(tiny_geoclip_config()).eval()

@@ -1,11 +1,11 @@
-"""geoloc.data: every source kind gives the canonical columns; bad rows are counted and skipped."""
+"""geoloc.data.dataset: every source kind gives the canonical columns; bad rows are counted and skipped."""
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from geoloc.data import GeoCollator, decode_image, invalid_coordinate_rows, load_geo_dataset
+from geoloc.data.dataset import GeoCollator, decode_image, invalid_coordinate_rows, load_geo_dataset
 from geoloc.configs import tiny_image_processor
 
 
@@ -69,7 +69,7 @@ def test_invalid_coordinate_rows_names_rows():
 
 
 def test_augmentation_draws_depend_on_seed_epoch_and_image_only(image_folder):
-    from geoloc.augment import build_augmentation
+    from geoloc.training.augment import build_augmentation
 
     dataset = load_geo_dataset(image_folder, lat_column="lat", lon_column="lon")
     rows = [dataset[i] for i in range(len(dataset))]

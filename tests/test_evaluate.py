@@ -15,14 +15,14 @@ import pytest
 from transformers import AutoImageProcessor, AutoModel
 
 from conftest import save_tiny_geoclip
-from geoloc import benchmark_datasets
-from geoloc.benchmark_datasets import load_benchmark
+from geoloc.data import benchmarks as benchmark_datasets
+from geoloc.data.benchmarks import load_benchmark
 from geoloc.cli import main as cli_main
 from geoloc import cli
-from geoloc.evaluate import PREDICTION_COLUMNS, main
-from geoloc.geodesy import geodesic_distance_km
-from geoloc.metrics import distance_metrics, geolocation_metrics
-from geoloc.worldmap import render_crop
+from geoloc.inference.evaluate import PREDICTION_COLUMNS, main
+from geoloc.geography.geodesy import geodesic_distance_km
+from geoloc.inference.metrics import distance_metrics, geolocation_metrics
+from geoloc.data.worldmap import render_crop
 from geoloc.models import register_models
 
 register_models()  # the Auto classes below read GeoCLIP and GeoHier checkpoints
@@ -222,7 +222,7 @@ def test_accelerate_launch_two_processes(model_dir, tmp_path):
     started = time.perf_counter()
     completed = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "geoloc.evaluate", *args,
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "geoloc.inference.evaluate", *args,
          "--output-dir", str(tmp_path / "sharded")],
         check=True, env=env, timeout=240, capture_output=True, text=True,
     )
@@ -241,8 +241,8 @@ def test_ten_crop_evaluation_averages_the_crops_logits(tmp_path):
     import torch
 
     from geoloc.configs import tiny_geohier_config
-    from geoloc.geocells import build_geocells
-    from geoloc.training_tasks import geodecoder_image_processor
+    from geoloc.geography.geocells import build_geocells
+    from geoloc.training.tasks import geodecoder_image_processor
     from modeling_geohier import GeoHierModel
 
     cells, _ = build_geocells(*np.array(POINTS * 3).T, levels=[(1, 12), (1, 6), (1, 2)], min_level=0)

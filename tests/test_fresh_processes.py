@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from conftest import save_tiny_geoclip
-from geoloc.official_geoclip import cached_official_wheel
+from official_geoclip import cached_official_wheel
 from tests.test_geohier import synthetic_cells
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,7 +143,7 @@ def test_space_starts_with_both_models(runs):
 
 def test_convert_then_load_in_another_fresh_process(runs):
     if "convert" not in runs[0]:
-        pytest.skip("the official geoclip 1.3.0 wheel is not cached: python -m geoloc.official_geoclip fetches it")
+        pytest.skip("the official geoclip 1.3.0 wheel is not cached: python tests/official_geoclip.py fetches it")
     _ok(runs, "convert")
     loaded = _run(["-c", LOAD_WITH_AUTO, str(runs[1] / "encoder")], runs[1])
     assert loaded.returncode == 0, loaded.stderr[-2000:]

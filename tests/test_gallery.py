@@ -1,4 +1,4 @@
-"""`geoloc.gallery`, the one home of galleries: what a training run saves as its GeoCLIP gallery, and CSV
+"""`geoloc.data.gallery`, the one home of galleries: what a training run saves as its GeoCLIP gallery, and CSV
 reading from a stream (the converter reads the official wheel's gallery that way)."""
 
 import io
@@ -6,7 +6,7 @@ import io
 import numpy as np
 import pytest
 
-from geoloc.gallery import find_coordinate_columns, read_gallery_csv, training_gallery
+from geoloc.data.gallery import find_coordinate_columns, read_gallery_csv, training_gallery
 
 
 def test_training_gallery_deduplicates_to_the_microdegree():

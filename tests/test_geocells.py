@@ -5,7 +5,7 @@ import pytest
 import s2geometry
 
 from geoloc import cli
-from geoloc.geocells import (
+from geoloc.geography.geocells import (
     assign_geocells,
     build_geocells,
     cell_ranges,

@@ -13,13 +13,18 @@ from safetensors.torch import load_file, save_file
 from accelerate import Accelerator
 from transformers import AutoModel
 
-from geoloc.configs import TINY_IMAGE_SIZE, tiny_clip_configs, tiny_geoclip_config, tiny_image_processor
+from geoloc.configs import (
+    TINY_IMAGE_SIZE,
+    byte_level_clip_tokenizer,
+    tiny_clip_configs,
+    tiny_geoclip_config,
+    tiny_image_processor,
+)
 from modeling_geoclip import (
     GeoCLIPConfig,
     GeoCLIPLocationEncoder,
     GeoCLIPLocationEncoderConfig,
     GeoCLIPModel,
-    byte_level_clip_tokenizer,
     load_image,
 )
 from geoloc.geoclip_loss import GeoCLIPLoss
@@ -338,7 +343,7 @@ def test_paper_sized_batch_and_queue_converge_to_kilometres():
 
     The first loss is log(B + Q) (nothing learnt yet); after 40 steps the median error of held-out points in the
     1 x 1 degree box, retrieved over a 1.1 km grid, is a few km (chance: ~45 km)."""
-    from geoloc.geodesy import geodesic_distance_km
+    from geoloc.geography.geodesy import geodesic_distance_km
 
     batch, queue = 512, 4096
     vision, text = tiny_clip_configs()

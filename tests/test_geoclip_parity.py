@@ -1,7 +1,7 @@
 """Parity of the converted GeoCLIP with the official code of the PyPI wheel `geoclip==1.3.0`.
 
-The wheel is read from the cache `geoloc.official_geoclip.DEFAULT_CACHE` (`~/.cache/geoloc/wheels`), where
-`.ci/run` puts it before the tests (`python -m geoloc.official_geoclip`, a `pip download --no-deps` from PyPI);
+The wheel is read from the cache `official_geoclip.DEFAULT_CACHE` (tests/official_geoclip.py) (`~/.cache/geoloc/wheels`), where
+`.ci/run` puts it before the tests (`python tests/official_geoclip.py`, a `pip download --no-deps` from PyPI);
 the tests never download it and are skipped, saying how to fetch it, when it is absent. Its code is imported
 from the unpacked wheel without installing anything. The CLIP backbone is a tiny random one with CLIP-L's
 768-d projection: the converted parts (GPS encoder, image MLP, logit scale, gallery) do not depend on it.
@@ -23,8 +23,8 @@ from transformers import AutoModel
 
 from geoloc import cli
 from geoloc.configs import tiny_clip_configs
-from geoloc.convert import convert_geoclip, main, read_official_geoclip
-from geoloc.official_geoclip import DEFAULT_CACHE, cached_official_wheel, load_official_geoclip
+from geoloc.hub.convert import convert_geoclip, main, read_official_geoclip
+from official_geoclip import DEFAULT_CACHE, cached_official_wheel, load_official_geoclip
 from modeling_geoclip import GeoCLIPLocationEncoder, GeoCLIPModel
 from geoloc.models import register_models
 
@@ -41,7 +41,7 @@ def wheel():
     cached = cached_official_wheel()
     if cached is None:
         pytest.skip(f"the official geoclip==1.3.0 wheel is not in {DEFAULT_CACHE}: fetch it with "
-                    "`python -m geoloc.official_geoclip` (`.ci/run` does)")
+                    "`python tests/official_geoclip.py` (`.ci/run` does)")
     return cached
 
 
@@ -298,9 +298,9 @@ def _grid_points(generator, count):
 def _training_checkpoint(wheel, folder, queue):
     """The released GeoCLIP weights on a tiny random CLIP tower (768-d projection), with `queue` already in its
     GPS queue, saved as `geoloc train --model-config` reads it."""
-    from geoloc.configs import tiny_image_processor
-    from geoloc.convert import load_official_weights, read_official_geoclip
-    from modeling_geoclip import GeoCLIPConfig, GeoCLIPLocationEncoderConfig, byte_level_clip_tokenizer
+    from geoloc.configs import byte_level_clip_tokenizer, tiny_image_processor
+    from geoloc.hub.convert import load_official_weights, read_official_geoclip
+    from modeling_geoclip import GeoCLIPConfig, GeoCLIPLocationEncoderConfig
 
     weights, metadata = read_official_geoclip(wheel)
     vision, text = _random_backbone_config()
@@ -343,8 +343,8 @@ def test_training_steps_match_the_official_trainer(wheel, tmp_path, monkeypatch)
     from the same full queue; the official code has no GPS noise (the recipe's 150 m / 1 km are turned off) and
     its transforms are torchvision's random ones (augmentation off). The official image encoder gets the CLIP
     features of our frozen tiny tower, which is what a frozen CLIP tower gives it."""
-    from geoloc import training_tasks
-    from geoloc.train import main as train_main
+    from geoloc.training import tasks as training_tasks
+    from geoloc.training.train import main as train_main
 
     generator = torch.Generator().manual_seed(0)
     queue = _grid_points(generator, TRAIN_QUEUE)
@@ -392,7 +392,7 @@ def test_training_steps_match_the_official_trainer(wheel, tmp_path, monkeypatch)
     released = {key: value for key, value in reference.state_dict().items()
                 if key.startswith(("location_encoder.", "image_encoder.mlp.", "logit_scale"))}
     trained = ours.state_dict()
-    from geoloc.convert import convert_official_state_dict
+    from geoloc.hub.convert import convert_official_state_dict
 
     expected = convert_official_state_dict(released, {key: trained[key] for key in trained
                                                       if key.startswith(("location_encoder.", "image_mlp.", "logit_scale"))})

@@ -1,4 +1,4 @@
-"""The image-geolocation pipeline, `geoloc predict` (files and texts) and `geoloc.gallery` on a tiny saved
+"""The image-geolocation pipeline, `geoloc predict` (files and texts) and `geoloc.data.gallery` on a tiny saved
 GeoCLIP."""
 
 import json
@@ -10,11 +10,12 @@ import torch
 from PIL import Image
 from transformers import pipeline
 
-import geoloc.inference
+import geoloc.inference.adapter
 import geoloc.pipeline  # noqa: F401  (registers the image-geolocation task)
 from conftest import save_tiny_geoclip
-from geoloc import cli, predict
-from geoloc.gallery import load_gallery
+from geoloc import cli
+from geoloc.inference import predict
+from geoloc.data.gallery import load_gallery
 from modeling_geoclip import GeoCLIPImageProcessor, GeoCLIPModel
 
 GALLERY = np.array([[48.8566, 2.3522], [40.7128, -74.006], [-33.8688, 151.2093], [35.6762, 139.6503],
@@ -155,7 +156,7 @@ def test_predict_without_input_runs_the_bundled_demo(capsys):
 
 
 def test_predict_cli_missing_models(photos, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(geoloc.inference, "DEFAULT_MODEL", str(tmp_path / "not-built-yet"))
+    monkeypatch.setattr(geoloc.inference.adapter, "DEFAULT_MODEL", str(tmp_path / "not-built-yet"))
     assert cli.main(["predict", photos[0]]) == 1
     assert "bundled default model is not installed" in capsys.readouterr().err
     assert cli.main(["predict", photos[0], "--model", str(tmp_path / "nowhere")]) == 1

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from geoloc.geocells import build_geocells, load_cell_table, save_cell_table
-from geoloc.geocells import main as geocells_main
-from geoloc.train import build_parser, resolve_args
-from geoloc.training_tasks import IMAGENET_MEAN, GeoHierTask
+from geoloc.geography.geocells import build_geocells, load_cell_table, save_cell_table
+from geoloc.geography.geocells import main as geocells_main
+from geoloc.training.train import build_parser, resolve_args
+from geoloc.training.tasks import IMAGENET_MEAN, GeoHierTask
 
 PARTITIONS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "geoestimation-partitions")
 PARTITION_FILES = [os.path.join(PARTITIONS, f"cells_50_{tau}.csv") for tau in (5000, 2000, 1000)]
@@ -116,7 +116,7 @@ def test_recipe_trains_end_to_end_and_saves_its_evaluation_transform(tmp_path):
     from PIL import Image
     from transformers import AutoImageProcessor
 
-    from geoloc.train import main
+    from geoloc.training.train import main
 
     rng = np.random.default_rng(0)
     latitudes, longitudes = rng.uniform(-60, 60, 16), rng.uniform(-180, 180, 16)

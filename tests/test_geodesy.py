@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from geographiclib.geodesic import Geodesic
 
-from geoloc.geodesy import (
+from geoloc.geography.geodesy import (
     EARTH_MEAN_RADIUS_KM,
     KM_PER_DEGREE,
     geodesic_distance_km,

@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, ViTConfig
 
 from geoloc.models import register_models
 from geoloc.configs import TINY_IMAGE_SIZE, tiny_geohier_config
-from geoloc.geocells import build_geocells
+from geoloc.geography.geocells import build_geocells
 from modeling_geohier import GeoHierConfig, GeoHierGeolocationOutput, GeoHierModel
 
 register_models()  # the Auto classes below read GeoCLIP and GeoHier checkpoints

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from geoloc.configs import tiny_geohier_config
-from geoloc.geocells import load_geoestimation_partitions
+from geoloc.geography.geocells import load_geoestimation_partitions
 from modeling_geohier import GeoHierModel
 
 PARTITIONS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "geoestimation-partitions")

@@ -22,12 +22,12 @@ from torch.utils.data import DataLoader
 
 from conftest import save_tiny_geoclip
 from geoloc import cli
-from geoloc.benchmark_datasets import load_benchmark
+from geoloc.data.benchmarks import load_benchmark
 from geoloc.configs import tiny_geoclip_config, tiny_geohier_config, tiny_image_processor
-from geoloc.data import GeoCollator, decode_images, load_geo_dataset
-from modeling_geoclip import GeoCLIPImageProcessor, GeoCLIPModel, load_image
-from modeling_geoclip.integrity import tensor_sha256
-from modeling_geoclip.processing_geoclip import MAX_IMAGE_PIXELS
+from geoloc.data.dataset import GeoCollator, decode_images, load_geo_dataset
+from geo_core import MAX_IMAGE_PIXELS, load_image
+from geo_core.integrity import tensor_sha256
+from modeling_geoclip import GeoCLIPImageProcessor, GeoCLIPModel
 from modeling_geohier import GeoHierModel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -141,7 +141,7 @@ def test_predict_answers_the_readable_images_and_reports_the_other(tmp_path, cap
 # ------------------------------------------------------------------------------------------ pixel limit
 MEASURE_DECODE = textwrap.dedent("""
     import resource, sys
-    from modeling_geoclip import load_image
+    from geo_core import load_image
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     try:
         load_image(sys.argv[1])
@@ -599,7 +599,7 @@ def test_nan_answers_are_errors_not_numbers(geoclip_dir, geohier_dir):
 
 # ------------------------------------------------------------------------------------ CSVs and columns
 def test_a_gallery_csv_with_a_byte_order_mark_is_read(tmp_path):
-    from geoloc.gallery import read_gallery_csv
+    from geoloc.data.gallery import read_gallery_csv
 
     path = tmp_path / "gallery.csv"
     path.write_bytes("LAT,LON\n48.8566,2.3522\n-33.8688,151.2093\n".encode("utf-8-sig"))
@@ -693,7 +693,7 @@ def test_train_never_replaces_a_saved_model_without_overwrite(geoclip_dir, tmp_p
 
 
 def test_resume_refuses_every_changed_setting_that_affects_the_weights(tmp_path):
-    from geoloc import train
+    from geoloc.training import train
 
     def settings(*options):
         argv = ["--model", "geoclip", "--dataset", "d", "--output-dir", str(tmp_path), *options]
@@ -721,7 +721,7 @@ def test_resume_refuses_every_changed_setting_that_affects_the_weights(tmp_path)
 
 def test_predict_dataset_resume_checks_the_model_content_and_keeps_other_files(geoclip_dir, tmp_path, monkeypatch,
                                                                                 capsys):
-    from geoloc import predict
+    from geoloc.inference import predict
 
     model = _edited_copy(geoclip_dir, tmp_path / "model")
     for name in ("preprocessor_config.json", "tokenizer_config.json", "tokenizer.json"):

@@ -1,4 +1,4 @@
-"""The inference adapter (`geoloc.inference`) on tiny GeoCLIP and GeoHier models: answers equal to
+"""The inference adapter (`geoloc.inference.adapter`) on tiny GeoCLIP and GeoHier models: answers equal to
 `model.geolocate`, per-input errors, declared capabilities and extras, JSON-safe results, the pipeline over both
 models, `geoloc.DEFAULT_MODEL` from any folder, and a `--help` that loads no torch."""
 
@@ -15,12 +15,12 @@ from transformers import pipeline
 
 import geoloc
 import geoloc.pipeline  # noqa: F401  (registers the image-geolocation task)
-from geoloc.configs import tiny_geoclip_config, tiny_geohier_config, tiny_image_processor
-from geoloc.geocells import build_geocells
-from geoloc.predict import predictions_frame
-from geoloc.inference import UNCERTAINTY_POINTS, Capabilities, GeolocationResult, Geolocator
-from geoloc.worldmap import sample_points
-from modeling_geoclip import GeoCLIPModel, byte_level_clip_tokenizer
+from geoloc.configs import byte_level_clip_tokenizer, tiny_geoclip_config, tiny_geohier_config, tiny_image_processor
+from geoloc.geography.geocells import build_geocells
+from geoloc.inference.adapter import UNCERTAINTY_POINTS, Capabilities, GeolocationResult, Geolocator
+from geoloc.data.worldmap import sample_points
+from geoloc.inference.predict import predictions_frame
+from modeling_geoclip import GeoCLIPModel
 from modeling_geohier import GeoHierModel
 
 CITIES = np.array([[48.8566, 2.3522], [40.7128, -74.006], [-33.8688, 151.2093], [35.6762, 139.6503],
@@ -216,7 +216,7 @@ def test_default_model_from_any_folder(tmp_path):
     model_type, answer = json.loads(found.stdout.splitlines()[-1])
     expected = Geolocator.from_pretrained("default").locate_texts(["hot desert"], top_k=2)[0].to_dict()
     assert model_type == "geoclip" and answer == expected
-    completed = subprocess.run([sys.executable, "-m", "geoloc.predict", "--text", "hot desert", "--model", "default",
+    completed = subprocess.run([sys.executable, "-m", "geoloc.inference.predict", "--text", "hot desert", "--model", "default",
                                 "--top-k", "2", "--json"], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert json.loads(completed.stdout) == [expected]
 

@@ -6,10 +6,10 @@ import evaluate
 import numpy as np
 import pytest
 
-import geoloc.metrics
-from geoloc.metrics import distance_metrics, geolocation_metrics
+import geoloc.inference.metrics
+from geoloc.inference.metrics import distance_metrics, geolocation_metrics
 
-METRIC_DIR = Path(geoloc.metrics.__file__).parent / "geolocation"
+METRIC_DIR = Path(geoloc.inference.metrics.__file__).parent / "geolocation"
 KEYS = ["acc_1km", "acc_25km", "acc_200km", "acc_750km", "acc_2500km", "mean_km", "median_km", "geoscore"]
 
 

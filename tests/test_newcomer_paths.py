@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from conftest import save_tiny_geoclip
-from geoloc import cli, predict
+from geoloc import cli
+from geoloc.inference import predict
 from geoloc.processes import output_lock
 from geoloc.sources import check_local_or_hub, is_hub_id
 

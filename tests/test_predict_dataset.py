@@ -10,9 +10,11 @@ import sys
 import pandas as pd
 import pytest
 
-from geoloc import DEFAULT_MODEL, cli, predict
-from geoloc.inference import Geolocator
-from geoloc.worldmap import build_worldmap_splits, write_imagefolder
+from geoloc import DEFAULT_MODEL, cli
+
+from geoloc.inference import predict
+from geoloc.inference.adapter import Geolocator
+from geoloc.data.worldmap import build_worldmap_splits, write_imagefolder
 
 TOP_K = 3
 BAD_IMAGE = "broken.png"
@@ -72,7 +74,7 @@ def test_two_processes_match_one_process_row_for_row(dataset, single, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     completed = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "geoloc.predict",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "geoloc.inference.predict",
          "--dataset", str(dataset), "--output", str(output), "--model", "default", "--top-k", str(TOP_K),
          "--chunk-size", "4", "--batch-size", "3"],
         env=env, capture_output=True, text=True, timeout=300,

@@ -11,18 +11,18 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData, SpaceCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
-from geoloc import publish as publish_module
-from geoloc.configs import tiny_geoclip_config, tiny_geohier_config, tiny_image_processor
-from geoloc.publish import METRIC_NAMES, checkpoint_files, hub_files, main, publish, render_model_card
-from geoloc.remote_code import PACKAGES_ROOT as REPO_ROOT
-from geoloc.space import export_space
-from modeling_geoclip import GeoCLIPImageProcessor, GeoCLIPModel, byte_level_clip_tokenizer
+from geoloc.hub import publish as publish_module
+from geoloc.configs import byte_level_clip_tokenizer, tiny_geoclip_config, tiny_geohier_config, tiny_image_processor
+from geoloc.hub.publish import METRIC_NAMES, checkpoint_files, hub_files, main, publish, render_model_card
+from geoloc.hub.remote_code import PACKAGES_ROOT as REPO_ROOT
+from geoloc.hub.space import export_space
+from modeling_geoclip import GeoCLIPImageProcessor, GeoCLIPModel
 from modeling_geohier import GeoHierModel
 from tests.test_geohier import synthetic_cells
 
 METRICS = {"im2gps3k": 0.1, "osv5m": 0.02}
 GEOCLIP_CODE = ["configuration_geoclip.py", "gallery_geoclip.py", "geo_common.py", "geo_image_processing.py",
-                "integrity.py", "modeling_geoclip.py", "pipeline_geolocation.py", "processing_geoclip.py"]
+                "image_processing_geoclip.py", "integrity.py", "modeling_geoclip.py", "pipeline_geolocation.py"]
 GEOHIER_CODE = ["configuration_geohier.py", "geo_common.py", "geo_image_processing.py", "image_processing_geohier.py",
                 "integrity.py", "modeling_geohier.py", "pipeline_geolocation.py"]
 PIPELINES = {"image-geolocation": {"impl": "pipeline_geolocation.ImageGeolocationPipeline", "pt": ["AutoModel"],
@@ -106,7 +106,7 @@ def test_publish_folder_with_results_and_space(checkpoint, eval_dirs, tmp_path):
     assert {k: v for k, v in config.items() if k not in ("auto_map", "custom_pipelines")} == json.loads(
         (checkpoint / "config.json").read_text())
     processor = json.loads(files["preprocessor_config.json"])
-    assert processor["auto_map"] == {"AutoImageProcessor": "processing_geoclip.GeoCLIPImageProcessor"}
+    assert processor["auto_map"] == {"AutoImageProcessor": "image_processing_geoclip.GeoCLIPImageProcessor"}
     assert processor["image_processor_type"] == "GeoCLIPImageProcessor"
     # eval results keep the metrics, name the dataset, and carry no local path
     assert json.loads(files["eval_results/im2gps3k.json"]) == {
@@ -146,7 +146,7 @@ def test_publish_folder_with_results_and_space(checkpoint, eval_dirs, tmp_path):
     assert sorted(space_files) == sorted(
         path.relative_to(exported).as_posix() for path in exported.rglob("*") if path.is_file()
     )
-    assert {"app.py", "requirements.txt", "geoloc/evaluate.py", "modeling_geoclip/__init__.py"} <= set(space_files)
+    assert {"app.py", "requirements.txt", "geoloc/inference/evaluate.py", "modeling_geoclip/__init__.py"} <= set(space_files)
     assert space_files["app.py"] == (exported / "app.py").read_bytes()
     space_card = SpaceCard(space_files["README.md"].decode())
     original = SpaceCard.load(exported / "README.md")

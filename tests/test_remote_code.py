@@ -1,6 +1,7 @@
 """Hub remote code: a folder written by `geoloc publish --local-dir` loads both models and their image processors
-with `trust_remote_code=True` in a Python where `geoloc`, `modeling_geoclip` and `modeling_geohier` cannot be
-imported, and answers as the package does. The shared modules' copies never drift from their source."""
+with `trust_remote_code=True` in a Python where `geoloc`, `geo_core`, `modeling_geoclip` and `modeling_geohier`
+cannot be imported, and answers as the package does. The shared modules' copies in both model folders never drift from
+their source, `geo_core/`."""
 
 import json
 import shutil
@@ -13,14 +14,14 @@ import torch
 from PIL import Image
 
 from conftest import save_tiny_geoclip
-from geoloc.configs import tiny_geohier_config, tiny_image_processor
-from geoloc.publish import write_local_repo
-from geoloc.remote_code import COPY_HEADER, PACKAGES_ROOT, SHARED_MODULES, stale_shared_copies, sync_shared_copies
-from modeling_geoclip import GeoCLIPImageProcessor, byte_level_clip_tokenizer
+from geoloc.configs import byte_level_clip_tokenizer, tiny_geohier_config, tiny_image_processor
+from geoloc.hub.publish import write_local_repo
+from geoloc.hub.remote_code import COPY_HEADER, PACKAGES_ROOT, SHARED_MODULES, stale_shared_copies, sync_shared_copies
+from modeling_geoclip import GeoCLIPImageProcessor
 from modeling_geohier import GeoHierImageProcessor, GeoHierModel
 from tests.test_geohier import synthetic_cells
 
-BLOCKED = ("geoloc", "modeling_geoclip", "modeling_geohier")
+BLOCKED = ("geoloc", "geo_core", "modeling_geoclip", "modeling_geohier")
 # Runs in a fresh interpreter: the package's modules cannot be imported, so only the repo's files can serve.
 LOAD_AND_PREDICT = """
 import importlib, importlib.abc, json, sys
@@ -81,7 +82,7 @@ def _geohier_checkpoint(folder):
 @pytest.mark.parametrize(
     "build, model_module, model_class, processor_module, processor_class",
     [
-        (_geoclip_checkpoint, "modeling_geoclip", "GeoCLIPModel", "processing_geoclip", "GeoCLIPImageProcessor"),
+        (_geoclip_checkpoint, "modeling_geoclip", "GeoCLIPModel", "image_processing_geoclip", "GeoCLIPImageProcessor"),
         (_geohier_checkpoint, "modeling_geohier", "GeoHierModel", "image_processing_geohier", "GeoHierImageProcessor"),
     ],
 )
@@ -128,26 +129,28 @@ def test_published_folder_loads_as_remote_code_without_the_package(
 
 
 def test_shared_module_copies_match_their_source():
-    assert stale_shared_copies() == [], "run `python geoloc/remote_code.py --sync`"
-    for name in SHARED_MODULES:
-        copy = (PACKAGES_ROOT / "modeling_geohier" / name).read_text()
-        header = COPY_HEADER.format(source=f"modeling_geoclip/{name}")
-        assert copy == header + (PACKAGES_ROOT / "modeling_geoclip" / name).read_text()
+    assert stale_shared_copies() == [], "run `python geoloc/hub/remote_code.py --sync`"
+    for package in ("modeling_geoclip", "modeling_geohier"):
+        for name in SHARED_MODULES:
+            copy = (PACKAGES_ROOT / package / name).read_text()
+            header = COPY_HEADER.format(source=f"geo_core/{name}")
+            assert copy == header + (PACKAGES_ROOT / "geo_core" / name).read_text()
 
 
 def test_a_drifted_copy_is_reported_and_resynced(tmp_path):
-    for package in ("modeling_geoclip", "modeling_geohier"):
+    for package in ("geo_core", "modeling_geoclip", "modeling_geohier"):
         shutil.copytree(PACKAGES_ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
     assert stale_shared_copies(tmp_path) == []
-    source = tmp_path / "modeling_geoclip" / "geo_common.py"
+    source = tmp_path / "geo_core" / "geo_common.py"
     source.write_text(source.read_text().replace("MICRODEGREES = 1_000_000", "MICRODEGREES = 1_000"))
     (tmp_path / "modeling_geohier" / "geo_image_processing.py").unlink()
-    stale = ["modeling_geohier/geo_common.py", "modeling_geohier/geo_image_processing.py"]
+    stale = ["modeling_geoclip/geo_common.py", "modeling_geohier/geo_common.py", "modeling_geohier/geo_image_processing.py"]
     assert stale_shared_copies(tmp_path) == stale
 
     assert sync_shared_copies(tmp_path) == stale
     assert stale_shared_copies(tmp_path) == []
-    assert "MICRODEGREES = 1_000\n" in (tmp_path / "modeling_geohier" / "geo_common.py").read_text()
+    for package in ("modeling_geoclip", "modeling_geohier"):
+        assert "MICRODEGREES = 1_000\n" in (tmp_path / package / "geo_common.py").read_text()
     # an edit of the copy alone is drift too
     copy = tmp_path / "modeling_geohier" / "geo_common.py"
     copy.write_text(copy.read_text() + "# local tweak\n")
@@ -157,6 +160,22 @@ def test_a_drifted_copy_is_reported_and_resynced(tmp_path):
 def test_sync_script_runs_without_importing_the_packages(tmp_path):
     # A source edit that the copies lack can break `import modeling_geohier`: the script must not need it, so it
     # runs without site-packages (no torch, transformers or this package).
-    result = subprocess.run([sys.executable, "-I", "-S", str(PACKAGES_ROOT / "geoloc" / "remote_code.py"), "--check"],
+    result = subprocess.run([sys.executable, "-I", "-S", str(PACKAGES_ROOT / "geoloc" / "hub" / "remote_code.py"), "--check"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.strip() == "all copies in sync", result.stderr
+
+
+def test_model_folders_and_the_core_import_no_package_of_this_repository():
+    # Pushed alone as remote code: only their own files (relative imports) and the libraries transformers brings
+    # (faiss is optional, imported when an index is used; tokenizers builds the offline test tokenizer).
+    import ast
+
+    allowed = {"torch", "transformers", "safetensors", "numpy", "PIL", "huggingface_hub", "tokenizers", "faiss"}
+    for folder in ("geo_core", "modeling_geoclip", "modeling_geohier"):
+        for module in sorted((PACKAGES_ROOT / folder).glob("*.py")):
+            for node in ast.walk(ast.parse(module.read_text("utf-8"))):
+                names = ([alias.name for alias in node.names] if isinstance(node, ast.Import) else
+                         [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+                for name in names:
+                    top = name.split(".")[0]
+                    assert top in allowed or top in sys.stdlib_module_names, f"{folder}/{module.name} imports {name}"

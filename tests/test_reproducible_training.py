@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from geoloc.cli import main as geoloc
 from geoloc.threads import available_cores
-from geoloc.worldmap import build_worldmap_splits, write_imagefolder
+from geoloc.data.worldmap import build_worldmap_splits, write_imagefolder
 
 TRAIN = ["--model", "geoclip", "--model-config", "tiny", "--batch-size", "8", "--max-steps", "6",
          "--checkpoint-every", "3", "--checkpoints-to-keep", "2", "--warmup-steps", "2", "--gps-noise-km", "50",

@@ -31,14 +31,14 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-import geoloc.space
+import geoloc.hub.space
 from geoloc import DEFAULT_MODEL
-from geoloc.configs import tiny_geoclip_config, tiny_geohier_config, tiny_image_processor
-from geoloc.geocells import build_geocells
-from geoloc.geodesy import geodesic_distance_km
-from geoloc.inference import GeolocationResult, Geolocator, nearest_places
-from geoloc.worldmap import sample_points
-from modeling_geoclip import GeoCLIPModel, byte_level_clip_tokenizer
+from geoloc.configs import byte_level_clip_tokenizer, tiny_geoclip_config, tiny_geohier_config, tiny_image_processor
+from geoloc.geography.geocells import build_geocells
+from geoloc.geography.geodesy import geodesic_distance_km
+from geoloc.inference.adapter import GeolocationResult, Geolocator, nearest_places
+from geoloc.data.worldmap import sample_points
+from modeling_geoclip import GeoCLIPModel
 from modeling_geohier import GeoHierModel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -682,9 +682,9 @@ def test_phone_shows_the_answer_at_the_top_after_the_click(server, tmp_path):
 # ------------------------------------------------------------------------------------------ geoloc space
 def test_geoloc_space_exports_a_clean_self_contained_space(tmp_path, monkeypatch):
     output = tmp_path / "space"
-    assert geoloc.space.main([str(output)]) == 0
+    assert geoloc.hub.space.main([str(output)]) == 0
     for path in ("app.py", "answers.py", "page.py", "README.md", "requirements.txt", "examples/examples.csv",
-                 "geoloc/inference.py", "geoloc/assets/worldmap/README.md", "modeling_geoclip/__init__.py",
+                 "geoloc/inference/adapter.py", "geoloc/assets/worldmap/README.md", "modeling_geoclip/__init__.py",
                  "modeling_geohier/__init__.py", "geoloc/assets/geoclip-worldmap-tiny/model.safetensors"):
         assert (output / path).is_file(), path
     assert not [p for p in output.rglob("*") if p.name == "__pycache__" or p.suffix == ".pyc"]
@@ -696,20 +696,20 @@ def test_geoloc_space_exports_a_clean_self_contained_space(tmp_path, monkeypatch
                            cwd=output, capture_output=True, text=True, check=True).stdout
     assert Path(found.strip()).resolve() == (output / "geoloc" / "__init__.py").resolve()
     with pytest.raises(ValueError, match="not empty"):
-        geoloc.space.export_space(output)
+        geoloc.hub.space.export_space(output)
     # Stray files next to the sources (build outputs, caches, editor files) are left behind.
     checkout = tmp_path / "checkout"
-    for folder in ("spaces/geolocation", *geoloc.space.PACKAGES):
+    for folder in ("spaces/geolocation", *geoloc.hub.space.PACKAGES):
         shutil.copytree(REPO / folder, checkout / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    strays = ["geoloc/__pycache__/space.cpython-311.pyc", "geoloc/space.py.orig", "geoloc/.DS_Store",
+    strays = ["geoloc/__pycache__/space.cpython-311.pyc", "geoloc/hub/space.py.orig", "geoloc/.DS_Store",
               "spaces/geolocation/.ipynb_checkpoints/app-checkpoint.py", "modeling_geoclip/build.log",
               "spaces/geolocation/flagged/log.jsonl", "geoloc/_native.so"]
     for stray in strays:
         (checkout / stray).parent.mkdir(parents=True, exist_ok=True)
         (checkout / stray).write_text("stray")
-    monkeypatch.setattr(geoloc.space, "REPOSITORY", checkout)
-    monkeypatch.setattr(geoloc.space, "SPACE_SOURCE", checkout / "spaces" / "geolocation")
-    clean = geoloc.space.export_space(tmp_path / "clean")
+    monkeypatch.setattr(geoloc.hub.space, "REPOSITORY", checkout)
+    monkeypatch.setattr(geoloc.hub.space, "SPACE_SOURCE", checkout / "spaces" / "geolocation")
+    clean = geoloc.hub.space.export_space(tmp_path / "clean")
     exported = {p.relative_to(clean).as_posix() for p in clean.rglob("*") if p.is_file()}
     assert exported == {p.relative_to(output).as_posix() for p in output.rglob("*") if p.is_file()}
 
@@ -754,7 +754,7 @@ def test_space_requirements_are_exactly_what_it_imports(served_models):
     modeling modules it loads) imports while it answers with both models, and nothing else (gradio comes
     with the Space SDK)."""
     environment = {**os.environ, "GEOLOC_MODEL": ",".join(map(str, served_models)), "HF_HUB_OFFLINE": "1"}
-    roots = [str(SPACE), *(str(REPO / package) for package in geoloc.space.PACKAGES)]
+    roots = [str(SPACE), *(str(REPO / package) for package in geoloc.hub.space.PACKAGES)]
     run = subprocess.run([sys.executable, "-c", WHAT_THE_SPACE_IMPORTS, *roots], env=environment,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -767,7 +767,7 @@ def test_plotly_is_a_dependency_of_the_space_only():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert "plotly" not in requirement_names(project["dependencies"])
     assert {"gradio", "plotly", "reverse-geocode"} <= requirement_names(project["optional-dependencies"]["space"])
-    for package in geoloc.space.PACKAGES:
+    for package in geoloc.hub.space.PACKAGES:
         for path in (REPO / package).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text())):
                 names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)

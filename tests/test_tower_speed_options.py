@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from geoloc.configs import TINY_IMAGE_SIZE, tiny_geoclip_config
-from geoloc.worldmap import render_crop, sample_points
+from geoloc.data.worldmap import render_crop, sample_points
 from modeling_geoclip import GeoCLIPModel
 from modeling_geoclip.speed import cpu_supports_bf16, optimize_for_cpu
 

@@ -1,8 +1,8 @@
-"""geoloc.train: one loop for both models, with recipes, checkpoints, exact resume, multi-process (one big
+"""geoloc.training.train: one loop for both models, with recipes, checkpoints, exact resume, multi-process (one big
 batch), cached features, streaming, scene labels, geocell tables, pretrained backbones and hostile data.
 
 Runs on tiny world-map crops; the multi-process and kill/resume tests start real `accelerate launch` /
-`python -m geoloc.train` processes (through `sys.executable`, so the venv need not be on PATH)."""
+`python -m geoloc.training.train` processes (through `sys.executable`, so the venv need not be on PATH)."""
 
 import glob
 import json
@@ -22,13 +22,14 @@ from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
 from geoloc.models import register_models
-from geoloc import cli, train
+from geoloc import cli
+from geoloc.training import train
 from geoloc.configs import tiny_clip_configs, tiny_image_processor
-from geoloc.data import GeoCollator, decode_image, load_geo_dataset
-from geoloc.recipes import RECIPE_OPTIONS, RECIPES, get_recipe
-from geoloc.training_tasks import TRAINING_TASKS
-from geoloc.train import build_parser, main, resolve_args
-from geoloc.worldmap import build_worldmap_splits, write_imagefolder
+from geoloc.data.dataset import GeoCollator, decode_image, load_geo_dataset
+from geoloc.training.recipes import RECIPE_OPTIONS, RECIPES, get_recipe
+from geoloc.training.tasks import TRAINING_TASKS
+from geoloc.training.train import build_parser, main, resolve_args
+from geoloc.data.worldmap import build_worldmap_splits, write_imagefolder
 
 register_models()  # the Auto classes below read GeoCLIP and GeoHier checkpoints
 
@@ -80,7 +81,7 @@ def scene_dataset(tmp_path_factory):
 
 def run_module(args, launcher=(sys.executable, "-m"), env=None, **kwargs):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.Popen([*launcher, "geoloc.train", *args], cwd=REPO, env=env,
+    return subprocess.Popen([*launcher, "geoloc.training.train", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
@@ -155,8 +156,8 @@ def test_dry_run_prints_every_resolved_option_without_loading_anything(recipe, e
 
 @pytest.mark.parametrize("start", [(0.0, 0.0), (89.99, 30.0), (-45.0, 179.999)])
 def test_gps_noise_moves_points_by_true_distances_on_the_sphere(start):
-    from geoloc.geodesy import geodesic_distance_km
-    from geoloc.geoclip_loss import add_gps_noise
+    from geoloc.geography.geodesy import geodesic_distance_km
+    from geoloc.training.geoclip_loss import add_gps_noise
 
     torch.manual_seed(0)
     locations = torch.tensor([start], dtype=torch.float64).repeat(20_000, 1)
@@ -304,7 +305,7 @@ def test_cached_features_train_like_raw_images(worldmap, tmp_path):
 def test_pretrained_clip_backbone_is_loaded_frozen_with_fresh_heads(worldmap, tmp_path):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from modeling_geoclip import byte_level_clip_tokenizer
+    from geoloc.configs import byte_level_clip_tokenizer
 
     vision, text = tiny_clip_configs()
     backbone = tmp_path / "clip"
@@ -339,7 +340,7 @@ def test_a_used_output_folder_needs_resume_or_overwrite(worldmap, tmp_path):
 
 
 def test_push_to_hub_uploads_what_publish_uploads_never_training_state(worldmap, tmp_path, monkeypatch):
-    from geoloc import publish
+    from geoloc.hub import publish
 
     commits = []
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from geoloc.augment import build_augmentation
+from geoloc.training.augment import build_augmentation
 from geoloc.configs import tiny_image_processor
-from geoloc.data import GeoCollator
-from geoloc.training_tasks import IMAGENET_MEAN, IMAGENET_STD, geodecoder_image_processor
+from geoloc.data.dataset import GeoCollator
+from geoloc.training.tasks import IMAGENET_MEAN, IMAGENET_STD, geodecoder_image_processor
 
 WIDTH, HEIGHT = 400, 300  # a 4:3 photo
 

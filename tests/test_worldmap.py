@@ -1,10 +1,10 @@
-"""geoloc.worldmap: the map's pixel <-> coordinate mapping, crops, splits and the CLI."""
+"""geoloc.data.worldmap: the map's pixel <-> coordinate mapping, crops, splits and the CLI."""
 
 import numpy as np
 import pytest
 
-from geoloc.data import load_geo_dataset
-from geoloc.worldmap import (build_worldmap_splits, coordinates_to_pixels, is_land, load_world_map, main,
+from geoloc.data.dataset import load_geo_dataset
+from geoloc.data.worldmap import (build_worldmap_splits, coordinates_to_pixels, is_land, load_world_map, main,
                              render_crop, sample_points)
 
 
@@ -42,7 +42,7 @@ def test_cli_writes_a_loadable_image_folder(tmp_path):
 
 
 def test_validation_and_buffered_splits(tmp_path):
-    from geoloc.worldmap import overlaps_window
+    from geoloc.data.worldmap import overlaps_window
 
     splits = build_worldmap_splits(300, 20, seed=2, validation=20, buffered=True)
     train = np.stack([splits["train"]["latitude"], splits["train"]["longitude"]], axis=1)

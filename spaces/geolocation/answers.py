@@ -1,7 +1,7 @@
 """What the Space answers, independent of how the page draws it.
 
 - `load_geolocators()` loads the models named by `GEOLOC_MODEL` (comma-separated Hub ids or local folders) as
-  `geoloc.inference.Geolocator`s under display names that never show a server path (a folder is shown by its
+  `geoloc.inference.adapter.Geolocator`s under display names that never show a server path (a folder is shown by its
   last component). Without it the Space runs the bundled toy model, or, where that is missing, a randomly
   initialised tiny GeoCLIP; the note it returns says which, for the page's banner.
 - `locate()` asks one geolocator about one image or text (through the adapter only: places, and what the model
@@ -28,12 +28,13 @@ import numpy as np
 import torch
 
 from geoloc import DEFAULT_MODEL
-from geoloc.configs import tiny_geoclip_config, tiny_image_processor
-from geoloc.geodesy import geodesic_distance_km
-from geoloc.inference import GeolocationResult, Geolocator, nearest_places
+from geoloc.configs import byte_level_clip_tokenizer, tiny_geoclip_config, tiny_image_processor
+from geoloc.geography.geodesy import geodesic_distance_km
+from geoloc.inference.adapter import GeolocationResult, Geolocator, nearest_places
 from geoloc.models import register_models
-from geoloc.worldmap import is_land, sample_points
-from modeling_geoclip import GeoCLIPModel, byte_level_clip_tokenizer, check_top_k
+from geoloc.data.worldmap import is_land, sample_points
+from geo_core import check_top_k
+from modeling_geoclip import GeoCLIPModel
 
 MODEL_ENV = "GEOLOC_MODEL"
 BUNDLED_MODEL = DEFAULT_MODEL

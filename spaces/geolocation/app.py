@@ -25,8 +25,8 @@ from pathlib import Path
 import gradio as gr
 
 from answers import MAX_TEXT_CHARS, MAX_TOP_K, Truth, load_geolocators, locate
-from geoloc.data import image_limits
-from modeling_geoclip import load_image
+from geoloc.data.dataset import image_limits
+from geo_core import load_image
 from page import CSS, EMPTY_SUMMARY, basemap_file, details_html, empty_map, insight_html, summary_html, world_map
 
 EXAMPLES_DIR = Path(__file__).parent / "examples"
@@ -99,7 +99,7 @@ def parse_model(value) -> str:
 
 
 class CheckedImage(gr.Image):
-    """`gr.Image` whose uploads are decoded by `modeling_geoclip.load_image` (any mode, EXIF rotation): a file
+    """`gr.Image` whose uploads are decoded by `geo_core.load_image` (any mode, EXIF rotation): a file
     that is not an image, is corrupt or is too large gets a readable message instead of a server error."""
 
     is_template = True  # drawn by gr.Image's frontend

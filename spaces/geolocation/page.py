@@ -28,8 +28,8 @@ from gradio.components.plot import PlotData
 from PIL import Image
 
 from answers import AT_SEA, Answer, format_coordinates, format_percent
-from geoloc.geodesy import unit_vectors, vector_directions
-from geoloc.worldmap import load_world_map
+from geoloc.geography.geodesy import unit_vectors, vector_directions
+from geoloc.data.worldmap import load_world_map
 
 BEST_COLOUR = "#d7261e"
 OTHER_COLOUR = "#1f4e9c"

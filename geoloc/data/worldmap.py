@@ -11,7 +11,7 @@ Points are drawn uniformly on the sphere, a `land_fraction` of them resampled un
 they never coincide.
 
 Command line (`geoloc worldmap`) writes an image folder per split with a `metadata.csv`, readable by
-`geoloc.data.load_geo_dataset` and `geoloc.train --dataset`:
+`geoloc.data.dataset.load_geo_dataset` and `geoloc.training.train --dataset`:
 
     geoloc worldmap --output-dir data/worldmap --train 2000 --test 500
 """
@@ -26,8 +26,8 @@ import datasets
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from .cli import HelpFormatter
-from .geodesy import validate_lat_lon
+from ..cli import HelpFormatter
+from ..geography.geodesy import validate_lat_lon
 
 MAP_FILE = "natural-earth-50m-shaded-relief-720x360.png"
 DEGREES_PER_PIXEL = 0.5
@@ -205,6 +205,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from .cli import run_command
+    from ..cli import run_command
 
     run_command("worldmap")

@@ -7,7 +7,7 @@ instead, with no network):
   model.safetensors (or its shards + index; the GeoCLIP gallery or the GeoHier cell table are inside),
   preprocessor_config.json and tokenizer files. Training state (`checkpoints/`, TensorBoard logs, `log.jsonl`,
   `train_summary.json`, pickles) and anything else in the folder stay local;
-- the model's remote code (`geoloc.remote_code`): its modeling folder's source files, with `auto_map` added to
+- the model's remote code (`geoloc.hub.remote_code`): its modeling folder's source files, with `auto_map` added to
   config.json and preprocessor_config.json, so that `AutoModel` / `AutoImageProcessor.from_pretrained(repo,
   trust_remote_code=True)` work without this package;
 - `README.md` rendered from `hub_cards/<model_type>.md` with `huggingface_hub.ModelCard` (its YAML carries a
@@ -35,16 +35,16 @@ import jinja2
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, SpaceCard
 from transformers import AutoConfig
 
-from modeling_geoclip.pipeline_geolocation import custom_pipelines_entry
+from geo_core.pipeline_geolocation import custom_pipelines_entry
 
-from .benchmark_datasets import BENCHMARKS
-from .cli import HelpFormatter
-from .metrics import DEFAULT_THRESHOLDS_KM, threshold_key
-from .models import register_models
+from ..data.benchmarks import BENCHMARKS
+from ..cli import HelpFormatter
+from ..inference.metrics import DEFAULT_THRESHOLDS_KM, threshold_key
+from ..models import register_models
 from .remote_code import auto_maps, remote_code_files
-from .sources import is_hub_id
+from ..sources import is_hub_id
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CARDS_DIR = REPO_ROOT / "hub_cards"
 TASK_TYPE, TASK_NAME = "image-geolocation", "Image geolocation"
 ACCURACY_KEYS = [threshold_key(threshold) for threshold in DEFAULT_THRESHOLDS_KM]
@@ -439,6 +439,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from .cli import run_command
+    from ..cli import run_command
 
     run_command("publish")

@@ -4,7 +4,7 @@
 webdataset shards, or a Hub dataset, and returns a `datasets.Dataset` (or `IterableDataset` when streaming)
 with the canonical columns `image`, `latitude`, `longitude` (plus whatever else the source has, e.g.
 `scene` or `id`). Rows with bad coordinates are counted and dropped with one warning. Images are *not*
-decoded here (`Image(decode=False)`): `GeoCollator` decodes each one with `modeling_geoclip.load_image`
+decoded here (`Image(decode=False)`): `GeoCollator` decodes each one with `geo_core.load_image`
 when a batch is built, and drops (and counts) the unreadable ones, so a single broken file never stops a
 long run.
 
@@ -32,10 +32,9 @@ from datasets import Image as ImageFeature
 from datasets.exceptions import DatasetGenerationError
 from transformers.utils import logging
 
-from modeling_geoclip import load_image
-from modeling_geoclip.processing_geoclip import MAX_IMAGE_PIXELS
+from geo_core import MAX_IMAGE_PIXELS, load_image
 
-from .sources import check_local_or_hub
+from ..sources import check_local_or_hub
 
 logger = logging.get_logger(__name__)
 
@@ -220,7 +219,7 @@ def _as_floats(values) -> np.ndarray:
 
 
 def invalid_coordinate_rows(latitudes, longitudes) -> list[tuple[int, str]]:
-    """Rows whose coordinates `geoloc.geodesy.validate_lat_lon` rejects, as `(row, reason)` pairs, found with
+    """Rows whose coordinates `geoloc.geography.geodesy.validate_lat_lon` rejects, as `(row, reason)` pairs, found with
     the same rules column-wise (a million bad rows take about a second, not a minute row by row).
 
     Args:
@@ -323,7 +322,7 @@ def load_geo_dataset(
 
 def decode_image(value, max_pixels: int = MAX_IMAGE_PIXELS, resize_edge: int | None = None):
     """Decode one `image` cell (a `{"bytes", "path"}` dict from `Image(decode=False)`, a path, bytes or a
-    PIL image) into an RGB PIL image with `modeling_geoclip.load_image`.
+    PIL image) into an RGB PIL image with `geo_core.load_image`.
 
     Args:
         max_pixels: images with more pixels are refused before decoding (see `load_image`).
@@ -376,7 +375,7 @@ class GeoCollator:
     (int): how many rows were skipped because their image could not be decoded. `B` may be smaller than the
     number of rows when images were skipped, and 0 when all of them were.
 
-    With `augment` (see `geoloc.augment`), each decoded image is augmented before the processor (which then only
+    With `augment` (see `geoloc.training.augment`), each decoded image is augmented before the processor (which then only
     normalises, when the augmentation has a `size`: its images already have the tower's size) with a random
     generator seeded by `(seed, epoch, the image's bytes or file name)`: set `epoch` before each epoch (the training
     loop does), and an image gets the same augmentation in a resumed run as in an uninterrupted one, in the main

@@ -5,7 +5,7 @@ The wheel is fetched from PyPI with `pip download --no-deps` into a cache folder
 imported under stub packages: neither `geoclip/__init__.py` (which pulls in the training code) nor the wheel's
 dependencies are installed. Needs pandas (imported by `model/misc.py`).
 
-`python -m geoloc.official_geoclip` fetches it and prints its path: CI (`.ci/run`) does so before the tests,
+`python tests/official_geoclip.py` fetches it and prints its path: CI (`.ci/run`) does so before the tests,
 which only read the cache (the parity test is skipped, saying so, when the wheel is not there).
 """
 
@@ -102,4 +102,4 @@ if __name__ == "__main__":
     try:
         print(fetch_official_wheel())
     except RuntimeError as error:
-        sys.exit(f"geoloc.official_geoclip: error: {' '.join(str(error).split())}")
+        sys.exit(f"official_geoclip: error: {' '.join(str(error).split())}")

@@ -9,13 +9,13 @@ closest of the K candidates (an upper bound, as some papers report).
 
 Runs on one device, or sharded over processes with `accelerate launch`: each process predicts a
 contiguous shard and the main process gathers them, in dataset order. On GPUs use
-`accelerate launch --multi_gpu --num_processes N -m geoloc.evaluate ...`. On a CPU-only machine
+`accelerate launch --multi_gpu --num_processes N -m geoloc.inference.evaluate ...`. On a CPU-only machine
 `accelerate launch --cpu --num_processes N` starts a single process (accelerate expects MPI for multi-CPU);
 start N CPU processes (gloo) with `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N`.
 
 Example:
     geoloc evaluate --model ./geoclip --dataset im2gps3k --data-dir data/im2gps3k --output-dir eval/im2gps3k
-    accelerate launch --multi_gpu --num_processes 4 -m geoloc.evaluate --model ./geoclip --dataset osv5m \
+    accelerate launch --multi_gpu --num_processes 4 -m geoloc.inference.evaluate --model ./geoclip --dataset osv5m \
         --output-dir eval/osv5m
 """
 
@@ -30,14 +30,14 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from .benchmark_datasets import BENCHMARKS, load_benchmark
-from .cli import HelpFormatter
-from .data import load_geo_dataset
-from .geodesy import geodesic_distance_km
-from .inference import Geolocator
+from ..data.benchmarks import BENCHMARKS, load_benchmark
+from ..cli import HelpFormatter
+from ..data.dataset import load_geo_dataset
+from ..geography.geodesy import geodesic_distance_km
+from .adapter import Geolocator
 from .metrics import distance_metrics
-from .models import register_models
-from .sources import check_local_or_hub
+from ..models import register_models
+from ..sources import check_local_or_hub
 from .predict import row_ids
 
 
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dataset", required=True,
         help=f"a benchmark ({', '.join(sorted(BENCHMARKS))}) or a dataset path / Hub id read with "
-             "geoloc.data.load_geo_dataset",
+             "geoloc.data.dataset.load_geo_dataset",
     )
     parser.add_argument("--output-dir", required=True, help="where metrics.json and predictions.csv go")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass and process")
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="GeoHier: answer each image from the average of its ten crops (the four corners and the "
                              "centre of the resized image and of its mirror image; GeoGuessNet's TenCrop evaluation)")
     parser.add_argument("--data-dir", default=None,
-                        help="local copy of a benchmark in its original layout (see geoloc.benchmark_datasets)")
+                        help="local copy of a benchmark in its original layout (see geoloc.data.benchmarks)")
     parser.add_argument("--split", help="split of a dataset path / Hub id (default: test; a local folder without "
                         "a test/ subfolder is one split, which `imagefolder` calls train)")
     parser.add_argument("--image-column", default="image", help="image column of a dataset path / Hub id")
@@ -112,7 +112,7 @@ def locate_shard(geolocator: Geolocator, dataset, batch_size: int, top_k: int, o
     recorded as `(id, error)` in `unreadable`.
 
     Args:
-        dataset: rows with `image` (anything `geoloc.data.decode_image` reads), `latitude`, `longitude`.
+        dataset: rows with `image` (anything `geoloc.data.dataset.decode_image` reads), `latitude`, `longitude`.
         offset: the row number of the first row in the full dataset (for ids of rows without one).
         ten_crop: answer each image from its ten crops (GeoHier).
     """
@@ -219,6 +219,6 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from .cli import run_command
+    from ..cli import run_command
 
     run_command("evaluate")

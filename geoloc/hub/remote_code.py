@@ -6,10 +6,11 @@ A published repo loads with `AutoModel.from_pretrained(repo, trust_remote_code=T
 the files of one model folder (`modeling_geoclip/` or `modeling_geohier/`) that its config, model and image
 processor classes import, and `auto_map` in `config.json` (config, model) and `preprocessor_config.json` (image
 processor). Remote code allows only relative imports inside the repo, so each model folder holds its own copy of
-the shared modules (`SHARED_MODULES`); the single source is in `SHARED_SOURCE` and the copies are generated:
+the shared modules (`SHARED_MODULES`); their single source is `geo_core/` (`SHARED_SOURCE`, neither model's
+folder) and the copies in every model folder are generated:
 
-    python geoloc/remote_code.py --sync     # rewrite the copies from the source
-    python geoloc/remote_code.py --check    # exit 1 naming the copies that differ (also a test)
+    python geoloc/hub/remote_code.py --sync     # rewrite the copies from the source
+    python geoloc/hub/remote_code.py --check    # exit 1 naming the copies that differ (also a test)
 
 Run it as a file: the sync imports nothing but the standard library, so it works while a stale copy keeps the
 model packages (and `geoloc`) from importing.
@@ -20,13 +21,13 @@ import inspect
 import sys
 from pathlib import Path
 
-SHARED_SOURCE = "modeling_geoclip"
+SHARED_SOURCE = "geo_core"
 SHARED_MODULES = ("geo_common.py", "geo_image_processing.py", "integrity.py", "pipeline_geolocation.py")
 # Every model folder that is pushed alone as remote code and therefore needs the shared modules.
 MODEL_PACKAGES = ("modeling_geoclip", "modeling_geohier")
-COPY_HEADER = "# Generated from {source} by `python geoloc/remote_code.py --sync`; do not edit.\n"
-# geoloc, modeling_geoclip and modeling_geohier are installed side by side (a checkout or site-packages).
-PACKAGES_ROOT = Path(__file__).resolve().parents[1]
+COPY_HEADER = "# Generated from {source} by `python geoloc/hub/remote_code.py --sync`; do not edit.\n"
+# geoloc, geo_core, modeling_geoclip and modeling_geohier are installed side by side (a checkout or site-packages).
+PACKAGES_ROOT = Path(__file__).resolve().parents[2]
 # model_type -> the package and its (config, model, image processor) classes, for each publishable model.
 AUTO_CLASSES = {
     "geoclip": ("modeling_geoclip", ("GeoCLIPConfig", "GeoCLIPModel", "GeoCLIPImageProcessor")),
@@ -79,7 +80,7 @@ def remote_code_files(model_type: str) -> dict[str, Path]:
         files.update(Path(path) for path in [module_file, *get_relative_import_files(module_file)])
     stale = [copy for copy in stale_shared_copies() if PACKAGES_ROOT / copy in files]
     if stale:
-        raise ValueError(f"Shared module copies differ from their source: {stale}; run `python geoloc/remote_code.py "
+        raise ValueError(f"Shared module copies differ from their source: {stale}; run `python geoloc/hub/remote_code.py "
                          "--sync` in a checkout of the repository.")
     return {path.name: path for path in sorted(files)}
 
@@ -91,8 +92,7 @@ def expected_copy(name: str, root: Path = PACKAGES_ROOT) -> str:
 
 
 def _copies(root: Path) -> list[tuple[str, Path]]:
-    return [(name, root / package / name) for package in MODEL_PACKAGES if package != SHARED_SOURCE
-            for name in SHARED_MODULES]
+    return [(name, root / package / name) for package in MODEL_PACKAGES for name in SHARED_MODULES]
 
 
 def stale_shared_copies(root: Path = PACKAGES_ROOT) -> list[str]:
@@ -112,7 +112,7 @@ def sync_shared_copies(root: Path = PACKAGES_ROOT) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python geoloc/remote_code.py",
+    parser = argparse.ArgumentParser(prog="python geoloc/hub/remote_code.py",
                                      description="Check or regenerate the model folders' copies of the shared modules.")
     action = parser.add_mutually_exclusive_group(required=True)
     action.add_argument("--check", action="store_true", help="exit 1 when a copy differs from its source")
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
         return 0
     stale = stale_shared_copies()
     if stale:
-        print(f"stale copies (run `python geoloc/remote_code.py --sync`): {', '.join(stale)}", file=sys.stderr)
+        print(f"stale copies (run `python geoloc/hub/remote_code.py --sync`): {', '.join(stale)}", file=sys.stderr)
         return 1
     print("all copies in sync")
     return 0

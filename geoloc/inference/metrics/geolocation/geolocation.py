@@ -1,12 +1,12 @@
-"""`evaluate` metric module for worldwide image geolocation, wrapping `geoloc.metrics.geolocation_metrics`.
+"""`evaluate` metric module for worldwide image geolocation, wrapping `geoloc.inference.metrics.geolocation_metrics`.
 
-Load it from a checkout (offline, a local path): `evaluate.load("geoloc/metrics/geolocation")`.
+Load it from a checkout (offline, a local path): `evaluate.load("geoloc/inference/metrics/geolocation")`.
 """
 
 import datasets
 import evaluate
 
-from geoloc.metrics import DEFAULT_THRESHOLDS_KM, geolocation_metrics
+from geoloc.inference.metrics import DEFAULT_THRESHOLDS_KM, geolocation_metrics
 
 _CITATION = """\
 @inproceedings{vo2017revisiting,
@@ -39,7 +39,7 @@ Returns:
 Raises:
     ValueError: on coordinates out of range / NaN (naming the first bad one) or an empty input.
 Example:
-    >>> metric = evaluate.load("geoloc/metrics/geolocation")
+    >>> metric = evaluate.load("geoloc/inference/metrics/geolocation")
     >>> metric.compute(predictions=[[48.8566, 2.3522]], references=[[51.5074, -0.1278]])["acc_750km"]
     1.0
 """

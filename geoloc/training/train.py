@@ -1,12 +1,12 @@
 """Train GeoCLIP or GeoHier with one readable loop on Hugging Face Accelerate.
 
     geoloc train --model geoclip --dataset data/worldmap --output-dir runs/geoclip-tiny      # recipe geoclip-tiny
-    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m geoloc.train --model geohier \\
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m geoloc.training.train --model geohier \\
         --dataset data/worldmap --output-dir runs/geohier-tiny                             # 2 CPU processes
-    accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 -m geoloc.train \\
+    accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 -m geoloc.training.train \\
         --recipe geoclip-paper --dataset MP16_DIR --output-dir runs/geoclip                # the paper's recipe
 
-**Recipes** (`geoloc.recipes`) give every training option a default: `--model geoclip` alone trains with
+**Recipes** (`geoloc.training.recipes`) give every training option a default: `--model geoclip` alone trains with
 `geoclip-tiny`, `--recipe geoclip-paper` / `--recipe geodecoder-paper` with the published setups; any option
 given on the command line wins; `--dry-run` prints the resolved settings as JSON and stops. `--batch-size` is the
 global batch of one optimizer step, split evenly over the processes and `--gradient-accumulation-steps`: the loop
@@ -14,7 +14,7 @@ reads a step's micro-batches together, the task sees all of them first (GeoCLIP 
 whole global batch), and gradients are averaged once per step, so 1 process, N processes and accumulation train
 the same weights from the same batches.
 
-**The loop** knows nothing about the models: a task object per model (`geoloc.training_tasks`) builds the model
+**The loop** knows nothing about the models: a task object per model (`geoloc.training.tasks`) builds the model
 (tiny random, a checkpoint to fine-tune, or `--backbone` pretrained towers with fresh heads), turns rows into
 batches, computes the loss and does what follows a step. Accelerate places the model, runs mixed precision and
 multi-process data parallelism. Every process has its own seed (`--seed` + process
@@ -69,14 +69,14 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from .cli import HelpFormatter
-from .data import IMAGE, LATITUDE, LONGITUDE, load_geo_dataset
-from .models import register_models
-from .processes import exit_with_launcher, output_lock
+from ..cli import HelpFormatter
+from ..data.dataset import IMAGE, LATITUDE, LONGITUDE, load_geo_dataset
+from ..models import register_models
+from ..processes import exit_with_launcher, output_lock
 from .recipes import OPTIMIZERS, RECIPE_OPTIONS, RECIPES, SCHEDULES, get_recipe
-from .sources import check_local_or_hub
-from .threads import training_threads
-from .training_tasks import TRAINING_TASKS, steps_for_epochs
+from ..sources import check_local_or_hub
+from ..threads import training_threads
+from .tasks import TRAINING_TASKS, steps_for_epochs
 
 CHECKPOINTS = "checkpoints"
 MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--decay-gamma", type=float, help="step schedule factor (recipe default)")
     group.add_argument("--max-grad-norm", type=float, help="gradient clipping, 0: off (recipe default)")
     group.add_argument("--augmentation", choices=("none", "photo", "geodecoder", "map"),
-                       help="training image augmentation, see geoloc.augment (recipe default)")
+                       help="training image augmentation, see geoloc.training.augment (recipe default)")
     group.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default=None,
                        help="default: accelerate's setting (`accelerate launch --mixed_precision`), else no")
     group.add_argument("--seed", type=int, default=0, help="seed of the data order, noise and initialisation")
@@ -626,7 +626,7 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> int:
         with open(os.path.join(args.output_dir, "train_summary.json"), "w") as handle:
             json.dump(summary, handle, indent=2)
         if args.push_to_hub:  # the files `geoloc publish` uploads: the model, its card and remote code, no state
-            from .publish import publish
+            from ..hub.publish import publish
 
             publish(args.output_dir, args.push_to_hub,
                     training_data=f"Trained with `geoloc train` (recipe {args.recipe}) on {args.dataset!r}.")
@@ -637,6 +637,6 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> int:
 
 
 if __name__ == "__main__":
-    from .cli import run_command
+    from ..cli import run_command
 
     run_command("train")

@@ -1,7 +1,7 @@
 """Geolocation metrics: accuracy within distance thresholds, mean/median error, and the OSV-5M GeoScore.
 
 `geolocation_metrics` is the one metric function of the package; the `evaluate` module in
-`geoloc/metrics/geolocation/` (`evaluate.load("geoloc/metrics/geolocation")`) and `geoloc evaluate` both
+`geoloc/inference/metrics/geolocation/` (`evaluate.load("geoloc/inference/metrics/geolocation")`) and `geoloc evaluate` both
 call it (the latter through `distance_metrics`, on distances it already computed for predictions.csv).
 """
 
@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from ..geodesy import geodesic_distance_km
+from ...geography.geodesy import geodesic_distance_km
 
 # The standard thresholds of the im2gps line of work: street, city, region, country, continent.
 DEFAULT_THRESHOLDS_KM = (1, 25, 200, 750, 2500)

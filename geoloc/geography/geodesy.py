@@ -1,6 +1,6 @@
 """Geodesy: coordinates and spherical maths for everything outside the models — validation at the package
 boundary, distances in km, unit vectors, the length of a degree. A leaf module: it imports no other `geoloc`
-module; its constants and its validator come from the models' shared module (`modeling_geoclip.geo_common`),
+module; its constants and its validator come from the shared core (`geo_core.geo_common`),
 so the package has one Earth radius and one coordinate validator.
 
 Two distances, both vectorised over N pairs:
@@ -22,7 +22,7 @@ import math
 import numpy as np
 from pyproj import Geod
 
-from modeling_geoclip.geo_common import EARTH_MEAN_RADIUS_KM, validate_locations
+from geo_core import EARTH_MEAN_RADIUS_KM, validate_locations
 
 # Length of one degree of latitude (or of longitude on the equator) on the mean Earth sphere, km (~111.195).
 KM_PER_DEGREE = math.pi * EARTH_MEAN_RADIUS_KM / 180

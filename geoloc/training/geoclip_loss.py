@@ -2,7 +2,7 @@
 the gather of the global batch across processes and the GPS noise, step for step as the official loop
 (`geoclip/train/train.py` of geoclip 1.3.0).
 
-One optimizer step of `geoloc.train` with it (the `GeoCLIPTask` calls these):
+One optimizer step of `geoloc.training.train` with it (the `GeoCLIPTask` calls these):
 
     batches = loss.gather_step(micro_batches, weights)  # the global batch's locations, noised once
     for batch, weight in zip(batches, weights):
@@ -18,11 +18,11 @@ in checkpoints, as in the official model); this module decides what enters it an
 
 import torch
 
-from modeling_geoclip.geo_common import destination_points
+from geo_core import destination_points
 
 
 class GeoCLIPLoss:
-    """GeoCLIP's loss for `geoloc.train`'s loop (see the module docstring).
+    """GeoCLIP's loss for `geoloc.training.train`'s loop (see the module docstring).
 
     Args:
         accelerator: the run's `accelerate.Accelerator` (process count, gather, unwrapping).

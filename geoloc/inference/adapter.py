@@ -56,13 +56,13 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
-from modeling_geoclip import check_top_k
+from geo_core import check_top_k
 
-from . import DEFAULT_MODEL
-from .data import decode_images, image_limits
-from .geodesy import geodesic_distance_km
-from .models import register_models
-from .sources import check_local_or_hub
+from .. import DEFAULT_MODEL
+from ..data.dataset import decode_images, image_limits
+from ..geography.geodesy import geodesic_distance_km
+from ..models import register_models
+from ..sources import check_local_or_hub
 
 UNCERTAINTY_POINTS = 3000  # candidates returned as uncertainty points at most (GeoCLIP's heat layer)
 ATTENTION_SIZE = 224  # side in pixels of the attention overlays

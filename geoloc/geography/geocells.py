@@ -22,7 +22,7 @@ import numpy as np
 import s2geometry
 
 from geoloc.cli import HelpFormatter
-from geoloc.geodesy import unit_vectors, validate_lat_lon, vector_directions
+from geoloc.geography.geodesy import unit_vectors, validate_lat_lon, vector_directions
 
 logger = logging.getLogger(__name__)
 
@@ -337,7 +337,7 @@ def _load_coordinates(dataset: str, split: str, latitude_column: str, longitude_
         data = datasets.load_dataset(builder, data_files=str(path), split="train")
         data = data.select_columns([latitude_column, longitude_column]).with_format("numpy")
         return data[latitude_column], data[longitude_column]
-    from .data import LATITUDE, LONGITUDE, load_geo_dataset
+    from ..data.dataset import LATITUDE, LONGITUDE, load_geo_dataset
 
     data = load_geo_dataset(dataset, split, lat_column=latitude_column, lon_column=longitude_column)
     data = data.select_columns([LATITUDE, LONGITUDE]).with_format("numpy")

@@ -11,7 +11,7 @@ Usage:
     geoloc convert ./release-folder ./geoclip-location-encoder --location-encoder-only
     geoloc convert geoclip.whl ./geoclip-random --random-backbone   # offline testing only
 
-It lives in `geoloc`, not in `modeling_geoclip`, because it reads galleries with `geoloc.gallery` (the package's
+It lives in `geoloc`, not in `modeling_geoclip`, because it reads galleries with `geoloc.data.gallery` (the package's
 one gallery reader) and is no part of the model's Hub remote code.
 """
 
@@ -39,12 +39,12 @@ from modeling_geoclip import (
     GeoCLIPLocationEncoder,
     GeoCLIPLocationEncoderConfig,
     GeoCLIPModel,
-    byte_level_clip_tokenizer,
 )
 from modeling_geoclip.configuration_geoclip import OFFICIAL_BACKBONE, OFFICIAL_SIGMAS
 
-from .cli import HelpFormatter
-from .gallery import read_gallery_csv
+from ..cli import HelpFormatter
+from ..configs import byte_level_clip_tokenizer
+from ..data.gallery import read_gallery_csv
 
 RELEASE_TYPES = ("geoclip-geolocation", "geoclip-location-encoder")
 # Files of the wheel's `geoclip/model/` folder and the official (Hub release) key prefix of each.
@@ -333,6 +333,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from .cli import run_command
+    from ..cli import run_command
 
     run_command("convert")

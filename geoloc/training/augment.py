@@ -1,7 +1,7 @@
 """Training-time image augmentations on PIL images, without torchvision.
 
 Each recipe names one of `AUGMENTATIONS`; `build_augmentation(name, size)` returns a callable `(image, rng) -> image`
-on PIL RGB images, applied by `geoloc.data.GeoCollator` before the image processor. Like torchvision's training
+on PIL RGB images, applied by `geoloc.data.dataset.GeoCollator` before the image processor. Like torchvision's training
 transforms, each augmentation ends with an image of exactly the tower's input `size` (its random crop resized
 straight to it, whatever the photo's aspect ratio), and the processor then only normalises it: its resize and
 centre crop are the evaluation transform. The collator draws `rng` from the run's seed, the epoch and the image
@@ -17,7 +17,7 @@ DataLoader workers.
   m16_transform): a rotation by 1-15 degrees (RandomAffine((1, 15))), colour jitter (0.4, 0.4, 0.4, 0.1),
   horizontal flip (p 0.5), then a random square crop of 224/256 of the shorter side resized to the tower's size
   (Resize(256) + RandomCrop(224)).
-- `"map"`: for the world-map crops of `geoloc.worldmap`: a mild random resized crop (scale 0.8-1, ratio
+- `"map"`: for the world-map crops of `geoloc.data.worldmap`: a mild random resized crop (scale 0.8-1, ratio
   0.9-1.1) and brightness / contrast jitter (0.2); no flip, no hue change and no grayscale, since a mirrored or
   recoloured map crop shows a different place.
 

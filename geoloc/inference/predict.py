@@ -11,7 +11,7 @@ An unreadable file is reported on stderr (and in `--json` as its `error`); the o
 the exit status is 1.
 
 Datasets (a photo archive: a folder of images, with or without metadata.csv, parquet/webdataset shards or a
-Hub dataset, read with `geoloc.data.load_geo_dataset(..., coordinates=False)`: no coordinates are needed, and
+Hub dataset, read with `geoloc.data.dataset.load_geo_dataset(..., coordinates=False)`: no coordinates are needed, and
 rows with coordinates, valid or not, are all geolocated):
 
     geoloc predict --dataset DIR_OR_HUB_ID [--split train] --output predictions.csv|.parquet [--top-k 5]
@@ -36,8 +36,8 @@ rows with coordinates, valid or not, are all geolocated):
   equal to float32 rounding, since MKL's sums depend on memory alignment, and bit-identical with
   `MKL_CBWR=AUTO,STRICT` set), and a resumed run may use another process count:
 
-      accelerate launch --num_processes 8 -m geoloc.predict --dataset DIR --output predictions.parquet
-      # CPU-only machine: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 4 -m geoloc.predict ...
+      accelerate launch --num_processes 8 -m geoloc.inference.predict --dataset DIR --output predictions.parquet
+      # CPU-only machine: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 4 -m geoloc.inference.predict ...
 
   Across nodes, start the same command on every node with `--num_machines M --machine_rank R
   --main_process_ip HOST --main_process_port PORT` (`--num_processes` counts all processes of all nodes);
@@ -65,12 +65,12 @@ ERROR_COLUMNS = ["id", "error"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import HelpFormatter
+    from ..cli import HelpFormatter
 
     parser = argparse.ArgumentParser(
         prog="geoloc predict",
         description="Predict the GPS location of images (or of text descriptions, for GeoCLIP models), of files "
-        "or of a whole dataset (see `python -m pydoc geoloc.predict` for resuming and multi-process runs).",
+        "or of a whole dataset (see `python -m pydoc geoloc.inference.predict` for resuming and multi-process runs).",
         formatter_class=HelpFormatter,
     )
     parser.add_argument("images", nargs="*", metavar="IMAGE",
@@ -129,7 +129,7 @@ def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) 
 
 def check_sources(args: argparse.Namespace) -> None:
     """Fail at once on a `--model` / `--dataset` that is neither a local path nor a Hub id (before any loading)."""
-    from .sources import check_local_or_hub
+    from ..sources import check_local_or_hub
 
     if args.model != "default":
         check_local_or_hub(args.model, "--model")
@@ -139,8 +139,8 @@ def check_sources(args: argparse.Namespace) -> None:
 
 def load_geolocator(args: argparse.Namespace, device=None):
     """The `Geolocator` for `--model` (with `--gallery` set as its gallery)."""
-    from .gallery import load_gallery
-    from .inference import Geolocator
+    from ..data.gallery import load_gallery
+    from .adapter import Geolocator
 
     geolocator = Geolocator.from_pretrained(args.model, device=device)
     if args.gallery:
@@ -156,9 +156,9 @@ def content_sha256(source: str, gallery: str | None = None) -> str:
     the Hub cache) and the `--gallery` file, so that a resumed run refuses a model retrained in place."""
     from transformers.utils import cached_file
 
-    from modeling_geoclip.integrity import checkpoint_files
+    from geo_core.integrity import checkpoint_files
 
-    from .inference import resolve_model
+    from .adapter import resolve_model
 
     source = resolve_model(source)
     settings = [cached_file(source, name, _raise_exceptions_for_missing_entries=False)
@@ -196,7 +196,7 @@ def predict_inputs(args: argparse.Namespace) -> int:
     else:
         _print_table(results)
     if demo:
-        from .geodesy import geodesic_distance_km
+        from ..geography.geodesy import geodesic_distance_km
 
         best = results[0]
         error = geodesic_distance_km(best.latitudes[:1], best.longitudes[:1], [DEMO_LATITUDE], [DEMO_LONGITUDE])[0]
@@ -220,7 +220,7 @@ def _demo_image():
     """A 32x32 crop of the bundled Natural Earth map around the demo point, as the default model was trained on."""
     import numpy as np
 
-    from .worldmap import render_crop
+    from ..data.worldmap import render_crop
 
     return render_crop(DEMO_LATITUDE, DEMO_LONGITUDE, np.random.default_rng(0), jitter=0.0, brightness=0.0)
 
@@ -241,7 +241,7 @@ def row_ids(rows: dict, first: int, root: str | None = None) -> list[str]:
     """The ids of a batch of dataset rows (columns -> lists): the `id` column, else the image's path relative to
     the dataset folder `root` (so that `a/x.jpg` and `b/x.jpg` stay apart; the file name where the image lies
     outside `root` or there is none), else the row number (`first` is the row number of the first row)."""
-    from .data import is_inside  # here: `geoloc predict --help` does not import datasets
+    from ..data.dataset import is_inside  # here: `geoloc predict --help` does not import datasets
 
     ids = []
     root = os.path.abspath(root) if root else None
@@ -412,7 +412,7 @@ def predict_dataset(args: argparse.Namespace) -> int:
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
-    from .processes import exit_with_launcher, output_lock
+    from ..processes import exit_with_launcher, output_lock
 
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as `Accelerator()` reads it
     output = Path(args.output)
@@ -432,7 +432,7 @@ def _geolocate_chunks(args: argparse.Namespace, state, output: Path, parts: Chun
     """The work of `predict_dataset` on this process: its chunks not yet done, then (main process) the merge."""
     from tqdm.auto import tqdm
 
-    from .data import load_geo_dataset
+    from ..data.dataset import load_geo_dataset
 
     with state.main_process_first():  # one process builds the datasets cache, the others read it
         dataset = load_geo_dataset(args.dataset, split=args.split, image_column=args.image_column,
@@ -475,6 +475,6 @@ def _geolocate_chunks(args: argparse.Namespace, state, output: Path, parts: Chun
 
 
 if __name__ == "__main__":
-    from .cli import run_command
+    from ..cli import run_command
 
     run_command("predict")

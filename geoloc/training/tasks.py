@@ -1,12 +1,12 @@
-"""What `geoloc.train`'s one Accelerate loop needs from each model family: a small task object per model.
+"""What `geoloc.training.train`'s one Accelerate loop needs from each model family: a small task object per model.
 
 A task builds its model and processors (a tiny random model, a checkpoint to fine-tune, or a pretrained backbone
 with fresh heads), turns the dataset into training batches, computes the loss of a batch, does what must follow
 an optimizer step, and adds what the saved model needs (GeoCLIP's gallery, GeoHier's cell table). The loop in
-`geoloc/train.py` knows nothing else about the models, so a third model joins by subclassing `TrainingTask` and
+`geoloc/training/train.py` knows nothing else about the models, so a third model joins by subclassing `TrainingTask` and
 decorating it with `@register_task("name")`; `geoloc train --model name` then trains it. A task declares its
 own options (`add_arguments`), their checks (`check_args`) and the defaults of those a recipe may set
-(`recipe_options`); recipes (`geoloc.recipes`) name values for them in `model_options`.
+(`recipe_options`); recipes (`geoloc.training.recipes`) name values for them in `model_options`.
 
     @register_task("mymodel")
     class MyTask(TrainingTask):
@@ -28,13 +28,13 @@ import torch
 from transformers import AutoImageProcessor, AutoTokenizer
 from transformers.image_utils import PILImageResampling
 
-from modeling_geoclip import GeoCLIPImageProcessor, GeoCLIPModel, byte_level_clip_tokenizer
+from modeling_geoclip import GeoCLIPImageProcessor, GeoCLIPModel
 from modeling_geohier import GeoHierImageProcessor, GeoHierModel
 
 from .augment import build_augmentation
-from .configs import tiny_geoclip_config, tiny_geohier_config, tiny_image_processor
-from .data import IMAGE, LATITUDE, LONGITUDE, GeoCollator, decode_images, image_limits
-from .gallery import training_gallery
+from ..configs import byte_level_clip_tokenizer, tiny_geoclip_config, tiny_geohier_config, tiny_image_processor
+from ..data.dataset import IMAGE, LATITUDE, LONGITUDE, GeoCollator, decode_images, image_limits
+from ..data.gallery import training_gallery
 from .geoclip_loss import GeoCLIPLoss
 
 TRAINING_TASKS: dict[str, type["TrainingTask"]] = {}
@@ -130,7 +130,7 @@ class TrainingTask:
         return batches
 
     def loss(self, model, batch: dict, weight: float = 1.0) -> torch.Tensor:
-        """The loss of one micro-batch (times `weight`; 0 for a stand-in batch, see `geoloc.train`)."""
+        """The loss of one micro-batch (times `weight`; 0 for a stand-in batch, see `geoloc.training.train`)."""
         raise NotImplementedError
 
     def after_step(self, model) -> None:
@@ -158,7 +158,7 @@ class GeoCLIPTask(TrainingTask):
     GPS noise as in the paper: the batch's coordinates are moved by Gaussian noise of
     `--gps-noise-km` (150 m) and the locations entering the queue by `--queue-noise-km` (1 km), as distances on
     the sphere. The official code adds none (intended difference only where a recipe sets it). The loss, its
-    gather and its queue updates are `geoloc.geoclip_loss.GeoCLIPLoss`."""
+    gather and its queue updates are `geoloc.training.geoclip_loss.GeoCLIPLoss`."""
 
     recipe_options = {"queue_size": None, "gps_noise_km": 0.0, "queue_noise_km": 0.0}  # None: the config's
     default_recipe = "geoclip-tiny"
@@ -377,7 +377,7 @@ class GeoHierTask(TrainingTask):
         level_loss_weights(args.level_loss_weights)
 
     def build(self, dataset, latitudes, longitudes) -> None:
-        from .geocells import assign_geocells, geocells_for, load_cell_table
+        from ..geography.geocells import assign_geocells, geocells_for, load_cell_table
 
         args = self.args
         if args.geocells:
@@ -453,7 +453,7 @@ class GeoHierTask(TrainingTask):
         if self.scene_column and self.scene_column != SCENE_LABELS:
             dataset = dataset.rename_column(self.scene_column, SCENE_LABELS)
         if isinstance(dataset, datasets.IterableDataset):  # label each row as it streams by
-            from .geocells import assign_geocells
+            from ..geography.geocells import assign_geocells
 
             cells = self.cells
             dataset = dataset.map(lambda rows: {"labels": assign_geocells(cells, rows[LATITUDE],

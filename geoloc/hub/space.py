@@ -1,7 +1,7 @@
 """`geoloc space OUTPUT_DIR`: assemble the Gradio Space (`spaces/geolocation/`) in a folder ready to upload.
 
 The Space's page (answers, map, tables) lives in `spaces/geolocation/` and talks to the models only through
-`geoloc.inference`; this module only copies it, with the package sources it imports, so that the Space runs
+`geoloc.inference.adapter`; this module only copies it, with the package sources it imports, so that the Space runs
 without `geoloc` being installed (`app.py` imports the copied folders next to it; `requirements.txt` installs
 their dependencies). Only source and asset files are copied (the package-data patterns of pyproject.toml), never
 caches, compiled files or hidden files.
@@ -17,11 +17,11 @@ import os
 import shutil
 from pathlib import Path
 
-from .cli import HelpFormatter
+from ..cli import HelpFormatter
 
-REPOSITORY = Path(__file__).resolve().parents[1]
+REPOSITORY = Path(__file__).resolve().parents[2]
 SPACE_SOURCE = REPOSITORY / "spaces" / "geolocation"
-PACKAGES = ("geoloc", "modeling_geoclip", "modeling_geohier")
+PACKAGES = ("geoloc", "geo_core", "modeling_geoclip", "modeling_geohier")
 COPIED = ("*.py", "*.md", "*.txt", "*.json", "*.csv", "*.png", "*.jpg", "*.safetensors")  # what a Space needs
 
 

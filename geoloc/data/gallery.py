@@ -12,7 +12,7 @@ import os
 import numpy as np
 import torch
 
-from modeling_geoclip import validate_locations
+from geo_core import validate_locations
 
 COORDINATE_COLUMNS = (("lat", "lon"), ("latitude", "longitude"))
 
@@ -89,7 +89,7 @@ def load_gallery(source, split: str = "train", columns: tuple[str, str] | None =
 
     Raises:
         ValueError: naming the source when it cannot be read, has no coordinate columns, is empty, or holds a
-            coordinate outside [-90, 90] x [-180, 180] (see `modeling_geoclip.validate_locations`).
+            coordinate outside [-90, 90] x [-180, 180] (see `geo_core.validate_locations`).
 
     Example:
         >>> load_gallery([[48.8566, 2.3522], [40.7128, -74.006]]).shape

@@ -1,8 +1,8 @@
 """Loaders for the standard geolocation benchmarks: Im2GPS, Im2GPS3k, YFCC4k, YFCC26k, GWS15k, OSV-5M.
 
 `load_benchmark(name, data_dir)` reads a local copy in the set's original layout (an image folder plus the
-CSV the set ships) and returns a `datasets.Dataset` with the columns of `geoloc.data.load_geo_dataset`:
-`image` (`Image(decode=False)`: a path, decoded later by `geoloc.data.decode_image`), `latitude`,
+CSV the set ships) and returns a `datasets.Dataset` with the columns of `geoloc.data.dataset.load_geo_dataset`:
+`image` (`Image(decode=False)`: a path, decoded later by `geoloc.data.dataset.decode_image`), `latitude`,
 `longitude` (float64 degrees), plus `id` (the image id of the CSV). Only OSV-5M has an official Hub copy;
 with `data_dir=None` it is downloaded (test split only) with `huggingface_hub.snapshot_download`. The
 others must be fetched by hand from the sources below, then pointed at with `data_dir`.
@@ -51,8 +51,8 @@ import pandas as pd
 from huggingface_hub import snapshot_download
 from huggingface_hub.constants import HF_HOME
 
-from .data import check_no_outside_links, confined_path
-from .geodesy import validate_lat_lon
+from .dataset import check_no_outside_links, confined_path
+from ..geography.geodesy import validate_lat_lon
 
 # Accepted column names, first match wins (the CSVs of the im2gps family use upper case, OSV-5M lower).
 ID_COLUMNS = ("IMG_ID", "id")
@@ -113,7 +113,7 @@ def _first_existing(folder: Path, names: tuple[str, ...], what: str, benchmark: 
             return Path(confined_path(folder, name, what=f"The {what}"))
     raise ValueError(
         f"'{folder}' is not a {benchmark} folder: no {what} ({' or '.join(names)}). "
-        f"See `geoloc.benchmark_datasets` for the expected layout and where to get the files."
+        f"See `geoloc.data.benchmarks` for the expected layout and where to get the files."
     )
 
 
@@ -166,7 +166,7 @@ def download_benchmark(name: str, data_dir=None) -> Path:
     if spec.hub_repo is None:
         raise ValueError(
             f"{name} has no public Hugging Face Hub copy: download it by hand (see the table in "
-            f"`geoloc.benchmark_datasets`) and pass its folder as data_dir (--data-dir)."
+            f"`geoloc.data.benchmarks`) and pass its folder as data_dir (--data-dir)."
         )
     target = Path(data_dir) if data_dir is not None else benchmark_dir(name)
     snapshot_download(
