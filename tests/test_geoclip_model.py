@@ -27,7 +27,7 @@ from modeling_geoclip import (
     GeoCLIPModel,
     load_image,
 )
-from geoloc.geoclip_loss import GeoCLIPLoss
+from geoloc.training.geoclip_loss import GeoCLIPLoss
 from geoloc.models import register_models
 
 register_models()  # the Auto classes below read GeoCLIP and GeoHier checkpoints
