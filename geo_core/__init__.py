@@ -17,6 +17,7 @@ from .geo_common import (
     EARTH_MEAN_RADIUS_KM,
     GeolocationOutput,
     check_top_k,
+    coordinate_rule_violations,
     destination_points,
     validate_locations,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "GeolocationOutput",
     "MAX_IMAGE_PIXELS",
     "check_top_k",
+    "coordinate_rule_violations",
     "destination_points",
     "load_image",
     "validate_locations",

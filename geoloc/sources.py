@@ -27,6 +27,19 @@ def is_hub_id(source: str) -> bool:
     return True
 
 
+def hub_repo_id(value) -> str | None:
+    """`value` when it can only mean a Hub repo (a valid repo id that names no local path), else None: a local
+    folder, a path-like string or a non-string. What may be published as a source (`backbone`, `datasets`).
+
+    Example:
+        >>> hub_repo_id("openai/clip-vit-base-patch32"), hub_repo_id("/home/alice/private/clip-tiny")
+        ('openai/clip-vit-base-patch32', None)
+    """
+    if not isinstance(value, str) or os.path.exists(value) or not is_hub_id(value):
+        return None
+    return value
+
+
 def check_local_or_hub(source, option: str, *, hub: bool = True, patterns: bool = False) -> str:
     """`source` as a string, checked: it exists locally, or (with `hub`) it is a Hub repo id, or (with
     `patterns`) it is a glob that matches files (dataset shards such as `data/*.parquet`).
@@ -42,4 +55,4 @@ def check_local_or_hub(source, option: str, *, hub: bool = True, patterns: bool 
     raise ValueError(f"{option} '{source}': no such folder{hint}.")
 
 
-__all__ = ["check_local_or_hub", "is_hub_id"]
+__all__ = ["check_local_or_hub", "hub_repo_id", "is_hub_id"]

@@ -569,10 +569,17 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
                 embed(rows).to(dtype)
                 for rows in logging.tqdm(batches, desc="Encoding gallery", disable=not show_progress)
             ])
+            self._store_gallery(coordinates, backend, options, embeddings=embeddings)
         else:
             built = FaissGallery.build(embed, len(coordinates), self.config.projection_dim, options,
                                        calibration_queries, batch_size=batch_size, show_progress=show_progress)
-            index_bytes = built.serialize()
+            self._store_gallery(coordinates, backend, options, built=built)
+
+    def _store_gallery(self, coordinates: torch.Tensor, backend: str, options: dict,
+                       embeddings: torch.Tensor | None = None, built: FaissGallery | None = None) -> None:
+        """Record a built gallery in the config and the buffers `save_pretrained` writes: `(N, 2)` micro-degree
+        `coordinates` with their `(N, D)` `embeddings` (`"exact"`) or the `built` FAISS gallery (`"faiss"`)."""
+        index_bytes = None if backend == "exact" else built.serialize()
         self.config.gallery_size, self.config.gallery_backend = len(coordinates), backend
         self.config.gallery_options = options
         self.config.gallery_index_nbytes = 0 if backend == "exact" else len(index_bytes)

@@ -34,11 +34,31 @@ def from_microdegrees(coordinates: torch.Tensor) -> torch.Tensor:
     return coordinates.to(torch.float64) / MICRODEGREES
 
 
+def coordinate_rule_violations(latitudes, longitudes) -> tuple[tuple[object, str], ...]:
+    """The coordinate rules, one home for every validator: `(mask, rule)` per rule, in the order that names a
+    row breaking several, where `mask` marks which of N (latitude, longitude) degrees break it.
+
+    Args:
+        latitudes, longitudes: `(N,)` torch tensors or numpy float arrays (the masks are of the same kind).
+
+    Example:
+        >>> [mask.tolist() for mask, _ in coordinate_rule_violations(np.array([95.0]), np.array([0.0]))]
+        [[False], [True], [False]]
+    """
+    lib = torch if isinstance(latitudes, torch.Tensor) else np
+    with np.errstate(invalid="ignore"):  # NaN breaks the first rule only
+        return (
+            (~(lib.isfinite(latitudes) & lib.isfinite(longitudes)), "coordinates must be finite (no NaN or inf)"),
+            (lib.abs(latitudes) > 90, "latitude must be in [-90, 90]"),
+            (lib.abs(longitudes) > 180, "longitude must be in [-180, 180]"),
+        )
+
+
 def validate_locations(locations, name: str = "locations") -> torch.Tensor:
     """Check GPS coordinates and return them as a floating tensor of shape (N, 2), (latitude, longitude).
 
-    The one place where coordinates are validated: latitudes must lie in [-90, 90], longitudes in
-    [-180, 180], all finite. Nothing is wrapped or clipped.
+    Latitudes must lie in [-90, 90], longitudes in [-180, 180], all finite (`coordinate_rule_violations`).
+    Nothing is wrapped or clipped.
 
     Args:
         locations: tensor, numpy array or nested list of shape (N, 2), degrees.
@@ -60,12 +80,7 @@ def validate_locations(locations, name: str = "locations") -> torch.Tensor:
         raise ValueError(f"{name} must have shape (N, 2) as (latitude, longitude), got {tuple(locations.shape)}.")
     if not locations.is_floating_point():
         locations = locations.float()
-    checks = (
-        (~torch.isfinite(locations).all(dim=1), "coordinates must be finite (no NaN or inf)"),
-        (locations[:, 0].abs() > 90, "latitude must be in [-90, 90]"),
-        (locations[:, 1].abs() > 180, "longitude must be in [-180, 180]"),
-    )
-    for bad, rule in checks:
+    for bad, rule in coordinate_rule_violations(locations[:, 0], locations[:, 1]):
         if bad.any():
             row = int(bad.nonzero()[0, 0])
             lat, lon = locations[row].tolist()
@@ -191,6 +206,7 @@ __all__ = [
     "GeolocationOutput",
     "StrictFromPretrainedMixin",
     "check_top_k",
+    "coordinate_rule_violations",
     "destination_points",
     "from_microdegrees",
     "to_microdegrees",

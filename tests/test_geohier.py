@@ -268,7 +268,7 @@ def test_bad_cell_table_leaves_the_previous_one_intact():
 
 
 def test_cell_table_coordinates_use_the_shared_validator():
-    from modeling_geoclip import validate_locations
+    from geo_core import validate_locations
 
     cells = synthetic_cells()
     cells[1]["longitudes"][4] = float("nan")

@@ -32,7 +32,7 @@ from datasets import Image as ImageFeature
 from datasets.exceptions import DatasetGenerationError
 from transformers.utils import logging
 
-from geo_core import MAX_IMAGE_PIXELS, load_image
+from geo_core import MAX_IMAGE_PIXELS, coordinate_rule_violations, load_image
 
 from ..sources import check_local_or_hub
 
@@ -219,8 +219,9 @@ def _as_floats(values) -> np.ndarray:
 
 
 def invalid_coordinate_rows(latitudes, longitudes) -> list[tuple[int, str]]:
-    """Rows whose coordinates `geoloc.geography.geodesy.validate_lat_lon` rejects, as `(row, reason)` pairs, found with
-    the same rules column-wise (a million bad rows take about a second, not a minute row by row).
+    """Rows whose coordinates `geo_core.validate_locations` rejects, as `(row, reason)` pairs, found with the same
+    rules (`geo_core.coordinate_rule_violations`) column-wise (a million bad rows take about a second, not a minute
+    row by row).
 
     Args:
         latitudes, longitudes: sequences of length N (numbers, numeric strings, None).
@@ -230,14 +231,8 @@ def invalid_coordinate_rows(latitudes, longitudes) -> list[tuple[int, str]]:
         1
     """
     latitudes, longitudes = _as_floats(latitudes), _as_floats(longitudes)
-    with np.errstate(invalid="ignore"):
-        rules = (
-            (~(np.isfinite(latitudes) & np.isfinite(longitudes)), "coordinates must be finite (no NaN or inf)"),
-            (np.abs(latitudes) > 90, "latitude must be in [-90, 90]"),
-            (np.abs(longitudes) > 180, "longitude must be in [-180, 180]"),
-        )
     reasons = {}
-    for bad, rule in rules:  # the first rule a row breaks names it, as `validate_lat_lon` does
+    for bad, rule in coordinate_rule_violations(latitudes, longitudes):  # the first rule a row breaks names it
         for row in np.flatnonzero(bad):
             reasons.setdefault(int(row), rule)
     return [(row, f"row {row}: ({latitudes[row]}, {longitudes[row]}): {reasons[row]} (degrees, (latitude, "

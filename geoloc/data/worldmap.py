@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageEnhance
 
 from ..cli import HelpFormatter
-from ..geography.geodesy import validate_lat_lon
+from ..geography.geodesy import uniform_sphere_points, validate_lat_lon
 
 MAP_FILE = "natural-earth-50m-shaded-relief-720x360.png"
 DEGREES_PER_PIXEL = 0.5
@@ -71,14 +71,10 @@ def sample_points(count: int, rng: np.random.Generator, land_fraction: float = 0
     """
     if count < 0 or not 0.0 <= land_fraction <= 1.0:
         raise ValueError(f"Need count >= 0 and 0 <= land_fraction <= 1, got {count} and {land_fraction}.")
-
-    def on_sphere(n):
-        return np.stack([np.degrees(np.arcsin(rng.uniform(-1, 1, n))), rng.uniform(-180, 180, n)], axis=1)
-
-    points = on_sphere(count)
+    points = uniform_sphere_points(count, rng)
     wants_land = rng.random(count) < land_fraction
     while (todo := np.flatnonzero(wants_land & ~is_land(points[:, 0], points[:, 1]))).size:
-        points[todo] = on_sphere(todo.size)
+        points[todo] = uniform_sphere_points(todo.size, rng)
     return points
 
 

@@ -107,6 +107,17 @@ def unit_vectors(latitudes, longitudes) -> np.ndarray:
     return np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)], axis=-1)
 
 
+def uniform_sphere_points(count: int, rng) -> np.ndarray:
+    """`count` (latitude, longitude) points drawn uniformly on the sphere (equal area, not equal angle) with the
+    numpy Generator `rng`: `(count, 2)` float64 degrees.
+
+    Example:
+        >>> uniform_sphere_points(3, np.random.default_rng(0)).shape
+        (3, 2)
+    """
+    return np.stack([np.degrees(np.arcsin(rng.uniform(-1, 1, count))), rng.uniform(-180, 180, count)], axis=1)
+
+
 def vector_directions(vectors) -> tuple[np.ndarray, np.ndarray]:
     """Directions of `(N, 3)` vectors (any length, e.g. sums of unit vectors) as (latitudes, longitudes) degrees;
     the inverse of `unit_vectors`.
@@ -124,6 +135,7 @@ __all__ = [
     "KM_PER_DEGREE",
     "geodesic_distance_km",
     "haversine_distance_km",
+    "uniform_sphere_points",
     "unit_vectors",
     "validate_lat_lon",
     "vector_directions",

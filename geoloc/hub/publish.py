@@ -42,7 +42,7 @@ from ..cli import HelpFormatter
 from ..inference.metrics import DEFAULT_THRESHOLDS_KM, threshold_key
 from ..models import register_models
 from .remote_code import auto_maps, remote_code_files
-from ..sources import is_hub_id
+from ..sources import hub_repo_id
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CARDS_DIR = REPO_ROOT / "hub_cards"
@@ -64,7 +64,6 @@ FAMILY_NAMES = {"geoclip": "GeoCLIP", "geohier": "GeoHier"}
 PIPELINE_TAG = "image-classification"
 # Keys naming where a config, processor or tokenizer was loaded from (a local folder, often): never published.
 LOADED_FROM_KEYS = ("_name_or_path", "name_or_path")
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 SKIPPED_NAMES = {"__pycache__", ".git", ".cache", ".gitattributes"}
 # What `save_pretrained` of a model, image processor or tokenizer writes: the only files of a checkpoint folder
 # that are uploaded. Never pickles (`*.bin`, `*.pt`, `*.pkl`), training state or logs.
@@ -147,7 +146,7 @@ def card_metadata(config, repo_id: str, results: list[dict], training_run: dict 
     family = FAMILY_NAMES.get(config.model_type, config.model_type)
 
     def hub_repo(value) -> bool:
-        return isinstance(value, str) and "/" in value and is_hub_id(value) and not os.path.exists(value)
+        return hub_repo_id(value) is not None and "/" in value
 
     base_model = next((value for value in (getattr(config, "backbone", None), training_run.get("backbone"))
                        if hub_repo(value)), None)
@@ -230,23 +229,11 @@ def eval_record(metrics: dict) -> dict:
             **{key: metrics[key] for key in EVAL_RECORD_KEYS if key in metrics}}
 
 
-def public_backbone(backbone) -> str | None:
-    """A config's `backbone` as published: a Hub id, or None for a local folder (never its path).
-
-    Example:
-        >>> public_backbone("openai/clip-vit-base-patch32"), public_backbone("/home/alice/private/clip-tiny")
-        ('openai/clip-vit-base-patch32', None)
-    """
-    if not isinstance(backbone, str) or not HUB_ID.fullmatch(backbone) or os.path.exists(backbone):
-        return None
-    return backbone
-
-
 def without_local_paths(settings):
     """A JSON settings tree as published: `_name_or_path` / `name_or_path` (where it was loaded from) dropped at
-    any depth, `backbone` only as a Hub id (`public_backbone`)."""
+    any depth, `backbone` only as a Hub id (`geoloc.sources.hub_repo_id`)."""
     if isinstance(settings, dict):
-        return {key: public_backbone(value) if key == "backbone" else without_local_paths(value)
+        return {key: hub_repo_id(value) if key == "backbone" else without_local_paths(value)
                 for key, value in settings.items() if key not in LOADED_FROM_KEYS}
     if isinstance(settings, list):
         return [without_local_paths(value) for value in settings]
@@ -303,7 +290,7 @@ def hub_files(checkpoint, repo_id: str, staging, *, eval_dirs=(), training_data:
         files[name] = staging / name
     files.update(code)
     if hasattr(config, "backbone"):
-        config.backbone = public_backbone(config.backbone)  # the card names it too
+        config.backbone = hub_repo_id(config.backbone)  # the card names it too
     summary = checkpoint / "train_summary.json"  # what `geoloc train` ran: the card's base_model and datasets
     training_run = json.loads(summary.read_text()).get("args", {}) if summary.is_file() else None
     render_model_card(config, repo_id, results, training_data, license, training_run).save(staging / "README.md")

@@ -102,6 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"Recipes: {recipes}",
         formatter_class=HelpFormatter,
     )
+    _add_model_and_data_arguments(parser)
+    _add_optimisation_arguments(parser)
+    for task in TRAINING_TASKS.values():
+        task.add_arguments(parser)
+    _add_checkpoint_arguments(parser)
+    return parser
+
+
+def _add_model_and_data_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model and data")
     defaults = ", ".join(f"{task.default_recipe} for --model {name}" for name, task in TRAINING_TASKS.items())
     group.add_argument("--recipe", choices=sorted(RECIPES), help=f"the defaults to train with (default: {defaults})")
@@ -137,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--shuffle-buffer", type=int, default=10_000,
                        help="examples in the --streaming shuffle buffer")
 
+
+def _add_optimisation_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("optimisation")
     group.add_argument("--max-steps", type=int, help="optimizer steps (recipe default, or from --epochs)")
     group.add_argument("--epochs", type=float, help="passes over the data, instead of --max-steps (recipe default)")
@@ -166,9 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "among this machine's processes; never the machine's load, so runs are reproducible; "
                             "recorded in run_settings.json, and --resume reuses the recorded count)")
 
-    for task in TRAINING_TASKS.values():
-        task.add_arguments(parser)
 
+def _add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("checkpoints and logging")
     group.add_argument("--checkpoint-every", type=int, default=500, help="save the training state every N steps")
     group.add_argument("--checkpoints-to-keep", type=int, default=2, help="older checkpoints are deleted")
@@ -177,7 +187,6 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--push-to-hub", metavar="REPO",
                        help="upload the trained model to this Hub repo, as `geoloc publish` does (model, processors, "
                             "card, remote code; never checkpoints or logs)")
-    return parser
 
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -516,13 +525,13 @@ def main(argv=None) -> int:
         AcceleratorState._reset_state()
 
 
-def train(args: argparse.Namespace, accelerator: Accelerator) -> int:
-    """The training run of resolved `args` (see `resolve_args`) on `accelerator`."""
-    prepare_output_dir(args, accelerator)
-    set_seed(args.seed)  # the same model on every process
-    task = TRAINING_TASKS[args.model](args, accelerator)
+def training_rows(args: argparse.Namespace):
+    """The rows `args` trains on: `(dataset, latitudes, longitudes)`, `--train-fraction` applied (the same rows
+    for a seed), the coordinates of the valid rows as numpy arrays.
 
-    # data
+    Raises:
+        ValueError: when no valid row is left.
+    """
     dataset = load_geo_dataset(args.dataset, args.split, image_column=args.image_column,
                                lat_column=args.lat_column, lon_column=args.lon_column, streaming=args.streaming)
     if args.train_fraction < 1.0:
@@ -532,6 +541,97 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> int:
     latitudes, longitudes = training_coordinates(dataset)
     if len(latitudes) == 0:
         raise ValueError(f"No valid rows to train on in '{args.dataset}' ({args.split}).")
+    return dataset, latitudes, longitudes
+
+
+def resume_position(args, accelerator, dataloader, task, settings: dict, max_steps: int) -> tuple[int, BatchStream]:
+    """`(step, batch stream)` to start from: the newest checkpoint's state (loaded into `accelerator`) with
+    `--resume`, else step 0 at the start of the data."""
+    if args.resume and checkpoint_steps(args.output_dir):
+        step = checkpoint_steps(args.output_dir)[-1]
+        checkpoint = os.path.join(args.output_dir, CHECKPOINTS, f"step_{step:08d}")
+        check_resume_settings(checkpoint, settings)
+        accelerator.load_state(checkpoint)
+        with open(stream_position_file(checkpoint, accelerator.process_index)) as handle:
+            stream = BatchStream(dataloader, accelerator, task.set_epoch, **json.load(handle))
+        accelerator.print(f"Resumed from step {step:,} of {max_steps:,} ({checkpoint}).")
+        return step, stream
+    if args.resume:
+        accelerator.print(f"No checkpoint in {args.output_dir}: starting from step 0.")
+    return 0, BatchStream(dataloader, accelerator, task.set_epoch)
+
+
+def optimizer_step(args, accelerator, task, model, step_batches, optimizer, scheduler, trainable) -> tuple[list, int]:
+    """One optimizer step = `gradient_accumulation_steps` micro-batches per process; returns the micro-batches'
+    losses (detached) and the samples this process saw."""
+    batches, weights = next(step_batches)
+    batches = task.start_step(batches, weights)
+    losses, samples = [], 0
+    for index, (batch, weight) in enumerate(zip(batches, weights)):
+        # Gradients are averaged across processes once, on the step's last micro-batch.
+        last = index == len(batches) - 1
+        with nullcontext() if last else accelerator.no_sync(model):
+            loss = task.loss(model, batch, weight)
+            accelerator.backward(loss / len(batches))
+        losses.append(loss.detach())
+        samples += int(weight) * len(batch["locations"])
+    if args.max_grad_norm:
+        accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad()
+    task.after_step(model)
+    if not accelerator.optimizer_step_was_skipped:  # fp16: no scheduler step where the scaler skipped one
+        scheduler.step()
+    return losses, samples
+
+
+def log_step(accelerator, progress, log_path: str, step: int, epoch: int, lr: float, samples_per_second: float,
+             step_losses: list) -> None:
+    """Log one step (its loss averaged over the step's micro-batches and the processes) to the trackers, the
+    progress bar and `log.jsonl`."""
+    loss_value = accelerator.reduce(torch.stack(step_losses).mean(), "mean").item()
+    record = {"step": step, "epoch": epoch, "loss": loss_value, "lr": lr, "samples_per_second": samples_per_second}
+    accelerator.log(record, step=step)
+    progress.set_postfix(loss=f"{loss_value:.4f}")
+    if accelerator.is_main_process:
+        with open(log_path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def save_trained(args, accelerator, task, model, latitudes, longitudes, step: int, samples_seen: int,
+                 unreadable: int, started: float) -> None:
+    """Save the model (+ gallery or cell table), its processors and `train_summary.json` (main process), and
+    push them with `--push-to-hub`."""
+    counts = accelerator.gather(torch.tensor([samples_seen], device=accelerator.device)).tolist()
+    skipped = accelerator.gather(torch.tensor([unreadable], device=accelerator.device)).tolist()
+    accelerator.wait_for_everyone()
+    model = accelerator.unwrap_model(model)
+    if not accelerator.is_main_process:
+        return
+    task.finalize(model, latitudes, longitudes)
+    task.save(model, args.output_dir)
+    summary = {"model": args.model, "recipe": args.recipe, "steps": step, "num_processes": accelerator.num_processes,
+               "threads": args.threads,
+               "samples_per_process": counts, "unreadable_images_per_process": skipped,
+               "train_rows": len(latitudes), "seconds": round(time.perf_counter() - started, 1),
+               "args": resolved_settings(args)}
+    with open(os.path.join(args.output_dir, "train_summary.json"), "w") as handle:
+        json.dump(summary, handle, indent=2)
+    if args.push_to_hub:  # the files `geoloc publish` uploads: the model, its card and remote code, no state
+        from ..hub.publish import publish
+
+        publish(args.output_dir, args.push_to_hub,
+                training_data=f"Trained with `geoloc train` (recipe {args.recipe}) on {args.dataset!r}.")
+    print(f"Saved the trained {args.model} to {args.output_dir} ({step} steps"
+          f"{f', {sum(skipped)} unreadable images skipped' if sum(skipped) else ''}).", file=sys.stderr)
+
+
+def train(args: argparse.Namespace, accelerator: Accelerator) -> int:
+    """The training run of resolved `args` (see `resolve_args`) on `accelerator`."""
+    prepare_output_dir(args, accelerator)
+    set_seed(args.seed)  # the same model on every process
+    task = TRAINING_TASKS[args.model](args, accelerator)
+    dataset, latitudes, longitudes = training_rows(args)
     batch_size = micro_batch_size(args, accelerator.num_processes)
     steps_per_epoch = math.ceil(len(latitudes) / args.batch_size)
     max_steps = args.max_steps or steps_for_epochs(args.epochs, len(latitudes), args.batch_size)
@@ -552,86 +652,33 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> int:
         model, optimizer, dataloader, scheduler = accelerator.prepare(model, optimizer, dataloader, scheduler)
     set_seed(args.seed, device_specific=True)  # from here each process draws its own noise and dropout
 
-    step, stream = 0, BatchStream(dataloader, accelerator, task.set_epoch)
-    if args.resume and checkpoint_steps(args.output_dir):
-        step = checkpoint_steps(args.output_dir)[-1]
-        checkpoint = os.path.join(args.output_dir, CHECKPOINTS, f"step_{step:08d}")
-        check_resume_settings(checkpoint, settings)
-        accelerator.load_state(checkpoint)
-        with open(stream_position_file(checkpoint, accelerator.process_index)) as handle:
-            stream = BatchStream(dataloader, accelerator, task.set_epoch, **json.load(handle))
-        accelerator.print(f"Resumed from step {step:,} of {max_steps:,} ({checkpoint}).")
-    elif args.resume:
-        accelerator.print(f"No checkpoint in {args.output_dir}: starting from step 0.")
+    step, stream = resume_position(args, accelerator, dataloader, task, settings, max_steps)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
     hparams = {key: value for key, value in vars(args).items() if isinstance(value, (int, float, str, bool))}
     accelerator.init_trackers("tensorboard", config=hparams)
 
-    # loop: one optimizer step = gradient_accumulation_steps micro-batches per process
     progress = tqdm(total=max_steps, initial=step, desc=f"Training {args.model} ({args.recipe})",
                     disable=not accelerator.is_local_main_process)
-    samples_seen, step_losses, started = 0, [], time.perf_counter()
+    samples_seen, started = 0, time.perf_counter()
     log_path = os.path.join(args.output_dir, "log.jsonl")
     model.train()
     step_batches = StepBatches(stream, args.gradient_accumulation_steps, accelerator.num_processes)
     while step < max_steps:
-        batches, weights = next(step_batches)
-        batches = task.start_step(batches, weights)
-        for index, (batch, weight) in enumerate(zip(batches, weights)):
-            # Gradients are averaged across processes once, on the step's last micro-batch.
-            last = index == len(batches) - 1
-            with nullcontext() if last else accelerator.no_sync(model):
-                loss = task.loss(model, batch, weight)
-                accelerator.backward(loss / len(batches))
-            step_losses.append(loss.detach())
-            samples_seen += int(weight) * len(batch["locations"])
-        if args.max_grad_norm:
-            accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad()
-        task.after_step(model)
-        if not accelerator.optimizer_step_was_skipped:  # fp16: no scheduler step where the scaler skipped one
-            scheduler.step()
+        step_losses, samples = optimizer_step(args, accelerator, task, model, step_batches, optimizer, scheduler,
+                                              trainable)
+        samples_seen += samples
         step += 1
         progress.update(1)
         if step % args.log_every == 0 or step == max_steps:
-            loss_value = accelerator.reduce(torch.stack(step_losses).mean(), "mean").item()
-            record = {"step": step, "epoch": stream.epoch, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
-                      "samples_per_second": samples_seen * accelerator.num_processes
-                      / (time.perf_counter() - started)}
-            accelerator.log(record, step=step)
-            progress.set_postfix(loss=f"{loss_value:.4f}")
-            if accelerator.is_main_process:
-                with open(log_path, "a") as handle:
-                    handle.write(json.dumps(record) + "\n")
-        step_losses = []
+            throughput = samples_seen * accelerator.num_processes / (time.perf_counter() - started)
+            log_step(accelerator, progress, log_path, step, stream.epoch, scheduler.get_last_lr()[0], throughput,
+                     step_losses)
         if step % args.checkpoint_every == 0:
             save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_to_keep, settings, stream.position())
     progress.close()
-
-    # save: the model (+ gallery or cell table), its processors, and a summary
-    counts = accelerator.gather(torch.tensor([samples_seen], device=accelerator.device)).tolist()
-    skipped = accelerator.gather(torch.tensor([step_batches.unreadable], device=accelerator.device)).tolist()
-    accelerator.wait_for_everyone()
-    model = accelerator.unwrap_model(model)
-    if accelerator.is_main_process:
-        task.finalize(model, latitudes, longitudes)
-        task.save(model, args.output_dir)
-        summary = {"model": args.model, "recipe": args.recipe, "steps": step, "num_processes": accelerator.num_processes,
-                   "threads": args.threads,
-                   "samples_per_process": counts, "unreadable_images_per_process": skipped,
-                   "train_rows": len(latitudes), "seconds": round(time.perf_counter() - started, 1),
-                   "args": resolved_settings(args)}
-        with open(os.path.join(args.output_dir, "train_summary.json"), "w") as handle:
-            json.dump(summary, handle, indent=2)
-        if args.push_to_hub:  # the files `geoloc publish` uploads: the model, its card and remote code, no state
-            from ..hub.publish import publish
-
-            publish(args.output_dir, args.push_to_hub,
-                    training_data=f"Trained with `geoloc train` (recipe {args.recipe}) on {args.dataset!r}.")
-        print(f"Saved the trained {args.model} to {args.output_dir} ({step} steps"
-              f"{f', {sum(skipped)} unreadable images skipped' if sum(skipped) else ''}).", file=sys.stderr)
+    save_trained(args, accelerator, task, model, latitudes, longitudes, step, samples_seen, step_batches.unreadable,
+                 started)
     accelerator.end_training()
     return 0
 
