@@ -119,8 +119,8 @@ def trained(tmp_path_factory):
 
 # Measured with this file's configuration and training seeds 0 / 1 / 2 (validation median over plain 1-NN):
 # GeoCLIP 0.81 / 0.89 / 1.57, GeoHier 0.87 / 0.97 / 0.99. Seed 0 passes for both, the other seeds do not (GeoCLIP's
-# seed 2 by far; the seed also draws the frozen random tower), so a pass here would rest on one lucky draw: not reliable at
-# CI size, and not run until a configuration passes over seeds.
+# seed 2 by far; the seed also draws the frozen random tower), so a pass here would rest on one lucky draw: not
+# reliable at CI size, and not run until a configuration passes over seeds.
 NOT_RELIABLE = ("not reliable at CI size: validation median over plain 1-NN is 0.81 / 0.89 / 1.57 (GeoCLIP) and "
                 "0.87 / 0.97 / 0.99 (GeoHier) over training seeds 0 / 1 / 2 (README, Results)")
 
