@@ -33,7 +33,8 @@ MARGIN = 0.9  # the model's validation median must be at most 90 % of the baseli
 # Both keep the tiny random tower frozen (`--no-train-backbone`): at this size the recipes' end-to-end training of
 # the tower does not get there (GeoCLIP 300 x 64 steps: chance; GeoHier 300 x 64 or 600 x 32 steps: 1.35-1.40x the
 # snapped 1-NN's median), while the heads learn fast on the random tower's features. GeoCLIP computes those once
-# (`--cache-features`), so its steps decode no image; the image MLP, the location encoder and the temperature train. GeoHier's decoder and classifiers train on the frozen tower's tokens.
+# (`--cache-features`), so its steps decode no image; the image MLP, the location encoder and the temperature
+# train. GeoHier's decoder and classifiers train on the frozen tower's tokens.
 TRAIN_ARGS = {
     "geoclip": ["--max-steps", "2000", "--batch-size", "64", "--learning-rate", "3e-3", "--warmup-steps", "20",
                 "--augmentation", "none", "--queue-size", "256", "--no-train-backbone", "--cache-features"],
