@@ -34,7 +34,7 @@ import time
 import numpy as np
 from transformers import AutoModel
 
-from geoloc.geography.geodesy import unit_vectors, vector_directions
+from geoloc.geography.geodesy import KM_PER_DEGREE, unit_vectors, vector_directions
 from geoloc.inference.metrics import geolocation_metrics
 from geoloc.models import register_models
 from geoloc.data.worldmap import build_worldmap_splits, write_imagefolder
@@ -126,10 +126,13 @@ def train_and_evaluate(model: str, data_dir: str, output_dir: str, processes: in
     launcher = ([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                  str(processes), "-m"] if processes > 1 else [sys.executable, "-m"])
     env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
+    load = os.getloadavg()[0]
     started = time.perf_counter()
     subprocess.run([*launcher, "geoloc.training.train", "--model", model, "--dataset", data_dir, "--output-dir", output_dir,
                     "--seed", str(seed), *train_args], cwd=REPO, env=env, check=True)
     seconds = time.perf_counter() - started
+    print(f"[bench] {model} seed {seed}: trained in {seconds:.0f} s, CPU load {load:.1f} at the start, "
+          f"{os.getloadavg()[0]:.1f} at the end ({os.cpu_count()} cores)", flush=True)
     metrics = {}
     for split in HELD_OUT:
         evaluation = os.path.join(output_dir, f"evaluation-{split}")
@@ -154,6 +157,12 @@ def run(train_size: int, validation_size: int, test_size: int, output_dir: str, 
     write_imagefolder(splits, data_dir)
     truth = {split: (np.asarray(splits[split]["latitude"]), np.asarray(splits[split]["longitude"]))
              for split in HELD_OUT}
+    train_vectors = unit_vectors(splits["train"]["latitude"], splits["train"]["longitude"])
+    for split in HELD_OUT:
+        nearest = np.degrees(np.arccos(np.clip((unit_vectors(*truth[split]) @ train_vectors.T).max(axis=1), -1, 1)))
+        print(f"[bench] {'buffered' if buffered else 'random'} split: a {split} point lies "
+              f"{np.median(nearest) * KM_PER_DEGREE:.0f} km from the nearest training point on median",
+              flush=True)
 
     def scored(answers: dict[str, np.ndarray]) -> dict[str, list[dict]]:
         return {split: [geolocation_metrics(answers[split][:, 0], answers[split][:, 1], *truth[split])]

@@ -235,6 +235,11 @@ class GeoHierPreTrainedModel(StrictFromPretrainedMixin, PreTrainedModel):
         elif isinstance(module, GeoHierModel):
             init.normal_(module.queries, std=1.0)
         elif isinstance(module, GeoHierCellTable):
+            # A table whose buffers are (re)initialised here holds no cells: a new model, or a checkpoint loaded with
+            # other `cells_per_level` (`ignore_mismatched_sizes=True`, as `geoloc train --model-config` does with
+            # freshly built geocells). Its config must not claim the checkpoint's table (zeros are no valid table).
+            if any(not getattr(buffer, "_is_hf_initialized", False) for buffer in module.buffers()):
+                self.config.has_cell_table = False
             for buffer in module.buffers():
                 init.zeros_(buffer)
 
