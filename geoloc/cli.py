@@ -34,6 +34,7 @@ SUBCOMMANDS = {
     "predict": ("geoloc.predict", "geolocate images or text with a GeoCLIP or GeoHier checkpoint"),
     "train": ("geoloc.train", "train GeoCLIP or GeoHier (also: accelerate launch -m geoloc.train)"),
     "evaluate": ("geoloc.evaluate", "evaluate a checkpoint on a benchmark (metrics.json + predictions.csv)"),
+    "calibrate": ("geoloc.calibration", "fit calibrated confidence and unfamiliar-input statistics on held-out images"),
     "convert": ("geoloc.convert", "convert an official GeoCLIP release (wheel or Hub folder) into a checkpoint"),
     "publish": ("geoloc.publish", "push a checkpoint, its model card and results to the Hugging Face Hub"),
     "geocells": ("geoloc.geocells", "build S2 geocell hierarchies from training coordinates"),

@@ -56,6 +56,7 @@ from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 from modeling_geoclip import check_top_k
 
 from . import DEFAULT_MODEL
+from .calibration import calibrated_confidence, load_sections, mass_near_best, tower_embedding, unfamiliarity_scores
 from .data import decode_images, image_limits
 from .geodesy import geodesic_distance_km
 from .models import register_models
@@ -121,6 +122,20 @@ class GeolocationResult:
     attention: list[AttentionMap] | None = None
     uncertainty: np.ndarray | None = None
     error: str | None = None
+    confidence: dict[int, float] | None = None
+    unfamiliar: bool | None = None
+    unfamiliarity: float | None = None
+
+    @property
+    def headline_confidence(self) -> tuple[int, float] | None:
+        """The one number to show with the best guess: `(radius_km, probability)` for the smallest radius at which
+        the calibrated confidence reaches 50 %, else the largest radius; None without a calibration."""
+        if not self.confidence:
+            return None
+        for radius, probability in self.confidence.items():
+            if probability >= 0.5:
+                return radius, probability
+        return radius, probability
 
     @classmethod
     def failed(cls, name: str, error: str) -> "GeolocationResult":
@@ -139,6 +154,10 @@ class GeolocationResult:
         for prediction, place in zip(predictions, self.places or []):
             prediction.update(place=place["place"], country=place["country"], km=_number(place["km"]))
         answer = {"input": self.input, "error": self.error, "predictions": predictions}
+        if self.confidence is not None:
+            answer["confidence"] = [{"radius_km": r, "probability": _number(p)} for r, p in self.confidence.items()]
+        if self.unfamiliar is not None:
+            answer.update(unfamiliar=self.unfamiliar, unfamiliarity=_number(self.unfamiliarity))
         if self.scenes is not None:
             answer["scenes"] = {name: _number(p) for name, p in self.scenes.items()}
         if self.uncertainty is not None:
@@ -178,6 +197,8 @@ class Geolocator:
         self._tokenizer = tokenizer if self.capabilities.text else None
         self._tokenizer_source = None  # where `from_pretrained` loads the tokenizer from, on first use
         self.name = name or type(model).__name__
+        # fitted by `geoloc calibrate` and stored in the config; checked here (ValueError naming the field)
+        self.calibration, self.familiarity = load_sections(model)
 
     @property
     def tokenizer(self):
@@ -301,22 +322,41 @@ class Geolocator:
         capabilities = self.capabilities
         wants_uncertainty = extras and capabilities.uncertainty is not None
         wants_attention = extras and capabilities.attention and "pixel_values" in inputs
-        candidates = max(top_k, min(UNCERTAINTY_POINTS, self.model.num_candidates)) if wants_uncertainty else top_k
+        shown = max(top_k, min(UNCERTAINTY_POINTS, self.model.num_candidates)) if wants_uncertainty else top_k
+        candidates = shown
+        if self.calibration is not None:  # the confidence counts the mass of this many candidates
+            candidates = max(shown, min(self.calibration["candidates"], self.model.num_candidates))
         options = {"output_attentions": True} if wants_attention else {}
+        pixel_values, scores = inputs.get("pixel_values"), None
+        if pixel_values is not None and self.familiarity is not None:  # the tower runs once, for both uses
+            tower_inputs, embeddings = tower_embedding(self.model, pixel_values, inputs.get("num_crops", 1))
+            inputs = {**{k: v for k, v in inputs.items() if k != "pixel_values"}, **tower_inputs}
+            scores = unfamiliarity_scores(self.familiarity, embeddings)
         output = self.model.geolocate(**inputs, top_k=candidates, **options)
         latitudes, longitudes, probabilities = (
             x.double().cpu().numpy() for x in (output.latitudes, output.longitudes, output.probabilities)
         )
+        confidences = None
+        if self.calibration is not None:
+            masses = mass_near_best(latitudes, longitudes, probabilities, self.calibration["radii_km"])
+            confidences = calibrated_confidence(self.calibration, masses)
         results = []
         for row, name in enumerate(names):
             result = GeolocationResult(input=name, latitudes=latitudes[row, :top_k],
                                        longitudes=longitudes[row, :top_k], probabilities=probabilities[row, :top_k])
+            if confidences is not None:
+                result.confidence = {radius: float(p) for radius, p in
+                                     zip(self.calibration["radii_km"], confidences[row].tolist())}
+            if scores is not None:
+                result.unfamiliarity = float(scores[row])
+                result.unfamiliar = bool(scores[row] > self.familiarity["threshold"])
             if wants_uncertainty:
-                result.uncertainty = np.stack([latitudes[row], longitudes[row], probabilities[row]], axis=1)
+                result.uncertainty = np.stack([latitudes[row, :shown], longitudes[row, :shown],
+                                               probabilities[row, :shown]], axis=1)
             if extras and capabilities.scenes:
                 result.scenes = self._scene_names(output.scene_probabilities[row])
             if wants_attention:
-                result.attention = self._attention_maps(inputs["pixel_values"][row], output, row)
+                result.attention = self._attention_maps(pixel_values[row], output, row)
             results.append(result)
         return results
 
