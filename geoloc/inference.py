@@ -361,10 +361,13 @@ class Geolocator:
         return results
 
     def _scene_names(self, probabilities: torch.Tensor) -> dict[str, float]:
-        """Scene probabilities `(num_scenes,)` keyed by the config's `id2label` names when it has one per scene."""
-        labels = self.model.config.id2label
-        named = len(labels) == len(probabilities)
-        return {labels[i] if named else f"scene {i}": float(p) for i, p in enumerate(probabilities.tolist())}
+        """Scene probabilities `(num_scenes,)` keyed by the config's `id2scene` names (else `id2label` when it has
+        one name per scene, else "scene i")."""
+        config = self.model.config
+        names = {int(k): v for k, v in (getattr(config, "id2scene", None) or {}).items()}
+        if not names and len(config.id2label) == len(probabilities):
+            names = {int(k): v for k, v in config.id2label.items()}
+        return {names.get(i, f"scene {i}"): float(p) for i, p in enumerate(probabilities.tolist())}
 
     def _attention_maps(self, pixel_values: torch.Tensor, output, row: int) -> list[AttentionMap]:
         """Per hierarchy level, the last decoder layer's cross-attention (mean over heads) of the predicted

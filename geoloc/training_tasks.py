@@ -422,6 +422,9 @@ class GeoHierTask(TrainingTask):
         num_scenes = self._num_scenes(dataset)
         if num_scenes is not None:
             options["num_scenes"] = num_scenes
+        scene_names = getattr(dataset.features.get(self.scene_column), "names", None) if self.scene_column else None
+        if scene_names:  # a ClassLabel scene column names its scenes: shown by name (`id2scene`)
+            options["id2scene"] = dict(enumerate(scene_names))
         if args.backbone:
             self.model = GeoHierModel.from_backbone(args.backbone, **options)
             self.image_processor = backbone_image_processor(args.backbone, GeoHierImageProcessor)
