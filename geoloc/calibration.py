@@ -45,7 +45,7 @@ FORMAT_VERSION = 1
 MAX_KNOTS = 200  # isotonic knots kept per radius (thinned evenly beyond that)
 FAMILIAR_QUANTILE = 0.97  # share of held-out in-distribution inputs left below the unfamiliarity threshold
 MAX_COMPONENTS = 16  # principal directions kept per group in the familiarity statistics
-FAMILIARITY_CLUSTERS = 4  # Gaussian groups of the familiarity statistics
+FAMILIARITY_CLUSTERS = 8  # Gaussian groups of the familiarity statistics
 ECE_BINS = 10
 EARTH_RADIUS_KM = 6371.0088
 

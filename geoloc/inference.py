@@ -12,8 +12,9 @@ Contract (these names are kept stable):
   tokenizer saved next to it. `Geolocator(model, image_processor, tokenizer=None, name=None)` wraps objects
   already in memory.
 - Attributes: `model`, `image_processor`, `tokenizer` (None when the model reads no text; loaded on first
-  use), `name` (what it was loaded from), `capabilities`: a frozen `Capabilities(text, scenes, attention, uncertainty)`:
-  `text`: `locate_texts` works; `scenes`: results carry scene probabilities (only for models trained with
+  use), `name` (what it was loaded from), `capabilities`: a frozen `Capabilities(text, scenes, attention, uncertainty,
+  text_aligned)`: `text`: `locate_texts` works; `text_aligned`: its answers mean something (the text tower is aligned
+  with the image tower; front ends offer text only then); `scenes`: results carry scene probabilities (only for models trained with
   scene labels); `attention`: results can carry attention maps; `uncertainty`: what the candidates behind
   `GeolocationResult.uncertainty` are: "gallery" (GeoCLIP: points of a replaceable GPS gallery), "cells"
   (GeoHier: fine geocells at their centroids) or None.
@@ -37,7 +38,7 @@ Example:
     >>> from geoloc import DEFAULT_MODEL, Geolocator
     >>> geolocator = Geolocator.from_pretrained(DEFAULT_MODEL)
     >>> geolocator.capabilities
-    Capabilities(text=True, scenes=False, attention=False, uncertainty='gallery')
+    Capabilities(text=True, scenes=False, attention=False, uncertainty='gallery', text_aligned=False)
     >>> [result] = geolocator.locate_texts(["hot sand dunes"], top_k=3)
     >>> result.latitudes.shape, result.error
     ((3,), None)
@@ -75,6 +76,7 @@ class Capabilities:
     scenes: bool
     attention: bool
     uncertainty: str | None
+    text_aligned: bool = True  # text queries mean something (False: a text tower that was never aligned)
 
     @classmethod
     def of(cls, model) -> "Capabilities":
@@ -85,6 +87,7 @@ class Capabilities:
                 scenes=bool(model.predicts_scenes),
                 attention=bool(model.returns_attention_maps),
                 uncertainty=model.candidate_kind,
+                text_aligned=bool(model.supports_text_queries and getattr(model, "text_aligned", True)),
             )
         except AttributeError as error:
             raise ValueError(

@@ -193,6 +193,9 @@ class GeoCLIPTask(TrainingTask):
         # The text tower is never trained (the paper aligns images and GPS; text reads the image MLP's space).
         self.model.config.freeze_backbone = not args.train_backbone
         self.model.image_tower.requires_grad_(args.train_backbone)
+        # text means something only on pretrained CLIP towers whose image tower stays frozen (the text tower never trains)
+        pretrained = bool(args.backbone) or (args.model_config != "tiny" and self.model.config.text_aligned)
+        self.model.config.text_aligned = pretrained and not args.train_backbone
         if self.model.text_tower is not None:
             self.model.text_tower.requires_grad_(False)
 

@@ -120,7 +120,8 @@ def test_bad_arguments_raise(geoclip, geohier, pictures):
 # ---------------------------------------------------------------------------------- capabilities and extras
 def test_capabilities_are_what_the_models_declare(geoclip, geohier):
     assert geoclip.capabilities == Capabilities(text=True, scenes=False, attention=False, uncertainty="gallery")
-    assert geohier.capabilities == Capabilities(text=False, scenes=True, attention=True, uncertainty="cells")
+    assert geohier.capabilities == Capabilities(text=False, scenes=True, attention=True, uncertainty="cells",
+                                                text_aligned=False)
     without_text = GeoCLIPModel(tiny_geoclip_config(use_text_tower=False))
     assert Geolocator(without_text, tiny_image_processor()).capabilities.text is False
     assert Geolocator(tiny_geohier(trained_with_scene_labels=False), tiny_image_processor("geohier")).capabilities.scenes is False
