@@ -378,6 +378,44 @@ __all__ = [
 ]
 
 
+# ------------------------------------------------------------------------------------------------ model card
+def card_section(config) -> str:
+    """Markdown for the model card: how the confidence was calibrated, its held-out ECE and reliability table per
+    radius, and the unfamiliar-input threshold with its held-out flag rate ("" for a model without either)."""
+    calibration, familiarity = getattr(config, CALIBRATION_KEY, None), getattr(config, FAMILIARITY_KEY, None)
+    if not calibration and not familiarity:
+        return ""
+    lines = ["", "## Confidence and unfamiliar inputs", ""]
+    if calibration:
+        lines.append(f"Each answer's `confidence` (with the `geoloc` package: `GeolocationResult.confidence`) is the "
+                     f"probability that the true location lies within 25 / 200 / 750 / 2,500 km of the best guess: the "
+                     f"model's probability mass within that distance of its top-1, mapped by an isotonic fit per radius "
+                     f"on {calibration['n']:,} images of split `{calibration.get('split', '?')}` "
+                     f"(`geoloc calibrate`).")
+        held_out = calibration.get("held_out")
+        if held_out:
+            lines += ["", f"Reliability on split `{held_out['split']}` ({held_out['n']:,} images not used for fitting):",
+                      "", "| radius | ECE | accuracy | mean confidence | confidence bin: mean confidence → frequency (n) |",
+                      "|---|---|---|---|---|"]
+            for radius in calibration["radii_km"]:
+                key, row = f"{radius}km", held_out.get(f"{radius}km")
+                if isinstance(row, dict):
+                    bins = "; ".join(f"{b['bin']}: {b['mean_confidence']:.2f} → {b['frequency']:.2f} ({b['n']})"
+                                     for b in row["reliability"])
+                    lines.append(f"| {radius:,} km | {row['ece']:.3f} | {row['accuracy']:.1%} | "
+                                 f"{row['mean_confidence']:.1%} | {bins} |")
+        else:
+            lines += ["", "No held-out split was given to `geoloc calibrate --test-split`: the ECE is not measured."]
+    if familiarity:
+        rate = familiarity.get("held_out_flag_rate")
+        measured = f"; on split `{rate['split']}` it flags {rate['rate']:.1%} of in-distribution images" if rate else ""
+        lines += ["", f"An image whose embedding lies far from the training distribution ({len(familiarity['clusters'])} "
+                      f"Gaussian groups of the image tower's patch statistics) is answered as `unfamiliar`: the threshold "
+                      f"leaves {familiarity.get('quantile', FAMILIAR_QUANTILE):.0%} of split "
+                      f"`{familiarity.get('threshold_split', '?')}` below it{measured}."]
+    return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------------------------------------------ fitting
 def collect(model, image_processor, dataset, batch_size: int = 64, candidates: int = CONFIDENCE_CANDIDATES,
             radii_km=RADII_KM):

@@ -130,3 +130,32 @@ def test_calibrate_failures_are_one_line(tmp_path, capsys):
     assert cli(["calibrate", str(tmp_path / "missing"), "--dataset", str(tmp_path)]) == 1
     error = capsys.readouterr().err
     assert error.startswith("geoloc calibrate: error:") and error.count("\n") == 1
+
+
+def test_model_card_shows_the_held_out_reliability_table():
+    from geoloc.models import register_models
+    from geoloc.publish import render_model_card
+    from transformers import AutoConfig
+
+    register_models()
+    config = AutoConfig.from_pretrained(DEFAULT_MODEL)
+    card = str(render_model_card(config, "someone/geoclip-worldmap-tiny", []))
+    held_out = config.geoloc_calibration["held_out"]
+    assert "## Confidence and unfamiliar inputs" in card
+    for radius in (25, 200, 750, 2500):
+        assert f"| {radius:,} km | {held_out[f'{radius}km']['ece']:.3f} |" in card
+
+
+def test_training_can_end_with_a_calibration_on_a_validation_split(tmp_path, capsys):
+    from geoloc.train import main as train
+
+    data, output = tmp_path / "data", tmp_path / "run"
+    write_imagefolder(build_worldmap_splits(48, 1, seed=3, validation=40), str(data))
+    assert train(["--model", "geoclip", "--dataset", str(data), "--output-dir", str(output), "--max-steps", "2",
+                  "--batch-size", "16", "--augmentation", "none", "--calibrate-split", "validation"]) == 0
+    config = json.loads((output / "config.json").read_text())
+    assert config[C.CALIBRATION_KEY]["n"] == 40 and config[C.CALIBRATION_KEY]["split"] == "validation"
+    assert config[C.FAMILIARITY_KEY]["statistics_split"] == "train" and config[C.FAMILIARITY_KEY]["n"] == 48
+    assert config["text_aligned"] is False  # tiny random towers: no text mode
+    [result] = Geolocator.from_pretrained(output).locate_images(build_worldmap_splits(1, 1, seed=4)["test"]["image"])
+    assert result.confidence is not None and result.unfamiliar is not None
