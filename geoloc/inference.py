@@ -32,7 +32,11 @@ Contract (these names are kept stable):
   `(k,)`, best first; probabilities are masses of a distribution over the model's candidates), `places`
   (`[{"place", "country", "km"}]` or None), `scenes` (`{name: p}` or None), `attention` (`[AttentionMap]` per
   hierarchy level, coarse to fine, or None), `uncertainty` (`(N, 3)` (latitude, longitude, probability) of the
-  N most probable candidates, or None), `error` (str or None), and `to_dict()` (JSON-safe: no NaN, no arrays).
+  N most probable candidates, or None), `error` (str or None), `confidence` (`{25: p, 200: p, 750: p, 2500: p}`:
+  the calibrated probability that the true place lies within that many km of the best guess, or None for a model
+  without a calibration; `headline_confidence` picks the radius to show), `unfamiliar` (bool: the image lies far
+  from the training distribution) and `unfamiliarity` (its score), None for texts and uncalibrated models (both
+  from `geoloc.calibration`, fitted by `geoloc calibrate`), and `to_dict()` (JSON-safe: no NaN, no arrays).
 
 Example:
     >>> from geoloc import DEFAULT_MODEL, Geolocator
