@@ -501,8 +501,11 @@ def main(argv=None) -> int:
     import json
     import os
 
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
     from .data import load_geo_dataset
-    from .inference import Geolocator, resolve_model
+    from .inference import resolve_model
+    from .models import register_models
     from .sources import check_local_or_hub
 
     parser = build_parser()
@@ -516,15 +519,17 @@ def main(argv=None) -> int:
     if not in_place and args.output_dir is None:
         raise ValueError(f"--model {args.model} is not a local folder: pass --output-dir to save the calibrated copy.")
     check_local_or_hub(args.dataset, "--dataset", patterns=True)
-    geolocator = Geolocator.from_pretrained(source)
-    model = geolocator.model
+    register_models()
+    # not through Geolocator: a checkpoint whose stored calibration is invalid can still be recalibrated
+    model = AutoModel.from_pretrained(source, trust_remote_code=False).eval()
+    image_processor = AutoImageProcessor.from_pretrained(source, trust_remote_code=False)
 
     def rows(split):
         dataset = load_geo_dataset(args.dataset, split=split, image_column=args.image_column,
                                    lat_column=args.lat_column, lon_column=args.lon_column)
         if args.max_samples is not None:
             dataset = dataset.select(range(min(args.max_samples, len(dataset))))
-        return collect(model, geolocator.image_processor, dataset, args.batch_size)
+        return collect(model, image_processor, dataset, args.batch_size)
 
     masses, errors, embeddings, unreadable = rows(args.split)
     if len(errors) < 20:
@@ -559,9 +564,9 @@ def main(argv=None) -> int:
     setattr(model.config, FAMILIARITY_KEY, familiarity)
     if args.output_dir is not None:
         model.save_pretrained(args.output_dir)
-        geolocator.image_processor.save_pretrained(args.output_dir)
-        if geolocator.tokenizer is not None:
-            geolocator.tokenizer.save_pretrained(args.output_dir)
+        image_processor.save_pretrained(args.output_dir)
+        if getattr(model, "supports_text_queries", False):
+            AutoTokenizer.from_pretrained(source, trust_remote_code=False).save_pretrained(args.output_dir)
         where = args.output_dir
     else:
         path = os.path.join(source, "config.json")

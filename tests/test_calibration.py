@@ -126,6 +126,16 @@ def test_calibrate_command_stores_what_the_adapter_reads_for_both_models(tmp_pat
     assert noise.unfamiliarity > crop.unfamiliarity and noise.unfamiliar
 
 
+def test_an_invalid_calibration_can_be_refitted(tmp_path, capsys):
+    folder, config = _copy_of_bundled(tmp_path)
+    config[C.CALIBRATION_KEY]["maps"][1]["y"].reverse()
+    (folder / "config.json").write_text(json.dumps(config))
+    data = tmp_path / "data"
+    write_imagefolder(build_worldmap_splits(1, 1, seed=6, validation=70), str(data))
+    assert cli(["calibrate", str(folder), "--dataset", str(data), "--output-dir", str(tmp_path / "fixed")]) == 0
+    assert Geolocator.from_pretrained(tmp_path / "fixed").calibration["n"] == 70
+
+
 def test_calibrate_failures_are_one_line(tmp_path, capsys):
     assert cli(["calibrate", str(tmp_path / "missing"), "--dataset", str(tmp_path)]) == 1
     error = capsys.readouterr().err
