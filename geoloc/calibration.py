@@ -465,6 +465,19 @@ def held_out_report(calibration: dict, masses, errors_km) -> dict:
     return report
 
 
+def config_text(config: dict) -> str:
+    """A config dict as `config.json` text: indented like transformers writes it, but the two (long, numeric)
+    calibration sections each on one line."""
+    import json
+
+    sections = [key for key in (CALIBRATION_KEY, FAMILIARITY_KEY) if config.get(key) is not None]
+    text = json.dumps({k: v for k, v in config.items() if k not in sections}, indent=2, sort_keys=True)
+    lines = [f'  "{key}": {json.dumps(config[key], separators=(",", ":"), sort_keys=True)}' for key in sections]
+    if lines:
+        text = text.rstrip()[:-1].rstrip() + ",\n" + ",\n".join(lines) + "\n}"
+    return text + "\n"
+
+
 def build_parser():
     import argparse
 
@@ -576,8 +589,7 @@ def main(argv=None) -> int:
         if familiarity is not None:
             config[FAMILIARITY_KEY] = familiarity
         with open(path, "w") as handle:
-            json.dump(config, handle, indent=2, sort_keys=True)
-            handle.write("\n")
+            handle.write(config_text(config))
         where = path
     print(json.dumps(summary))
     print(f"geoloc calibrate: fitted on {len(errors)} images of split {args.split!r} -> {where}")
