@@ -34,6 +34,7 @@ SUBCOMMANDS = {
     "predict": ("geoloc.inference.predict", "geolocate images or text with a GeoCLIP or GeoHier checkpoint"),
     "train": ("geoloc.training.train", "train GeoCLIP or GeoHier (also: accelerate launch -m geoloc.training.train)"),
     "evaluate": ("geoloc.inference.evaluate", "evaluate a checkpoint on a benchmark (metrics.json + predictions.csv)"),
+    "calibrate": ("geoloc.inference.calibration", "fit calibrated confidence and unfamiliar-input statistics on held-out images"),
     "convert": ("geoloc.hub.convert", "convert an official GeoCLIP release (wheel or Hub folder) into a checkpoint"),
     "publish": ("geoloc.hub.publish", "push a checkpoint, its model card and results to the Hugging Face Hub"),
     "geocells": ("geoloc.geography.geocells", "build S2 geocell hierarchies from training coordinates"),

@@ -85,6 +85,10 @@ class GeoCLIPConfig(PreTrainedConfig):
             `from_pretrained` refuses an index whose bytes do not match it.
         use_text_tower (`bool`, defaults to `True`):
             Build the text tower; `False` gives an image-only model (no `get_text_features`).
+        text_aligned (`bool`, defaults to `True`):
+            Whether text queries mean something: the text tower's embeddings are aligned with the image tower's
+            (CLIP pretraining, image tower frozen since, as in the paper). `geoloc train` sets `False` for random
+            towers or a trained image tower; front ends then offer no text mode (`Capabilities.text_aligned`).
         freeze_backbone (`bool`, defaults to `True`):
             Keep the CLIP towers frozen during training, as the paper does.
         backbone (`str` or `None`, defaults to `"openai/clip-vit-large-patch14"`):
@@ -117,6 +121,7 @@ class GeoCLIPConfig(PreTrainedConfig):
     gallery_index_nbytes: int = 0
     gallery_index_sha256: str | None = None
     use_text_tower: bool = True
+    text_aligned: bool = True
     freeze_backbone: bool = True
     backbone: str | None = OFFICIAL_BACKBONE
 

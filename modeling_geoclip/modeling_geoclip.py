@@ -211,6 +211,11 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
         return self.config.use_text_tower
 
     @property
+    def text_aligned(self) -> bool:
+        """Whether text queries mean something (`config.text_aligned`; see `GeoCLIPConfig`)."""
+        return self.config.use_text_tower and self.config.text_aligned
+
+    @property
     def num_candidates(self) -> int:
         """The largest `top_k` of `geolocate`: the gallery size."""
         return self.config.gallery_size

@@ -70,6 +70,9 @@ class GeoHierConfig(PreTrainedConfig):
             (set by `geoloc train`; front ends show scenes only then).
         freeze_backbone (`bool`, defaults to `False`):
             Keep the image encoder frozen (the paper fine-tunes it end to end).
+        id2scene (`dict[int, str]`, *optional*):
+            The name of each scene id (0 .. num_scenes-1), e.g. Places365's "indoor" / "natural" / "urban"; front ends
+            show scenes by these names (`geoloc train` takes them from a `ClassLabel` scene column).
         has_cell_table (`bool`, defaults to `False`):
             Whether the checkpoint holds a cell table (set by `GeoHierModel.set_cell_table`); `geolocate` needs it.
 
@@ -106,6 +109,7 @@ class GeoHierConfig(PreTrainedConfig):
     trained_with_scene_labels: bool = False
     freeze_backbone: bool = False
     has_cell_table: bool = False
+    id2scene: dict | None = None
 
     def validate_architecture(self):
         if self.vision_config.model_type not in SUPPORTED_BACKBONES:
@@ -140,6 +144,15 @@ class GeoHierConfig(PreTrainedConfig):
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                 f"({self.num_attention_heads})."
             )
+        if self.id2scene is not None:
+            ids = set()
+            for key, name in self.id2scene.items():
+                if not str(key).isdigit() or int(key) >= self.num_scenes or not isinstance(name, str) or not name.strip():
+                    raise ValueError(f"id2scene maps scene ids 0..{self.num_scenes - 1} to non-empty names, got "
+                                     f"{key!r}: {name!r}.")
+                ids.add(int(key))
+            if len(ids) != len(self.id2scene):
+                raise ValueError(f"id2scene names a scene id twice: {sorted(self.id2scene)}.")
         if self.scene_selection not in SCENE_SELECTIONS:
             raise ValueError(f"scene_selection must be one of {SCENE_SELECTIONS}, got {self.scene_selection!r}.")
         if not all(0 <= value < 1 for value in (self.dropout, self.label_smoothing, self.scene_label_smoothing)):

@@ -4,6 +4,9 @@ import numpy as np
 import pytest
 import s2geometry
 
+from geoloc.geography.geodesy import unit_vectors
+from geoloc.data.worldmap import is_land
+
 from geoloc import cli
 from geoloc.geography.geocells import (
     assign_geocells,
@@ -85,13 +88,29 @@ def test_levels_nest(built):
             assert s2geometry.S2CellId.FromToken(cells[depth - 1]["tokens"][parent]).contains(child)
 
 
-def test_centroids_are_means_of_the_cell_points(built):
+def test_answer_points_are_medoids_of_the_cell_points(built):
     latitudes, longitudes, cells, labels = built
     fine = cells[-1]
     for row in range(0, len(fine["tokens"]), 7):
-        members = labels[:, -1] == row
-        assert abs(fine["latitudes"][row] - latitudes[members].mean()) < 0.05
-        assert abs(fine["longitudes"][row] - longitudes[members].mean()) < 0.05
+        members = np.flatnonzero(labels[:, -1] == row)
+        points = unit_vectors(latitudes[members], longitudes[members])
+        mean = points.sum(axis=0)
+        nearest = members[np.argmax(points @ mean)]  # the member nearest the spherical mean
+        assert (fine["latitudes"][row], fine["longitudes"][row]) == (latitudes[nearest], longitudes[nearest])
+
+
+def test_a_cell_spanning_sea_answers_where_its_points_are():
+    # two clusters on either side of the North Sea (Scotland, Norway): their mean is at sea, the medoid is not
+    rng = np.random.default_rng(3)
+    latitudes = np.r_[rng.normal(57, 0.1, 30), rng.normal(61, 0.1, 31)]
+    longitudes = np.r_[rng.normal(-4.5, 0.1, 30), rng.normal(9, 0.1, 31)]
+    assert is_land(latitudes, longitudes).all()
+    assert not is_land([59.2], [2.3])[0]  # about their spherical mean
+    cells, _ = build_geocells(latitudes, longitudes, levels=[(10, 10_000)], min_level=0)
+    assert len(cells[0]["tokens"]) == 1
+    answer = (cells[0]["latitudes"][0], cells[0]["longitudes"][0])
+    assert answer in set(zip(latitudes.tolist(), longitudes.tolist()))
+    assert is_land([answer[0]], [answer[1]])[0]
 
 
 def test_poles_and_antimeridian():

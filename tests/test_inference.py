@@ -121,7 +121,8 @@ def test_bad_arguments_raise(geoclip, geohier, pictures):
 # ---------------------------------------------------------------------------------- capabilities and extras
 def test_capabilities_are_what_the_models_declare(geoclip, geohier):
     assert geoclip.capabilities == Capabilities(text=True, scenes=False, attention=False, uncertainty="gallery")
-    assert geohier.capabilities == Capabilities(text=False, scenes=True, attention=True, uncertainty="cells")
+    assert geohier.capabilities == Capabilities(text=False, scenes=True, attention=True, uncertainty="cells",
+                                                text_aligned=False)
     without_text = GeoCLIPModel(tiny_geoclip_config(use_text_tower=False))
     assert Geolocator(without_text, tiny_image_processor()).capabilities.text is False
     assert Geolocator(tiny_geohier(trained_with_scene_labels=False), tiny_image_processor("geohier")).capabilities.scenes is False
@@ -230,3 +231,12 @@ def test_help_loads_no_torch_and_shows_defaults(argv):
     if argv[0] == "predict":
         help_text = " ".join(completed.stdout.split())
         assert "predictions per input (default: 5)" in help_text and "(default: default)" in help_text
+
+
+def test_geohier_scenes_are_shown_by_their_id2scene_names(pictures):
+    model = tiny_geohier(trained_with_scene_labels=True)
+    model.config.id2scene = {0: "coast", 1: "urban", 2: "forest", 3: "ice"}
+    [result] = Geolocator(model, tiny_image_processor("geohier")).locate_images(pictures[:1], top_k=1, extras=True)
+    assert list(result.scenes) == ["coast", "urban", "forest", "ice"]
+    with pytest.raises(Exception, match="id2scene maps scene ids"):  # transformers wraps the config's ValueError
+        tiny_geohier_config(cells_per_level=[2, 4], id2scene={"0": "coast", "7": "nowhere"})

@@ -3,8 +3,9 @@ or read from the published MP-16 partitions, and used to label new coordinates.
 
 A cell table is a list with one entry per level, coarse to fine; each entry is a dict of numpy arrays of length
 n (the cells of that level, sorted by S2 cell id for built tables, by class label for loaded ones):
-`tokens` (S2 tokens, str), `latitudes`, `longitudes` (the mean position of the level's training points in the cell,
-averaged on the unit sphere), `parents` (int64 row of the containing cell in the previous level, -1 for level 0)
+`tokens` (S2 tokens, str), `latitudes`, `longitudes` (the cell's answer point: for built tables the medoid, the
+level's training point in the cell nearest their mean on the unit sphere, so the answer is a place where a photo
+was taken; for imported GeoEstimation partitions the published mean, the only position they give), `parents` (int64 row of the containing cell in the previous level, -1 for level 0)
 and `counts` (int64 training points). `GeoHierModel.set_cell_table` takes it as is.
 
 Leaf cell ids come from the s2geometry library (one call per point, ~3 µs); everything after that (parents at a
@@ -90,6 +91,18 @@ def _spherical_means(groups: np.ndarray, n_groups: int, latitudes: np.ndarray, l
     """Mean position of the points of each group on the unit sphere (right across the antimeridian), degrees."""
     sums = [np.bincount(groups, weights=c, minlength=n_groups) for c in unit_vectors(latitudes, longitudes).T]
     return vector_directions(np.stack(sums, axis=-1))
+
+
+def _medoids(groups: np.ndarray, n_groups: int, latitudes: np.ndarray, longitudes: np.ndarray):
+    """The answer point of each group: its training point nearest (great-circle) to the group's spherical mean,
+    degrees. Unlike the mean, it is a place where a photo was taken: a cell spanning Europe and the Arctic answers
+    on land, not in the sea between them."""
+    points = unit_vectors(latitudes, longitudes)
+    sums = np.stack([np.bincount(groups, weights=c, minlength=n_groups) for c in points.T], axis=-1)
+    closeness = (points * sums[groups]).sum(axis=1)  # cosine to the group's mean direction, times its length
+    order = np.lexsort((-closeness, groups))
+    first = order[np.searchsorted(groups[order], np.arange(n_groups))]
+    return latitudes[first].astype(np.float64), longitudes[first].astype(np.float64)
 
 
 def _check_levels(levels) -> list[tuple[int, int]]:
@@ -214,7 +227,7 @@ def build_geocells(
         rows = np.cumsum(keep) - 1
         active, unique, counts = active[keep[inverse]], unique[keep], counts[keep]
         labels[active, depth] = rows[inverse[keep[inverse]]]
-        lat, lon = _spherical_means(labels[active, depth], len(unique), latitudes[active], longitudes[active])
+        lat, lon = _medoids(labels[active, depth], len(unique), latitudes[active], longitudes[active])
         if depth == 0:
             parents = np.full(len(unique), -1, dtype=np.int64)
         else:

@@ -39,6 +39,7 @@ from geo_core.pipeline_geolocation import custom_pipelines_entry
 
 from ..data.benchmarks import BENCHMARKS
 from ..cli import HelpFormatter
+from ..inference.calibration import card_section
 from ..inference.metrics import DEFAULT_THRESHOLDS_KM, threshold_key
 from ..models import register_models
 from .remote_code import auto_maps, remote_code_files
@@ -168,6 +169,7 @@ def render_model_card(config, repo_id: str, results: list[dict], training_data: 
     rows = [{"title": _dataset_ids(metrics["dataset"])[0], "n_unreadable": metrics.get("n_unreadable", 0),
              **{key: _metric_value(metrics, key) for key in METRIC_NAMES}, "n": metrics["n"]} for metrics in results]
     results_section = jinja2.Template(_template("_results.md.jinja").read_text()).render(results=rows)
+    results_section += card_section(config)  # calibrated confidence and unfamiliar inputs (geoloc calibrate)
     metadata = card_metadata(config, repo_id, results, training_run)
     card_data = ModelCardData(
         license=license,

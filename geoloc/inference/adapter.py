@@ -13,8 +13,9 @@ Contract (these names are kept stable):
   tokenizer saved next to it. `Geolocator(model, image_processor, tokenizer=None, name=None)` wraps objects
   already in memory.
 - Attributes: `model`, `image_processor`, `tokenizer` (None when the model reads no text; loaded on first
-  use), `name` (what it was loaded from), `capabilities`: a frozen `Capabilities(text, scenes, attention, uncertainty)`:
-  `text`: `locate_texts` works; `scenes`: results carry scene probabilities (only for models trained with
+  use), `name` (what it was loaded from), `capabilities`: a frozen `Capabilities(text, scenes, attention, uncertainty,
+  text_aligned)`: `text`: `locate_texts` works; `text_aligned`: its answers mean something (the text tower is aligned
+  with the image tower; front ends offer text only then); `scenes`: results carry scene probabilities (only for models trained with
   scene labels); `attention`: results can carry attention maps; `uncertainty`: what the candidates behind
   `GeolocationResult.uncertainty` are: "gallery" (GeoCLIP: points of a replaceable GPS gallery), "cells"
   (GeoHier: fine geocells at their centroids) or None.
@@ -32,15 +33,19 @@ Contract (these names are kept stable):
   `(k,)`, best first; probabilities are masses of a distribution over the model's candidates), `places`
   (`[{"place", "country", "km"}]` or None), `scenes` (`{name: p}` or None), `attention` (`[AttentionMap]` per
   hierarchy level, coarse to fine, or None), `uncertainty` (`(N, 3)` (latitude, longitude, probability) of the
-  N most probable candidates, or None), `error` (str or None), `candidate_ids` (the model's id of each answer:
-  GeoCLIP's gallery row, GeoHier's fine-cell S2 token) and `uncertainty_ids` (the same for the uncertainty
+  N most probable candidates, or None), `error` (str or None), `confidence` (`{25: p, 200: p, 750: p, 2500: p}`:
+  the calibrated probability that the true place lies within that many km of the best guess, or None for a model
+  without a calibration; `headline_confidence` picks the radius to show), `unfamiliar` (bool: the image lies far
+  from the training distribution) and `unfamiliarity` (its score), None for texts and uncalibrated models (both
+  from `geoloc.inference.calibration`, fitted by `geoloc calibrate`), `candidate_ids` (the model's id of each
+  answer: GeoCLIP's gallery row, GeoHier's fine-cell S2 token), `uncertainty_ids` (the same for the uncertainty
   points), and `to_dict()` (JSON-safe: no NaN, no arrays).
 
 Example:
     >>> from geoloc import DEFAULT_MODEL, Geolocator
     >>> geolocator = Geolocator.from_pretrained(DEFAULT_MODEL)
     >>> geolocator.capabilities
-    Capabilities(text=True, scenes=False, attention=False, uncertainty='gallery')
+    Capabilities(text=True, scenes=False, attention=False, uncertainty='gallery', text_aligned=False)
     >>> [result] = geolocator.locate_texts(["hot sand dunes"], top_k=3)
     >>> result.latitudes.shape, result.error
     ((3,), None)
@@ -63,6 +68,7 @@ from ..data.dataset import decode_images, image_limits
 from ..geography.geodesy import geodesic_distance_km
 from ..models import register_models
 from ..sources import check_local_or_hub
+from .calibration import calibrated_confidence, load_sections, mass_near_best, tower_embedding, unfamiliarity_scores
 
 UNCERTAINTY_POINTS = 3000  # candidates returned as uncertainty points at most (GeoCLIP's heat layer)
 ATTENTION_SIZE = 224  # side in pixels of the attention overlays
@@ -77,6 +83,7 @@ class Capabilities:
     scenes: bool
     attention: bool
     uncertainty: str | None
+    text_aligned: bool = True  # text queries mean something (False: a text tower that was never aligned)
 
     @classmethod
     def of(cls, model) -> "Capabilities":
@@ -89,6 +96,7 @@ class Capabilities:
                 scenes=bool(model.predicts_scenes),
                 attention=bool(model.returns_attention_maps),
                 uncertainty=model.candidate_kind,
+                text_aligned=bool(model.supports_text_queries and getattr(model, "text_aligned", True)),
             )
         except AttributeError as error:
             raise ValueError(
@@ -129,6 +137,20 @@ class GeolocationResult:
     error: str | None = None
     candidate_ids: list | None = None
     uncertainty_ids: list | None = None
+    confidence: dict[int, float] | None = None
+    unfamiliar: bool | None = None
+    unfamiliarity: float | None = None
+
+    @property
+    def headline_confidence(self) -> tuple[int, float] | None:
+        """The one number to show with the best guess: `(radius_km, probability)` for the smallest radius at which
+        the calibrated confidence reaches 50 %, else the largest radius; None without a calibration."""
+        if not self.confidence:
+            return None
+        for radius, probability in self.confidence.items():
+            if probability >= 0.5:
+                return radius, probability
+        return radius, probability
 
     @classmethod
     def failed(cls, name: str, error: str) -> "GeolocationResult":
@@ -149,6 +171,10 @@ class GeolocationResult:
         for prediction, place in zip(predictions, self.places or []):
             prediction.update(place=place["place"], country=place["country"], km=_number(place["km"]))
         answer = {"input": self.input, "error": self.error, "predictions": predictions}
+        if self.confidence is not None:
+            answer["confidence"] = [{"radius_km": r, "probability": _number(p)} for r, p in self.confidence.items()]
+        if self.unfamiliar is not None:
+            answer.update(unfamiliar=self.unfamiliar, unfamiliarity=_number(self.unfamiliarity))
         if self.scenes is not None:
             answer["scenes"] = {name: _number(p) for name, p in self.scenes.items()}
         if self.uncertainty is not None:
@@ -189,6 +215,8 @@ class Geolocator:
         self._tokenizer = tokenizer if self.capabilities.text else None
         self._tokenizer_source = None  # where `from_pretrained` loads the tokenizer from, on first use
         self.name = name or type(model).__name__
+        # fitted by `geoloc calibrate` and stored in the config; checked here (ValueError naming the field)
+        self.calibration, self.familiarity = load_sections(model)
 
     @property
     def tokenizer(self):
@@ -312,33 +340,55 @@ class Geolocator:
         capabilities = self.capabilities
         wants_uncertainty = extras and capabilities.uncertainty is not None
         wants_attention = extras and capabilities.attention and "pixel_values" in inputs
-        candidates = max(top_k, min(UNCERTAINTY_POINTS, self.model.num_candidates)) if wants_uncertainty else top_k
+        shown = max(top_k, min(UNCERTAINTY_POINTS, self.model.num_candidates)) if wants_uncertainty else top_k
+        candidates = shown
+        if self.calibration is not None:  # the confidence counts the mass of this many candidates
+            candidates = max(shown, min(self.calibration["candidates"], self.model.num_candidates))
         options = {"output_attentions": True} if wants_attention else {}
+        pixel_values, scores = inputs.get("pixel_values"), None
+        if pixel_values is not None and self.familiarity is not None:  # the tower runs once, for both uses
+            tower_inputs, embeddings = tower_embedding(self.model, pixel_values, inputs.get("num_crops", 1))
+            inputs = {**{k: v for k, v in inputs.items() if k != "pixel_values"}, **tower_inputs}
+            scores = unfamiliarity_scores(self.familiarity, embeddings)
         output = self.model.geolocate(**inputs, top_k=candidates, **options)
         latitudes, longitudes, probabilities = (
             x.double().cpu().numpy() for x in (output.latitudes, output.longitudes, output.probabilities)
         )
+        confidences = None
+        if self.calibration is not None:
+            masses = mass_near_best(latitudes, longitudes, probabilities, self.calibration["radii_km"])
+            confidences = calibrated_confidence(self.calibration, masses)
         ids = self.model.candidate_ids(output.indices)
         results = []
         for row, name in enumerate(names):
             result = GeolocationResult(input=name, latitudes=latitudes[row, :top_k],
                                        longitudes=longitudes[row, :top_k], probabilities=probabilities[row, :top_k],
                                        candidate_ids=ids[row][:top_k])
+            if confidences is not None:
+                result.confidence = {radius: float(p) for radius, p in
+                                     zip(self.calibration["radii_km"], confidences[row].tolist())}
+            if scores is not None:
+                result.unfamiliarity = float(scores[row])
+                result.unfamiliar = bool(scores[row] > self.familiarity["threshold"])
             if wants_uncertainty:
-                result.uncertainty = np.stack([latitudes[row], longitudes[row], probabilities[row]], axis=1)
-                result.uncertainty_ids = ids[row]
+                result.uncertainty = np.stack([latitudes[row, :shown], longitudes[row, :shown],
+                                               probabilities[row, :shown]], axis=1)
+                result.uncertainty_ids = ids[row][:shown]
             if extras and capabilities.scenes:
                 result.scenes = self._scene_names(output.scene_probabilities[row])
             if wants_attention:
-                result.attention = self._attention_maps(inputs["pixel_values"][row], output, row)
+                result.attention = self._attention_maps(pixel_values[row], output, row)
             results.append(result)
         return results
 
     def _scene_names(self, probabilities: torch.Tensor) -> dict[str, float]:
-        """Scene probabilities `(num_scenes,)` keyed by the config's `id2label` names when it has one per scene."""
-        labels = self.model.config.id2label
-        named = len(labels) == len(probabilities)
-        return {labels[i] if named else f"scene {i}": float(p) for i, p in enumerate(probabilities.tolist())}
+        """Scene probabilities `(num_scenes,)` keyed by the config's `id2scene` names (else `id2label` when it has
+        one name per scene, else "scene i")."""
+        config = self.model.config
+        names = {int(k): v for k, v in (getattr(config, "id2scene", None) or {}).items()}
+        if not names and len(config.id2label) == len(probabilities):
+            names = {int(k): v for k, v in config.id2label.items()}
+        return {names.get(i, f"scene {i}"): float(p) for i, p in enumerate(probabilities.tolist())}
 
     def _attention_maps(self, pixel_values: torch.Tensor, output, row: int) -> list[AttentionMap]:
         """Per hierarchy level, the last decoder layer's cross-attention (mean over heads) of the predicted

@@ -1,6 +1,7 @@
 """`geoloc evaluate`: score a GeoCLIP or GeoHier checkpoint on a benchmark or any geolocation dataset.
 
-Writes `DIR/metrics.json` (`acc_1km` ... `acc_2500km`, `mean_km`, `median_km`, `geoscore`, plus `n`,
+Writes `DIR/metrics.json` (`acc_1km` ... `acc_2500km`, `mean_km`, `median_km`, `geoscore`; for a model
+calibrated with `geoloc calibrate` also `ece_25km` ... `ece_2500km` and `unfamiliar_rate`; plus `n`,
 `n_unreadable`, `model`, `dataset`, `top_k`, `ten_crop`) and `DIR/predictions.csv`
 (`id,latitude,longitude,pred_latitude,pred_longitude,error_km`, the model's best guess per image), and
 `DIR/unreadable.csv` (`id,error`) when some images could not be decoded: those are skipped and counted,
@@ -35,6 +36,7 @@ from ..cli import HelpFormatter
 from ..data.dataset import load_geo_dataset
 from ..geography.geodesy import geodesic_distance_km
 from .adapter import Geolocator
+from .calibration import expected_calibration_error
 from .metrics import distance_metrics
 from ..models import register_models
 from ..sources import check_local_or_hub
@@ -104,6 +106,8 @@ class ShardPredictions:
     pred_latitudes: list = field(default_factory=list)
     pred_longitudes: list = field(default_factory=list)
     unreadable: list = field(default_factory=list)
+    confidences: list = field(default_factory=list)  # per kept row: {radius_km: calibrated confidence} or None
+    unfamiliar: list = field(default_factory=list)  # per kept row: bool or None
 
 
 def locate_shard(geolocator: Geolocator, dataset, batch_size: int, top_k: int, offset: int = 0,
@@ -131,6 +135,8 @@ def locate_shard(geolocator: Geolocator, dataset, batch_size: int, top_k: int, o
             shard.longitudes.append(longitude)
             shard.pred_latitudes.append(result.latitudes)
             shard.pred_longitudes.append(result.longitudes)
+            shard.confidences.append(result.confidence)
+            shard.unfamiliar.append(result.unfamiliar)
         progress.update(len(results))
     progress.close()
     return shard
@@ -142,6 +148,19 @@ def _gather(shard: ShardPredictions) -> ShardPredictions:
     return ShardPredictions(**{
         name: [item for part in gathered for item in getattr(part, name)] for name in vars(shard)
     })
+
+
+def calibration_metrics(predictions: ShardPredictions, errors_km: np.ndarray) -> dict:
+    """For a calibrated model (`geoloc calibrate`): `ece_<r>km` of its confidence at each radius (expected
+    calibration error, 10 equal-width bins) and `unfamiliar_rate`, the share of images it flagged as unfamiliar."""
+    metrics = {}
+    if predictions.confidences and all(c is not None for c in predictions.confidences):
+        for radius in predictions.confidences[0]:
+            confidences = [c[radius] for c in predictions.confidences]
+            metrics[f"ece_{radius:g}km"] = expected_calibration_error(confidences, errors_km <= radius)
+    if predictions.unfamiliar and all(u is not None for u in predictions.unfamiliar):
+        metrics["unfamiliar_rate"] = float(np.mean(predictions.unfamiliar))
+    return metrics
 
 
 def write_results(predictions: ShardPredictions, output_dir: str, model: str, dataset: str, top_k: int,
@@ -160,6 +179,7 @@ def write_results(predictions: ShardPredictions, output_dir: str, model: str, da
     metrics = distance_metrics(candidate_errors[:, 0])
     summary = {**metrics, "n": len(predictions.ids), "n_unreadable": len(predictions.unreadable),
                "model": model, "dataset": dataset, "top_k": top_k, "ten_crop": ten_crop}
+    summary.update(calibration_metrics(predictions, candidate_errors[:, 0]))
     if top_k > 1:
         summary["best_of_top_k"] = distance_metrics(candidate_errors.min(axis=1))
     os.makedirs(output_dir, exist_ok=True)

@@ -234,6 +234,12 @@ def _print_table(results: list) -> None:
             place = result.places[rank - 1] if result.places else None
             near = f"   near {place['place']}, {place['country']} ({place['km']:.0f} km)" if place else ""
             print(f"  {rank}. {lat:10.6f}, {lon:11.6f}   p={p:.4f}{near}")
+        if result.unfamiliar:  # calibrated models (`geoloc calibrate`): one plain sentence instead of a confidence
+            print(f"  unfamiliar: this image does not look like what the model was trained on "
+                  f"(score {result.unfamiliarity:.2f}); the guesses above are not an answer")
+        elif result.confidence:
+            print("  chance the true place is within " + ", ".join(
+                f"{radius:,} km: {p:.0%}" for radius, p in result.confidence.items()) + " of guess 1")
 
 
 # ------------------------------------------------------------------------------------------------ datasets

@@ -206,6 +206,9 @@ class GeoCLIPTask(TrainingTask):
         # The text tower is never trained (the paper aligns images and GPS; text reads the image MLP's space).
         self.model.config.freeze_backbone = not args.train_backbone
         self.model.image_tower.requires_grad_(args.train_backbone)
+        # text means something only on pretrained CLIP towers whose image tower stays frozen (the text tower never trains)
+        pretrained = bool(args.backbone) or (args.model_config != "tiny" and self.model.config.text_aligned)
+        self.model.config.text_aligned = pretrained and not args.train_backbone
         if self.model.text_tower is not None:
             self.model.text_tower.requires_grad_(False)
 
@@ -396,6 +399,9 @@ class GeoHierTask(TrainingTask):
         num_scenes = self._num_scenes(dataset)
         if num_scenes is not None:
             options["num_scenes"] = num_scenes
+        scene_names = getattr(dataset.features.get(self.scene_column), "names", None) if self.scene_column else None
+        if scene_names:  # a ClassLabel scene column names its scenes: shown by name (`id2scene`)
+            options["id2scene"] = dict(enumerate(scene_names))
         if args.backbone:
             self.model = GeoHierModel.from_backbone(args.backbone, **options)
             self.image_processor = backbone_image_processor(args.backbone, GeoHierImageProcessor)

@@ -90,7 +90,10 @@ RESUME_SETTINGS = ("model", "dataset", "split", "train_fraction", "streaming", "
 # run; which options were given explicitly, their values being compared); a resume may change them. Every other
 # option, present or added later, is compared on --resume.
 NOT_WEIGHT_SETTINGS = ("output_dir", "overwrite", "resume", "checkpoint_every", "checkpoints_to_keep", "log_every",
-                       "push_to_hub", "num_workers", "cache_dir", "dry_run", "given_options")
+                       "push_to_hub", "calibrate_split", "num_workers", "cache_dir", "dry_run", "given_options")
+
+
+CALIBRATION_ROWS = 5000  # rows of each split that --calibrate-split reads at most
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,6 +131,10 @@ def _add_model_and_data_arguments(parser: argparse.ArgumentParser) -> None:
                        help="image folder with metadata.csv, parquet/webdataset shards, a save_to_disk folder, or a "
                             "Hub dataset id")
     group.add_argument("--split", default="train", help="split of --dataset")
+    group.add_argument("--calibrate-split", default=None,
+                       help="after training, fit the calibrated confidence and the unfamiliar-input threshold on this "
+                            "held-out split of --dataset (e.g. validation) and the familiarity statistics on --split, "
+                            f"at most {CALIBRATION_ROWS:,} rows each (as `geoloc calibrate`)")
     group.add_argument("--image-column", default=IMAGE, help="image column of --dataset")
     group.add_argument("--lat-column", default=LATITUDE, help="latitude column of --dataset")
     group.add_argument("--lon-column", default=LONGITUDE, help="longitude column of --dataset")
@@ -617,6 +624,13 @@ def save_trained(args, accelerator, task, model, latitudes, longitudes, step: in
                "args": resolved_settings(args)}
     with open(os.path.join(args.output_dir, "train_summary.json"), "w") as handle:
         json.dump(summary, handle, indent=2)
+    if args.calibrate_split:  # before publishing: the card shows the calibration
+        from ..inference.calibration import main as calibrate
+
+        calibrate([args.output_dir, "--dataset", args.dataset, "--split", args.calibrate_split,
+                   "--statistics-split", args.split, "--max-samples", str(CALIBRATION_ROWS),
+                   "--image-column", args.image_column, "--lat-column", args.lat_column,
+                   "--lon-column", args.lon_column])
     if args.push_to_hub:  # the files `geoloc publish` uploads: the model, its card and remote code, no state
         from ..hub.publish import publish
 

@@ -45,7 +45,9 @@ TEXT_EXAMPLES = [
 
 GEOLOCATORS, MODEL_NOTE = load_geolocators()
 DEFAULT_MODEL_NAME = next(iter(GEOLOCATORS))
-READS_TEXT = {name: geolocator.capabilities.text for name, geolocator in GEOLOCATORS.items()}
+# text mode only for models whose text queries mean something (a declared capability, not the tower's presence)
+READS_TEXT = {name: geolocator.capabilities.text and geolocator.capabilities.text_aligned
+              for name, geolocator in GEOLOCATORS.items()}
 # Uploads are decoded once, within the limits of every served model's image processor (pixels and resize).
 _LIMITS = [image_limits(geolocator.image_processor) for geolocator in GEOLOCATORS.values()]
 UPLOAD_LIMITS = {"max_pixels": min(limits["max_pixels"] for limits in _LIMITS),

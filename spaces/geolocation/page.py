@@ -28,6 +28,7 @@ from gradio.components.plot import PlotData
 from PIL import Image
 
 from answers import AT_SEA, Answer, format_coordinates, format_percent
+from trust import confidence_line, headline_html
 from geoloc.geography.geodesy import unit_vectors, vector_directions
 from geoloc.data.worldmap import load_world_map
 
@@ -316,9 +317,13 @@ def summary_html(answer: Answer) -> str:
     where = "at sea" if country == AT_SEA else f"in <b>{html.escape(country)}</b>"
     lead = "Most likely" if share >= 0.5 else "Possibly" if share >= 0.2 else "Unsure — perhaps"
     alternatives = ", ".join(f"{html.escape(c)} {format_percent(p)}" for c, p in rest)
-    lines = [f"<div class='headline'>{lead} {where} <span class='pct'>{format_percent(share)} likely</span></div>"]
-    if alternatives and share < 0.5:
-        lines.append(f"<div class='alt'>Also possible: {alternatives}</div>")
+    calibrated = headline_html(answer)  # trust.py: one story per answer (calibrated, or "cannot tell")
+    if calibrated is not None:
+        lines = [calibrated, confidence_line(answer)]
+    else:
+        lines = [f"<div class='headline'>{lead} {where} <span class='pct'>{format_percent(share)} likely</span></div>"]
+        if alternatives and share < 0.5:
+            lines.append(f"<div class='alt'>Also possible: {alternatives}</div>")
     lines += [
         f"<div class='sub'>Best guess <span class='rank best'>1</span> <b>{html.escape(best['phrase'])}</b> · "
         f"{format_coordinates(best['latitude'], best['longitude'])} ({format_percent(best['probability'])})</div>",
@@ -394,6 +399,8 @@ CSS = """
 .answer-summary { padding: 6px 4px 4px; line-height: 1.35; }
 .answer-summary .headline { font-size: 1.45rem; font-weight: 600; }
 .answer-summary .headline .pct { color: #b31d16; margin-left: .25em; }
+.answer-summary .headline.unfamiliar { color: #7a4b00; }
+.answer-summary .unfamiliar-note, .answer-summary .confidence { font-size: .95rem; color: #444; }
 .answer-summary .alt { font-size: .95rem; color: #444; }
 .answer-summary .sub, .answer-summary .truth { font-size: 1rem; margin-top: 2px; }
 .answer-summary .query { font-size: .85rem; color: #666; margin-top: 2px; }
