@@ -323,8 +323,9 @@ def model_changed(model_name: str):
 
 
 def api_image(image, top_k: int, model_name: str, request: gr.Request) -> dict:
-    """Geolocate a photo: the top-k places (latitude, longitude, probability, nearest place), the probability
-    by country, and what the model declares (uncertainty points, scenes, attention)."""
+    """Geolocate a photo: the top-k places (latitude, longitude, probability, the place in words: country or sea,
+    nearest town when near), the probability by country or sea, and what the model declares (uncertainty points,
+    scenes, attention)."""
     if image is None:
         raise readable_error("Give an image, e.g. handle_file('photo.jpg').")
     return answer_for(request, model_name, top_k, image=image).to_json()
@@ -357,7 +358,8 @@ SCROLL_TO_ANSWER = """() => {
   if (!document.querySelector('#answer-summary') || document.querySelector('#answer-summary.empty')) return;
   document.getElementById('main-row').classList.add('answered');  // on a phone, the answer moves above the inputs
   const answer = document.getElementById('results-column');
-  if (answer && (answer.getBoundingClientRect().top < 0 || answer.getBoundingClientRect().top > innerHeight / 2))
+  const top = answer ? answer.getBoundingClientRect().top : 0;
+  if (answer && (top < 0 || top > (innerWidth <= 768 ? 60 : innerHeight / 2)))
     answer.scrollIntoView({behavior: 'smooth', block: 'start'});
 }"""
 

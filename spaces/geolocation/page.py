@@ -55,6 +55,7 @@ MAP_CONFIG = {"scrollZoom": True, "displaylogo": False, "responsive": True, "dou
 # Pins and labels are placed apart for the smallest map the page draws (a 390 px phone: about 320 x 240 px);
 # a larger map only moves them further apart. The map of a desktop is about 740 px wide.
 SMALL_MAP, WIDE_MAP = (320.0, 240.0), 740.0
+WIDE_SIZE = (720.0, 370.0)  # the desktop's map (1280 px wide window), without the legend
 PIN_RADIUS = (16.0, 11.5)  # px, with the white ring: the best guess, the others
 BUTTONS_BOX = (0.0, 0.0, 150.0, 58.0)  # px from the top left: the Answer / World buttons (44 px tall or more)
 LABEL_FONT, COUNTRY_FONT = 12, 11
@@ -314,11 +315,12 @@ def _text_width(text: str, size: float) -> float:
 
 
 class Screen:
-    """Where things fall on the smallest map (`SMALL_MAP` px, the aspect ratio kept as plotly keeps it), and
-    what is already drawn there: pins (circles) and labels (boxes), so that nothing new covers them."""
+    """Where things fall on a map of `size` px (by default the smallest, `SMALL_MAP`; the aspect ratio kept as
+    plotly keeps it), and what is already drawn there: pins (circles) and labels (boxes), so that nothing new
+    covers them."""
 
-    def __init__(self, x_range, y_range, world: bool):
-        width, height = SMALL_MAP
+    def __init__(self, x_range, y_range, world: bool, size: tuple[float, float] = None):
+        width, height = size or SMALL_MAP
         ratio = _scale_ratio(y_range, world)
         x_span, y_span = x_range[1] - x_range[0], y_range[1] - y_range[0]
         self.scale = min(width / x_span, height / (y_span * ratio))  # px per degree of longitude
@@ -355,6 +357,11 @@ def _box_hits_circle(box, x: float, y: float, radius: float) -> bool:
     return math.hypot(x - nearest_x, y - nearest_y) < radius
 
 
+def map_screens(x_range, y_range, world: bool) -> list[Screen]:
+    """The phone's map and the desktop's, where labels must fit at once."""
+    return [Screen(x_range, y_range, world, SMALL_MAP), Screen(x_range, y_range, world, WIDE_SIZE)]
+
+
 def place_pins(screen: Screen, xs, ys) -> list[tuple[float, float]]:
     """Where to draw each pin (best first), in degrees: at its guess, or, where that would cover a pin already
     placed, on the nearest free spot around it (then a thin line joins it to its guess)."""
@@ -377,26 +384,49 @@ def place_pins(screen: Screen, xs, ys) -> list[tuple[float, float]]:
 LABEL_SIDES = ("right", "left", "top", "bottom", "top right", "bottom right", "top left", "bottom left")
 
 
-def place_label(screen: Screen, px: float, py: float, radius: float, text: str, size: float) -> dict | None:
-    """A spot for a pin's label beside it (right, left, above, below, then the corners) that covers no pin and
-    no label: plotly annotation anchors and shifts in px, or None when there is none."""
+def place_label(screens: list[Screen], spot: tuple[float, float], radius: float, text: str,
+                size: float) -> dict | None:
+    """A spot for the label (which starts with the pin's number) of the pin at `spot` (degrees) beside it:
+    right, left, above, below, the corners, then right or left a row or more higher or lower (a crowd of pins:
+    the labels stack up), that covers no pin and no label on every one of `screens` (a phone's map and a
+    desktop's: a label is shifted in px, its pin placed in degrees); plotly annotation anchors and shifts in
+    px, or None when there is none."""
     width, height = _text_width(text, size) + 8, size + 8
     gap = radius + 2
-    for side in LABEL_SIDES:
+    candidates = [(side, 0.0) for side in LABEL_SIDES] + [
+        (side, rows * height) for rows in (-1, 1, -2, 2, -3, 3, -4, 4) for side in ("right", "left")] + [
+        ("top", -rows * height) for rows in (1, 2, 3)] + [("bottom", rows * height) for rows in (1, 2, 3)]
+    for side, lift in candidates:
         dx = gap if "right" in side else -gap if "left" in side else 0
-        dy = -gap if "top" in side else gap if "bottom" in side else 0
-        left = px + dx if "right" in side else px + dx - width if "left" in side else px - width / 2
-        top = py + dy - height if "top" in side else py + dy if "bottom" in side else py - height / 2
-        box = (left, top, left + width, top + height)
-        if screen.free_box(box):
-            screen.boxes.append(box)
+        dy = (-gap if "top" in side else gap if "bottom" in side else 0) + lift
+        boxes = []
+        for screen in screens:
+            px, py = screen.px(*spot)
+            left = px + dx if "right" in side else px + dx - width if "left" in side else px - width / 2
+            top = py + dy - height if "top" in side else py + dy if "bottom" in side else py + dy - height / 2
+            boxes.append((left, top, left + width, top + height))
+        if all(screen.free_box(box) for screen, box in zip(screens, boxes)):
+            for screen, box in zip(screens, boxes):
+                screen.boxes.append(box)
             return dict(xanchor="left" if "right" in side else "right" if "left" in side else "center",
                         yanchor="bottom" if "top" in side else "top" if "bottom" in side else "middle",
                         xshift=dx, yshift=-dy)
+    for distance in (50, 75, 100, 130, 160):  # farther out, with a line to the pin
+        for angle in np.radians([30, 150, 210, 330, 90, 270, 0, 180, 60, 120, 240, 300]):
+            ax, ay = distance * math.cos(angle), -distance * math.sin(angle)
+            boxes = []
+            for screen in screens:
+                px, py = screen.px(*spot)
+                boxes.append((px + ax - width / 2, py + ay - height / 2, px + ax + width / 2, py + ay + height / 2))
+            if all(screen.free_box(box) for screen, box in zip(screens, boxes)):
+                for screen, box in zip(screens, boxes):
+                    screen.boxes.append(box)
+                return dict(showarrow=True, ax=ax, ay=ay, arrowhead=0, arrowwidth=1, arrowcolor="#444",
+                            standoff=radius)
     return None
 
 
-def country_name_trace(screen: Screen, x_range, y_range, centre: float) -> go.Scatter | None:
+def country_name_trace(screens: list[Screen], x_range, y_range, centre: float) -> go.Scatter | None:
     """The names of the countries in view that are large enough on the map to hold them, largest first, where
     they cover no pin, no pin label and no other name."""
     names, xs, ys = [], [], []
@@ -405,12 +435,14 @@ def country_name_trace(screen: Screen, x_range, y_range, centre: float) -> go.Sc
         if not (x_range[0] < x < x_range[1] and y_range[0] < latitude < y_range[1]):
             continue
         width, height = _text_width(name, COUNTRY_FONT), COUNTRY_FONT + 2
-        if area * screen.scale ** 2 * screen.ratio < 1.5 * width * height:
+        wide = screens[-1]
+        if area * wide.scale ** 2 * wide.ratio < width * height:  # the country holds its name on a desktop
             continue
-        px, py = screen.px(x, latitude)
-        box = (px - width / 2, py - height / 2, px + width / 2, py + height / 2)
-        if screen.free_box(box):
-            screen.boxes.append(box)
+        boxes = [(px - width / 2, py - height / 2, px + width / 2, py + height / 2)
+                 for px, py in (screen.px(x, latitude) for screen in screens)]
+        if all(screen.free_box(box) for screen, box in zip(screens, boxes)):
+            for screen, box in zip(screens, boxes):
+                screen.boxes.append(box)
             names.append(name)
             xs.append(x)
             ys.append(latitude)
@@ -430,7 +462,7 @@ def empty_map() -> PlotData:
     figure = go.Figure(layout=_base_layout(x_range, y_range, True))
     for trace in line_traces(x_range, y_range, 0.0):
         figure.add_trace(trace)
-    countries = country_name_trace(Screen(x_range, y_range, True), x_range, y_range, 0.0)
+    countries = country_name_trace(map_screens(x_range, y_range, True), x_range, y_range, 0.0)
     if countries is not None:
         figure.add_trace(countries)
     figure.update_layout(showlegend=False)
@@ -438,8 +470,15 @@ def empty_map() -> PlotData:
 
 
 def pin_label(row: dict) -> str:
-    """A pin's name on the map, after its rank: the place in words, or the country or sea when that is long."""
-    return f"{row['rank']} · " + (row["phrase"] if len(row["phrase"]) <= 28 else row["area"])
+    """A pin's name on the map, after its rank: the place in words when short, else its town (when the place
+    names one) or its country or sea; the table has the full name."""
+    if len(row["phrase"]) <= 20:
+        name = row["phrase"]
+    elif row["place"] and row["place"] in row["phrase"] and len(row["place"]) <= 20:
+        name = row["place"]
+    else:
+        name = row["area"]
+    return f"{row['rank']} · {name}"
 
 
 def world_map(answer: Answer, cell_tokens: list[str] | None = None) -> PlotData:
@@ -470,14 +509,19 @@ def world_map(answer: Answer, cell_tokens: list[str] | None = None) -> PlotData:
     for trace in line_traces(x_range, y_range, centre):
         figure.add_trace(trace)
     rows = answer.rows()
-    screen = Screen(x_range, y_range, world)
+    screens = map_screens(x_range, y_range, world)
     truth_x = wrap_longitudes([truth.longitude], centre)[0] if truth else None
     if truth:
-        screen.circles.append((*screen.px(truth_x, truth.latitude), 12.0))
-    spots = place_pins(screen, xs, latitudes)
-    labels = [place_label(screen, *screen.px(*spot), PIN_RADIUS[0] if rank == 0 else PIN_RADIUS[1],
-                          pin_label(row), LABEL_FONT) for rank, (spot, row) in enumerate(zip(spots, rows))]
-    countries = country_name_trace(screen, x_range, y_range, centre)
+        for screen in screens:
+            screen.circles.append((*screen.px(truth_x, truth.latitude), 12.0))
+    spots = place_pins(screens[0], xs, latitudes)  # apart on the phone's map: further apart on larger ones
+    for screen in screens[1:]:
+        screen.circles += [(*screen.px(*spot), radius) for spot, (_, _, radius) in zip(spots, screens[0].circles[
+            len(screens[0].circles) - len(spots):])]
+    labels = [place_label(screens, spot, PIN_RADIUS[0] if rank == 0 else PIN_RADIUS[1], pin_label(row),
+                          LABEL_FONT + (1 if rank == 0 else 0))
+              for rank, (spot, row) in enumerate(zip(spots, rows))]
+    countries = country_name_trace(screens, x_range, y_range, centre)
     if countries is not None:
         figure.add_trace(countries)
     hover = [[row["rank"], html.escape(row["phrase"]), format_percent(row["probability"]),
@@ -513,7 +557,7 @@ def world_map(answer: Answer, cell_tokens: list[str] | None = None) -> PlotData:
             name="True location", hovertemplate=f"True location: {html.escape(truth.label)}<extra></extra>",
             marker=dict(symbol="star", size=22, color=TRUTH_COLOUR, line=dict(color="white", width=1.5))))
     layout["annotations"] = [
-        dict(x=spot[0], y=spot[1], xref="x", yref="y", showarrow=False, text=html.escape(pin_label(row)),
+        dict(dict(x=spot[0], y=spot[1], xref="x", yref="y", showarrow=False), text=html.escape(pin_label(row)),
              font=dict(size=LABEL_FONT + (1 if row["rank"] == 1 else 0), color="#1a1a1a"),
              bgcolor="rgba(255,255,255,0.85)", borderpad=2, name=f"pin-label-{row['rank']}", **label)
         for spot, row, label in zip(spots, rows, labels) if label is not None
