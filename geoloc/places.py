@@ -234,7 +234,7 @@ def describe_places(latitudes, longitudes) -> list[dict]:
 def map_lines() -> dict[str, list[np.ndarray]]:
     """The coastlines and the land borders to draw, as lists of (n, 2) arrays of (longitude, latitude): an arc
     of the countries' topology that bounds one country is coast, one shared by two is a border. The cuts along
-    the antimeridian and the South Pole are left out."""
+    the antimeridian and the South Pole are left out, and a line that crosses the antimeridian is split there."""
     arcs, countries = _topology()
     uses = np.zeros(len(arcs), dtype=int)
     for _, polygons in countries:
@@ -246,7 +246,8 @@ def map_lines() -> dict[str, list[np.ndarray]]:
     for arc, count in zip(arcs, uses):
         kind = "coast" if count == 1 else "borders"
         seam = (np.abs(arc[:, 0]) > 179.99) | (arc[:, 1] < -89.99)
-        cut = seam[1:] & seam[:-1]  # a segment along the antimeridian or the pole: not a real line
+        cut = seam[1:] & seam[:-1]  # a segment along the antimeridian or the pole: not a real line ...
+        cut |= np.abs(np.diff(arc[:, 0])) > 180  # ... nor one across the antimeridian (drawn on both sides)
         start = 0
         for end in [*np.flatnonzero(cut) + 1, len(arc)]:
             if end - start >= 2:

@@ -739,7 +739,8 @@ CSS = """
   .answer-summary .headline { font-size: 1.25rem; }
   #world-map .modebar-container { display: none; }  /* no toolbar over a small map: pinch to zoom */
   .topk td.osm, .topk th.osm { display: none; }  /* the link goes under the place instead */
-  .topk .osm-inline { display: flex; align-items: center; min-height: 44px; font-size: .85rem; color: #1f4e9c; }
+  .topk .osm-inline { display: flex; align-items: center; justify-content: flex-start; min-height: 44px;
+                      font-size: .8rem; color: #1f4e9c; white-space: nowrap; text-align: left; }
   .topk td.place .coords { display: block; margin-left: 0; }
   #back-to-inputs { display: inline-flex; }
 }
