@@ -25,13 +25,15 @@ Contract (these names are kept stable):
   `GeolocationResult` per input, in order. An input that cannot be read (a broken file, empty text, text over
   the model's token window) gives a result with `error` set and never stops the batch; a bad `top_k`, or text
   for a model that reads none, raises `ValueError`. `places=True` adds the nearest populated place of each
-  prediction (offline GeoNames gazetteer, `reverse_geocode`); `extras=True` adds what the model declares:
+  prediction (`geoloc.geography.places`: country or sea by point-in-polygon over Natural Earth, nearest GeoNames
+  town); `extras=True` adds what the model declares:
   scenes, attention maps (images only) and uncertainty points.
 - `locate_pixel_values(pixel_values, top_k=5, *, extras=False, names=None)`: the same for processed pixels
   `(B, 3, H, W)` (what the pipeline calls).
 - `GeolocationResult`: `input` (a display name), `latitudes`, `longitudes`, `probabilities` (`np.ndarray`
   `(k,)`, best first; probabilities are masses of a distribution over the model's candidates), `places`
-  (`[{"place", "country", "km"}]` or None), `scenes` (`{name: p}` or None), `attention` (`[AttentionMap]` per
+  (`[{"name", "area", "water", "country", "place", "place_country", "km"}]` or None, see
+  `geoloc.geography.places.describe_places`), `scenes` (`{name: p}` or None), `attention` (`[AttentionMap]` per
   hierarchy level, coarse to fine, or None), `uncertainty` (`(N, 3)` (latitude, longitude, probability) of the
   N most probable candidates, or None), `error` (str or None), `confidence` (`{25: p, 200: p, 750: p, 2500: p}`:
   the calibrated probability that the true place lies within that many km of the best guess, or None for a model
@@ -160,7 +162,7 @@ class GeolocationResult:
 
     def to_dict(self) -> dict:
         """A JSON-safe dict: `input`, `error`, `predictions` (rank order: `latitude`, `longitude`, `probability`
-        and with places `place`, `country`, `km`), and `scenes`, `uncertainty` (`[[lat, lon, p], ...]`),
+        and with places `name`, `area`, `water`, `place`, `country`, `km`), and `scenes`, `uncertainty` (`[[lat, lon, p], ...]`),
         `attention` (`[{"caption", "weights"}]`) when present. Non-finite numbers become None."""
         predictions = [
             {"latitude": _number(lat), "longitude": _number(lon), "probability": _number(p)}
@@ -169,7 +171,8 @@ class GeolocationResult:
         for prediction, candidate in zip(predictions, self.candidate_ids or []):
             prediction["candidate"] = candidate
         for prediction, place in zip(predictions, self.places or []):
-            prediction.update(place=place["place"], country=place["country"], km=_number(place["km"]))
+            prediction.update(name=place["name"], area=place["area"], water=place["water"], place=place["place"],
+                              country=place["country"], km=_number(place["km"]))
         answer = {"input": self.input, "error": self.error, "predictions": predictions}
         if self.confidence is not None:
             answer["confidence"] = [{"radius_km": r, "probability": _number(p)} for r, p in self.confidence.items()]
@@ -421,7 +424,7 @@ class Geolocator:
 
     @staticmethod
     def _with_places(results: list[GeolocationResult]) -> list[GeolocationResult]:
-        """Add the nearest place of every prediction, with one gazetteer search for the whole list."""
+        """Add every prediction's place in words (`geoloc.geography.places`), with one search for the whole list."""
         latitudes = np.concatenate([result.latitudes for result in results] or [np.zeros(0)])
         longitudes = np.concatenate([result.longitudes for result in results] or [np.zeros(0)])
         found = iter(nearest_places(latitudes, longitudes) if len(latitudes) else [])
@@ -458,21 +461,11 @@ def _text_error(text: str, tokenizer) -> str | None:
 
 
 def nearest_places(latitudes, longitudes) -> list[dict]:
-    """The nearest populated place of each point from the offline GeoNames gazetteer (`reverse_geocode`), as
-    `{"place", "country", "km"}` (`km`: geodesic distance to it; far out at sea it can be hundreds of km).
+    """Each point in words (`geoloc.geography.places.describe_places`: the country or water it lies in, the nearest town
+    when near): `{"name", "area", "water", "country", "place", "place_country", "km"}`."""
+    from ..geography.places import describe_places
 
-    Raises:
-        ValueError: when `reverse_geocode` is not installed.
-    """
-    try:
-        import reverse_geocode
-    except ImportError:
-        raise ValueError("Place names need the reverse_geocode package: pip install reverse_geocode "
-                         "(or geoloc[space]).") from None
-    found = reverse_geocode.search(list(zip(latitudes, longitudes)))
-    distances = geodesic_distance_km(latitudes, longitudes, [p["latitude"] for p in found],
-                                     [p["longitude"] for p in found])
-    return [{"place": p["city"], "country": p["country"], "km": float(km)} for p, km in zip(found, distances)]
+    return describe_places(latitudes, longitudes)
 
 
 __all__ = ["AttentionMap", "Capabilities", "GeolocationResult", "Geolocator", "nearest_places", "resolve_model"]

@@ -18,7 +18,8 @@ rows with coordinates, valid or not, are all geolocated):
         [--places] [--streaming] [--chunk-size 1024] [--batch-size 32]
 
 - The output has one row per image and rank: `id,rank,latitude,longitude,probability` (`rank` 1 = best), plus
-  `place,country,km` (nearest populated place, offline GeoNames) with `--places`. `id` is the row's `id`
+  `place,country,km` with `--places` (`geoloc.geography.places`: the nearest town (GeoNames), the country the point lies
+  in by Natural Earth polygons (empty at sea), the km to the town). `id` is the row's `id`
   column, else its image's path relative to a local dataset folder (`a/x.jpg`; the file name otherwise), else
   its row number. Rows come in dataset order.
 - Unreadable images are not fatal: they go to `OUTPUT_STEM.errors.csv` (`id,error`) next to the output, and
@@ -60,7 +61,7 @@ from pathlib import Path
 DEMO_NAME, DEMO_LATITUDE, DEMO_LONGITUDE = "Sahara", 23.0, 10.0
 OUTPUT_FORMATS = (".csv", ".parquet")
 PREDICTION_COLUMNS = ["id", "rank", "latitude", "longitude", "probability", "candidate"]
-PLACE_COLUMNS = ["place", "country", "km"]
+PLACE_COLUMNS = ["place", "country", "km"]  # nearest town, country it lies in (None at sea), km to the town
 ERROR_COLUMNS = ["id", "error"]
 
 
@@ -232,7 +233,7 @@ def _print_table(results: list) -> None:
             print(f"  error: {result.error}")
         for rank, (lat, lon, p) in enumerate(zip(result.latitudes, result.longitudes, result.probabilities), 1):
             place = result.places[rank - 1] if result.places else None
-            near = f"   near {place['place']}, {place['country']} ({place['km']:.0f} km)" if place else ""
+            near = f"   {place['name']}" if place else ""
             print(f"  {rank}. {lat:10.6f}, {lon:11.6f}   p={p:.4f}{near}")
         if result.unfamiliar:  # calibrated models (`geoloc calibrate`): one plain sentence instead of a confidence
             print(f"  unfamiliar: this image does not look like what the model was trained on "

@@ -30,9 +30,10 @@ import torch
 from geoloc import DEFAULT_MODEL
 from geoloc.configs import byte_level_clip_tokenizer, tiny_geoclip_config, tiny_image_processor
 from geoloc.geography.geodesy import geodesic_distance_km
-from geoloc.inference.adapter import GeolocationResult, Geolocator, nearest_places
+from geoloc.geography.places import areas
+from geoloc.inference.adapter import GeolocationResult, Geolocator
 from geoloc.models import register_models
-from geoloc.data.worldmap import is_land, sample_points
+from geoloc.data.worldmap import sample_points
 from geo_core import check_top_k
 from modeling_geoclip import GeoCLIPModel
 
@@ -43,9 +44,6 @@ RANDOM_NAME = "random tiny GeoCLIP"
 RANDOM_GALLERY_SIZE = 4096
 MAX_TOP_K = 20  # places listed at most
 MAX_TEXT_CHARS = 300
-NEAR_KM = 25  # a guess this close to a town is "near" it; farther, the distance is given
-AT_SEA = "at sea"  # the country roll-up's name for water far from any town
-AT_SEA_KM = 50
 
 NOTES = {
     "configured": "",
@@ -61,6 +59,11 @@ NOTES = {
 
 
 # ------------------------------------------------------------------------------------------------ models
+def model_note(name: str) -> str:
+    """The caveat the page shows while model `name` is selected (empty for a configured model)."""
+    return NOTES["bundled"] if name == BUNDLED_NAME else NOTES["random"] if name == RANDOM_NAME else ""
+
+
 def display_name(source: str) -> str:
     """How the page and the API name a model: a Hub id as it is, a local folder by its last component (never a
     server path), the bundled model as `BUNDLED_NAME`."""
@@ -126,9 +129,10 @@ class Answer:
         result: the adapter's answer (top-k, places, and scenes, attention, uncertainty as the model declares).
         model: the model's display name.
         query: what was asked, for people: "the Alps example", "your photo" or the text.
-        phrases: a plain-language place for each guess, best first ("Zernez, Switzerland", "85 km from ...").
-        countries: `(country, probability)` pairs, most probable first: the model's probability summed by the
-            country of the nearest town (`AT_SEA` for water far from any town).
+        phrases: a plain-language place for each guess, best first ("Zernez, Switzerland", "near Zernez,
+            Switzerland", "Switzerland", "Adriatic Sea"): `geoloc.geography.places.describe_places`.
+        countries: `(area, probability)` pairs, most probable first: the model's probability summed by the
+            country, or the sea, each candidate lies in (`geoloc.geography.places.areas`).
         truth: the true location of a bundled example, else None.
         cells: for models whose candidates are geocells, the S2 token of each uncertainty point's cell.
     """
@@ -140,6 +144,7 @@ class Answer:
     countries: list[tuple[str, float]]
     truth: Truth | None = None
     cells: list[str] | None = None
+    water: frozenset[str] = frozenset()  # the names in `countries` that are seas or oceans
 
     @property
     def error_km(self) -> float | None:
@@ -150,11 +155,13 @@ class Answer:
                                           self.result.latitudes[:1], self.result.longitudes[:1])[0])
 
     def rows(self) -> list[dict]:
-        """The top-k as dicts, best first: rank, latitude, longitude, probability, place, country, km, phrase."""
+        """The top-k as dicts, best first: rank, latitude, longitude, probability, place (the nearest town),
+        country (None at sea), area (the country or sea), km (to the town), phrase (the place in words)."""
         result = self.result
         return [
             {"rank": rank, "latitude": float(lat), "longitude": float(lon), "probability": float(p),
-             "place": place["place"], "country": place["country"], "km": float(place["km"]), "phrase": phrase}
+             "place": place["place"], "country": place["country"], "area": place["area"],
+             "km": float(place["km"]), "phrase": phrase}
             for rank, (lat, lon, p, place, phrase) in enumerate(
                 zip(result.latitudes, result.longitudes, result.probabilities, result.places, self.phrases),
                 start=1)
@@ -176,20 +183,24 @@ class Answer:
         return answer
 
     def to_csv(self) -> str:
-        """The top-k as CSV: rank, latitude, longitude, probability, place, country, km_to_place."""
+        """The top-k as CSV: rank, latitude, longitude, probability, place (in words), area (country or sea),
+        nearest_town, km_to_town."""
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["rank", "latitude", "longitude", "probability", "place", "country", "km_to_place"])
+        writer.writerow(["rank", "latitude", "longitude", "probability", "place", "area", "nearest_town",
+                         "km_to_town"])
         for row in self.rows():
             writer.writerow([row["rank"], f"{row['latitude']:.6f}", f"{row['longitude']:.6f}",
-                             f"{row['probability']:.6g}", row["place"], row["country"], f"{row['km']:.1f}"])
+                             f"{row['probability']:.6g}", row["phrase"], row["area"], row["place"],
+                             f"{row['km']:.1f}"])
         return buffer.getvalue()
 
     def to_geojson(self) -> str:
         """The top-k (and the true location of an example) as a GeoJSON FeatureCollection of points."""
         features = [
             {"type": "Feature", "geometry": {"type": "Point", "coordinates": [row["longitude"], row["latitude"]]},
-             "properties": {key: row[key] for key in ("rank", "probability", "place", "country", "km")}}
+             "properties": {"rank": row["rank"], "probability": row["probability"], "place": row["phrase"],
+                            "area": row["area"], "nearest_town": row["place"], "km_to_town": row["km"]}}
             for row in self.rows()
         ]
         if self.truth is not None:
@@ -202,36 +213,22 @@ class Answer:
                            "features": features}, indent=1)
 
 
-def place_phrase(place: dict, latitude: float, longitude: float) -> str:
-    """A guess in words from its nearest town: "Zernez, Switzerland" when within `NEAR_KM`, else "85 km from
-    Zernez, Switzerland", or "at sea, 430 km from ..." over water."""
-    town = f"{place['place']}, {place['country']}"
-    if place["km"] < NEAR_KM:
-        return town
-    sea = "at sea, " if place["km"] > AT_SEA_KM and not is_land([latitude], [longitude])[0] else ""
-    return f"{sea}{place['km']:,.0f} km from {town}"
-
-
-def country_shares(result: GeolocationResult) -> list[tuple[str, float]]:
-    """The model's probability summed by country of the nearest town, most probable first.
+def country_shares(result: GeolocationResult) -> tuple[list[tuple[str, float]], frozenset[str]]:
+    """The model's probability summed by the country, or the sea, each candidate lies in, most probable first,
+    and which of those names are water.
 
     Uses the uncertainty points (all the candidates the model declares, e.g. GeoCLIP's most probable gallery
-    points or GeoHier's fine cells) when there are any, else the top-k. Water farther than `AT_SEA_KM` from any
-    town counts as `AT_SEA`.
+    points or GeoHier's fine cells) when there are any, else the top-k.
     """
     if result.uncertainty is not None and len(result.uncertainty):
         latitudes, longitudes, probabilities = result.uncertainty.T
-        places = nearest_places(latitudes, longitudes)
     else:
         latitudes, longitudes, probabilities = result.latitudes, result.longitudes, result.probabilities
-        places = result.places
-    distances = np.array([place["km"] for place in places])
-    at_sea = (distances > AT_SEA_KM) & ~is_land(latitudes, longitudes)
+    names, water = areas(latitudes, longitudes)
     shares: dict[str, float] = {}
-    for place, sea, p in zip(places, at_sea, probabilities.tolist()):
-        country = AT_SEA if sea else place["country"]
-        shares[country] = shares.get(country, 0.0) + p
-    return sorted(shares.items(), key=lambda item: -item[1])
+    for name, p in zip(names, probabilities.tolist()):
+        shares[name] = shares.get(name, 0.0) + p
+    return sorted(shares.items(), key=lambda item: -item[1]), frozenset(np.asarray(names)[water].tolist())
 
 
 def locate(geolocator: Geolocator, *, image=None, text: str | None = None, top_k: int, query: str | None = None,
@@ -259,10 +256,10 @@ def locate(geolocator: Geolocator, *, image=None, text: str | None = None, top_k
         raise ValueError(result.error)
     if not np.isfinite(result.probabilities).all():
         raise ValueError(f"The model {geolocator.name} returned no usable probabilities for this input.")
-    phrases = [place_phrase(place, lat, lon)
-               for place, lat, lon in zip(result.places, result.latitudes, result.longitudes)]
+    phrases = [place["name"] for place in result.places]
     cells = result.uncertainty_ids if geolocator.capabilities.uncertainty == "cells" else None
-    return Answer(result, geolocator.name, query, phrases, country_shares(result), truth, cells)
+    shares, water = country_shares(result)
+    return Answer(result, geolocator.name, query, phrases, shares, truth, cells, water)
 
 
 def format_percent(p: float) -> str:
