@@ -53,7 +53,7 @@ def read(path) -> pd.DataFrame:
 
 def test_one_row_per_image_and_rank_as_the_adapter_answers(dataset, single):
     frame = read(single)
-    assert list(frame.columns) == ["id", "rank", "latitude", "longitude", "probability"]
+    assert list(frame.columns) == ["id", "rank", "latitude", "longitude", "probability", "candidate"]
     names = [name for name in pd.read_csv(dataset / "metadata.csv")["file_name"] if name != BAD_IMAGE]
     assert frame["id"].tolist() == [name for name in names for _ in range(TOP_K)]  # dataset order
     assert frame["rank"].tolist() == list(range(1, TOP_K + 1)) * len(names)
@@ -62,6 +62,7 @@ def test_one_row_per_image_and_rank_as_the_adapter_answers(dataset, single):
         rows = frame[frame["id"] == name]
         assert rows["latitude"].tolist() == result.latitudes.tolist()
         assert rows["longitude"].tolist() == result.longitudes.tolist()
+        assert rows["candidate"].astype(str).tolist() == [str(row) for row in result.candidate_ids]  # gallery rows
         # other batches than the reference call: float32 sums in another order
         assert rows["probability"].tolist() == pytest.approx(result.probabilities.tolist(), rel=1e-4)
     errors = pd.read_csv(predict.errors_path(single))
