@@ -48,7 +48,7 @@ def single(dataset, tmp_path_factory):
 
 
 def read(path) -> pd.DataFrame:
-    return pd.read_csv(path, dtype={"id": str}) if str(path).endswith(".csv") else pd.read_parquet(path)
+    return pd.read_csv(path, dtype={"id": str, "candidate": str}) if str(path).endswith(".csv") else pd.read_parquet(path)
 
 
 def test_one_row_per_image_and_rank_as_the_adapter_answers(dataset, single):
