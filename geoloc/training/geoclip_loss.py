@@ -56,8 +56,8 @@ class GeoCLIPLoss:
         inputs = {key: batch[key] for key in ("pixel_values", "clip_image_embeds") if key in batch}
         if weight == 0:
             return model(**inputs, locations=batch["locations"], return_loss=True).loss * weight
-        queue = self.accelerator.unwrap_model(model).gps_queue
-        queue = queue[: int(self.accelerator.unwrap_model(model).gps_queue_count)].to(self.step_locations)
+        unwrapped = self.accelerator.unwrap_model(model)
+        queue = unwrapped.gps_queue[: int(unwrapped.gps_queue_count)].to(self.step_locations)
         # The queue is encoded in the same pass, after the batch's locations, as in the official loop
         # (`torch.cat([gps, gps_queue])`): the same operations give the same gradients.
         locations = torch.cat([self.step_locations, queue])
