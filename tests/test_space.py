@@ -884,9 +884,10 @@ for path in first_party:
             imported.add(node.module.split(".")[0])
 owners = {}  # top-level module -> the distributions whose files hold it (RECORD, not top_level.txt)
 for distribution in importlib.metadata.distributions():
-    for file in distribution.files or []:
-        if not file.parts[0].endswith((".dist-info", ".data")) and file.parts[0] != "..":
-            owners.setdefault(file.parts[0].split(".")[0], set()).add(distribution.metadata["Name"])
+    name = distribution.metadata["Name"]  # parsed on each access: once per distribution, not per file
+    for top in {file.parts[0] for file in distribution.files or []}:
+        if not top.endswith((".dist-info", ".data")) and top != "..":
+            owners.setdefault(top.split(".")[0], set()).add(name)
 used = {owner for name in imported if name in sys.modules for owner in owners.get(name, [])}
 print(json.dumps(sorted(used)))
 """
