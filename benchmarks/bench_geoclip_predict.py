@@ -9,11 +9,20 @@ alone) with a small location encoder of the official width (512), since encoding
 official encoder is a one-off cost not being measured here.
 
     python -m benchmarks.bench_geoclip_predict [--backbones vit-l14 small] [--images 8] [--official-images 2]
+        [--towers fp32 int8 bf16] [--agreement-images 16] [--throughput-batches 1 8 32]
+
+A fourth part runs the converted ViT-L/14-shaped model (random CLIP weights: fine for speed, and the same
+weights for every tower) through `Geolocator.from_pretrained(..., tower=...)` for each reduced-precision tower:
+per-image time and speed-up over the official `predict` (measured in the same run), top-5 agreement with the fp32
+tower's answers (same gallery points, in order) on world-map crops and photo-like images (smooth colour fields
+with texture, JPEG-compressed), and batched throughput (images/s, preprocessing excluded) at each batch size;
+then whether this CPU has AVX512-BF16 / AMX and which tower is best with and without them.
 
 Needs the official wheel (fetched once with `pip download`, like the parity test). Prints a markdown table.
 """
 
 import argparse
+import io
 import os
 import platform
 import statistics
@@ -32,6 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from geoloc.configs import tiny_clip_configs
 from geoloc.hub.convert import convert_geoclip
+from geoloc.inference.adapter import Geolocator
+from geoloc.inference.tower_speed import TOWER_CHOICES, cpu_features, cpu_supports_bf16
+from geoloc.data.worldmap import render_crop, sample_points
 from official_geoclip import fetch_official_wheel, load_official_geoclip
 from geoloc.pipeline import TASK
 from modeling_geoclip import GeoCLIPConfig, GeoCLIPLocationEncoderConfig, GeoCLIPModel
@@ -119,6 +131,83 @@ def _compare(code, wheel, backbone: str, folder: Path, photos: list[str], args) 
     }
 
 
+def _photo_like(count: int, seed: int) -> list[Image.Image]:
+    """Photo-like 640x480 images: smooth random colour fields (low-frequency noise upsampled) with fine texture,
+    JPEG-compressed, unlike the random-pixel images of the speed rows."""
+    generator = np.random.default_rng(seed)
+    images = []
+    for _ in range(count):
+        base = Image.fromarray(generator.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((640, 480),
+                                                                                            Image.Resampling.BICUBIC)
+        texture = generator.normal(0, 12, (480, 640, 3))
+        pixels = np.clip(np.asarray(base, dtype=np.float64) + texture, 0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, "JPEG", quality=85)
+        images.append(Image.open(buffer).convert("RGB"))
+    return images
+
+
+def _tower_section(folder: Path, photos: list[str], official_seconds: float | None, args) -> list[str]:
+    """Per-image time, speed-up over the official predict, top-5 agreement with fp32 and batched throughput per
+    tower of the converted ViT-L/14-shaped model (see the module docstring)."""
+    towers = [tower for tower in args.towers if tower != "bf16" or cpu_supports_bf16()]
+    geolocators = {tower: Geolocator.from_pretrained(folder, tower=tower) for tower in towers}
+    rng = np.random.default_rng(5)
+    crops = [render_crop(lat, lon, rng, window=224, size=224) for lat, lon in sample_points(args.agreement_images, rng)]
+    kinds = {"world-map crops": crops, "photo-like images": _photo_like(args.agreement_images, seed=6)}
+    processor = geolocators[towers[0]].image_processor
+    pixels = {kind: processor(images, return_tensors="pt").pixel_values for kind, images in kinds.items()}
+
+    def answers(tower, kind):
+        results = []
+        for batch in pixels[kind].split(8):
+            results += geolocators[tower].locate_pixel_values(batch, top_k=TOP_K)
+        return [np.stack([r.latitudes, r.longitudes], 1) for r in results]
+
+    reference = {kind: answers("fp32", kind) for kind in kinds} if "fp32" in towers else None
+    per_image = {tower: [] for tower in towers}
+    for _ in range(args.tower_repeats):  # round-robin: load drift hits every tower alike
+        for tower in towers:
+            start = time.perf_counter()
+            geolocators[tower].locate_images([photos[0]], top_k=TOP_K)
+            per_image[tower].append(time.perf_counter() - start)
+    rows = []
+    for tower in towers:
+        seconds = statistics.median(per_image[tower])
+        agree = []
+        for kind in kinds:
+            if reference is None or tower == "fp32":
+                agree.append("reference" if tower == "fp32" else "–")
+                continue
+            ours = answers(tower, kind)
+            same = np.mean([np.array_equal(a, b) for a, b in zip(ours, reference[kind])])
+            agree.append(f"{same:.3f}")
+        throughput = []
+        for batch in args.throughput_batches:
+            block = torch.cat([pixels["world-map crops"], pixels["photo-like images"]])
+            block = block.repeat(-(-batch // len(block)), 1, 1, 1)[:batch]
+            start = time.perf_counter()
+            geolocators[tower].locate_pixel_values(block, top_k=TOP_K)
+            throughput.append(f"{batch / (time.perf_counter() - start):.2f}")
+        speedup = f"**{official_seconds / seconds:.0f}x**" if official_seconds else "–"
+        rows.append(f"| {tower} | {seconds:.3f} s | {speedup} | {agree[0]} | {agree[1]} | {' / '.join(throughput)} | "
+                    f"{os.getloadavg()[0]:.1f} |")
+    return rows
+
+
+def _best_tower_note(rows: list[str]) -> str:
+    features = cpu_features()
+    has = features["avx512_bf16"] or features["amx_bf16"]
+    timed = {row.split("|")[1].strip(): float(row.split("|")[2].split()[0]) for row in rows}
+    fastest = min(timed, key=timed.get)
+    flags = ", ".join(f"{name} {'yes' if value else 'no'}" for name, value in features.items())
+    if has:
+        return (f"This CPU: {flags}. With AVX512-BF16/AMX, fastest measured here: **{fastest}**. Without them "
+                "(not measured here): int8 (bf16 is refused there: emulated bfloat16 is slower than fp32).")
+    return (f"This CPU: {flags}: no native bfloat16, so bf16 is refused; best here: **{fastest}**. With "
+            "AVX512-BF16/AMX (not measured here), compare bf16 and int8 with this benchmark.")
+
+
 def _large_gallery_model(size: int) -> GeoCLIPModel:
     """A GeoCLIP with a `size`-point gallery of 512-d embeddings, encoded by a small location encoder."""
     vision, text = _small_clip_configs()
@@ -139,23 +228,37 @@ def main(argv=None) -> None:
     parser.add_argument("--images", type=int, default=8, help="images for our per-image and batched timings")
     parser.add_argument("--official-images", type=int, default=2, help="images for the official predict")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--gallery-size", type=int, default=1_000_000)
+    parser.add_argument("--gallery-size", type=int, default=1_000_000, help="0: skip the large-gallery rows")
+    parser.add_argument("--towers", nargs="+", choices=TOWER_CHOICES, default=list(TOWER_CHOICES),
+                        help="towers of the ViT-L/14 part (bf16 only where the CPU has native bfloat16)")
+    parser.add_argument("--agreement-images", type=int, default=16, help="world-map crops and photo-like images, each")
+    parser.add_argument("--throughput-batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--tower-repeats", type=int, default=3, help="per-image timings per tower")
     args = parser.parse_args(argv)
+    print(f"load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
 
     wheel = fetch_official_wheel()
     code = load_official_geoclip(wheel)
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         photos = _photos(folder, args.images)
-        results = {backbone: _compare(code, wheel, backbone, folder, photos, args) for backbone in args.backbones}
+        results = {}
+        for backbone in args.backbones:
+            results[backbone] = _compare(code, wheel, backbone, folder, photos, args)
+            print(f"{backbone}: {results[backbone]} (load {os.getloadavg()[0]:.1f})", flush=True)
+        tower_rows = []
+        if "vit-l14" in args.backbones and args.towers:
+            tower_rows = _tower_section(folder / "vit-l14", photos, results["vit-l14"]["official"], args)
+            print("\n".join(tower_rows), flush=True)
 
-    large = _large_gallery_model(args.gallery_size)
-    queries = torch.randn(args.batch_size, 768)
-    large.geolocate(clip_image_embeds=queries[:1], top_k=TOP_K)  # warm-up
-    single_times, _ = _timed(lambda: large.geolocate(clip_image_embeds=queries[:1], top_k=TOP_K), 10)
-    batch_times, _ = _timed(lambda: large.geolocate(clip_image_embeds=queries, top_k=TOP_K), 5)
-    gallery_single = statistics.median(single_times) * 1000
-    gallery_batched = statistics.median(batch_times) * 1000 / args.batch_size
+    if args.gallery_size:
+        large = _large_gallery_model(args.gallery_size)
+        queries = torch.randn(args.batch_size, 768)
+        large.geolocate(clip_image_embeds=queries[:1], top_k=TOP_K)  # warm-up
+        single_times, _ = _timed(lambda: large.geolocate(clip_image_embeds=queries[:1], top_k=TOP_K), 10)
+        batch_times, _ = _timed(lambda: large.geolocate(clip_image_embeds=queries, top_k=TOP_K), 5)
+        gallery_single = statistics.median(single_times) * 1000
+        gallery_batched = statistics.median(batch_times) * 1000 / args.batch_size
 
     load = os.getloadavg()
     print()
@@ -170,9 +273,24 @@ def main(argv=None) -> None:
               f"{r['official']:.2f} s | {r['ours']:.3f} s | {r['official'] / r['ours']:.1f}x |")
         print(f"| {BACKBONES[backbone]} | per image, batched (batch {args.batch_size}) | {r['official']:.2f} s "
               f"(no batch API) | {r['batched']:.3f} s | {r['official'] / r['batched']:.1f}x |")
-    print(f"| – | exact top-5 over {args.gallery_size:,} points, 1 query | – | {gallery_single:.1f} ms | – |")
-    print(f"| – | exact top-5 over {args.gallery_size:,} points, per query in a batch of {args.batch_size} | – | "
-          f"{gallery_batched:.1f} ms | – |")
+    if args.gallery_size:
+        print(f"| – | exact top-5 over {args.gallery_size:,} points, 1 query | – | {gallery_single:.1f} ms | – |")
+        print(f"| – | exact top-5 over {args.gallery_size:,} points, per query in a batch of {args.batch_size} | – "
+              f"| {gallery_batched:.1f} ms | – |")
+    if tower_rows:
+        print()
+        print(f"ViT-L/14-shaped tower (random weights), stored 100K gallery, exact search; per image: one 640x480 JPEG "
+              f"per call, preprocessing included, median of {args.tower_repeats} round-robin; agreement: top-{TOP_K} "
+              f"gallery answers identical to the fp32 tower's (same points, same order), "
+              f"{args.agreement_images} images of each kind; throughput: one batch of processed pixels.")
+        print()
+        print(f"| tower | per image | vs official predict ({results['vit-l14']['official']:.1f} s) | agreement, "
+              f"world-map crops | agreement, photo-like | images/s at batch {' / '.join(map(str, args.throughput_batches))}"
+              f" | load |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        print("\n".join(tower_rows))
+        print()
+        print(_best_tower_note(tower_rows))
     print()
     for backbone, r in results.items():
         print(f"{BACKBONES[backbone]}: official and our top-{TOP_K} agree (coordinates to 1e-5 deg, probabilities "

@@ -1,5 +1,6 @@
 """`optimize_for_cpu`: every image-tower option keeps the embeddings within cosine 0.99 of float32 eager, on
-world-map crops and random images, with the tiny tower."""
+world-map crops and random images, with the tiny tower; `--tower` / `Geolocator.from_pretrained(tower=...)` reach
+it (`apply_tower`), and a bad choice is one line on stderr with exit status 1."""
 
 import copy
 
@@ -8,10 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from geoloc.cli import main
 from geoloc.configs import TINY_IMAGE_SIZE, tiny_geoclip_config
 from geoloc.data.worldmap import render_crop, sample_points
+from geoloc.inference.adapter import Geolocator
+from geoloc.inference.tower_speed import apply_tower
 from modeling_geoclip import GeoCLIPModel
-from modeling_geoclip.speed import cpu_supports_bf16, optimize_for_cpu
+from geoloc.inference.tower_speed import cpu_supports_bf16, optimize_for_cpu
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +64,57 @@ def test_eager_attention_is_switched_to_sdpa(model):
 def test_bf16_with_int8_is_a_value_error(model):
     with pytest.raises(ValueError, match="cannot be combined"):
         optimize_for_cpu(copy.deepcopy(model), bf16=True, int8=True)
+
+
+def quantized_linears(model) -> int:
+    return sum(type(module).__name__ == "Linear" and "quantized" in type(module).__module__
+               for module in model.image_tower.modules())
+
+
+def test_apply_tower_wiring(model):
+    assert apply_tower(model, "fp32") is model and quantized_linears(model) == 0
+    int8 = apply_tower(copy.deepcopy(model), "int8")
+    assert quantized_linears(int8) == 6 * model.config.vision_config.num_hidden_layers  # q, k, v, o, fc1, fc2
+    assert int8.location_encoder.dtype == torch.float32 and int8.gallery_embeddings.dtype == torch.float32
+    if cpu_supports_bf16():
+        bf16 = apply_tower(copy.deepcopy(model), "bf16")
+        assert bf16.image_tower.dtype == torch.bfloat16 and bf16.location_encoder.dtype == torch.float32
+    with pytest.raises(ValueError, match="tower must be one of fp32, bf16, int8, got 'fp16'"):
+        apply_tower(model, "fp16")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from tests.conftest import save_tiny_geoclip
+
+    folder = tmp_path_factory.mktemp("tiny")
+    save_tiny_geoclip(folder, [[48.85, 2.35], [40.71, -74.0], [-33.87, 151.21], [35.68, 139.65], [64.1, -21.9]])
+    return folder
+
+
+@pytest.mark.parametrize("tower", ["int8", pytest.param("bf16", marks=pytest.mark.skipif(
+    not cpu_supports_bf16(), reason="no native bf16"))])
+def test_geolocator_tower_option_answers_like_fp32(checkpoint, tower):
+    image = np.random.default_rng(3).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    [expected] = Geolocator.from_pretrained(checkpoint).locate_images([image], top_k=3)
+    geolocator = Geolocator.from_pretrained(checkpoint, tower=tower)
+    if tower == "int8":
+        assert quantized_linears(geolocator.model) > 0
+    else:
+        assert geolocator.model.image_tower.dtype == torch.bfloat16
+    [result] = geolocator.locate_images([image], top_k=3)
+    assert result.error is None and result.latitudes[0] == expected.latitudes[0]
+
+
+def test_geolocator_bad_tower_fails_before_loading(tmp_path):
+    with pytest.raises(ValueError, match="tower must be one of"):
+        Geolocator.from_pretrained(tmp_path / "missing", tower="int4")
+
+
+def test_cli_tower_option(checkpoint, capsys):
+    assert main(["predict", "--model", str(checkpoint), "--tower", "int8", "--json"]) == 0
+    assert '"latitude"' in capsys.readouterr().out
+    assert main(["predict", "--model", str(checkpoint), "--tower", "fp16"]) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("geoloc: error:") or line.startswith("geoloc predict: error:")
+    assert "--tower" in line and "invalid choice: 'fp16'" in line

@@ -8,9 +8,10 @@ gathered in `Geolocator.capabilities`.
 
 Contract (these names are kept stable):
 
-- `Geolocator.from_pretrained(source, *, device=None, dtype=None)`: a GeoCLIP or GeoHier checkpoint (folder,
-  Hub id, `geoloc.DEFAULT_MODEL` or "default") with the image processor and, for models that read text, the
-  tokenizer saved next to it. `Geolocator(model, image_processor, tokenizer=None, name=None)` wraps objects
+- `Geolocator.from_pretrained(source, *, device=None, dtype=None, tower="fp32")`: a GeoCLIP or GeoHier
+  checkpoint (folder, Hub id, `geoloc.DEFAULT_MODEL` or "default") with the image processor and, for models that
+  read text, the tokenizer saved next to it; `tower="bf16"|"int8"` runs GeoCLIP's image tower in reduced
+  precision (`geoloc.inference.tower_speed.apply_tower`). `Geolocator(model, image_processor, tokenizer=None, name=None)` wraps objects
   already in memory.
 - Attributes: `model`, `image_processor`, `tokenizer` (None when the model reads no text; loaded on first
   use), `name` (what it was loaded from), `capabilities`: a frozen `Capabilities(text, scenes, attention, uncertainty,
@@ -230,13 +231,25 @@ class Geolocator:
         return self._tokenizer
 
     @classmethod
-    def from_pretrained(cls, source: str | os.PathLike, *, device=None, dtype=None) -> "Geolocator":
+    def from_pretrained(cls, source: str | os.PathLike, *, device=None, dtype=None,
+                        tower: str = "fp32") -> "Geolocator":
         """Load a checkpoint (folder, Hub id, `geoloc.DEFAULT_MODEL` or "default") with its processors.
 
         Args:
             device: where the model runs (`torch.device` or str; default: where transformers loads it, the CPU).
             dtype: the model's weights dtype (default: the checkpoint's).
+            tower (`str`): GeoCLIP's image tower precision: "fp32" (default, as loaded), "bf16" (CPUs with
+                AVX512-BF16 / AMX, GPUs) or "int8" (dynamic int8 quantisation, CPU); the location encoder and the
+                gallery stay float32. See `geoloc.inference.tower_speed` and `benchmarks/bench_geoclip_predict.py` for speed
+                and how often the top-5 answers agree with fp32's.
+
+        Raises:
+            ValueError: a bad `tower`, or one this model or machine cannot run (see `apply_tower`).
         """
+        from .tower_speed import TOWER_CHOICES, apply_tower
+
+        if tower not in TOWER_CHOICES:  # before loading anything
+            raise ValueError(f"tower must be one of {', '.join(TOWER_CHOICES)}, got {tower!r}.")
         register_models()
         source = resolve_model(source)
         # trust_remote_code=False: a folder whose config names code of its own is refused, never prompted for
@@ -244,6 +257,7 @@ class Geolocator:
         model = AutoModel.from_pretrained(source, **options)
         if device is not None:
             model = model.to(device)
+        apply_tower(model, tower)
         geolocator = cls(model, AutoImageProcessor.from_pretrained(source, trust_remote_code=False), name=source)
         if geolocator.capabilities.text:
             geolocator._tokenizer_source = source

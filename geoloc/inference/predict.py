@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gallery", help="replace the model's GPS gallery: a CSV (LAT/LON or latitude/longitude "
                         "columns) or a Hub dataset id (GeoCLIP models only)")
     parser.add_argument("--batch-size", type=int, default=32, help="inputs per forward pass (and process)")
+    parser.add_argument("--tower", choices=("fp32", "bf16", "int8"), default="fp32",
+                        help="GeoCLIP image-tower precision: bf16 for CPUs with AVX512-BF16/AMX (and GPUs), int8 "
+                        "(dynamic quantisation) for other CPUs; the gallery search stays float32")
     parser.add_argument("--places", action="store_true",
                         help="add the nearest populated place of each prediction (offline GeoNames)")
     parser.add_argument("--json", action="store_true", help="print the predictions as JSON (files and texts)")
@@ -143,7 +146,7 @@ def load_geolocator(args: argparse.Namespace, device=None):
     from ..data.gallery import load_gallery
     from .adapter import Geolocator
 
-    geolocator = Geolocator.from_pretrained(args.model, device=device)
+    geolocator = Geolocator.from_pretrained(args.model, device=device, tower=args.tower)
     if args.gallery:
         if geolocator.capabilities.uncertainty != "gallery":
             raise ValueError(f"--gallery needs a model that searches a GPS gallery (GeoCLIP); "
@@ -447,7 +450,7 @@ def _geolocate_chunks(args: argparse.Namespace, state, output: Path, parts: Chun
     # the model and gallery by content, not path: one retrained in place must not be mixed with the old answers
     options = {"model_sha256": content_sha256(args.model, args.gallery), "dataset": args.dataset, "split": args.split,
                "streaming": args.streaming, "rows": None if args.streaming else len(dataset),
-               "chunk_size": args.chunk_size, "top_k": args.top_k, "places": args.places}
+               "chunk_size": args.chunk_size, "top_k": args.top_k, "places": args.places, "tower": args.tower}
     parts.check_manifest(options, create=state.is_main_process)
     geolocator = load_geolocator(args, device=state.device)
     state.wait_for_everyone()

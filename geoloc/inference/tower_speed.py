@@ -1,0 +1,121 @@
+"""Reduced-precision image towers for GeoCLIP inference: the CLIP image tower is the dominant cost of an answer.
+
+`apply_tower(model, "fp32" | "bf16" | "int8")` is what `geoloc predict --tower` and
+`Geolocator.from_pretrained(..., tower=...)` call; `optimize_for_cpu(model, ...)` exposes the individual options
+(also channels-last and `torch.compile`). Both change `model.image_tower` in place. The location encoder and the
+gallery are never touched (GeoCLIP's random Fourier features need float32), so every answer is scored against
+the same float32 gallery; only the query embedding moves.
+
+How far they move: `benchmarks/bench_geoclip_predict.py` prints the top-5 agreement of `bf16` and `int8` answers
+with the fp32 tower's (ViT-L/14 shape, world-map crops and photo-like images) and their speed on the CPU it runs
+on; `tests/test_tower_speed_options.py` checks the embeddings on the tiny tower (cosine >= 0.99 to fp32).
+
+Which to use:
+- `bf16`: the tower's weights and activations in bfloat16. Fast where the CPU has native bfloat16 kernels
+  (AVX512-BF16 or AMX: `cpu_supports_bf16()`; also on GPUs), refused on CPUs without them (emulated bfloat16
+  is slower than fp32).
+- `int8`: dynamic int8 quantisation of the transformer layers' `nn.Linear`s (int8 weights, activations quantised
+  per batch; `torch.ao.quantization.quantize_dynamic`, deprecated in torch 2.10+ but present). CPU only; works
+  on any x86-64 / ARM CPU (VNNI / AMX-INT8 make it faster).
+"""
+
+import warnings
+
+import torch
+from torch import nn
+
+TOWER_CHOICES = ("fp32", "bf16", "int8")
+
+
+def cpu_supports_bf16() -> bool:
+    """True when oneDNN has native bfloat16 kernels on this CPU (AVX512-BF16 or AMX)."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def cpu_features() -> dict[str, bool]:
+    """The CPU features that decide the best tower: `avx512_bf16`, `amx_bf16`, `amx_int8`, `avx512_vnni` (read
+    from /proc/cpuinfo; all False where it cannot be read) and `bf16_kernels` (`cpu_supports_bf16()`)."""
+    try:
+        with open("/proc/cpuinfo") as file:
+            flags = next((line.split(":", 1)[1].split() for line in file if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    features = {name: name in flags for name in ("avx512_bf16", "amx_bf16", "amx_int8", "avx512_vnni")}
+    return {**features, "bf16_kernels": cpu_supports_bf16()}
+
+
+def apply_tower(model, tower: str = "fp32"):
+    """Run `model`'s image tower in `tower` precision ("fp32": unchanged, "bf16", "int8"); in place, returns it.
+
+    Raises:
+        ValueError: an unknown `tower`; a model without a CLIP image tower (GeoHier); `int8` on a GPU; `bf16` on a
+            CPU without native bfloat16 kernels.
+    """
+    if tower not in TOWER_CHOICES:
+        raise ValueError(f"tower must be one of {', '.join(TOWER_CHOICES)}, got {tower!r}.")
+    if tower == "fp32":
+        return model
+    if getattr(model, "image_tower", None) is None:
+        raise ValueError(f"tower={tower!r} applies to GeoCLIP's CLIP image tower; {type(model).__name__} has none "
+                         "(use tower='fp32', or dtype=torch.bfloat16 to load the whole model in bfloat16).")
+    device = model.image_tower.device
+    if tower == "int8" and device.type != "cpu":
+        raise ValueError(f"tower='int8' (dynamic int8 quantisation) runs on CPU only; the model is on {device}: "
+                         "use tower='bf16' there.")
+    if device.type != "cpu":
+        model.image_tower.to(torch.bfloat16)
+        return model
+    return optimize_for_cpu(model, bf16=tower == "bf16", int8=tower == "int8")
+
+
+def optimize_for_cpu(
+    model, bf16: bool = False, int8: bool = False, channels_last: bool = False, compile: bool = False
+):
+    """Make a GeoCLIP model's image tower fast on CPU, in place; returns the model.
+
+    SDPA attention is always checked (transformers v5 uses `attn_implementation="sdpa"` by default; an eager
+    tower is switched to SDPA). The options:
+
+    Args:
+        model: a `GeoCLIPModel` (anything with an `image_tower` `CLIPVisionModelWithProjection`).
+        bf16 (`bool`): cast the image tower to bfloat16 (needs a CPU with native bf16, see `cpu_supports_bf16`;
+            `get_clip_image_embeds` casts the pixels to the tower's dtype).
+        int8 (`bool`): dynamic int8 quantisation of the transformer layers' `nn.Linear`s. float32 only: not
+            combinable with `bf16`.
+        channels_last (`bool`): channels-last memory format for the patch-embedding convolution.
+        compile (`bool`): `torch.compile` the tower in place (needs a C++ compiler; the first call compiles).
+
+    Raises:
+        ValueError: `bf16` and `int8` together, or `bf16` on a CPU without native bf16 kernels.
+
+    Example:
+        >>> model = optimize_for_cpu(GeoCLIPModel.from_pretrained(path), int8=True)  # doctest: +SKIP
+    """
+    if bf16 and int8:
+        raise ValueError("bf16 and int8 cannot be combined: dynamic int8 quantisation runs on float32 layers.")
+    if bf16 and not cpu_supports_bf16():
+        raise ValueError(
+            f"The bf16 tower needs native bfloat16 CPU kernels (AVX512-BF16 or AMX); this CPU reports "
+            f"{torch.backends.cpu.get_cpu_capability()} without them. Use the int8 tower instead."
+        )
+    tower = model.image_tower
+    if tower.config._attn_implementation != "sdpa":
+        tower.set_attn_implementation("sdpa")
+    if bf16:
+        tower.to(torch.bfloat16)
+    if int8:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*deprecated.*")
+            # The transformer layers hold ~all the compute; `visual_projection` stays float (its dtype is the
+            # tower's input dtype for `get_clip_image_embeds`).
+            torch.ao.quantization.quantize_dynamic(
+                tower.vision_model.encoder, {nn.Linear}, dtype=torch.qint8, inplace=True
+            )
+    if channels_last:
+        tower.to(memory_format=torch.channels_last)
+    if compile:
+        tower.compile()
+    return model
+
+
+__all__ = ["TOWER_CHOICES", "apply_tower", "cpu_features", "cpu_supports_bf16", "optimize_for_cpu"]
