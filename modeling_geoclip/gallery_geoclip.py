@@ -61,6 +61,9 @@ logger = logging.get_logger(__name__)
 GALLERY_BACKENDS = ("exact", "faiss")
 SCAN_KINDS = ("auto", "int8", "none")  # the exact backend's first pass
 SCAN_MIN_SIZE = 65536  # "auto": the int8 pass from this many gallery rows on (below, float32 takes < 1 ms)
+# One int8 part per 131,072 rows: the official 100K gallery is scanned in one part, with one top-k per query.
+SCAN_PART_ROWS = 131072
+SCAN_SCORE_BUDGET = 1 << 22  # float32 scores held at once by the two-pass search (16 MB): queries go in groups
 EMBEDDING_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 RECALL_AT = 5  # the FAISS calibration measures recall@5 against exact search
 
@@ -204,24 +207,27 @@ UPCAST_ROWS = 4096
 class Int8Scan:
     """An int8 copy of gallery embeddings for a fast first pass: rows quantised symmetrically with one scale each
     (a quarter of float32's bytes), scored against bfloat16 queries with PyTorch's weight-only int8 kernel
-    (`torch._weight_int8pack_mm`, memory-bound: it reads the int8 rows once), `chunk_size` rows at a time.
-    Scores are within ~0.003 of the float32 inner products of unit vectors (bfloat16 query and output rounding).
+    (`torch._weight_int8pack_mm`, memory-bound: it reads the int8 rows once), in parts of `part_rows` rows (large:
+    each part costs one top-k and merge per query; the search bounds its score buffer by scoring queries in
+    groups instead). Scores are within ~0.003 of the float32 inner products of unit vectors (bfloat16 query and
+    output rounding).
 
     Build with `Int8Scan.build(embeddings)`, which returns None off the CPU or where PyTorch lacks the kernel
     (the search then scans the stored embeddings in full precision).
     """
 
-    def __init__(self, chunks: list, size: int):
-        self.parts, self.size = chunks, size
+    def __init__(self, parts: list, size: int):
+        self.parts, self.size = parts, size
+        self.part_rows = max((len(codes) for _, codes, _ in parts), default=1)
 
     @classmethod
-    def build(cls, embeddings: torch.Tensor, chunk_size: int = 32768) -> "Int8Scan | None":
+    def build(cls, embeddings: torch.Tensor, part_rows: int = SCAN_PART_ROWS) -> "Int8Scan | None":
         if embeddings.device.type != "cpu" or not len(embeddings):
             return None
         parts = []
         try:
-            for start in range(0, len(embeddings), chunk_size):
-                rows = embeddings[start : start + chunk_size].float()
+            for start in range(0, len(embeddings), part_rows):
+                rows = embeddings[start : start + part_rows].float()
                 scales = rows.abs().amax(1).clamp_min(1e-12) / 127
                 codes = torch.round(rows / scales[:, None]).to(torch.int8).contiguous()
                 parts.append((start, codes, scales.to(torch.bfloat16)))
@@ -237,7 +243,7 @@ class Int8Scan:
         return torch._weight_int8pack_mm(query.to(torch.bfloat16), codes, scales).float()
 
     def chunks(self, query: torch.Tensor):
-        """`(start, scores)` per chunk: `(B, rows)` approximate float32 inner products of `(B, D)` queries."""
+        """`(start, scores)` per part: `(B, rows)` approximate float32 inner products of `(B, D)` queries."""
         for part in self.parts:
             yield part[0], self._scores(part, query)
 
@@ -287,7 +293,16 @@ def _two_pass_search(
     query: torch.Tensor, embeddings: torch.Tensor, scale: torch.Tensor, top_k: int, scan: Int8Scan, candidates: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`exact_search` through the int8 `scan`: the best `candidates` rows per query by int8 score, re-scored on
-    `embeddings`; the normaliser adds the other rows' int8-scored mass to the candidates' exact mass."""
+    `embeddings`; the normaliser adds the other rows' int8-scored mass to the candidates' exact mass. Queries go
+    in groups whose scores for one part fit in `SCAN_SCORE_BUDGET` floats."""
+    group = max(1, SCAN_SCORE_BUDGET // scan.part_rows)
+    found = [_two_pass_group(part, embeddings, scale, top_k, scan, candidates) for part in query.split(group)]
+    return tuple(torch.cat(pieces) for pieces in zip(*found))
+
+
+def _two_pass_group(
+    query: torch.Tensor, embeddings: torch.Tensor, scale: torch.Tensor, top_k: int, scan: Int8Scan, candidates: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     batch = len(query)
     best = (query.new_empty(batch, 0), torch.empty(batch, 0, dtype=torch.long))
     approximate_mass = query.new_full((batch,), -math.inf)

@@ -625,7 +625,7 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
             chunk_size = options.get("chunk_size", 32768)
             kind = options.get("scan", "auto")
             wanted = kind == "int8" or (kind == "auto" and self.config.gallery_size >= SCAN_MIN_SIZE)
-            scan = self._int8_scan(chunk_size) if wanted else None
+            scan = self._int8_scan() if wanted else None
             return exact_search(query_embeds, self.gallery_embeddings, scale, top_k, chunk_size,
                                 scan=scan, scan_candidates=options.get("scan_candidates", 64))
         if self._faiss_gallery is None:  # restored by from_pretrained: rebuild from the stored bytes
@@ -639,17 +639,17 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
         device = query_embeds.device
         return logits.to(device), indices.to(device), log_normaliser.to(device)
 
-    def _int8_scan(self, chunk_size: int) -> Int8Scan | None:
+    def _int8_scan(self) -> Int8Scan | None:
         """The int8 copy of `gallery_embeddings` for the exact backend's first pass, built on first use and rebuilt
         whenever the embeddings change (replaced, moved, or written in place as loading does); None for galleries
         of at most `scan_candidates` points, off the CPU, or without a quantized engine."""
         embeddings = self.gallery_embeddings
         key = (embeddings.data_ptr(), embeddings._version, tuple(embeddings.shape), embeddings.dtype,
-               embeddings.device, chunk_size)
+               embeddings.device)
         cached = getattr(self, "_int8_scan_cache", None)
         if cached is None or cached[0] != key:
             candidates = (self.config.gallery_options or {}).get("scan_candidates", 64)
-            scan = Int8Scan.build(embeddings, chunk_size) if len(embeddings) > candidates else None
+            scan = Int8Scan.build(embeddings) if len(embeddings) > candidates else None
             self._int8_scan_cache = cached = (key, scan)
         return cached[1]
 

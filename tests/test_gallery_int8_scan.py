@@ -17,17 +17,31 @@ def unit(rows: int, dim: int, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("dim", [64, 512])
 def test_int8_scan_finds_the_exact_top_k(dim):
-    embeddings = unit(20_000, dim, seed=0)  # several scan chunks
+    embeddings = unit(20_000, dim, seed=0)  # several scan parts
     queries = torch.cat([unit(96, dim, seed=1),  # far: best cosine ~0.2-0.5
                          F.normalize(embeddings[:32] + 0.7 * unit(32, dim, seed=2), dim=-1)])  # near
     scale = torch.tensor(40.0)
-    scan = Int8Scan.build(embeddings, chunk_size=8192)
+    scan = Int8Scan.build(embeddings, part_rows=8192)
     assert scan is not None and len(scan.parts) == 3
     logits, rows, log_normaliser = exact_search(queries, embeddings, scale, 5, chunk_size=8192)
     found = exact_search(queries, embeddings, scale, 5, chunk_size=8192, scan=scan, scan_candidates=64)
     assert (found[1] == rows).all(1).float().mean() >= 0.99
     torch.testing.assert_close(found[0], logits, rtol=0, atol=1e-4)  # exact logits of the same hits
     assert (found[2] - log_normaliser).abs().max() < 0.02
+
+
+def test_queries_in_groups_answer_as_one_batch(monkeypatch):
+    """The two-pass search scores queries in groups (its score buffer is bounded, whatever the batch): the
+    answers do not depend on the grouping."""
+    import modeling_geoclip.gallery_geoclip as gallery
+
+    embeddings, queries, scale = unit(5000, 64, seed=6), unit(37, 64, seed=7), torch.tensor(30.0)
+    scan = Int8Scan.build(embeddings, part_rows=2048)
+    whole = exact_search(queries, embeddings, scale, 5, scan=scan)
+    monkeypatch.setattr(gallery, "SCAN_SCORE_BUDGET", 2048 * 4)  # groups of 4 queries, the last one of 1
+    grouped = exact_search(queries, embeddings, scale, 5, scan=scan)
+    for expected, found in zip(whole, grouped):
+        torch.testing.assert_close(found, expected, rtol=0, atol=0)
 
 
 def test_int8_scan_is_exact_when_every_row_is_a_candidate():
