@@ -94,6 +94,29 @@ def test_images_of_every_kind_match_geolocate_and_bad_ones_are_reported(name, pi
     assert_matches([r for r in results if r.error is None], reference(geolocator, readable, 3))
 
 
+@pytest.mark.parametrize("name", ["geoclip", "geohier"])
+def test_each_image_is_decoded_once_with_the_checkpoints_own_limit(name, pictures, tmp_path, request, monkeypatch):
+    """One image path: each file is opened for decoding once (the processor receives the decoded image and does
+    not decode it again), and an image over this checkpoint's `max_image_pixels` is skipped and reported
+    while the rest of its batch is answered."""
+    geolocator = request.getfixturevalue(name)
+    limit = 48 * 50
+    monkeypatch.setattr(geolocator.image_processor, "max_image_pixels", limit)
+    paths = []
+    for index, picture in enumerate(pictures):  # 40, 47, 54 and 61 rows of 50 pixels: the last two are over
+        paths.append(str(tmp_path / f"p{index}.png"))
+        Image.fromarray(np.pad(picture, ((0, 6 * index), (0, 0), (0, 0)))).save(paths[-1])
+    opened = []
+    original_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda source, *a, **k: opened.append(str(source)) or original_open(source, *a, **k))
+    results = geolocator.locate_images(paths, top_k=2, batch_size=4)
+    assert [r.error is None for r in results] == [True, True, False, False]
+    assert f"above the limit of {limit} pixels" in results[2].error and len(results[2].latitudes) == 0
+    assert sorted(opened) == sorted(paths), opened  # each file opened once (its header check included)
+    readable = [np.asarray(original_open(path)) for path in paths[:2]]
+    assert_matches(results[:2], reference(geolocator, readable, 2))
+
+
 def test_texts_match_geolocate_and_unreadable_texts_are_reported(geoclip):
     texts = ["a beach with palm trees", "   ", "y" * 200, "snow"]
     results = geoclip.locate_texts(texts, top_k=2)
