@@ -19,7 +19,8 @@ from geoloc.data import benchmarks as benchmark_datasets
 from geoloc.data.benchmarks import load_benchmark
 from geoloc.cli import main as cli_main
 from geoloc import cli
-from geoloc.inference.evaluate import PREDICTION_COLUMNS, main
+from geoloc.inference.evaluate import main
+from geoloc.inference.runner import Schema
 from geoloc.geography.geodesy import geodesic_distance_km
 from geoloc.inference.metrics import distance_metrics, geolocation_metrics
 from geoloc.data.worldmap import render_crop
@@ -83,20 +84,23 @@ def test_benchmark_layout_end_to_end(model_dir, tmp_path):
     metrics, predictions = _read(out)
 
     readable = [i for i in range(len(POINTS)) if i not in (3, 5)]
-    assert list(predictions.columns) == PREDICTION_COLUMNS
-    assert predictions["id"].tolist() == [names[i] for i in readable]
-    np.testing.assert_allclose(predictions[["latitude", "longitude"]], np.array(POINTS)[readable])
+    # the dataset runner's schema (the one of `predict --dataset`), with the true places and the errors
+    assert list(predictions.columns) == Schema(references=True).columns
+    assert predictions["id"].tolist() == [names[i] for i in readable] and set(predictions["rank"]) == {1}
+    np.testing.assert_allclose(predictions[["true_latitude", "true_longitude"]], np.array(POINTS)[readable])
     lat, lon = _expected(model_dir, [tmp_path / "im2gps3k" / "images" / names[i] for i in readable])
-    np.testing.assert_allclose(predictions["pred_latitude"], lat[:, 0], atol=1e-6)
-    np.testing.assert_allclose(predictions["pred_longitude"], lon[:, 0], atol=1e-6)
+    np.testing.assert_allclose(predictions["latitude"], lat[:, 0], atol=1e-6)
+    np.testing.assert_allclose(predictions["longitude"], lon[:, 0], atol=1e-6)
+    np.testing.assert_allclose(predictions["error_km"], geodesic_distance_km(
+        lat[:, 0], lon[:, 0], *np.array(POINTS)[readable].T), rtol=1e-9)
 
     assert list(metrics)[:8] == METRIC_KEYS
     assert {key: metrics[key] for key in METRIC_KEYS} == pytest.approx(geolocation_metrics(
-        predictions["pred_latitude"], predictions["pred_longitude"], predictions["latitude"], predictions["longitude"]
+        predictions["latitude"], predictions["longitude"], predictions["true_latitude"], predictions["true_longitude"]
     ))
     assert metrics["n"] == 8 and metrics["n_unreadable"] == 2
     assert metrics["dataset"] == "im2gps3k" and metrics["model"] == str(model_dir) and metrics["top_k"] == 1
-    unreadable = pd.read_csv(out / "unreadable.csv")
+    unreadable = pd.read_csv(out / "predictions.errors.csv")
     assert unreadable["id"].tolist() == [names[3], names[5]]
     assert "not an image" in unreadable["error"][0] and "does not exist" in unreadable["error"][1]
 
@@ -113,15 +117,19 @@ def test_image_folder_top_k_and_max_samples_through_the_cli(model_dir, tmp_path)
                      "--lat-column", "lat", "--lon-column", "lon", "--output-dir", str(out),
                      "--top-k", "5", "--max-samples", "6"]) == 0
     metrics, predictions = _read(out)
-    assert predictions["id"].tolist() == names[:6] and metrics["n"] == 6 and metrics["n_unreadable"] == 0
-    assert not (out / "unreadable.csv").exists()
+    best = predictions[predictions["rank"] == 1]
+    assert predictions["rank"].tolist() == [1, 2, 3, 4, 5] * 6
+    # ids as `predict --dataset` makes them: relative to the dataset folder
+    assert best["id"].tolist() == [f"test/{name}" for name in names[:6]]
+    assert metrics["n"] == 6 and metrics["n_unreadable"] == 0
+    assert not (out / "predictions.errors.csv").exists()
     # A folder of images + metadata.csv without split subfolders is read as its one split.
     assert cli_main(["evaluate", "--model", str(model_dir), "--dataset", str(data), "--lat-column", "lat",
                      "--lon-column", "lon", "--output-dir", str(tmp_path / "single"), "--max-samples", "6"]) == 0
     single, _ = _read(tmp_path / "single")
     assert {key: single[key] for key in ("n", "median_km")} == {"n": 6, "median_km": metrics["median_km"]}
     lat, lon = _expected(model_dir, [data / name for name in names[:6]], top_k=5)
-    np.testing.assert_allclose(predictions["pred_latitude"], lat[:, 0], atol=1e-6)
+    np.testing.assert_allclose(predictions["latitude"].to_numpy().reshape(6, 5), lat, atol=1e-6)
     truth = np.array(POINTS[:6])
     errors = geodesic_distance_km(lat.ravel(), lon.ravel(), np.repeat(truth[:, 0], 5), np.repeat(truth[:, 1], 5))
     assert metrics["top_k"] == 5
@@ -269,8 +277,8 @@ def test_ten_crop_evaluation_averages_the_crops_logits(tmp_path):
     averaged = tuple(logits.view(len(names), 10, -1).mean(dim=1) for logits in output.logits)
     best = model.hierarchical_probabilities(averaged)[-1].argmax(dim=1)
     centroids = model.get_cell_table()[-1]
-    np.testing.assert_allclose(predictions["pred_latitude"], centroids["latitudes"][best.numpy()], atol=1e-6)
-    np.testing.assert_allclose(predictions["pred_longitude"], centroids["longitudes"][best.numpy()], atol=1e-6)
+    np.testing.assert_allclose(predictions["latitude"], centroids["latitudes"][best.numpy()], atol=1e-6)
+    np.testing.assert_allclose(predictions["longitude"], centroids["longitudes"][best.numpy()], atol=1e-6)
 
 
 def test_ten_crop_is_refused_for_geoclip(model_dir, tmp_path):
@@ -280,3 +288,42 @@ def test_ten_crop_is_refused_for_geoclip(model_dir, tmp_path):
     with pytest.raises(ValueError, match="Ten-crop evaluation is GeoHier's"):
         main(["--model", str(model_dir), "--dataset", str(tmp_path / "maps"), "--output-dir", str(tmp_path / "o"),
               "--ten-crop"])
+
+
+def test_a_killed_evaluation_resumes_to_the_same_results(model_dir, tmp_path, monkeypatch, capsys):
+    """Evaluation is the dataset runner plus the metric: a run killed after its first chunk resumes from the
+    written chunks (and says so) to the results of an uninterrupted run; a finished folder is replaced."""
+    from geoloc.inference import runner
+
+    _im2gps3k(tmp_path / "bench")
+    args = ["--model", str(model_dir), "--dataset", "im2gps3k", "--data-dir", str(tmp_path / "bench"),
+            "--chunk-size", "3", "--batch-size", "2", "--top-k", "2"]
+    assert main([*args, "--output-dir", str(tmp_path / "whole")]) == 0
+    write, written = runner.ChunkParts.write, []
+
+    def die_after_the_first(self, chunk, frame):
+        if written:
+            raise RuntimeError("killed")
+        written.append(chunk)
+        write(self, chunk, frame)
+
+    monkeypatch.setattr(runner.ChunkParts, "write", die_after_the_first)
+    with pytest.raises(RuntimeError, match="killed"):
+        main([*args, "--output-dir", str(tmp_path / "resumed")])
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main([*args, "--output-dir", str(tmp_path / "resumed")]) == 0
+    assert "geoloc evaluate: Resumed: 3 of 10 rows already predicted" in capsys.readouterr().err
+    whole, whole_predictions = _read(tmp_path / "whole")
+    resumed, resumed_predictions = _read(tmp_path / "resumed")
+    pd.testing.assert_frame_equal(resumed_predictions, whole_predictions)
+    assert resumed == whole and resumed["n"] == 8 and "best_of_top_k" in resumed
+    written.clear()
+    monkeypatch.setattr(runner.ChunkParts, "write", die_after_the_first)
+    with pytest.raises(RuntimeError, match="killed"):
+        main([*args, "--output-dir", str(tmp_path / "other")])
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"holds a run with other options \(top_k: 2 then, 1 now"):
+        main([*args[:-2], "--top-k", "1", "--output-dir", str(tmp_path / "other")])  # resumes as it began
+    assert main([*args[:-2], "--top-k", "1", "--output-dir", str(tmp_path / "whole")]) == 0  # finished: replaced
+    assert _read(tmp_path / "whole")[0]["top_k"] == 1

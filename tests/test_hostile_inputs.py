@@ -292,7 +292,7 @@ def test_a_thin_image_is_one_skipped_image_in_predict_and_training(tmp_path, geo
                      str(tmp_path / "eval")]) == 0
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["n"] == 1 and metrics["n_unreadable"] == 1
-    assert "too elongated" in (tmp_path / "eval" / "unreadable.csv").read_text()
+    assert "too elongated" in (tmp_path / "eval" / "predictions.errors.csv").read_text()
 
 
 # -------------------------------------------------------------------------------------- confined paths
@@ -721,7 +721,7 @@ def test_resume_refuses_every_changed_setting_that_affects_the_weights(tmp_path)
 
 def test_predict_dataset_resume_checks_the_model_content_and_keeps_other_files(geoclip_dir, tmp_path, monkeypatch,
                                                                                 capsys):
-    from geoloc.inference import predict
+    from geoloc.inference import runner
 
     model = _edited_copy(geoclip_dir, tmp_path / "model")
     for name in ("preprocessor_config.json", "tokenizer_config.json", "tokenizer.json"):
@@ -742,7 +742,7 @@ def test_predict_dataset_resume_checks_the_model_content_and_keeps_other_files(g
     def killed(self, *args):
         raise RuntimeError("killed before merging")
 
-    monkeypatch.setattr(predict.ChunkParts, "merge", killed)
+    monkeypatch.setattr(runner.ChunkParts, "merge", killed)
     assert cli.main(command) == 1  # the parts are written; the run is resumable
     assert "killed before merging" in capsys.readouterr().err
     assert len(list((tmp_path / "report.csv.parts").glob("chunk-*.parquet"))) == 4

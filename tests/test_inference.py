@@ -19,7 +19,7 @@ from geoloc.configs import byte_level_clip_tokenizer, tiny_geoclip_config, tiny_
 from geoloc.geography.geocells import build_geocells
 from geoloc.inference.adapter import UNCERTAINTY_POINTS, Capabilities, GeolocationResult, Geolocator
 from geoloc.data.worldmap import sample_points
-from geoloc.inference.predict import predictions_frame
+from geoloc.inference.runner import Schema, predictions_frame
 from modeling_geoclip import GeoCLIPModel
 from modeling_geohier import GeoHierModel
 
@@ -203,7 +203,7 @@ def test_answers_carry_their_candidate_ids_for_both_models(geoclip, geohier, pic
     assert hier.uncertainty_ids[:3] == hier.candidate_ids
     assert sorted(hier.uncertainty_ids) == sorted(fine["tokens"])  # every fine cell once (a small table)
     assert [p["candidate"] for p in hier.to_dict()["predictions"]] == hier.candidate_ids
-    frame = predictions_frame([clip, hier], places=False)
+    frame = predictions_frame([clip, hier], Schema())
     assert frame["candidate"].tolist() == [str(row) for row in clip.candidate_ids] + hier.candidate_ids
 
 

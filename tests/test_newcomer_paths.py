@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import save_tiny_geoclip
 from geoloc import cli
-from geoloc.inference import predict
+from geoloc.inference import runner
 from geoloc.processes import output_lock
 from geoloc.sources import check_local_or_hub, is_hub_id
 
@@ -117,17 +117,17 @@ def test_a_rerun_says_how_much_it_kept(tmp_path, monkeypatch, capsys):
         Image.fromarray(np.full((16, 16, 3), 60 * index, dtype=np.uint8)).save(tmp_path / "photos" / f"{index}.png")
     command = ["predict", "--dataset", str(tmp_path / "photos"), "--output", str(tmp_path / "p.csv"), "--model",
                str(tmp_path / "model"), "--chunk-size", "2"]
-    write = predict.ChunkParts.write
+    write = runner.ChunkParts.write
 
     def crash_after_the_first_chunk(self, chunk, frame):
         write(self, chunk, frame)
         raise KeyboardInterrupt  # as if the job were stopped here
 
-    monkeypatch.setattr(predict.ChunkParts, "write", crash_after_the_first_chunk)
+    monkeypatch.setattr(runner.ChunkParts, "write", crash_after_the_first_chunk)
     with pytest.raises(KeyboardInterrupt):
         cli.main(command)
     assert not (tmp_path / "p.csv.lock").exists()  # released, even by a stopped run
-    monkeypatch.setattr(predict.ChunkParts, "write", write)
+    monkeypatch.setattr(runner.ChunkParts, "write", write)
     capsys.readouterr()
     assert cli.main(command) == 0
     assert f"Resumed: 2 of 3 rows already predicted (in {tmp_path / 'p.csv.parts'})." in capsys.readouterr().err

@@ -12,7 +12,7 @@ import pytest
 
 from geoloc import DEFAULT_MODEL, cli
 
-from geoloc.inference import predict
+from geoloc.inference import runner
 from geoloc.inference.adapter import Geolocator
 from geoloc.data.worldmap import build_worldmap_splits, write_imagefolder
 
@@ -53,11 +53,14 @@ def read(path) -> pd.DataFrame:
 
 def test_one_row_per_image_and_rank_as_the_adapter_answers(dataset, single):
     frame = read(single)
-    assert list(frame.columns) == ["id", "rank", "latitude", "longitude", "probability", "candidate"]
+    geolocator = Geolocator.from_pretrained(DEFAULT_MODEL)  # calibrated: confidence and familiarity columns
+    assert list(frame.columns) == ["id", "rank", "latitude", "longitude", "probability", "candidate",
+                                   "confidence_25km", "confidence_200km", "confidence_750km", "confidence_2500km",
+                                   "unfamiliar", "unfamiliarity"] == runner.Schema.of(geolocator).columns
     names = [name for name in pd.read_csv(dataset / "metadata.csv")["file_name"] if name != BAD_IMAGE]
     assert frame["id"].tolist() == [name for name in names for _ in range(TOP_K)]  # dataset order
     assert frame["rank"].tolist() == list(range(1, TOP_K + 1)) * len(names)
-    expected = Geolocator.from_pretrained(DEFAULT_MODEL).locate_images([str(dataset / n) for n in names], TOP_K)
+    expected = geolocator.locate_images([str(dataset / n) for n in names], TOP_K)
     for name, result in zip(names, expected):
         rows = frame[frame["id"] == name]
         assert rows["latitude"].tolist() == result.latitudes.tolist()
@@ -65,7 +68,10 @@ def test_one_row_per_image_and_rank_as_the_adapter_answers(dataset, single):
         assert rows["candidate"].astype(str).tolist() == [str(row) for row in result.candidate_ids]  # gallery rows
         # other batches than the reference call: float32 sums in another order
         assert rows["probability"].tolist() == pytest.approx(result.probabilities.tolist(), rel=1e-4)
-    errors = pd.read_csv(predict.errors_path(single))
+        for radius, confidence in result.confidence.items():  # per image, on each of its rows
+            assert rows[f"confidence_{radius}km"].tolist() == pytest.approx([confidence] * TOP_K, rel=1e-4)
+        assert rows["unfamiliar"].tolist() == [result.unfamiliar] * TOP_K
+    errors = pd.read_csv(runner.errors_path(single))
     assert errors["id"].tolist() == [BAD_IMAGE] and "is not an image file" in errors["error"][0]
     assert not (single.parent / "predictions.csv.parts").exists()
 
@@ -87,12 +93,12 @@ def test_two_processes_match_one_process_row_for_row(dataset, single, tmp_path):
     # alignment unless MKL_CBWR=AUTO,STRICT is set: then the two files are byte-identical).
     pd.testing.assert_frame_equal(sharded.drop(columns="probability"), expected.drop(columns="probability"))
     assert sharded["probability"].tolist() == pytest.approx(expected["probability"].tolist(), rel=1e-5)
-    assert predict.errors_path(output).read_text() == predict.errors_path(single).read_text()
+    assert runner.errors_path(output).read_text() == runner.errors_path(single).read_text()
 
 
 def test_an_interrupted_run_resumes_where_it_stopped(dataset, single, tmp_path, monkeypatch):
     output = tmp_path / "resumed.csv"
-    write = predict.ChunkParts.write
+    write = runner.ChunkParts.write
     written = []
 
     def write_then_die_at_the_third(parts, chunk, frame):
@@ -101,10 +107,10 @@ def test_an_interrupted_run_resumes_where_it_stopped(dataset, single, tmp_path, 
         write(parts, chunk, frame)
         written.append(chunk)
 
-    monkeypatch.setattr(predict.ChunkParts, "write", write_then_die_at_the_third)
+    monkeypatch.setattr(runner.ChunkParts, "write", write_then_die_at_the_third)
     with pytest.raises(KeyboardInterrupt):
         run(dataset, output)
-    monkeypatch.setattr(predict.ChunkParts, "write", write)
+    monkeypatch.setattr(runner.ChunkParts, "write", write)
     parts = output.with_name("resumed.csv.parts")
     assert sorted(p.name for p in parts.glob("chunk-*")) == ["chunk-000000.parquet", "chunk-000001.parquet"]
     assert not output.exists()
@@ -141,15 +147,17 @@ def test_parquet_streaming_and_places(dataset, single, tmp_path):
     assert list(frame.columns) == list(expected.columns) + ["place", "country", "km"]
     pd.testing.assert_frame_equal(frame[expected.columns].astype({"id": object}), expected, check_dtype=False)
     assert frame["place"].notna().all() and (frame["km"] >= 0).all()
-    assert pd.read_csv(predict.errors_path(output))["id"].tolist() == [BAD_IMAGE]
+    assert pd.read_csv(runner.errors_path(output))["id"].tolist() == [BAD_IMAGE]
 
 
 def same_answers(frame: pd.DataFrame, expected: pd.DataFrame) -> None:
-    """The same coordinates per id and rank (rows may come in another order, in other batches)."""
+    """The same coordinates per id and rank (rows may come in another order, in other batches: the
+    probabilities and the calibrated numbers derived from them up to float32 summation order)."""
     frame, expected = (f.sort_values(["id", "rank"]).reset_index(drop=True) for f in (frame, expected))
-    pd.testing.assert_frame_equal(frame.drop(columns="probability"), expected.drop(columns="probability"),
-                                  check_dtype=False)
-    assert frame["probability"].tolist() == pytest.approx(expected["probability"].tolist(), rel=1e-4)
+    summed = [name for name in frame.columns if name in ("probability", "unfamiliarity") or name.startswith("confidence_")]
+    pd.testing.assert_frame_equal(frame.drop(columns=summed), expected.drop(columns=summed), check_dtype=False)
+    for name in summed:
+        assert frame[name].tolist() == pytest.approx(expected[name].tolist(), rel=1e-4), name
 
 
 def test_a_plain_photo_folder_is_geolocated_without_metadata(dataset, single, tmp_path):
@@ -158,7 +166,7 @@ def test_a_plain_photo_folder_is_geolocated_without_metadata(dataset, single, tm
     output = tmp_path / "plain.csv"
     assert run(photos, output) == 0
     same_answers(read(output), read(single))
-    assert pd.read_csv(predict.errors_path(output))["id"].tolist() == [BAD_IMAGE]
+    assert pd.read_csv(runner.errors_path(output))["id"].tolist() == [BAD_IMAGE]
 
 
 def test_rows_with_missing_or_invalid_coordinates_are_still_geolocated(dataset, single, tmp_path):
@@ -175,8 +183,8 @@ def test_rows_with_missing_or_invalid_coordinates_are_still_geolocated(dataset, 
 
 def test_row_ids_prefer_the_id_column_then_the_file_name_then_the_row_number():
     rows = {"image": [{"path": "/a/b/x.jpg", "bytes": None}, {"path": None, "bytes": b"..."}], "id": [None, 42]}
-    assert predict.row_ids(rows, first=10) == ["x.jpg", "42"]
-    assert predict.row_ids({"image": [{"path": None, "bytes": b"..."}]}, first=10) == ["10"]
+    assert runner.row_ids(rows, first=10) == ["x.jpg", "42"]
+    assert runner.row_ids({"image": [{"path": None, "bytes": b"..."}]}, first=10) == ["10"]
     # under the dataset folder: the relative path, so that files of the same name in two folders stay apart
     rows = {"image": [{"path": "/data/a/x.jpg"}, {"path": "/data/b/x.jpg"}, {"path": "/elsewhere/y.jpg"}]}
-    assert predict.row_ids(rows, first=0, root="/data") == ["a/x.jpg", "b/x.jpg", "y.jpg"]
+    assert runner.row_ids(rows, first=0, root="/data") == ["a/x.jpg", "b/x.jpg", "y.jpg"]

@@ -1,15 +1,18 @@
 """`geoloc evaluate`: score a GeoCLIP or GeoHier checkpoint on a benchmark or any geolocation dataset.
 
-Writes `DIR/metrics.json` (`acc_1km` ... `acc_2500km`, `mean_km`, `median_km`, `geoscore`; for a model
-calibrated with `geoloc calibrate` also `ece_25km` ... `ece_2500km` and `unfamiliar_rate`; plus `n`,
-`n_unreadable`, `model`, `dataset`, `top_k`, `ten_crop`) and `DIR/predictions.csv`
-(`id,latitude,longitude,pred_latitude,pred_longitude,error_km`, the model's best guess per image), and
-`DIR/unreadable.csv` (`id,error`) when some images could not be decoded: those are skipped and counted,
-never fatal. With `--top-k K > 1`, metrics.json also holds `best_of_top_k`: the same metrics for the
-closest of the K candidates (an upper bound, as some papers report).
+Evaluation is the dataset runner (`geoloc.inference.runner`, the one `geoloc predict --dataset` uses: chunked,
+resumable, sharded over processes) plus the metric. It writes `DIR/predictions.csv` in the runner's schema (one
+row per image and rank, with `true_latitude,true_longitude,error_km`; for a calibrated model also
+`confidence_<r>km`, `unfamiliar`, `unfamiliarity`), `DIR/predictions.errors.csv` (`id,error`) when some images
+could not be decoded (those are skipped and counted, never fatal), and `DIR/metrics.json` (`acc_1km` ...
+`acc_2500km`, `mean_km`, `median_km`, `geoscore`; for a calibrated model also `ece_25km` ... `ece_2500km` and
+`unfamiliar_rate`; plus `n`, `n_unreadable`, `model`, `dataset`, `top_k`, `ten_crop`), scored from the
+predictions file. With `--top-k K > 1`, metrics.json also holds `best_of_top_k`: the same metrics for the
+closest of the K candidates (an upper bound, as some papers report). A killed run resumes when rerun with the
+same options; a finished one is replaced by the next run into the same folder.
 
-Runs on one device, or sharded over processes with `accelerate launch`: each process predicts a
-contiguous shard and the main process gathers them, in dataset order. On GPUs use
+Runs on one device, or over processes with `accelerate launch`: chunk c of `--chunk-size` rows is done by
+process `c % N`, and the main process merges and scores. On GPUs use
 `accelerate launch --multi_gpu --num_processes N -m geoloc.inference.evaluate ...`. On a CPU-only machine
 `accelerate launch --cpu --num_processes N` starts a single process (accelerate expects MPI for multi-CPU);
 start N CPU processes (gloo) with `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N`.
@@ -23,27 +26,24 @@ Example:
 import argparse
 import json
 import os
-from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
-import pandas as pd
-from accelerate import Accelerator
-from accelerate.utils import gather_object
-from tqdm.auto import tqdm
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 
-from ..data.benchmarks import BENCHMARKS, load_benchmark
 from ..cli import HelpFormatter
+from ..data.benchmarks import BENCHMARKS, load_benchmark
 from ..data.dataset import load_geo_dataset
-from ..geography.geodesy import geodesic_distance_km
+from ..models import register_models
+from ..sources import check_local_or_hub
 from .adapter import Geolocator
 from .calibration import expected_calibration_error
 from .metrics import distance_metrics
-from ..models import register_models
-from ..sources import check_local_or_hub
-from .predict import row_ids
+from .predict import content_sha256
+from .runner import DatasetRun, ChunkParts, confidence_column, errors_path, read_predictions, run_dataset
 
-
-PREDICTION_COLUMNS = ["id", "latitude", "longitude", "pred_latitude", "pred_longitude", "error_km"]
+PREDICTIONS_FILE = "predictions.csv"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=1,
                         help="candidates per image; metrics use the best-ranked, best_of_top_k the closest")
     parser.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N rows")
+    parser.add_argument("--chunk-size", type=int, default=1024,
+                        help="rows per resumable unit of work (at most this many are redone after a kill)")
     parser.add_argument("--ten-crop", action="store_true",
                         help="GeoHier: answer each image from the average of its ten crops (the four corners and the "
                              "centre of the resized image and of its mirror image; GeoGuessNet's TenCrop evaluation)")
@@ -96,104 +98,34 @@ def load_evaluation_dataset(args: argparse.Namespace):
     )
 
 
-@dataclass
-class ShardPredictions:
-    """What one process predicted: kept rows' ids, true and (B, K) predicted coordinates; skipped rows."""
-
-    ids: list = field(default_factory=list)
-    latitudes: list = field(default_factory=list)
-    longitudes: list = field(default_factory=list)
-    pred_latitudes: list = field(default_factory=list)
-    pred_longitudes: list = field(default_factory=list)
-    unreadable: list = field(default_factory=list)
-    confidences: list = field(default_factory=list)  # per kept row: {radius_km: calibrated confidence} or None
-    unfamiliar: list = field(default_factory=list)  # per kept row: bool or None
-
-
-def locate_shard(geolocator: Geolocator, dataset, batch_size: int, top_k: int, offset: int = 0,
-                 show_progress: bool = True, ten_crop: bool = False) -> ShardPredictions:
-    """Geolocate every row of `dataset` with `geolocator.locate_images`; unreadable images are skipped and
-    recorded as `(id, error)` in `unreadable`.
-
-    Args:
-        dataset: rows with `image` (anything `geoloc.data.dataset.decode_image` reads), `latitude`, `longitude`.
-        offset: the row number of the first row in the full dataset (for ids of rows without one).
-        ten_crop: answer each image from its ten crops (GeoHier).
-    """
-    shard = ShardPredictions()
-    progress = tqdm(total=len(dataset), desc="Evaluating", unit="img", disable=not show_progress)
-    for start in range(0, len(dataset), batch_size):
-        rows = dataset[start : start + batch_size]
-        results = geolocator.locate_images(rows["image"], top_k, names=row_ids(rows, offset + start),
-                                           batch_size=batch_size, ten_crop=ten_crop)
-        for result, latitude, longitude in zip(results, rows["latitude"], rows["longitude"]):
-            if result.error:
-                shard.unreadable.append((result.input, result.error))
-                continue
-            shard.ids.append(result.input)
-            shard.latitudes.append(latitude)
-            shard.longitudes.append(longitude)
-            shard.pred_latitudes.append(result.latitudes)
-            shard.pred_longitudes.append(result.longitudes)
-            shard.confidences.append(result.confidence)
-            shard.unfamiliar.append(result.unfamiliar)
-        progress.update(len(results))
-    progress.close()
-    return shard
-
-
-def _gather(shard: ShardPredictions) -> ShardPredictions:
-    """Concatenate every process's predictions on all processes, in process (= dataset) order."""
-    gathered = gather_object([shard])
-    return ShardPredictions(**{
-        name: [item for part in gathered for item in getattr(part, name)] for name in vars(shard)
-    })
-
-
-def calibration_metrics(predictions: ShardPredictions, errors_km: np.ndarray) -> dict:
-    """For a calibrated model (`geoloc calibrate`): `ece_<r>km` of its confidence at each radius (expected
-    calibration error, 10 equal-width bins) and `unfamiliar_rate`, the share of images it flagged as unfamiliar."""
+def calibration_metrics(best, errors_km: np.ndarray, radii_km) -> dict:
+    """For a calibrated model (`geoloc calibrate`), from the rank-1 rows: `ece_<r>km` of its confidence at each
+    radius (expected calibration error, 10 equal-width bins) and `unfamiliar_rate`, the share of images it
+    flagged as unfamiliar."""
     metrics = {}
-    if predictions.confidences and all(c is not None for c in predictions.confidences):
-        for radius in predictions.confidences[0]:
-            confidences = [c[radius] for c in predictions.confidences]
-            metrics[f"ece_{radius:g}km"] = expected_calibration_error(confidences, errors_km <= radius)
-    if predictions.unfamiliar and all(u is not None for u in predictions.unfamiliar):
-        metrics["unfamiliar_rate"] = float(np.mean(predictions.unfamiliar))
+    for radius in radii_km:
+        metrics[f"ece_{radius:g}km"] = expected_calibration_error(best[confidence_column(radius)].to_numpy(float),
+                                                                  errors_km <= radius)
+    if "unfamiliar" in best:
+        metrics["unfamiliar_rate"] = float(best["unfamiliar"].astype(bool).mean())
     return metrics
 
 
-def write_results(predictions: ShardPredictions, output_dir: str, model: str, dataset: str, top_k: int,
-                  ten_crop: bool = False) -> dict:
-    """Score the gathered predictions and write metrics.json, predictions.csv (and unreadable.csv)."""
-    total = len(predictions.ids) + len(predictions.unreadable)
-    if not predictions.ids:
-        raise ValueError(f"No image of {dataset!r} could be read ({total} rows): nothing to score.")
-    latitudes, longitudes = np.asarray(predictions.latitudes), np.asarray(predictions.longitudes)
-    candidates_lat, candidates_lon = np.stack(predictions.pred_latitudes), np.stack(predictions.pred_longitudes)
-    candidate_errors = geodesic_distance_km(
-        candidates_lat.ravel(), candidates_lon.ravel(),
-        np.repeat(latitudes, top_k), np.repeat(longitudes, top_k),
-        names=("predictions", "references"),
-    ).reshape(-1, top_k)
-    metrics = distance_metrics(candidate_errors[:, 0])
-    summary = {**metrics, "n": len(predictions.ids), "n_unreadable": len(predictions.unreadable),
-               "model": model, "dataset": dataset, "top_k": top_k, "ten_crop": ten_crop}
-    summary.update(calibration_metrics(predictions, candidate_errors[:, 0]))
+def score(predictions: Path, radii_km, unreadable: int, model: str, dataset: str, top_k: int,
+          ten_crop: bool = False) -> dict:
+    """metrics.json's content from the runner's predictions file (rank-1 rows: the answers)."""
+    frame = read_predictions(predictions)
+    first = (frame["rank"] == 1).to_numpy()
+    if not first.any():
+        raise ValueError(f"No image of {dataset!r} could be read ({unreadable} rows): nothing to score.")
+    best = frame[first]
+    errors_km = best["error_km"].to_numpy(float)
+    summary = {**distance_metrics(errors_km), "n": int(first.sum()), "n_unreadable": unreadable, "model": model,
+               "dataset": dataset, "top_k": top_k, "ten_crop": ten_crop}
+    summary.update(calibration_metrics(best, errors_km, radii_km))
     if top_k > 1:
-        summary["best_of_top_k"] = distance_metrics(candidate_errors.min(axis=1))
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "metrics.json"), "w") as handle:
-        json.dump(summary, handle, indent=2)
-    pd.DataFrame({
-        "id": predictions.ids, "latitude": latitudes, "longitude": longitudes,
-        "pred_latitude": candidates_lat[:, 0], "pred_longitude": candidates_lon[:, 0],
-        "error_km": candidate_errors[:, 0],
-    }, columns=PREDICTION_COLUMNS).to_csv(os.path.join(output_dir, "predictions.csv"), index=False)
-    if predictions.unreadable:
-        pd.DataFrame(predictions.unreadable, columns=["id", "error"]).to_csv(
-            os.path.join(output_dir, "unreadable.csv"), index=False
-        )
+        image = np.cumsum(first)  # rows of one image follow each other, rank 1 first
+        summary["best_of_top_k"] = distance_metrics(frame["error_km"].groupby(image).min().to_numpy(float))
     return summary
 
 
@@ -206,11 +138,13 @@ def main(argv=None) -> int:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.max_samples is not None and args.max_samples < 1:
         parser.error(f"--max-samples must be >= 1, got {args.max_samples}")
+    if args.chunk_size < 1:
+        parser.error(f"--chunk-size must be >= 1, got {args.chunk_size}")
     return evaluate(args)
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    """Predict the whole dataset (sharded over the accelerate processes) and write the results."""
+    """Predict the whole dataset with the runner (over the accelerate processes), then score it."""
     if args.model != "default":  # paths first: a mistyped one fails before the model is loaded
         check_local_or_hub(args.model, "--model")
     if args.dataset not in BENCHMARKS:
@@ -218,24 +152,45 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.data_dir is not None:
         check_local_or_hub(args.data_dir, "--data-dir", hub=False)
     register_models()
-    accelerator = Accelerator()
-    geolocator = Geolocator.from_pretrained(args.model, device=accelerator.device)
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    output_dir = Path(args.output_dir)
+    predictions = output_dir / PREDICTIONS_FILE
+    if state.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if not ChunkParts(predictions).folder.exists():  # no run to resume: this run replaces the last results
+            for old in (predictions, errors_path(predictions), output_dir / "metrics.json"):
+                old.unlink(missing_ok=True)
+    state.wait_for_everyone()
+    options = {"model_sha256": content_sha256(args.model), "dataset": args.dataset, "split": args.split,
+               "max_samples": args.max_samples, "top_k": args.top_k, "ten_crop": args.ten_crop,
+               "chunk_size": args.chunk_size, "columns": [args.image_column, args.lat_column, args.lon_column]}
+    run = DatasetRun(predictions, options, args.top_k, args.batch_size, args.chunk_size, references=True,
+                     ten_crop=args.ten_crop, root=args.dataset if os.path.isdir(args.dataset) else None,
+                     command="geoloc evaluate", label=f"--output-dir {output_dir}")
+    radii_km = []
+
+    def load_geolocator(device) -> Geolocator:
+        geolocator = Geolocator.from_pretrained(args.model, device=device)
+        radii_km.extend(geolocator.calibration["radii_km"] if geolocator.calibration else [])
+        return geolocator
+
+    done = run_dataset(run, state, lambda: _evaluation_rows(args), load_geolocator)
+    if state.is_main_process:
+        summary = score(predictions, radii_km, done[1] if done else 0, args.model, args.dataset, args.top_k, args.ten_crop)
+        with open(output_dir / "metrics.json", "w") as handle:
+            json.dump(summary, handle, indent=2)
+        print(f"geoloc evaluate: {summary['n']} images scored, {summary['n_unreadable']} unreadable, "
+              f"{state.num_processes} process(es) -> {args.output_dir}")
+        print(json.dumps({key: value for key, value in summary.items() if key != "best_of_top_k"}, indent=2))
+    state.wait_for_everyone()
+    return 0
+
+
+def _evaluation_rows(args: argparse.Namespace):
     dataset = load_evaluation_dataset(args)
     if args.max_samples is not None:
         dataset = dataset.select(range(min(args.max_samples, len(dataset))))
-    with accelerator.split_between_processes(list(range(len(dataset)))) as rows:
-        shard = dataset.select(rows)
-        offset = rows[0] if rows else 0
-    predictions = locate_shard(geolocator, shard, args.batch_size, args.top_k, offset,
-                               show_progress=accelerator.is_local_main_process, ten_crop=args.ten_crop)
-    predictions = _gather(predictions)
-    if accelerator.is_main_process:
-        summary = write_results(predictions, args.output_dir, args.model, args.dataset, args.top_k, args.ten_crop)
-        print(f"geoloc evaluate: {summary['n']} images scored, {summary['n_unreadable']} unreadable, "
-              f"{accelerator.num_processes} process(es) -> {args.output_dir}")
-        print(json.dumps({key: value for key, value in summary.items() if key != "best_of_top_k"}, indent=2))
-    accelerator.wait_for_everyone()
-    return 0
+    return dataset
 
 
 if __name__ == "__main__":

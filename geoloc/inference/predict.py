@@ -17,11 +17,13 @@ rows with coordinates, valid or not, are all geolocated):
     geoloc predict --dataset DIR_OR_HUB_ID [--split train] --output predictions.csv|.parquet [--top-k 5]
         [--places] [--streaming] [--chunk-size 1024] [--batch-size 32]
 
-- The output has one row per image and rank: `id,rank,latitude,longitude,probability` (`rank` 1 = best), plus
-  `place,country,km` with `--places` (`geoloc.geography.places`: the nearest town (GeoNames), the country the point lies
-  in by Natural Earth polygons (empty at sea), the km to the town). `id` is the row's `id`
-  column, else its image's path relative to a local dataset folder (`a/x.jpg`; the file name otherwise), else
-  its row number. Rows come in dataset order.
+- The dataset runner (`geoloc.inference.runner`, shared with `geoloc evaluate`) writes the output: one row per
+  image and rank, `id,rank,latitude,longitude,probability,candidate` (`rank` 1 = best), plus for a calibrated
+  model `confidence_<r>km`, `unfamiliar`, `unfamiliarity`, and `place,country,km` with `--places`
+  (`geoloc.geography.places`: the nearest town (GeoNames), the country the point lies in by Natural Earth
+  polygons (empty at sea), the km to the town). `id` is the row's `id` column, else its image's path relative
+  to a local dataset folder (`a/x.jpg`; the file name otherwise), else its row number. Rows come in dataset
+  order.
 - Unreadable images are not fatal: they go to `OUTPUT_STEM.errors.csv` (`id,error`) next to the output, and
   the run goes on.
 - Work is done in chunks of `--chunk-size` consecutive rows, each written atomically to
@@ -49,20 +51,15 @@ rows with coordinates, valid or not, are all geolocated):
 """
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
 # With no input, `geoloc predict` geolocates a crop of the bundled world map around this point.
 DEMO_NAME, DEMO_LATITUDE, DEMO_LONGITUDE = "Sahara", 23.0, 10.0
 OUTPUT_FORMATS = (".csv", ".parquet")
-PREDICTION_COLUMNS = ["id", "rank", "latitude", "longitude", "probability", "candidate"]
-PLACE_COLUMNS = ["place", "country", "km"]  # nearest town, country it lies in (None at sea), km to the town
-ERROR_COLUMNS = ["id", "error"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -247,238 +244,32 @@ def _print_table(results: list) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ datasets
-def row_ids(rows: dict, first: int, root: str | None = None) -> list[str]:
-    """The ids of a batch of dataset rows (columns -> lists): the `id` column, else the image's path relative to
-    the dataset folder `root` (so that `a/x.jpg` and `b/x.jpg` stay apart; the file name where the image lies
-    outside `root` or there is none), else the row number (`first` is the row number of the first row)."""
-    from ..data.dataset import is_inside  # here: `geoloc predict --help` does not import datasets
-
-    ids = []
-    root = os.path.abspath(root) if root else None
-    for offset, image in enumerate(rows["image"]):
-        given = rows["id"][offset] if "id" in rows else None
-        path = image.get("path") if isinstance(image, dict) else image if isinstance(image, str) else None
-        if given is not None:
-            ids.append(str(given))
-        elif path and root and is_inside(root, os.path.abspath(path)):
-            ids.append(Path(os.path.relpath(os.path.abspath(path), root)).as_posix())
-        else:
-            ids.append(os.path.basename(path) if path else str(first + offset))
-    return ids
-
-
-def predictions_frame(results: list, places: bool):
-    """The rows of `results` as the output's columns, `id` being each result's `input`: one row per (image,
-    rank), plus an `error` column (one row with rank 0 and no coordinates for each unreadable image)."""
-    import numpy as np
-    import pandas as pd
-
-    columns = {name: [] for name in PREDICTION_COLUMNS + (PLACE_COLUMNS if places else []) + ["error"]}
-    for result in results:
-        count = max(len(result.latitudes), 1 if result.error else 0)
-        columns["id"] += [result.input] * count
-        columns["rank"] += list(range(1, len(result.latitudes) + 1)) or [0]
-        for name, values in (("latitude", result.latitudes), ("longitude", result.longitudes),
-                             ("probability", result.probabilities)):
-            columns[name] += values.tolist() or [np.nan]
-        # the model's id of each answer (GeoCLIP gallery row, GeoHier cell token), as text for one schema
-        columns["candidate"] += [None if c is None else str(c) for c in result.candidate_ids or []] or [None]
-        if places:
-            found = result.places or [{"place": None, "country": None, "km": np.nan}]
-            for name in PLACE_COLUMNS:
-                columns[name] += [place[name] for place in found]
-        columns["error"] += [result.error] * count
-    dtypes = {"id": "string", "rank": "int64", "latitude": "float64", "longitude": "float64",
-              "probability": "float64", "candidate": "string", "place": "string", "country": "string", "km": "float64", "error": "string"}
-    return pd.DataFrame(columns).astype({name: dtypes[name] for name in columns})
-
-
-class ChunkParts:
-    """The resumable parts of one `--dataset` run: `OUTPUT.parts/chunk-NNNNNN.parquet` and `manifest.json`."""
-
-    def __init__(self, output: Path):
-        self.output = output
-        self.folder = output.with_name(output.name + ".parts")
-        self.manifest = self.folder / "manifest.json"
-
-    def path(self, chunk: int) -> Path:
-        return self.folder / f"chunk-{chunk:06d}.parquet"
-
-    def done(self, chunk: int) -> bool:
-        return self.path(chunk).is_file()
-
-    def check_manifest(self, options: dict, create: bool) -> None:
-        """Refuse to resume parts written with other options; with `create`, start the folder if new."""
-        if self.manifest.is_file():
-            previous = json.loads(self.manifest.read_text())
-            changed = {key: (previous.get(key), value) for key, value in options.items() if previous.get(key) != value}
-            if changed:
-                listed = "; ".join(f"{key}: {old!r} then, {new!r} now" for key, (old, new) in changed.items())
-                raise ValueError(f"{self.folder} holds a run with other options ({listed}): rerun with the same "
-                                 f"options to resume, or delete {self.folder} to start over.")
-        elif create:
-            errors = errors_path(self.output)
-            if errors.exists():  # not this run's: never deleted, never mixed with this run's errors
-                raise ValueError(f"{errors} already exists, where this run lists its unreadable images: delete or "
-                                 "move it, or give another --output.")
-            self.folder.mkdir(parents=True, exist_ok=True)
-            _write_atomically(self.manifest, lambda path: path.write_text(json.dumps(options, indent=2)))
-
-    def write(self, chunk: int, frame) -> None:
-        _write_atomically(self.path(chunk), lambda path: frame.to_parquet(path, index=False))
-
-    def merge(self, num_chunks: int, output_format: str) -> tuple[int, int]:
-        """Concatenate the parts in order into the output (and the errors file); returns (images, unreadable)."""
-        import pandas as pd
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        missing = [chunk for chunk in range(num_chunks) if not self.done(chunk)]
-        if missing:
-            raise ValueError(f"{len(missing)} chunk(s) of {self.output} were not written (first: {missing[0]}): "
-                             "a process failed; rerun the same command to finish them.")
-        errors, images = [], 0
-
-        def write(path: Path) -> None:
-            nonlocal images
-            writer = None
-            for chunk in range(num_chunks):
-                frame = pd.read_parquet(self.path(chunk))
-                failed = frame["error"].notna()
-                errors.append(frame.loc[failed, ERROR_COLUMNS])
-                frame = frame.loc[~failed].drop(columns="error")
-                images += int((frame["rank"] == 1).sum())
-                if output_format == ".csv":
-                    frame.to_csv(path, mode="a" if chunk else "w", header=chunk == 0, index=False)
-                else:
-                    table = pa.Table.from_pandas(frame, preserve_index=False)
-                    writer = writer or pq.ParquetWriter(path, table.schema)
-                    writer.write_table(table)
-            if writer is not None:
-                writer.close()
-
-        _write_atomically(self.output, write)
-        errors = pd.concat(errors, ignore_index=True) if errors else pd.DataFrame(columns=ERROR_COLUMNS)
-        errors_file = errors_path(self.output)
-        if len(errors):
-            _write_atomically(errors_file, lambda path: errors.to_csv(path, index=False))
-        shutil.rmtree(self.folder)
-        return images, len(errors)
-
-
-def errors_path(output: Path) -> Path:
-    """Where the unreadable images of a `--dataset` run are listed: `OUTPUT_STEM.errors.csv`."""
-    return output.with_name(output.stem + ".errors.csv")
-
-
-def _write_atomically(path: Path, write) -> None:
-    """`write(temporary_path)`, then rename over `path`: a reader never sees a half-written file."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def _report_resumed(parts: ChunkParts, args: argparse.Namespace, rows: int | None, main_process: bool) -> None:
-    """Say how much of the work a rerun keeps: "Resumed: 1,200 of 3,000 rows already predicted (...)"."""
-    done = sorted(int(path.stem.split("-")[1]) for path in parts.folder.glob("chunk-*.parquet"))
-    if not done or not main_process:
-        return
-    if rows is None:  # a stream: its length is known once read
-        kept = f"{len(done):,} chunks of {args.chunk_size:,} rows"
-    else:
-        kept = f"{sum(min(args.chunk_size, rows - chunk * args.chunk_size) for chunk in done):,} of {rows:,} rows"
-    print(f"geoloc predict: Resumed: {kept} already predicted (in {parts.folder}).", file=sys.stderr)
-
-
-def iterate_chunks(dataset, chunk_size: int, wanted):
-    """`(chunk, first_row, rows)` for every chunk of `chunk_size` consecutive rows, in order, with `rows` as
-    columns -> lists, or None where `wanted(chunk)` is false (then a `Dataset` is not read; a stream is read past).
-    """
-    import datasets
-
-    if isinstance(dataset, datasets.Dataset):
-        for chunk, first in enumerate(range(0, len(dataset), chunk_size)):
-            yield chunk, first, dataset[first : first + chunk_size] if wanted(chunk) else None
-        return
-    chunk, rows = 0, []
-    for row in dataset:
-        rows.append(row)
-        if len(rows) == chunk_size:
-            yield chunk, chunk * chunk_size, _columns(rows) if wanted(chunk) else None
-            chunk, rows = chunk + 1, []
-    if rows:
-        yield chunk, chunk * chunk_size, _columns(rows) if wanted(chunk) else None
-
-
-def _columns(rows: list[dict]) -> dict:
-    return {name: [row[name] for row in rows] for name in rows[0]}
-
-
 def predict_dataset(args: argparse.Namespace) -> int:
-    """Geolocate every image of `--dataset` into `--output`, sharded over the accelerate processes."""
+    """Geolocate every image of `--dataset` into `--output` with the dataset runner (`runner.run_dataset`)."""
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
-    from ..processes import exit_with_launcher, output_lock
+    from ..data.dataset import load_geo_dataset
+    from .runner import DatasetRun, errors_path, run_dataset
 
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as `Accelerator()` reads it
     output = Path(args.output)
-    parts = ChunkParts(output)
-    if output.exists() and not parts.folder.exists():
-        if state.is_main_process:
-            print(f"geoloc predict: {output} already exists and no run is in progress ({parts.folder} is absent): "
-                  "nothing to do. Delete it, or give another --output, to run again.")
-        return 0
-    exit_with_launcher()  # a worker whose launcher was killed must not keep writing parts
-    lock = output.with_name(output.name + ".lock")
-    with output_lock(lock, f"--output {output}") if state.is_main_process else contextlib.nullcontext():
-        return _geolocate_chunks(args, state, output, parts)
-
-
-def _geolocate_chunks(args: argparse.Namespace, state, output: Path, parts: ChunkParts) -> int:
-    """The work of `predict_dataset` on this process: its chunks not yet done, then (main process) the merge."""
-    from tqdm.auto import tqdm
-
-    from ..data.dataset import load_geo_dataset
-
-    with state.main_process_first():  # one process builds the datasets cache, the others read it
-        dataset = load_geo_dataset(args.dataset, split=args.split, image_column=args.image_column,
-                                   streaming=args.streaming, coordinates=False)
     # the model and gallery by content, not path: one retrained in place must not be mixed with the old answers
     options = {"model_sha256": content_sha256(args.model, args.gallery), "dataset": args.dataset, "split": args.split,
-               "streaming": args.streaming, "rows": None if args.streaming else len(dataset),
-               "chunk_size": args.chunk_size, "top_k": args.top_k, "places": args.places, "tower": args.tower}
-    parts.check_manifest(options, create=state.is_main_process)
-    geolocator = load_geolocator(args, device=state.device)
-    state.wait_for_everyone()
-
-    def mine(chunk: int) -> bool:
-        return chunk % state.num_processes == state.process_index and not parts.done(chunk)
-
-    total = None
-    if not args.streaming:
-        total = sum(min(args.chunk_size, len(dataset) - first) for first in range(0, len(dataset), args.chunk_size)
-                    if mine(first // args.chunk_size))
-    _report_resumed(parts, args, None if args.streaming else len(dataset), state.is_main_process)
-    progress = tqdm(total=total, unit="image", desc=f"Geolocating (process {state.process_index + 1} of "
-                    f"{state.num_processes})", disable=not state.is_local_main_process)
-    num_chunks = 0
-    root = args.dataset if os.path.isdir(args.dataset) else None
-    for chunk, first, rows in iterate_chunks(dataset, args.chunk_size, mine):
-        num_chunks = chunk + 1
-        if rows is None:
-            continue
-        results = geolocator.locate_images(rows["image"], args.top_k, places=args.places,
-                                           names=row_ids(rows, first, root), batch_size=args.batch_size)
-        parts.write(chunk, predictions_frame(results, args.places))
-        progress.update(len(results))
-    progress.close()
-    state.wait_for_everyone()
-    if state.is_main_process:
-        images, unreadable = parts.merge(num_chunks, output.suffix.lower())
+               "streaming": args.streaming, "chunk_size": args.chunk_size, "top_k": args.top_k,
+               "places": args.places, "tower": args.tower}
+    run = DatasetRun(output, options, args.top_k, args.batch_size, args.chunk_size, places=args.places,
+                     root=args.dataset if os.path.isdir(args.dataset) else None, streaming=args.streaming,
+                     label=f"--output {output}")
+    done = run_dataset(run, state, lambda: load_geo_dataset(args.dataset, split=args.split,
+                                                            image_column=args.image_column, streaming=args.streaming,
+                                                            coordinates=False),
+                       lambda device: load_geolocator(args, device=device))
+    if done is None and output.exists() and state.is_main_process:
+        print(f"geoloc predict: {output} already exists and no run is in progress "
+              f"({output.name}.parts is absent): nothing to do. Delete it, or give another --output, to run again.")
+    elif done is not None:
+        images, unreadable = done
         report = f", {unreadable} unreadable (listed in {errors_path(output)})" if unreadable else ""
         print(f"geoloc predict: {images} images geolocated{report}, {state.num_processes} process(es) -> {output}")
     return 0
