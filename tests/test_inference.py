@@ -117,6 +117,31 @@ def test_each_image_is_decoded_once_with_the_checkpoints_own_limit(name, picture
     assert_matches(results[:2], reference(geolocator, readable, 2))
 
 
+@pytest.mark.parametrize("name", ["geoclip", "geohier"])
+def test_decoding_ahead_on_threads_gives_the_same_answers_in_order(name, pictures, tmp_path, request):
+    """`decode_workers` (the dataset runner's default: 2) decodes and processes the next batches on threads
+    while the model runs: every answer and error is the one-thread path's, in input order."""
+    geolocator = request.getfixturevalue(name)
+    inputs = []
+    for index in range(11):
+        if index in (3, 8):
+            inputs.append(b"not an image")
+        else:
+            inputs.append(np.roll(pictures[index % 4], index, axis=1))
+    plain = geolocator.locate_images(inputs, top_k=2, batch_size=2)
+    for workers in (1, 3):
+        ahead = geolocator.locate_images(inputs, top_k=2, batch_size=2, decode_workers=workers)
+        assert [r.input for r in ahead] == [r.input for r in plain]
+        assert [r.error for r in ahead] == [r.error for r in plain] and plain[3].error and plain[8].error
+        for mine, theirs in zip(ahead, plain):
+            assert mine.latitudes.tolist() == theirs.latitudes.tolist()
+            assert mine.probabilities.tolist() == theirs.probabilities.tolist()
+    if name == "geohier":  # ten crops are processed ahead too
+        ten = geolocator.locate_images(inputs, top_k=2, batch_size=2, ten_crop=True)
+        ten_ahead = geolocator.locate_images(inputs, top_k=2, batch_size=2, ten_crop=True, decode_workers=2)
+        assert [r.latitudes.tolist() for r in ten_ahead] == [r.latitudes.tolist() for r in ten]
+
+
 def test_texts_match_geolocate_and_unreadable_texts_are_reported(geoclip):
     texts = ["a beach with palm trees", "   ", "y" * 200, "snow"]
     results = geoclip.locate_texts(texts, top_k=2)

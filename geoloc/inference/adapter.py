@@ -54,9 +54,11 @@ Example:
     ((3,), None)
 """
 
+import collections
 import math
 import os
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -266,9 +268,11 @@ class Geolocator:
     # --------------------------------------------------------------------------------------------- inputs
     def locate_images(self, images: Iterable, top_k: int = 5, *, places: bool = False, extras: bool = False,
                       names: Sequence[str] | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
-                      ten_crop: bool = False) -> list[GeolocationResult]:
+                      ten_crop: bool = False, decode_workers: int = 0) -> list[GeolocationResult]:
         """Geolocate images (see the module docstring); one result per image, in order. With `ten_crop` (GeoHier),
-        each image is answered from the average of its ten crops (`GeoHierImageProcessor.ten_crop`)."""
+        each image is answered from the average of its ten crops (`GeoHierImageProcessor.ten_crop`). With
+        `decode_workers` > 0, batches are decoded and processed ahead on that many threads while the model runs
+        (the same answers; `geoloc predict --dataset` and `geoloc evaluate` use it)."""
         images = list(images)
         names = [_image_name(image, i) for i, image in enumerate(images)] if names is None else list(names)
         if len(names) != len(images):
@@ -279,29 +283,54 @@ class Geolocator:
             raise ValueError(f"Ten-crop evaluation is GeoHier's (GeoGuessNet's TenCrop), without extras; "
                              f"{self.name} is a {type(self.model).__name__}{asked}.")
         results = []
-        for start in range(0, len(images), _check_batch_size(batch_size)):
-            # decoded once, with the processor's own pixel and resize limits (it re-checks, never re-decodes)
-            limits = image_limits(self.image_processor)
-            decoded, kept, errors = decode_images(images[start : start + batch_size], **limits)
+        for start, prepared in self._prepared_batches(images, _check_batch_size(batch_size), ten_crop, decode_workers):
+            pixel_values, kept, errors = prepared
             batch = [None] * (len(kept) + len(errors))
             for position, error in errors:
                 batch[position] = GeolocationResult.failed(names[start + position], error)
-            if decoded:
-                located = self._locate_decoded(decoded, [names[start + position] for position in kept], top_k,
-                                               extras, ten_crop)
+            if kept:
+                located = self._locate_processed(pixel_values, [names[start + position] for position in kept], top_k,
+                                                 extras, ten_crop)
                 for position, result in zip(kept, located):
                     batch[position] = result
             results += batch
         return self._with_places(results) if places else results
 
-    def _locate_decoded(self, images: list, names: list[str], top_k: int, extras: bool, ten_crop: bool
-                        ) -> list[GeolocationResult]:
-        """Process decoded images and geolocate them; with `ten_crop`, from the average of each image's ten crops."""
+    def _prepared_batches(self, images: list, batch_size: int, ten_crop: bool, workers: int):
+        """`(start, (pixel_values, kept, errors))` per batch of `batch_size` images, in order. With `workers` > 0
+        the next batches are decoded and processed on that many threads (Pillow and the resize release the GIL)
+        while the caller runs the model on this one; at most `workers + 1` batches are held at once."""
+        starts = range(0, len(images), batch_size)
+        prepare = lambda start: self._prepare(images[start : start + batch_size], ten_crop)  # noqa: E731
+        if workers < 1 or len(starts) < 2:
+            yield from ((start, prepare(start)) for start in starts)
+            return
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="geoloc-decode") as pool:
+            pending = collections.deque()
+            for start in starts:
+                pending.append((start, pool.submit(prepare, start)))
+                if len(pending) > workers:
+                    first, future = pending.popleft()
+                    yield first, future.result()
+            while pending:
+                first, future = pending.popleft()
+                yield first, future.result()
+
+    def _prepare(self, images: list, ten_crop: bool):
+        """Decode a batch once, with the processor's own pixel and resize limits (it re-checks, never re-decodes),
+        and process the readable images: `(pixel_values or None, kept positions, [(position, error)])`."""
+        decoded, kept, errors = decode_images(images, **image_limits(self.image_processor))
+        if not decoded:
+            return None, kept, errors
+        processor = self.image_processor.ten_crop if ten_crop else self.image_processor
+        return processor(decoded, return_tensors="pt").pixel_values, kept, errors
+
+    def _locate_processed(self, pixel_values, names: list[str], top_k: int, extras: bool, ten_crop: bool
+                          ) -> list[GeolocationResult]:
+        """Geolocate processed images; with `ten_crop`, from the average of each image's ten crops."""
         if not ten_crop:
-            pixel_values = self.image_processor(images, return_tensors="pt").pixel_values
             return self.locate_pixel_values(pixel_values, top_k, extras=extras, names=names)
-        pixel_values = self.image_processor.ten_crop(images, return_tensors="pt").pixel_values
-        return self._geolocate(top_k, False, names, num_crops=len(pixel_values) // len(images),
+        return self._geolocate(top_k, False, names, num_crops=len(pixel_values) // len(names),
                                pixel_values=pixel_values.to(device=self.model.device, dtype=self.model.dtype))
 
     def locate_texts(self, texts: Iterable[str], top_k: int = 5, *, places: bool = False, extras: bool = False,

@@ -41,7 +41,15 @@ from .adapter import Geolocator
 from .calibration import expected_calibration_error
 from .metrics import distance_metrics
 from .predict import content_sha256
-from .runner import DatasetRun, ChunkParts, confidence_column, errors_path, read_predictions, run_dataset
+from .runner import (
+    DECODE_WORKERS,
+    ChunkParts,
+    DatasetRun,
+    confidence_column,
+    errors_path,
+    read_predictions,
+    run_dataset,
+)
 
 PREDICTIONS_FILE = "predictions.csv"
 
@@ -66,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N rows")
     parser.add_argument("--chunk-size", type=int, default=1024,
                         help="rows per resumable unit of work (at most this many are redone after a kill)")
+    parser.add_argument("--decode-workers", type=int, default=DECODE_WORKERS,
+                        help="threads that decode and process the next batches while the model runs (0: none)")
     parser.add_argument("--ten-crop", action="store_true",
                         help="GeoHier: answer each image from the average of its ten crops (the four corners and the "
                              "centre of the resized image and of its mirror image; GeoGuessNet's TenCrop evaluation)")
@@ -140,6 +150,8 @@ def main(argv=None) -> int:
         parser.error(f"--max-samples must be >= 1, got {args.max_samples}")
     if args.chunk_size < 1:
         parser.error(f"--chunk-size must be >= 1, got {args.chunk_size}")
+    if args.decode_workers < 0:
+        parser.error(f"--decode-workers must be >= 0, got {args.decode_workers}")
     return evaluate(args)
 
 
@@ -165,7 +177,7 @@ def evaluate(args: argparse.Namespace) -> int:
                "max_samples": args.max_samples, "top_k": args.top_k, "ten_crop": args.ten_crop,
                "chunk_size": args.chunk_size, "columns": [args.image_column, args.lat_column, args.lon_column]}
     run = DatasetRun(predictions, options, args.top_k, args.batch_size, args.chunk_size, references=True,
-                     ten_crop=args.ten_crop, root=args.dataset if os.path.isdir(args.dataset) else None,
+                     ten_crop=args.ten_crop, decode_workers=args.decode_workers, root=args.dataset if os.path.isdir(args.dataset) else None,
                      command="geoloc evaluate", label=f"--output-dir {output_dir}")
     radii_km = []
 

@@ -57,9 +57,10 @@ import os
 import sys
 from pathlib import Path
 
+from .runner import DECODE_WORKERS, OUTPUT_FORMATS
+
 # With no input, `geoloc predict` geolocates a crop of the bundled world map around this point.
 DEMO_NAME, DEMO_LATITUDE, DEMO_LONGITUDE = "Sahara", 23.0, 10.0
-OUTPUT_FORMATS = (".csv", ".parquet")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--chunk-size", type=int, default=1024,
                       help="rows per resumable unit of work (at most this many are redone after a kill)")
     data.add_argument("--image-column", default="image", help="image column of --dataset")
+    data.add_argument("--decode-workers", type=int, default=DECODE_WORKERS,
+                      help="threads that decode and process the next batches while the model runs (0: none)")
     return parser
 
 
@@ -126,6 +129,8 @@ def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     for name in ("top_k", "batch_size", "chunk_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.decode_workers < 0:
+        parser.error(f"--decode-workers must be >= 0, got {args.decode_workers}")
 
 
 def check_sources(args: argparse.Namespace) -> None:
@@ -260,7 +265,7 @@ def predict_dataset(args: argparse.Namespace) -> int:
                "places": args.places, "tower": args.tower}
     run = DatasetRun(output, options, args.top_k, args.batch_size, args.chunk_size, places=args.places,
                      root=args.dataset if os.path.isdir(args.dataset) else None, streaming=args.streaming,
-                     label=f"--output {output}")
+                     decode_workers=args.decode_workers, label=f"--output {output}")
     done = run_dataset(run, state, lambda: load_geo_dataset(args.dataset, split=args.split,
                                                             image_column=args.image_column, streaming=args.streaming,
                                                             coordinates=False),

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 OUTPUT_FORMATS = (".csv", ".parquet")
+DECODE_WORKERS = 2
 PREDICTION_COLUMNS = ["id", "rank", "latitude", "longitude", "probability", "candidate"]
 FAMILIARITY_COLUMNS = ["unfamiliar", "unfamiliarity"]
 PLACE_COLUMNS = ["place", "country", "km"]  # nearest town, country it lies in (None at sea), km to the town
@@ -135,6 +136,7 @@ class DatasetRun:
     places: bool = False
     references: bool = False  # the dataset has `latitude`/`longitude` columns: add `REFERENCE_COLUMNS`
     ten_crop: bool = False
+    decode_workers: int = DECODE_WORKERS  # threads that decode and process the next batches while the model runs
     root: str | None = None  # the dataset's local folder, for ids relative to it
     streaming: bool = False
     command: str = "geoloc predict"
@@ -182,7 +184,8 @@ def _geolocate_chunks(run: DatasetRun, state, parts: "ChunkParts", load_dataset,
         if batch is None:
             continue
         results = geolocator.locate_images(batch["image"], run.top_k, places=run.places, ten_crop=run.ten_crop,
-                                           names=row_ids(batch, first, run.root), batch_size=run.batch_size)
+                                           names=row_ids(batch, first, run.root), batch_size=run.batch_size,
+                                           decode_workers=run.decode_workers)
         references = (batch["latitude"], batch["longitude"]) if run.references else None
         parts.write(chunk, predictions_frame(results, schema, references))
         progress.update(len(results))
