@@ -81,6 +81,15 @@ def quiet_progress_bars() -> None:
 MAX_MESSAGE_CHARS = 500  # a longer message (e.g. an unpickler's dump of the bytes) is cut there
 
 
+def check_minimums(parser: argparse.ArgumentParser, args: argparse.Namespace, **minimums: int) -> None:
+    """`parser.error` (exit 2) for the first option below its minimum, e.g. `batch_size=1`; None (not given)
+    passes."""
+    for name, minimum in minimums.items():
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            parser.error(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
+
+
 class UsageError(ValueError):
     """A bad command line, as argparse found it: reported like every other failure (one line, exit 1)."""
 

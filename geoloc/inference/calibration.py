@@ -516,6 +516,7 @@ def main(argv=None) -> int:
 
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
+    from ..cli import check_minimums
     from ..data.dataset import load_geo_dataset
     from .adapter import resolve_model
     from ..models import register_models
@@ -523,10 +524,7 @@ def main(argv=None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.max_samples is not None and args.max_samples < 4:
-        parser.error(f"--max-samples must be >= 4, got {args.max_samples}")
+    check_minimums(parser, args, batch_size=1, max_samples=4)
     source = resolve_model(args.model)
     in_place = os.path.isdir(source)
     if not in_place and args.output_dir is None:

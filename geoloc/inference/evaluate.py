@@ -32,7 +32,7 @@ import numpy as np
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 
-from ..cli import HelpFormatter
+from ..cli import HelpFormatter, check_minimums
 from ..data.benchmarks import BENCHMARKS, load_benchmark
 from ..data.dataset import load_geo_dataset
 from ..models import register_models
@@ -144,14 +144,7 @@ def main(argv=None) -> int:
     `geoloc` (the dispatcher) turns that into one line on stderr and exit 1."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.max_samples is not None and args.max_samples < 1:
-        parser.error(f"--max-samples must be >= 1, got {args.max_samples}")
-    if args.chunk_size < 1:
-        parser.error(f"--chunk-size must be >= 1, got {args.chunk_size}")
-    if args.decode_workers < 0:
-        parser.error(f"--decode-workers must be >= 0, got {args.decode_workers}")
+    check_minimums(parser, args, batch_size=1, max_samples=1, chunk_size=1, decode_workers=0)
     return evaluate(args)
 
 

@@ -116,6 +116,8 @@ def main(argv=None) -> int:
 
 
 def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    from ..cli import check_minimums
+
     if sum(map(bool, (args.images, args.text, args.dataset))) > 1:
         parser.error("give image files, --text queries or --dataset (one of them)")
     if args.dataset and not args.output:
@@ -126,11 +128,7 @@ def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         parser.error(f"--output must end in {' or '.join(OUTPUT_FORMATS)}, got {args.output!r}")
     if args.dataset and args.json:
         parser.error("--json is for files and texts; --dataset writes --output")
-    for name in ("top_k", "batch_size", "chunk_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.decode_workers < 0:
-        parser.error(f"--decode-workers must be >= 0, got {args.decode_workers}")
+    check_minimums(parser, args, top_k=1, batch_size=1, chunk_size=1, decode_workers=0)
 
 
 def check_sources(args: argparse.Namespace) -> None:
