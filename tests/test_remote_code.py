@@ -179,3 +179,30 @@ def test_model_folders_and_the_core_import_no_package_of_this_repository():
                 for name in names:
                     top = name.split(".")[0]
                     assert top in allowed or top in sys.stdlib_module_names, f"{folder}/{module.name} imports {name}"
+
+
+def test_one_list_of_model_families_drives_every_registry():
+    """A new model is one `ModelFamily` entry (plus its folder and task): registration, remote code, the shared
+    copies, card names, the Space's packages and the installed packages all read `MODEL_FAMILIES`, in a fresh
+    process too (the `--sync` file run reads the list without importing the packages)."""
+    import fnmatch
+    import tomllib
+
+    from transformers import AutoConfig
+
+    from geoloc.hub import publish, remote_code, space
+    from geoloc.models import MODEL_FAMILIES, register_models
+
+    register_models()
+    types = [family.model_type for family in MODEL_FAMILIES]
+    assert types == ["geoclip", "geohier"] and list(remote_code.AUTO_CLASSES) == types
+    assert list(publish.FAMILY_NAMES) == types and space.PACKAGES[2:] == remote_code.MODEL_PACKAGES
+    include = tomllib.loads((PACKAGES_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    for family in MODEL_FAMILIES:
+        assert (PACKAGES_ROOT / family.package / "__init__.py").is_file()
+        assert any(fnmatch.fnmatch(family.package, pattern) for pattern in include["include"])
+        assert type(AutoConfig.for_model(family.model_type)).__name__ == family.config
+        assert family.package in {path.parent.name for _, path in remote_code._copies(PACKAGES_ROOT)}
+    run = subprocess.run([sys.executable, str(PACKAGES_ROOT / "geoloc" / "hub" / "remote_code.py"), "--check"],
+                         capture_output=True, text=True, cwd="/")
+    assert run.returncode == 0 and "in sync" in run.stdout, run.stderr

@@ -41,7 +41,7 @@ from ..data.benchmarks import BENCHMARKS
 from ..cli import HelpFormatter
 from ..inference.calibration import card_section
 from ..inference.metrics import DEFAULT_THRESHOLDS_KM, threshold_key
-from ..models import register_models
+from ..models import MODEL_FAMILIES, register_models
 from .remote_code import auto_maps, remote_code_files
 from ..sources import hub_repo_id
 
@@ -59,7 +59,7 @@ DEFAULT_TRAINING_DATA = (
     "Not stated by the publisher. For reference, the GeoCLIP and GeoDecoder papers train on MP-16 (4.72M "
     "geotagged Flickr photos from YFCC100M, without the photographers of the Im2GPS test sets)."
 )
-FAMILY_NAMES = {"geoclip": "GeoCLIP", "geohier": "GeoHier"}
+FAMILY_NAMES = {family.model_type: family.name for family in MODEL_FAMILIES}
 # The Hub has no geolocation task; both models rank candidates (gallery points, geocells) for an image. The
 # `image-geolocation` pipeline itself is named in config.json's `custom_pipelines`.
 PIPELINE_TAG = "image-classification"

@@ -17,22 +17,27 @@ model packages (and `geoloc`) from importing.
 """
 
 import argparse
+import importlib.util
 import inspect
 import sys
 from pathlib import Path
 
+if __package__:
+    from ..models import MODEL_FAMILIES, MODEL_PACKAGES
+else:  # run as a file (`--sync`): read the family list from its file, importing nothing of the packages
+    _spec = importlib.util.spec_from_file_location("_geoloc_models", Path(__file__).resolve().parents[1] / "models.py")
+    _models = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_models)
+    MODEL_FAMILIES, MODEL_PACKAGES = _models.MODEL_FAMILIES, _models.MODEL_PACKAGES
+
 SHARED_SOURCE = "geo_core"
 SHARED_MODULES = ("geo_common.py", "geo_image_processing.py", "integrity.py", "pipeline_geolocation.py")
-# Every model folder that is pushed alone as remote code and therefore needs the shared modules.
-MODEL_PACKAGES = ("modeling_geoclip", "modeling_geohier")
 COPY_HEADER = "# Generated from {source} by `python geoloc/hub/remote_code.py --sync`; do not edit.\n"
 # geoloc, geo_core, modeling_geoclip and modeling_geohier are installed side by side (a checkout or site-packages).
 PACKAGES_ROOT = Path(__file__).resolve().parents[2]
 # model_type -> the package and its (config, model, image processor) classes, for each publishable model.
-AUTO_CLASSES = {
-    "geoclip": ("modeling_geoclip", ("GeoCLIPConfig", "GeoCLIPModel", "GeoCLIPImageProcessor")),
-    "geohier": ("modeling_geohier", ("GeoHierConfig", "GeoHierModel", "GeoHierImageProcessor")),
-}
+AUTO_CLASSES = {family.model_type: (family.package, (family.config, family.model, family.image_processor))
+                for family in MODEL_FAMILIES}
 
 
 def _auto_classes(model_type: str) -> list[type]:

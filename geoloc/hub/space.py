@@ -18,10 +18,11 @@ import shutil
 from pathlib import Path
 
 from ..cli import HelpFormatter
+from ..models import MODEL_PACKAGES
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 SPACE_SOURCE = REPOSITORY / "spaces" / "geolocation"
-PACKAGES = ("geoloc", "geo_core", "modeling_geoclip", "modeling_geohier")
+PACKAGES = ("geoloc", "geo_core", *MODEL_PACKAGES)
 COPIED = ("*.py", "*.md", "*.txt", "*.json", "*.csv", "*.png", "*.jpg", "*.safetensors")  # what a Space needs
 
 
