@@ -46,6 +46,7 @@ from .runner import (
     ChunkParts,
     DatasetRun,
     confidence_column,
+    confidence_radii,
     errors_path,
     read_predictions,
     run_dataset,
@@ -108,12 +109,12 @@ def load_evaluation_dataset(args: argparse.Namespace):
     )
 
 
-def calibration_metrics(best, errors_km: np.ndarray, radii_km) -> dict:
+def calibration_metrics(best, errors_km: np.ndarray) -> dict:
     """For a calibrated model (`geoloc calibrate`), from the rank-1 rows: `ece_<r>km` of its confidence at each
     radius (expected calibration error, 10 equal-width bins) and `unfamiliar_rate`, the share of images it
     flagged as unfamiliar."""
     metrics = {}
-    for radius in radii_km:
+    for radius in confidence_radii(best.columns):
         metrics[f"ece_{radius:g}km"] = expected_calibration_error(best[confidence_column(radius)].to_numpy(float),
                                                                   errors_km <= radius)
     if "unfamiliar" in best:
@@ -121,7 +122,7 @@ def calibration_metrics(best, errors_km: np.ndarray, radii_km) -> dict:
     return metrics
 
 
-def score(predictions: Path, radii_km, unreadable: int, model: str, dataset: str, top_k: int,
+def score(predictions: Path, unreadable: int, model: str, dataset: str, top_k: int,
           ten_crop: bool = False) -> dict:
     """metrics.json's content from the runner's predictions file (rank-1 rows: the answers)."""
     frame = read_predictions(predictions)
@@ -132,7 +133,7 @@ def score(predictions: Path, radii_km, unreadable: int, model: str, dataset: str
     errors_km = best["error_km"].to_numpy(float)
     summary = {**distance_metrics(errors_km), "n": int(first.sum()), "n_unreadable": unreadable, "model": model,
                "dataset": dataset, "top_k": top_k, "ten_crop": ten_crop}
-    summary.update(calibration_metrics(best, errors_km, radii_km))
+    summary.update(calibration_metrics(best, errors_km))
     if top_k > 1:
         image = np.cumsum(first)  # rows of one image follow each other, rank 1 first
         summary["best_of_top_k"] = distance_metrics(frame["error_km"].groupby(image).min().to_numpy(float))
@@ -172,16 +173,10 @@ def evaluate(args: argparse.Namespace) -> int:
     run = DatasetRun(predictions, options, args.top_k, args.batch_size, args.chunk_size, references=True,
                      ten_crop=args.ten_crop, decode_workers=args.decode_workers, root=args.dataset if os.path.isdir(args.dataset) else None,
                      command="geoloc evaluate", label=f"--output-dir {output_dir}")
-    radii_km = []
-
-    def load_geolocator(device) -> Geolocator:
-        geolocator = Geolocator.from_pretrained(args.model, device=device)
-        radii_km.extend(geolocator.calibration["radii_km"] if geolocator.calibration else [])
-        return geolocator
-
-    done = run_dataset(run, state, lambda: _evaluation_rows(args), load_geolocator)
+    done = run_dataset(run, state, lambda: _evaluation_rows(args),
+                       lambda device: Geolocator.from_pretrained(args.model, device=device))
     if state.is_main_process:
-        summary = score(predictions, radii_km, done[1] if done else 0, args.model, args.dataset, args.top_k, args.ten_crop)
+        summary = score(predictions, done[1] if done else 0, args.model, args.dataset, args.top_k, args.ten_crop)
         with open(output_dir / "metrics.json", "w") as handle:
             json.dump(summary, handle, indent=2)
         print(f"geoloc evaluate: {summary['n']} images scored, {summary['n_unreadable']} unreadable, "

@@ -42,6 +42,12 @@ def confidence_column(radius_km) -> str:
     return f"confidence_{radius_km:g}km"
 
 
+def confidence_radii(columns) -> list[float]:
+    """The radii of a table's `confidence_<r>km` columns, in column order (the schema's order)."""
+    return [float(name[len("confidence_"):-len("km")]) for name in columns
+            if name.startswith("confidence_") and name.endswith("km")]
+
+
 @dataclass(frozen=True)
 class Schema:
     """What a run's table holds beyond `PREDICTION_COLUMNS`, decided once per run (every chunk has the same
@@ -114,13 +120,16 @@ def predictions_frame(results: list, schema: Schema, references: tuple | None = 
             for name in PLACE_COLUMNS:
                 columns[name] += [place[name] for place in found]
         if schema.references:
-            truth = (float(references[0][position]), float(references[1][position]))
-            columns["true_latitude"] += [truth[0]] * count
-            columns["true_longitude"] += [truth[1]] * count
-            columns["error_km"] += (geodesic_distance_km(result.latitudes, result.longitudes, [truth[0]] * count,
-                                                         [truth[1]] * count).tolist() if len(result.latitudes)
-                                    else [np.nan])
+            columns["true_latitude"] += [float(references[0][position])] * count
+            columns["true_longitude"] += [float(references[1][position])] * count
         columns["error"] += [result.error] * count
+    if schema.references:  # one geodesic call for the whole chunk; NaN on the rows of unreadable images
+        answered = ~np.isnan(np.asarray(columns["latitude"], dtype=float))
+        errors = np.full(len(answered), np.nan)
+        errors[answered] = geodesic_distance_km(
+            *(np.asarray(columns[name], dtype=float)[answered]
+              for name in ("latitude", "longitude", "true_latitude", "true_longitude")))
+        columns["error_km"] = errors.tolist()
     return pd.DataFrame(columns).astype({name: DTYPES.get(name, "float64") for name in columns})
 
 
