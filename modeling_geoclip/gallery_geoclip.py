@@ -44,6 +44,9 @@ Backends (`GeoCLIPModel.set_gallery(locations, backend=..., **options)`):
   `nprobe` on a 1M-point gallery (sometimes above it, hence the default `target_recall` of 0.995 for a goal of
   0.99), while queries near gallery points are far easier (recall 1.0 with 6% of the lists visited).
 
+The model holds its gallery as one component, `GeoCLIPGallery` (`model.gallery`): the buffers, building,
+searching and the checks of loaded state.
+
 This module imports only torch, numpy and transformers; `faiss` is imported lazily inside the `faiss` backend.
 """
 
@@ -52,9 +55,11 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from torch import nn
 from transformers.utils import logging
 
-from .geo_common import destination_points
+from .geo_common import destination_points, from_microdegrees, to_microdegrees, validate_locations
+from .integrity import tensor_sha256
 
 logger = logging.get_logger(__name__)
 
@@ -69,6 +74,8 @@ RECALL_AT = 5  # the FAISS calibration measures recall@5 against exact search
 
 # `embed(rows)`: (R,) int64 gallery rows -> (R, D) float32 L2-normalised embeddings of those rows.
 EmbedRows = Callable[[torch.Tensor], torch.Tensor]
+# `embed(locations)`: (M, 2) float64 degrees -> (M, D) float32 L2-normalised location embeddings.
+EmbedLocations = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _check_options(backend: str, options: dict, allowed: dict) -> dict:
@@ -621,10 +628,243 @@ def refine_hits(
     return chosen.to(query.device), torch.exp(best - log_normaliser[:, None]), source
 
 
+# ------------------------------------------------------------------------------------------- component
+class GeoCLIPGallery(nn.Module):
+    """A GeoCLIP model's retrieval gallery: N GPS points with their stored embeddings (`exact`) or FAISS index
+    (`faiss`), how they are searched, and the checks of loaded gallery state. The model owns it as `model.gallery`
+    and gives it the location encoder (`embed`) where points must be encoded; the gallery records its size,
+    backend and options in the model's config (`gallery_size`, `gallery_backend`, `gallery_options`,
+    `gallery_index_nbytes`, `gallery_index_sha256`), which is how `from_pretrained` knows the buffers' shapes.
+
+    Buffers, saved when non-empty (their shapes follow the config, so saving and loading agree on the keys):
+    `coordinates` (N, 2) int32 micro-degrees; `embeddings` (N, D) for `exact` (in `embedding_dtype`), (0, D) for
+    `faiss`; `faiss_index` (nbytes,) uint8, the serialised FAISS index; `sample_indices` (S,) int64 and
+    `sample_embeddings` (S, D) float32, the FAISS normaliser sample (empty for `exact`). Casting the model
+    (`model.to(torch.bfloat16)`) moves them between devices but never changes their dtypes: the stored precision
+    is the one `embedding_dtype` chose.
+
+    Args:
+        config: the model's `GeoCLIPConfig` (shared, not copied: building a gallery writes its fields).
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.model_config = config
+        self._faiss = None
+        self._int8_cache = None
+        self.reset()
+
+    def reset(self) -> None:
+        """(Re)create the buffers with the shapes the config describes (zeros until loaded or built)."""
+        config, dim = self.model_config, self.model_config.projection_dim
+        options = config.gallery_options or {}
+        exact = config.gallery_backend == "exact"
+        dtype = EMBEDDING_DTYPES[options.get("embedding_dtype", "float32")] if exact else torch.float32
+        sample = 0 if exact else min(options.get("normaliser_sample_size", 0), config.gallery_size)
+        register_state(self, "coordinates", torch.zeros(config.gallery_size, 2, dtype=torch.int32))
+        register_state(self, "embeddings", torch.zeros(config.gallery_size if exact else 0, dim, dtype=dtype))
+        register_state(self, "faiss_index", torch.zeros(config.gallery_index_nbytes, dtype=torch.uint8))
+        register_state(self, "sample_indices", torch.zeros(sample, dtype=torch.long))
+        register_state(self, "sample_embeddings", torch.zeros(sample, dim, dtype=torch.float32))
+        self._faiss = None
+
+    def _apply(self, fn, recurse=True):
+        # Device moves only: a model-wide dtype cast must not round the stored embeddings (see the class docstring).
+        def keep_dtype(tensor: torch.Tensor) -> torch.Tensor:
+            converted = fn(tensor)
+            return converted if converted.dtype == tensor.dtype else tensor.to(converted.device)
+
+        return super()._apply(keep_dtype, recurse)
+
+    @property
+    def locations(self) -> torch.Tensor:
+        """The gallery as (N, 2) float64 degrees (lat, lon)."""
+        return from_microdegrees(self.coordinates)
+
+    # -------------------------------------------------------------------------------------------- checks
+    def check_loaded_state(self, require_hashes: bool = True) -> None:
+        """Checks of loaded gallery state that shapes and finiteness cannot show: coordinates in range, the
+        normaliser sample's rows in bounds, and the FAISS index bytes matching the SHA-256 that `build` recorded
+        in the config (an index without one only with `require_hashes=False`), then deserialised and searched
+        once, so that crafted bytes fail here rather than at the first query.
+
+        Raises:
+            ValueError: naming the bad tensor (and row).
+        """
+        validate_locations(self.locations, "checkpoint gallery.coordinates")
+        rows, size = self.sample_indices, self.model_config.gallery_size
+        if len(rows) and not (0 <= int(rows.min()) and int(rows.max()) < size):
+            raise ValueError(
+                f"The checkpoint's gallery.sample_indices must be gallery rows in [0, {size}), "
+                f"got values in [{int(rows.min())}, {int(rows.max())}]."
+            )
+        self._check_faiss_index_hash(require_hashes)
+        self._load_faiss_index()
+
+    def _check_faiss_index_hash(self, require_hashes: bool) -> None:
+        config = self.model_config
+        if not config.gallery_index_nbytes:
+            return
+        expected = config.gallery_index_sha256
+        if expected is None and require_hashes:
+            raise ValueError(
+                "This checkpoint records no SHA-256 of its FAISS index (gallery_index_sha256 is null): its bytes "
+                "cannot be checked. Rebuild the gallery with set_gallery(..., backend='faiss') and save again, or "
+                "pass require_hashes=False to from_pretrained (only for a checkpoint you trust)."
+            )
+        if expected is not None and tensor_sha256(self.faiss_index) != expected:
+            raise ValueError(
+                f"The checkpoint's FAISS index (gallery.faiss_index, {config.gallery_index_nbytes} bytes) does not "
+                f"match the SHA-256 recorded in its config ({expected[:12]}...): the file is corrupt or was edited. "
+                "Rebuild the gallery with set_gallery(..., backend='faiss') and save again."
+            )
+
+    def _load_faiss_index(self) -> None:
+        """Deserialise the stored FAISS index and check it against the gallery (rows, width, one search)."""
+        config = self.model_config
+        if config.gallery_backend != "faiss" or not config.gallery_index_nbytes:
+            return
+        size, dim = config.gallery_size, config.projection_dim
+        try:
+            gallery = self._deserialize_faiss()
+            _, rows = gallery.index.search(np.zeros((1, dim), dtype=np.float32), 1)
+        except (RuntimeError, TypeError, ValueError) as error:  # faiss raises RuntimeError for bad bytes
+            raise ValueError(f"The checkpoint's FAISS index (gallery.faiss_index) cannot be read: {error}") from None
+        if gallery.index.ntotal != size or gallery.index.d != dim or not 0 <= int(rows.max()) < size:
+            raise ValueError(
+                f"The checkpoint's FAISS index holds {gallery.index.ntotal} vectors of width {gallery.index.d}, "
+                f"not the gallery's {size} of width {dim}: the index does not belong to this gallery."
+            )
+        self._faiss = gallery
+
+    def _deserialize_faiss(self) -> FaissGallery:
+        return FaissGallery.deserialize(self.faiss_index, self.sample_indices, self.sample_embeddings,
+                                        self.model_config.gallery_options or {})
+
+    # --------------------------------------------------------------------------------------------- build
+    def build(
+        self, locations, embed: EmbedLocations, batch_size: int = 16384, show_progress: bool = False,
+        backend: str = "exact", calibration_queries: torch.Tensor | None = None, **index_options,
+    ) -> None:
+        """Replace the gallery: encode `locations` with `embed` in batches and build the search structure.
+        `GeoCLIPModel.set_gallery` documents the arguments and what each backend's probabilities mean.
+
+        Args:
+            embed: `(M, 2)` float64 degrees -> `(M, D)` float32 L2-normalised embeddings (the location encoder).
+        """
+        locations = validate_locations(locations, "gallery locations").to(torch.float64)
+        if len(locations) == 0:
+            raise ValueError("The gallery must hold at least one location.")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        options = resolve_gallery_options(backend, len(locations), index_options)
+        if calibration_queries is not None:
+            calibration_queries = self._check_calibration_queries(calibration_queries, backend)
+        coordinates = to_microdegrees(locations)
+        rounded = from_microdegrees(coordinates)
+        embed_rows = lambda rows: embed(rounded[rows])
+        if backend == "exact":
+            dtype = EMBEDDING_DTYPES[options["embedding_dtype"]]
+            batches = torch.arange(len(coordinates)).split(batch_size)
+            embeddings = torch.cat([
+                embed_rows(rows).to(dtype)
+                for rows in logging.tqdm(batches, desc="Encoding gallery", disable=not show_progress)
+            ])
+            self._store(coordinates, backend, options, embeddings=embeddings)
+        else:
+            built = FaissGallery.build(embed_rows, len(coordinates), self.model_config.projection_dim, options,
+                                       calibration_queries, batch_size=batch_size, show_progress=show_progress)
+            self._store(coordinates, backend, options, built=built)
+
+    def _store(self, coordinates: torch.Tensor, backend: str, options: dict,
+               embeddings: torch.Tensor | None = None, built: FaissGallery | None = None) -> None:
+        """Record a built gallery in the config and the buffers: `(N, 2)` micro-degree `coordinates` with their
+        `(N, D)` `embeddings` (`"exact"`) or the `built` FAISS gallery (`"faiss"`)."""
+        config = self.model_config
+        index_bytes = None if backend == "exact" else built.serialize()
+        config.gallery_size, config.gallery_backend = len(coordinates), backend
+        config.gallery_options = options
+        config.gallery_index_nbytes = 0 if backend == "exact" else len(index_bytes)
+        config.gallery_index_sha256 = None if backend == "exact" else tensor_sha256(index_bytes)
+        device = self.coordinates.device
+        self.reset()
+        self.coordinates = coordinates.to(device)
+        if backend == "exact":
+            self.embeddings = embeddings.to(device)
+        else:
+            self.faiss_index = index_bytes.to(device)
+            self.sample_indices = built.sample_indices.to(device)
+            self.sample_embeddings = built.sample_embeddings.to(device)
+            self._faiss = built
+
+    def _check_calibration_queries(self, queries, backend: str) -> torch.Tensor:
+        """`(Q, projection_dim)` calibration queries as a float32 tensor, or a ValueError saying what is wrong."""
+        if backend != "faiss":
+            raise ValueError(
+                f"calibration_queries only apply to backend='faiss' (exact search needs none), got {backend!r}."
+            )
+        queries = torch.as_tensor(queries)
+        dim = self.model_config.projection_dim
+        if queries.ndim != 2 or queries.shape[0] < 2 or queries.shape[1] != dim:
+            raise ValueError(f"calibration_queries must have shape (Q>=2, {dim}), got {tuple(queries.shape)}.")
+        queries = queries.float()
+        if not torch.isfinite(queries).all() or (queries.norm(dim=1) == 0).any():
+            raise ValueError("calibration_queries must be finite, non-zero query embeddings.")
+        return queries
+
+    # -------------------------------------------------------------------------------------------- search
+    def search(
+        self, query: torch.Tensor, scale: torch.Tensor, top_k: int, embed: EmbedLocations
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top-k over the gallery with the backend chosen by `build`.
+
+        Args:
+            query (`torch.FloatTensor` of shape `(B, D)`): L2-normalised queries.
+            scale (`torch.Tensor` of shape `()`): the logit scale.
+            top_k (`int`): hits per query, <= N.
+            embed: as in `build`; `faiss` re-scores compressed candidates with it.
+
+        Returns: `(logits, indices, log_normaliser)`: `(B, top_k)` float32 and int64, best first, and `(B,)`.
+        """
+        options = self.model_config.gallery_options or {}
+        if self.model_config.gallery_backend == "exact":
+            kind = options.get("scan", "auto")
+            wanted = kind == "int8" or (kind == "auto" and self.model_config.gallery_size >= SCAN_MIN_SIZE)
+            return exact_search(query, self.embeddings, scale, top_k, options.get("chunk_size", 32768),
+                                scan=self._int8_scan() if wanted else None,
+                                scan_candidates=options.get("scan_candidates", 64))
+        if self._faiss is None:  # restored by from_pretrained: rebuild from the stored bytes
+            self._faiss = self._deserialize_faiss()
+        self._faiss.options = options
+        embed_rows = lambda rows: embed(from_microdegrees(self.coordinates[rows.to(self.coordinates.device)]))
+        logits, indices, log_normaliser = self._faiss.search(query, scale, top_k, embed_rows)
+        return logits.to(query.device), indices.to(query.device), log_normaliser.to(query.device)
+
+    def _int8_scan(self) -> "Int8Scan | None":
+        """The int8 copy of `embeddings` for the exact backend's first pass, built on first use and rebuilt
+        whenever the embeddings change (replaced, moved, or written in place as loading does); None for galleries
+        of at most `scan_candidates` points, off the CPU, or without a quantized engine."""
+        embeddings = self.embeddings
+        key = (embeddings.data_ptr(), embeddings._version, tuple(embeddings.shape), embeddings.dtype,
+               embeddings.device)
+        if self._int8_cache is None or self._int8_cache[0] != key:
+            candidates = (self.model_config.gallery_options or {}).get("scan_candidates", 64)
+            scan = Int8Scan.build(embeddings) if len(embeddings) > candidates else None
+            self._int8_cache = (key, scan)
+        return self._int8_cache[1]
+
+
+def register_state(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Register (or replace) a buffer that checkpoints hold only when non-empty: safetensors would take empty
+    tensors for shared storage."""
+    module.register_buffer(name, tensor, persistent=tensor.numel() > 0)
+
+
 __all__ = [
     "EMBEDDING_DTYPES",
     "GALLERY_BACKENDS",
     "FaissGallery",
+    "GeoCLIPGallery",
     "Int8Scan",
     "SCAN_KINDS",
     "SCAN_MIN_SIZE",
@@ -633,6 +873,7 @@ __all__ = [
     "import_faiss",
     "merge_top_k",
     "refine_hits",
+    "register_state",
     "resolve_gallery_options",
     "sample_around",
 ]

@@ -8,6 +8,7 @@ code, which allows only relative imports, so each folder needs the file). Edit t
 `tests/test_remote_code.py` fails while a copy differs. Imports only torch, numpy and transformers.
 """
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -153,7 +154,22 @@ class GeolocationOutput(ModelOutput):
 
 
 class StrictFromPretrainedMixin:
-    """Put before `PreTrainedModel` in the bases: `from_pretrained` refuses checkpoints that do not match."""
+    """Put before `PreTrainedModel` in the bases: `from_pretrained` refuses checkpoints that do not match, and
+    checkpoints that hold tensors under names the model has since changed load under the new names."""
+
+    # Old checkpoint tensor name -> current name (exact names), for tensors a model has renamed. Applied by
+    # `from_pretrained` and `load_state_dict` (a training state saved before the rename resumes too).
+    renamed_keys: dict[str, str] = {}
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.renamed_keys:
+            self._register_load_state_dict_pre_hook(self._rename_old_keys)
+
+    def _rename_old_keys(self, state_dict, prefix, *_) -> None:
+        for old, new in self.renamed_keys.items():
+            if prefix + old in state_dict and prefix + new not in state_dict:
+                state_dict[prefix + new] = state_dict.pop(prefix + old)
 
     @classmethod
     def from_pretrained(cls, *args, strict: bool = True, output_loading_info: bool = False, **kwargs):
@@ -171,11 +187,21 @@ class StrictFromPretrainedMixin:
         ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
         require_hashes = kwargs.pop("require_hashes", True)
         pretrained = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        renaming = {}
         if pretrained is not None and kwargs.get("state_dict") is None:
-            check_config_against_checkpoint(cls, pretrained, kwargs, strict, ignore_mismatched_sizes)
+            renamed = check_config_against_checkpoint(cls, pretrained, kwargs, strict, ignore_mismatched_sizes)
+            # exact names: transformers reads the mapping's keys as regular expressions
+            renaming = {f"^{re.escape(old)}$": new for old, new in renamed.items()}
+        if renaming:
+            kwargs["key_mapping"] = {**renaming, **(kwargs.get("key_mapping") or {})}
         model, info = super().from_pretrained(
             *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
         )
+        if renaming:  # transformers would undo the mapping on save_pretrained: save under the current names
+            model._weight_conversions = [
+                conversion for conversion in getattr(model, "_weight_conversions", None) or []
+                if not set(getattr(conversion, "source_patterns", ())) <= set(renaming)
+            ]
         problems = {
             "missing": sorted(info["missing_keys"]) if strict else [],
             "unexpected": sorted(info["unexpected_keys"]) if strict else [],

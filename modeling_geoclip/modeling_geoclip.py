@@ -15,18 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection, PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import ModelOutput, logging
+from transformers.utils import ModelOutput
 
 from .configuration_geoclip import GeoCLIPConfig, GeoCLIPLocationEncoderConfig
-from .gallery_geoclip import (
-    EMBEDDING_DTYPES,
-    FaissGallery,
-    SCAN_MIN_SIZE,
-    Int8Scan,
-    exact_search,
-    refine_hits,
-    resolve_gallery_options,
-)
+from .gallery_geoclip import GeoCLIPGallery, refine_hits, register_state
 from .geo_common import (
     GeolocationOutput,
     StrictFromPretrainedMixin,
@@ -35,7 +27,7 @@ from .geo_common import (
     to_microdegrees,
     validate_locations,
 )
-from .integrity import check_finite_answer, tensor_sha256
+from .integrity import check_finite_answer
 
 
 # Equal Earth projection constants (Šavrič, Patterson & Jenny 2018), as in the official GeoCLIP code.
@@ -97,9 +89,10 @@ class GeoCLIPPreTrainedModel(StrictFromPretrainedMixin, PreTrainedModel):
                 init.uniform_(module.bias, -bound, bound)
         elif isinstance(module, GeoCLIPModel):
             init.constant_(module.logit_scale, module.config.logit_scale_init_value)
-            for buffer in (module.gps_queue_coordinates, module.gps_queue_ptr, module.gps_queue_count,
-                           module.gallery_coordinates, module.gallery_embeddings, module.gallery_index,
-                           module.gallery_sample_indices, module.gallery_sample_embeddings):
+            for buffer in (module.gps_queue_coordinates, module.gps_queue_ptr, module.gps_queue_count):
+                init.zeros_(buffer)
+        elif isinstance(module, GeoCLIPGallery):
+            for buffer in module.buffers():
                 init.zeros_(buffer)
 
 
@@ -192,7 +185,7 @@ class GeoCLIPLocationEncoder(GeoCLIPPreTrainedModel):
 
 class GeoCLIPModel(GeoCLIPPreTrainedModel):
     """GeoCLIP: CLIP towers + image MLP + GPS encoder + learnable temperature, with a GPS queue for training
-    and a stored gallery for retrieval.
+    and a stored gallery for retrieval (`model.gallery`, a [`GeoCLIPGallery`]).
 
     Example:
         >>> model = GeoCLIPModel.from_pretrained("path/to/converted")  # doctest: +SKIP
@@ -206,6 +199,14 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
     predicts_scenes = False  # no `scene_probabilities`
     returns_attention_maps = False  # no `output_attentions`
     candidate_kind = "gallery"  # candidates are the points of a replaceable GPS gallery (`set_gallery`)
+    # Checkpoints saved before the gallery became its own module (`model.gallery`) name its tensors thus.
+    renamed_keys = {
+        "gallery_coordinates": "gallery.coordinates",
+        "gallery_embeddings": "gallery.embeddings",
+        "gallery_index": "gallery.faiss_index",
+        "gallery_sample_indices": "gallery.sample_indices",
+        "gallery_sample_embeddings": "gallery.sample_embeddings",
+    }
 
     @property
     def supports_text_queries(self) -> bool:
@@ -242,10 +243,10 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
         # GPS queue: a ring buffer of recent training coordinates used as extra negatives.
         # Stored as int32 micro-degrees, like the gallery, so that no dtype cast can round the coordinates.
-        self._register_state("gps_queue_coordinates", torch.zeros(config.queue_size, 2, dtype=torch.int32))
+        register_state(self, "gps_queue_coordinates", torch.zeros(config.queue_size, 2, dtype=torch.int32))
         self.register_buffer("gps_queue_ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("gps_queue_count", torch.zeros((), dtype=torch.long))
-        self._register_gallery()
+        self.gallery = GeoCLIPGallery(config)
         if config.freeze_backbone:
             for tower in (self.image_tower, self.text_tower):
                 if tower is not None:
@@ -274,38 +275,14 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
         model.text_tower.load_state_dict(text_tower.state_dict(), strict=True)
         return model
 
-    def _register_gallery(self) -> None:
-        """(Re)create the gallery buffers with the shapes the config describes (zeros until loaded or set).
-
-        Five buffers, saved when non-empty (their shapes follow the config, so saving and loading agree on the
-        keys): `gallery_coordinates` (N, 2) int32
-        micro-degrees; `gallery_embeddings` (N, D) for `exact` (in `embedding_dtype`), (0, D) for `faiss`;
-        `gallery_index` (nbytes,) uint8, the serialised FAISS index; `gallery_sample_indices` (S,) int64 and
-        `gallery_sample_embeddings` (S, D) float32, the FAISS normaliser sample (empty for `exact`).
-        """
-        config, dim = self.config, self.config.projection_dim
-        options = config.gallery_options or {}
-        exact = config.gallery_backend == "exact"
-        dtype = EMBEDDING_DTYPES[options.get("embedding_dtype", "float32")] if exact else torch.float32
-        sample = 0 if exact else min(options.get("normaliser_sample_size", 0), config.gallery_size)
-        self._register_state("gallery_coordinates", torch.zeros(config.gallery_size, 2, dtype=torch.int32))
-        self._register_state("gallery_embeddings", torch.zeros(config.gallery_size if exact else 0, dim, dtype=dtype))
-        self._register_state("gallery_index", torch.zeros(config.gallery_index_nbytes, dtype=torch.uint8))
-        self._register_state("gallery_sample_indices", torch.zeros(sample, dtype=torch.long))
-        self._register_state("gallery_sample_embeddings", torch.zeros(sample, dim))
-        self._faiss_gallery = None
-
     def check_loaded_state(self, require_hashes: bool = True) -> None:
-        """Checks of a loaded checkpoint that shapes and finiteness cannot show (called by `from_pretrained`):
-        gallery and GPS-queue coordinates in range, the queue's pointers and the normaliser sample's rows in
-        bounds, and the FAISS index bytes matching the SHA-256 that `set_gallery` recorded in the config (an index
-        without one only with `require_hashes=False`), then deserialised and searched once, so that crafted bytes
-        fail here rather than at the first query.
+        """Checks of a loaded checkpoint that shapes and finiteness cannot show (called by `from_pretrained`): the
+        GPS queue's coordinates in range and its pointers in bounds, then the gallery's own checks
+        (`GeoCLIPGallery.check_loaded_state`: coordinates, normaliser rows, the FAISS index's SHA-256 and bytes).
 
         Raises:
             ValueError: naming the bad tensor (and row).
         """
-        validate_locations(self.gallery_locations, "checkpoint gallery_coordinates")
         size, count, pointer = self.config.queue_size, int(self.gps_queue_count), int(self.gps_queue_ptr)
         if not (0 <= count <= size and 0 <= pointer < max(size, 1)):
             raise ValueError(
@@ -313,53 +290,7 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
                 f"must lie in [0, {size}] and [0, {max(size, 1)}) (queue_size={size})."
             )
         validate_locations(self.gps_queue[:count], "checkpoint gps_queue_coordinates")
-        rows = self.gallery_sample_indices
-        if len(rows) and not (0 <= int(rows.min()) and int(rows.max()) < self.config.gallery_size):
-            raise ValueError(
-                f"The checkpoint's gallery_sample_indices must be gallery rows in [0, {self.config.gallery_size}), "
-                f"got values in [{int(rows.min())}, {int(rows.max())}]."
-            )
-        self._check_faiss_index_hash(require_hashes)
-        self._load_faiss_index()
-
-    def _check_faiss_index_hash(self, require_hashes: bool) -> None:
-        if not self.config.gallery_index_nbytes:
-            return
-        expected = self.config.gallery_index_sha256
-        if expected is None and require_hashes:
-            raise ValueError(
-                "This checkpoint records no SHA-256 of its FAISS index (gallery_index_sha256 is null): its bytes "
-                "cannot be checked. Rebuild the gallery with set_gallery(..., backend='faiss') and save again, or "
-                "pass require_hashes=False to from_pretrained (only for a checkpoint you trust)."
-            )
-        if expected is not None and tensor_sha256(self.gallery_index) != expected:
-            raise ValueError(
-                f"The checkpoint's FAISS index (gallery_index, {self.config.gallery_index_nbytes} bytes) does not "
-                f"match the SHA-256 recorded in its config ({expected[:12]}...): the file is corrupt or was edited. "
-                "Rebuild the gallery with set_gallery(..., backend='faiss') and save again."
-            )
-
-    def _load_faiss_index(self) -> None:
-        """Deserialise the stored FAISS index and check it against the gallery (rows, width, one search)."""
-        if self.config.gallery_backend != "faiss" or not self.config.gallery_index_nbytes:
-            return
-        size, dim = self.config.gallery_size, self.config.projection_dim
-        try:
-            gallery = FaissGallery.deserialize(self.gallery_index, self.gallery_sample_indices,
-                                               self.gallery_sample_embeddings, self.config.gallery_options or {})
-            _, rows = gallery.index.search(np.zeros((1, dim), dtype=np.float32), 1)
-        except (RuntimeError, TypeError, ValueError) as error:  # faiss raises RuntimeError for bad bytes
-            raise ValueError(f"The checkpoint's FAISS index (gallery_index) cannot be read: {error}") from None
-        if gallery.index.ntotal != size or gallery.index.d != dim or not 0 <= int(rows.max()) < size:
-            raise ValueError(
-                f"The checkpoint's FAISS index holds {gallery.index.ntotal} vectors of width {gallery.index.d}, "
-                f"not the gallery's {size} of width {dim}: the index does not belong to this gallery."
-            )
-        self._faiss_gallery = gallery
-
-    def _register_state(self, name: str, tensor: torch.Tensor) -> None:
-        # Empty tensors stay out of checkpoints: safetensors would take them for shared storage.
-        self.register_buffer(name, tensor, persistent=tensor.numel() > 0)
+        self.gallery.check_loaded_state(require_hashes)
 
     # ----------------------------------------------------------------------------------------- features
     def get_image_features(
@@ -497,12 +428,7 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
     @property
     def gallery_locations(self) -> torch.Tensor:
         """The gallery as (G, 2) float64 degrees (lat, lon)."""
-        return from_microdegrees(self.gallery_coordinates)
-
-    def _embed_gallery_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """(R,) int64 gallery rows -> (R, D) float32 normalised embeddings, encoded from the coordinates."""
-        rows = rows.to(self.gallery_coordinates.device)
-        return self._embed_locations(from_microdegrees(self.gallery_coordinates[rows]))
+        return self.gallery.locations
 
     def _embed_locations(self, locations: torch.Tensor) -> torch.Tensor:
         """(M, 2) degrees -> (M, D) float32 normalised location embeddings."""
@@ -558,100 +484,8 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
             >>> model.config.gallery_options["recall_estimate"]["recall_at_5"]  # doctest: +SKIP
             0.996
         """
-        locations = validate_locations(locations, "gallery locations").to(torch.float64)
-        if len(locations) == 0:
-            raise ValueError("The gallery must hold at least one location.")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-        options = resolve_gallery_options(backend, len(locations), index_options)
-        if calibration_queries is not None:
-            calibration_queries = self._check_calibration_queries(calibration_queries, backend)
-        coordinates = to_microdegrees(locations)
-        rounded = from_microdegrees(coordinates)
-        embed = lambda rows: self._embed_locations(rounded[rows])
-        if backend == "exact":
-            dtype = EMBEDDING_DTYPES[options["embedding_dtype"]]
-            batches = torch.arange(len(coordinates)).split(batch_size)
-            embeddings = torch.cat([
-                embed(rows).to(dtype)
-                for rows in logging.tqdm(batches, desc="Encoding gallery", disable=not show_progress)
-            ])
-            self._store_gallery(coordinates, backend, options, embeddings=embeddings)
-        else:
-            built = FaissGallery.build(embed, len(coordinates), self.config.projection_dim, options,
-                                       calibration_queries, batch_size=batch_size, show_progress=show_progress)
-            self._store_gallery(coordinates, backend, options, built=built)
-
-    def _store_gallery(self, coordinates: torch.Tensor, backend: str, options: dict,
-                       embeddings: torch.Tensor | None = None, built: FaissGallery | None = None) -> None:
-        """Record a built gallery in the config and the buffers `save_pretrained` writes: `(N, 2)` micro-degree
-        `coordinates` with their `(N, D)` `embeddings` (`"exact"`) or the `built` FAISS gallery (`"faiss"`)."""
-        index_bytes = None if backend == "exact" else built.serialize()
-        self.config.gallery_size, self.config.gallery_backend = len(coordinates), backend
-        self.config.gallery_options = options
-        self.config.gallery_index_nbytes = 0 if backend == "exact" else len(index_bytes)
-        self.config.gallery_index_sha256 = None if backend == "exact" else tensor_sha256(index_bytes)
-        self._register_gallery()
-        device = self.logit_scale.device
-        self.gallery_coordinates = coordinates.to(device)
-        if backend == "exact":
-            self.gallery_embeddings = embeddings.to(device)
-        else:
-            self.gallery_index = index_bytes.to(device)
-            self.gallery_sample_indices = built.sample_indices.to(device)
-            self.gallery_sample_embeddings = built.sample_embeddings.to(device)
-            self._faiss_gallery = built
-
-    def _check_calibration_queries(self, queries, backend: str) -> torch.Tensor:
-        """`(Q, projection_dim)` calibration queries as a float32 tensor, or a ValueError saying what is wrong."""
-        if backend != "faiss":
-            raise ValueError(
-                f"calibration_queries only apply to backend='faiss' (exact search needs none), got {backend!r}."
-            )
-        queries = torch.as_tensor(queries)
-        dim = self.config.projection_dim
-        if queries.ndim != 2 or queries.shape[0] < 2 or queries.shape[1] != dim:
-            raise ValueError(f"calibration_queries must have shape (Q>=2, {dim}), got {tuple(queries.shape)}.")
-        queries = queries.float()
-        if not torch.isfinite(queries).all() or (queries.norm(dim=1) == 0).any():
-            raise ValueError("calibration_queries must be finite, non-zero query embeddings.")
-        return queries
-
-    def _search(self, query_embeds: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`(logits, indices, log_normaliser)`: `(B, top_k)`, `(B, top_k)`, `(B,)`; see `search_gallery`."""
-        scale = self.logit_scale.exp()
-        options = self.config.gallery_options or {}
-        if self.config.gallery_backend == "exact":
-            chunk_size = options.get("chunk_size", 32768)
-            kind = options.get("scan", "auto")
-            wanted = kind == "int8" or (kind == "auto" and self.config.gallery_size >= SCAN_MIN_SIZE)
-            scan = self._int8_scan() if wanted else None
-            return exact_search(query_embeds, self.gallery_embeddings, scale, top_k, chunk_size,
-                                scan=scan, scan_candidates=options.get("scan_candidates", 64))
-        if self._faiss_gallery is None:  # restored by from_pretrained: rebuild from the stored bytes
-            self._faiss_gallery = FaissGallery.deserialize(
-                self.gallery_index, self.gallery_sample_indices, self.gallery_sample_embeddings, options
-            )
-        self._faiss_gallery.options = options
-        logits, indices, log_normaliser = self._faiss_gallery.search(
-            query_embeds, scale, top_k, self._embed_gallery_rows
-        )
-        device = query_embeds.device
-        return logits.to(device), indices.to(device), log_normaliser.to(device)
-
-    def _int8_scan(self) -> Int8Scan | None:
-        """The int8 copy of `gallery_embeddings` for the exact backend's first pass, built on first use and rebuilt
-        whenever the embeddings change (replaced, moved, or written in place as loading does); None for galleries
-        of at most `scan_candidates` points, off the CPU, or without a quantized engine."""
-        embeddings = self.gallery_embeddings
-        key = (embeddings.data_ptr(), embeddings._version, tuple(embeddings.shape), embeddings.dtype,
-               embeddings.device)
-        cached = getattr(self, "_int8_scan_cache", None)
-        if cached is None or cached[0] != key:
-            candidates = (self.config.gallery_options or {}).get("scan_candidates", 64)
-            scan = Int8Scan.build(embeddings) if len(embeddings) > candidates else None
-            self._int8_scan_cache = cached = (key, scan)
-        return cached[1]
+        self.gallery.build(locations, self._embed_locations, batch_size=batch_size, show_progress=show_progress,
+                           backend=backend, calibration_queries=calibration_queries, **index_options)
 
     @torch.no_grad()
     def search_gallery(self, query_embeds: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -664,7 +498,8 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
         Returns: `(probabilities, indices)`, each `(B, top_k)`, best first; `probabilities` as documented in
         `set_gallery` (exact softmax over the gallery for `exact`, estimated normaliser for `faiss`).
         """
-        logits, indices, log_normaliser = self._search(query_embeds, top_k)
+        logits, indices, log_normaliser = self.gallery.search(query_embeds, self.logit_scale.exp(), top_k,
+                                                              self._embed_locations)
         return torch.exp(logits - log_normaliser[:, None]), indices
 
     @torch.no_grad()
@@ -706,8 +541,9 @@ class GeoCLIPModel(GeoCLIPPreTrainedModel):
         else:
             query = self.get_image_features(pixel_values, clip_image_embeds)
         query = F.normalize(query.float(), dim=-1)
-        logits, indices, log_normaliser = self._search(query, top_k)
-        coordinates = from_microdegrees(self.gallery_coordinates[indices])
+        logits, indices, log_normaliser = self.gallery.search(query, self.logit_scale.exp(), top_k,
+                                                              self._embed_locations)
+        coordinates = from_microdegrees(self.gallery.coordinates[indices])
         if refine:
             coordinates, probabilities, source = refine_hits(
                 query, self.logit_scale.exp(), coordinates, logits, log_normaliser, self._embed_locations,

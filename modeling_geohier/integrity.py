@@ -89,9 +89,10 @@ def _tensor_bytes(tensor: torch.Tensor) -> int:
 
 
 def check_config_against_checkpoint(model_class, pretrained, kwargs: dict, strict: bool = True,
-                                    ignore_mismatched_sizes: bool = False) -> None:
+                                    ignore_mismatched_sizes: bool = False) -> dict[str, str]:
     """Refuse a checkpoint whose config implies tensors the file does not hold as described (other shapes,
-    missing ones), before anything is allocated, and a pickle checkpoint unless asked for.
+    missing ones), before anything is allocated, and a pickle checkpoint unless asked for. Tensors saved under
+    a name the model has since changed (`model_class.renamed_keys`, old name -> new) are checked under the new one.
 
     Args:
         model_class: the `PreTrainedModel` subclass being loaded.
@@ -104,16 +105,21 @@ def check_config_against_checkpoint(model_class, pretrained, kwargs: dict, stric
         ValueError: naming each tensor whose shapes differ (file vs config), each missing tensor, the bytes
             that would be initialised beyond the budget, a file that is not safetensors, a pickle checkpoint,
             or a config from which the model cannot be built (e.g. a size of 0).
+
+    Returns: `{old name: new name}` for the renamed tensors the file holds under their old names (empty for a
+    pickle checkpoint, whose names cannot be read before loading).
     """
     files = checkpoint_files(pretrained, kwargs)
     if not files:
         _refuse_pickle_checkpoint(pretrained, kwargs)
-        return
+        return {}
     config = kwargs.get("config")
     if not hasattr(config, "to_dict"):  # None, or a path to another config
         location = {key: kwargs[key] for key in _LOCATION_KWARGS if key in kwargs}
         config = model_class.config_class.from_pretrained(config or pretrained, **location)
     found = checkpoint_shapes(files)
+    renamed = {old: new for old, new in getattr(model_class, "renamed_keys", {}).items() if old in found}
+    found = {renamed.get(name, name): shape for name, shape in found.items()}
     try:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a trial build: its warnings come again when the model is built
@@ -152,6 +158,7 @@ def check_config_against_checkpoint(model_class, pretrained, kwargs: dict, stric
             f"{FRESH_BYTES} bytes; nothing was allocated. Check its sizes (gallery_size, queue_size, "
             "gallery_index_nbytes, cells_per_level)."
         )
+    return renamed
 
 
 def check_finite_tensors(model: torch.nn.Module) -> None:

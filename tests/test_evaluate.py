@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 import zipfile
 
@@ -14,7 +13,7 @@ import pandas as pd
 import pytest
 from transformers import AutoImageProcessor, AutoModel
 
-from conftest import save_tiny_geoclip
+from conftest import accelerate_launch, save_tiny_geoclip
 from geoloc.data import benchmarks as benchmark_datasets
 from geoloc.data.benchmarks import load_benchmark
 from geoloc.cli import main as cli_main
@@ -229,8 +228,7 @@ def test_accelerate_launch_two_processes(model_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     started = time.perf_counter()
     completed = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "geoloc.inference.evaluate", *args,
+        [*accelerate_launch(), "-m", "geoloc.inference.evaluate", *args,
          "--output-dir", str(tmp_path / "sharded")],
         check=True, env=env, timeout=240, capture_output=True, text=True,
     )

@@ -82,13 +82,13 @@ def test_reduced_precision_storage_keeps_answers_and_survives_save(model, galler
     model.set_gallery(gallery)
     reference, reference_indices = model.search_gallery(query, top_k=5)
     model.set_gallery(gallery, embedding_dtype=dtype)
-    assert model.gallery_embeddings.dtype == getattr(torch, dtype)
+    assert model.gallery.embeddings.dtype == getattr(torch, dtype)
     probabilities, indices = model.search_gallery(query, top_k=5)
     assert (indices[:, 0] == reference_indices[:, 0]).float().mean() >= 0.9
     torch.testing.assert_close(probabilities[:, 0], reference[:, 0], rtol=0.05, atol=0)
     model.save_pretrained(tmp_path)
     loaded = GeoCLIPModel.from_pretrained(tmp_path).eval()
-    assert loaded.gallery_embeddings.dtype == getattr(torch, dtype)
+    assert loaded.gallery.embeddings.dtype == getattr(torch, dtype)
     assert loaded.config.gallery_options["embedding_dtype"] == dtype
     torch.testing.assert_close(loaded.search_gallery(query, top_k=5), (probabilities, indices))
 
@@ -127,7 +127,7 @@ def test_faiss_gallery_round_trips_without_re_encoding(model, gallery, tmp_path,
     model.save_pretrained(tmp_path)
     loaded = GeoCLIPModel.from_pretrained(tmp_path).eval()
     assert loaded.config.gallery_backend == "faiss" and loaded.config.gallery_options["nprobe"] == 8
-    assert loaded.gallery_embeddings.shape == (0, loaded.config.projection_dim)
+    assert loaded.gallery.embeddings.shape == (0, loaded.config.projection_dim)
 
     def fail(*args, **kwargs):
         raise AssertionError("the gallery was re-encoded")

@@ -128,7 +128,7 @@ def test_converted_gallery_matches_official(official, converted):
     rows = torch.randperm(len(reference_gallery), generator=torch.Generator().manual_seed(1))[:20_000]
     with torch.no_grad():
         reference = F.normalize(official.model.location_encoder(reference_gallery[rows]), dim=1)
-    assert (converted.gallery_embeddings[rows] - reference).abs().max().item() <= TOLERANCE
+    assert (converted.gallery.embeddings[rows] - reference).abs().max().item() <= TOLERANCE
     assert converted.logit_scale.item() == official.model.logit_scale.item()
 
 
@@ -196,7 +196,7 @@ def test_geolocation_release_folder(official, converted, wheel_weights, tmp_path
     assert torch.allclose(model.gallery_locations, gallery.double(), atol=1e-6)
     with torch.no_grad():
         reference_embeddings = F.normalize(official.model.location_encoder(gallery), dim=1)
-    assert (model.gallery_embeddings - reference_embeddings).abs().max().item() <= TOLERANCE
+    assert (model.gallery.embeddings - reference_embeddings).abs().max().item() <= TOLERANCE
 
 
 def test_location_encoder_release_folder(official, location_encoder, wheel_weights, tmp_path):

@@ -424,10 +424,10 @@ def _set(name, row, value):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (_set("gallery_coordinates", 2, torch.tensor([200_000_000, 0], dtype=torch.int32)),
-         r"checkpoint gallery_coordinates\[2\] = \(200.0, 0.0\): latitude must be in \[-90, 90\]"),
-        (_set("gallery_embeddings", 1, float("nan")),  # one row: projection_dim values
-         rf"tensor 'gallery_embeddings' holds {tiny_geoclip_config().projection_dim} NaN or infinite"),
+        (_set("gallery.coordinates", 2, torch.tensor([200_000_000, 0], dtype=torch.int32)),
+         r"checkpoint gallery.coordinates\[2\] = \(200.0, 0.0\): latitude must be in \[-90, 90\]"),
+        (_set("gallery.embeddings", 1, float("nan")),  # one row: projection_dim values
+         rf"tensor 'gallery.embeddings' holds {tiny_geoclip_config().projection_dim} NaN or infinite"),
         (_set("image_mlp.0.weight", 0, float("inf")),  # one row: the CLIP embedding's width
          rf"tensor 'image_mlp.0.weight' holds {tiny_geoclip_config().vision_config.projection_dim} NaN or inf"),
         (lambda weights: weights["gps_queue_count"].fill_(10_000), r"GPS queue is out of range"),
@@ -459,7 +459,7 @@ def test_config_sizes_are_checked_against_the_file_before_allocating(geoclip_dir
     started = time.perf_counter()
     edited = _edited_copy(geoclip_dir, tmp_path / "geoclip",
                           edit_config=lambda config: config.update(gallery_size=huge))
-    with pytest.raises(ValueError, match=rf"gallery_coordinates: \(4, 2\) vs \({huge}, 2\).*nothing was allocated"):
+    with pytest.raises(ValueError, match=rf"gallery.coordinates: \(4, 2\) vs \({huge}, 2\).*nothing was allocated"):
         GeoCLIPModel.from_pretrained(edited)
 
     def more_cells(config):
@@ -479,10 +479,10 @@ def _without(*names):
 
 
 @pytest.mark.parametrize("model, edit_config, removed, implied", [
-    ("geoclip", {"gallery_size": 1_000_000_000}, ("gallery_coordinates", "gallery_embeddings"),
-     "gallery_coordinates"),
+    ("geoclip", {"gallery_size": 1_000_000_000}, ("gallery.coordinates", "gallery.embeddings"),
+     "gallery.coordinates"),
     ("geoclip", {"queue_size": 300_000_000}, ("gps_queue_coordinates",), "gps_queue_coordinates"),
-    ("geoclip", {"gallery_index_nbytes": 100_000_000_000}, (), "gallery_index"),
+    ("geoclip", {"gallery_index_nbytes": 100_000_000_000}, (), "gallery.faiss_index"),
     ("geohier", {"cells_per_level": [8, 16, 300_000_000]}, tuple(f"cell_table.{name}_2" for name in (
         "centroids", "parents", "counts", "cell_ids")) + ("classifiers.2.weight", "classifiers.2.bias"),
      "classifiers.2.weight"),
@@ -511,7 +511,7 @@ def test_a_pickle_checkpoint_loads_only_when_asked_for(geoclip_dir, tmp_path):
     with pytest.raises(ValueError, match="holds only a pickle file"):
         cli.main(["--debug", "predict", "--text", "x", "--model", str(folder)])
     loaded = GeoCLIPModel.from_pretrained(folder, use_safetensors=False)  # the user asked for it
-    assert torch.equal(loaded.gallery_coordinates, load_file(geoclip_dir / "model.safetensors")["gallery_coordinates"])
+    assert torch.equal(loaded.gallery.coordinates, load_file(geoclip_dir / "model.safetensors")["gallery.coordinates"])
 
 
 def test_a_folder_naming_its_own_code_is_refused_without_a_prompt(geoclip_dir, tmp_path):
@@ -548,13 +548,13 @@ def test_a_corrupted_faiss_index_is_refused(tmp_path, keep_torch_threads):
     assert len(model.config.gallery_index_sha256) == 64
     model.save_pretrained(tmp_path / "faiss")
     reloaded = GeoCLIPModel.from_pretrained(tmp_path / "faiss")
-    assert torch.equal(reloaded.gallery_index, model.gallery_index)
+    assert torch.equal(reloaded.gallery.faiss_index, model.gallery.faiss_index)
 
     def flip_a_byte(weights):
-        weights["gallery_index"][-5] ^= 0xFF
+        weights["gallery.faiss_index"][-5] ^= 0xFF
 
     edited = _edited_copy(tmp_path / "faiss", tmp_path / "corrupt", flip_a_byte)
-    with pytest.raises(ValueError, match=r"FAISS index \(gallery_index, \d+ bytes\) does not match the SHA-256"):
+    with pytest.raises(ValueError, match=r"FAISS index \(gallery.faiss_index, \d+ bytes\) does not match the SHA-256"):
         GeoCLIPModel.from_pretrained(edited)
 
     unhashed = _edited_copy(tmp_path / "faiss", tmp_path / "unhashed",
@@ -562,23 +562,23 @@ def test_a_corrupted_faiss_index_is_refused(tmp_path, keep_torch_threads):
     with pytest.raises(ValueError, match=r"records no SHA-256 of its FAISS index.*require_hashes=False"):
         GeoCLIPModel.from_pretrained(unhashed)
     trusted = GeoCLIPModel.from_pretrained(unhashed, require_hashes=False)  # asked for explicitly
-    assert torch.equal(trusted.gallery_index, model.gallery_index)
+    assert torch.equal(trusted.gallery.faiss_index, model.gallery.faiss_index)
 
     # crafted bytes whose hash (and size) were recomputed: refused at load, not at the first query
-    crafted_bytes = model.gallery_index[: len(model.gallery_index) // 2].clone()
+    crafted_bytes = model.gallery.faiss_index[: len(model.gallery.faiss_index) // 2].clone()
 
     def crafted_config(config):
         config.update(gallery_index_nbytes=len(crafted_bytes), gallery_index_sha256=tensor_sha256(crafted_bytes))
 
     crafted = _edited_copy(tmp_path / "faiss", tmp_path / "crafted",
-                           lambda weights: weights.update(gallery_index=crafted_bytes), crafted_config)
-    with pytest.raises(ValueError, match=r"FAISS index \(gallery_index\) cannot be read"):
+                           lambda weights: weights.update({"gallery.faiss_index": crafted_bytes}), crafted_config)
+    with pytest.raises(ValueError, match=r"FAISS index \(gallery.faiss_index\) cannot be read"):
         GeoCLIPModel.from_pretrained(crafted)
     other = GeoCLIPModel(tiny_geoclip_config()).eval()
     other.set_gallery(GALLERY[:3], backend="faiss")  # a sound index of another gallery
     foreign = _edited_copy(tmp_path / "faiss", tmp_path / "foreign", lambda weights: weights.update(
-        gallery_index=other.gallery_index), lambda config: config.update(
-        gallery_index_nbytes=len(other.gallery_index), gallery_index_sha256=tensor_sha256(other.gallery_index)))
+        {"gallery.faiss_index": other.gallery.faiss_index}), lambda config: config.update(
+        gallery_index_nbytes=len(other.gallery.faiss_index), gallery_index_sha256=tensor_sha256(other.gallery.faiss_index)))
     with pytest.raises(ValueError, match=r"FAISS index holds 3 vectors .* not the gallery's 4"):
         GeoCLIPModel.from_pretrained(foreign)
 

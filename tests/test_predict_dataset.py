@@ -5,11 +5,11 @@ parquet and streaming outputs."""
 import os
 import shutil
 import subprocess
-import sys
 
 import pandas as pd
 import pytest
 
+from conftest import accelerate_launch
 from geoloc import DEFAULT_MODEL, cli
 
 from geoloc.inference import runner
@@ -80,8 +80,7 @@ def test_two_processes_match_one_process_row_for_row(dataset, single, tmp_path):
     output = tmp_path / "sharded.csv"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     completed = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "geoloc.inference.predict",
+        [*accelerate_launch(), "-m", "geoloc.inference.predict",
          "--dataset", str(dataset), "--output", str(output), "--model", "default", "--top-k", str(TOP_K),
          "--chunk-size", "4", "--batch-size", "3"],
         env=env, capture_output=True, text=True, timeout=300,

@@ -75,7 +75,7 @@ def test_apply_tower_wiring(model):
     assert apply_tower(model, "fp32") is model and quantized_linears(model) == 0
     int8 = apply_tower(copy.deepcopy(model), "int8")
     assert quantized_linears(int8) == 6 * model.config.vision_config.num_hidden_layers  # q, k, v, o, fc1, fc2
-    assert int8.location_encoder.dtype == torch.float32 and int8.gallery_embeddings.dtype == torch.float32
+    assert int8.location_encoder.dtype == torch.float32 and int8.gallery.embeddings.dtype == torch.float32
     if cpu_supports_bf16():
         bf16 = apply_tower(copy.deepcopy(model), "bf16")
         assert bf16.image_tower.dtype == torch.bfloat16 and bf16.location_encoder.dtype == torch.float32

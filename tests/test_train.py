@@ -21,6 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
+from conftest import accelerate_launch
 from geoloc.models import register_models
 from geoloc import cli
 from geoloc.training import train
@@ -35,8 +36,6 @@ register_models()  # the Auto classes below read GeoCLIP and GeoHier checkpoints
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model-config", "tiny", "--batch-size", "16", "--warmup-steps", "5"]
-ACCELERATE = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -83,6 +82,16 @@ def run_module(args, launcher=(sys.executable, "-m"), env=None, **kwargs):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.Popen([*launcher, "geoloc.training.train", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def finish(process, timeout: float) -> str:
+    """The output of a `run_module` process; killed (with its ranks, which end with their launcher) if it
+    outlives `timeout`, so that a hung run fails its test instead of holding the machine."""
+    try:
+        return process.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
 
 
 def final_weights(output_dir):
@@ -270,9 +279,9 @@ def test_processes_and_accumulation_train_as_one_big_batch(worldmap, tmp_path):
     args = ["--model", "geoclip", "--dataset", worldmap, "--max-steps", "6", "--checkpoint-every", "3",
             "--augmentation", "none", "--gps-noise-km", "0", "--queue-noise-km", "0", "--no-train-backbone", *TINY]
     two, accumulated, one = str(tmp_path / "two"), str(tmp_path / "accumulated"), str(tmp_path / "one")
-    process = run_module([*args, "--output-dir", two, "--gradient-accumulation-steps", "2"], launcher=ACCELERATE,
+    process = run_module([*args, "--output-dir", two, "--gradient-accumulation-steps", "2"], launcher=[*accelerate_launch(), "-m"],
                          env={"ACCELERATE_USE_CPU": "1"})
-    output = process.communicate(timeout=300)[0]
+    output = finish(process, timeout=300)
     assert process.returncode == 0, output
     assert main([*args, "--output-dir", accumulated, "--gradient-accumulation-steps", "2"]) == 0
     assert main([*args, "--output-dir", one]) == 0
@@ -466,8 +475,8 @@ def test_geohier_trains_on_two_processes(worldmap, scene_dataset, tmp_path, with
     dataset = scene_dataset[0] if with_scenes else worldmap
     process = run_module(["--model", "geohier", "--dataset", dataset, "--output-dir", out, "--max-steps", "4",
                           "--checkpoint-every", "100", "--geocell-levels", "2:80,2:40", *TINY],
-                         launcher=ACCELERATE, env={"ACCELERATE_USE_CPU": "1"})
-    output = process.communicate(timeout=300)[0]
+                         launcher=[*accelerate_launch(), "-m"], env={"ACCELERATE_USE_CPU": "1"})
+    output = finish(process, timeout=300)
     assert process.returncode == 0, output
     summary = json.load(open(os.path.join(out, "train_summary.json")))
     assert summary["num_processes"] == 2 and summary["samples_per_process"] == [32, 32]
