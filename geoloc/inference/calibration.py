@@ -32,7 +32,9 @@ Example:
     [0.0, 0.5, 1.0]
 """
 
+import json
 import math
+import os
 
 import numpy as np
 import torch
@@ -398,7 +400,7 @@ def card_section(config) -> str:
                       "", "| radius | ECE | accuracy | mean confidence | confidence bin: mean confidence → frequency (n) |",
                       "|---|---|---|---|---|"]
             for radius in calibration["radii_km"]:
-                key, row = f"{radius}km", held_out.get(f"{radius}km")
+                row = held_out.get(f"{radius}km")
                 if isinstance(row, dict):
                     bins = "; ".join(f"{b['bin']}: {b['mean_confidence']:.2f} → {b['frequency']:.2f} ({b['n']})"
                                      for b in row["reliability"])
@@ -468,8 +470,6 @@ def held_out_report(calibration: dict, masses, errors_km) -> dict:
 def config_text(config: dict) -> str:
     """A config dict as `config.json` text: indented like transformers writes it, but the two (long, numeric)
     calibration sections each on one line."""
-    import json
-
     sections = [key for key in (CALIBRATION_KEY, FAMILIARITY_KEY) if config.get(key) is not None]
     text = json.dumps({k: v for k, v in config.items() if k not in sections}, indent=2, sort_keys=True)
     lines = [f'  "{key}": {json.dumps(config[key], separators=(",", ":"), sort_keys=True)}' for key in sections]
@@ -511,10 +511,7 @@ def build_parser():
 
 def main(argv=None) -> int:
     """Run `geoloc calibrate` (the dispatcher turns a raised ValueError into one line on stderr, exit 1)."""
-    import json
-    import os
-
-    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+    from transformers import AutoImageProcessor, AutoModel
 
     from ..cli import check_minimums
     from ..data.dataset import load_geo_dataset
@@ -526,8 +523,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     check_minimums(parser, args, batch_size=1, max_samples=4)
     source = resolve_model(args.model)
-    in_place = os.path.isdir(source)
-    if not in_place and args.output_dir is None:
+    if not os.path.isdir(source) and args.output_dir is None:
         raise ValueError(f"--model {args.model} is not a local folder: pass --output-dir to save the calibrated copy.")
     check_local_or_hub(args.dataset, "--dataset", patterns=True)
     register_models()
@@ -546,31 +542,52 @@ def main(argv=None) -> int:
     if len(errors) < 20:
         raise ValueError(f"Split {args.split!r} has {len(errors)} readable images: calibrating needs at least 20.")
     calibration = {**fit_calibration(masses, errors), "split": args.split}
-    familiarity = None
-    if embeddings is not None:
-        kind = embedding_kind(model)
-        if args.statistics_split is not None:
-            familiarity = fit_familiarity(rows(args.statistics_split)[2], kind)
-            familiarity = set_threshold(familiarity, embeddings)
-            familiarity["statistics_split"] = args.statistics_split
-        else:
-            familiarity = set_threshold(fit_familiarity(embeddings[0::2], kind), embeddings[1::2])
-            familiarity["statistics_split"] = f"{args.split} (even rows; odd rows set the threshold)"
-        familiarity["threshold_split"] = args.split
+    familiarity = None if embeddings is None else _fit_familiarity_for(args, model, embeddings, rows)
     summary = {"split": args.split, "n": len(errors), "unreadable": unreadable}
     if args.test_split is not None:
-        test_masses, test_errors, test_embeddings, _ = rows(args.test_split)
-        calibration["held_out"] = {"split": args.test_split, "n": int(len(test_errors)),
-                                   **held_out_report(calibration, test_masses, test_errors)}
-        summary["held_out"] = {key: value["ece"] for key, value in calibration["held_out"].items()
-                               if isinstance(value, dict)}
-        if familiarity is not None:
-            rate = float(np.mean(unfamiliarity_scores(familiarity, test_embeddings) > familiarity["threshold"]))
-            familiarity["held_out_flag_rate"] = {"split": args.test_split, "rate": round(rate, 4)}
-            summary["held_out_flag_rate"] = round(rate, 4)
+        summary.update(_held_out(args.test_split, rows, calibration, familiarity))
     check_calibration(calibration)
     if familiarity is not None:
         check_familiarity(familiarity, model)
+    where = _save_calibrated(args, source, model, image_processor, calibration, familiarity)
+    print(json.dumps(summary))
+    print(f"geoloc calibrate: fitted on {len(errors)} images of split {args.split!r} -> {where}")
+    return 0
+
+
+def _fit_familiarity_for(args, model, embeddings, rows) -> dict:
+    """The familiarity statistics: from `--statistics-split` (threshold on the calibration split), or from the
+    calibration split's even rows with the threshold set on its odd rows."""
+    kind = embedding_kind(model)
+    if args.statistics_split is not None:
+        familiarity = set_threshold(fit_familiarity(rows(args.statistics_split)[2], kind), embeddings)
+        familiarity["statistics_split"] = args.statistics_split
+    else:
+        familiarity = set_threshold(fit_familiarity(embeddings[0::2], kind), embeddings[1::2])
+        familiarity["statistics_split"] = f"{args.split} (even rows; odd rows set the threshold)"
+    familiarity["threshold_split"] = args.split
+    return familiarity
+
+
+def _held_out(split: str, rows, calibration: dict, familiarity: dict | None) -> dict:
+    """Measure the fitted calibration (and flag rate) on `split`: recorded in `calibration` / `familiarity`,
+    and returned as the summary's `held_out` entries."""
+    test_masses, test_errors, test_embeddings, _ = rows(split)
+    calibration["held_out"] = {"split": split, "n": int(len(test_errors)),
+                               **held_out_report(calibration, test_masses, test_errors)}
+    summary = {"held_out": {key: value["ece"] for key, value in calibration["held_out"].items()
+                            if isinstance(value, dict)}}
+    if familiarity is not None:
+        rate = float(np.mean(unfamiliarity_scores(familiarity, test_embeddings) > familiarity["threshold"]))
+        familiarity["held_out_flag_rate"] = {"split": split, "rate": round(rate, 4)}
+        summary["held_out_flag_rate"] = round(rate, 4)
+    return summary
+
+
+def _save_calibrated(args, source: str, model, image_processor, calibration: dict, familiarity: dict | None) -> str:
+    """Write the calibration into a copy (`--output-dir`) or into the folder's own config.json; returns where."""
+    from transformers import AutoTokenizer
+
     setattr(model.config, CALIBRATION_KEY, calibration)
     setattr(model.config, FAMILIARITY_KEY, familiarity)
     if args.output_dir is not None:
@@ -578,21 +595,16 @@ def main(argv=None) -> int:
         image_processor.save_pretrained(args.output_dir)
         if getattr(model, "supports_text_queries", False):
             AutoTokenizer.from_pretrained(source, trust_remote_code=False).save_pretrained(args.output_dir)
-        where = args.output_dir
-    else:
-        path = os.path.join(source, "config.json")
-        with open(path) as handle:
-            config = json.load(handle)
-        config[CALIBRATION_KEY] = calibration
-        if familiarity is not None:
-            config[FAMILIARITY_KEY] = familiarity
-        with open(path, "w") as handle:
-            handle.write(config_text(config))
-        where = path
-    print(json.dumps(summary))
-    print(f"geoloc calibrate: fitted on {len(errors)} images of split {args.split!r} -> {where}")
-    return 0
-
+        return args.output_dir
+    path = os.path.join(source, "config.json")
+    with open(path) as handle:
+        config = json.load(handle)
+    config[CALIBRATION_KEY] = calibration
+    if familiarity is not None:
+        config[FAMILIARITY_KEY] = familiarity
+    with open(path, "w") as handle:
+        handle.write(config_text(config))
+    return path
 
 if __name__ == "__main__":
     from ..cli import run_command

@@ -497,16 +497,7 @@ def world_map(answer: Answer, cell_tokens: list[str] | None = None) -> PlotData:
     x_range, y_range, world = view_ranges(shown_lat, wrap_longitudes(shown_lon, centre), centre)
     layout = _base_layout(x_range, y_range, world)
     figure = go.Figure()
-    uncertainty = result.uncertainty
-    if uncertainty is not None and cell_tokens is not None:
-        for trace in cell_traces(cell_tokens, uncertainty[:, 2], centre):
-            figure.add_trace(trace)
-        figure.add_trace(_legend_entry("Predicted cells", "square", "rgba(240,59,32,0.6)"))
-    elif uncertainty is not None:
-        heat = heat_layer(uncertainty, centre)
-        if heat is not None:
-            layout["images"].append(heat)
-            figure.add_trace(_legend_entry("Probability", "square", "rgba(240,59,32,0.8)"))
+    _add_uncertainty(figure, layout, result.uncertainty, cell_tokens, centre)
     for trace in line_traces(x_range, y_range, centre):
         figure.add_trace(trace)
     rows = answer.rows()
@@ -525,16 +516,48 @@ def world_map(answer: Answer, cell_tokens: list[str] | None = None) -> PlotData:
     countries = country_name_trace(screens, x_range, y_range, centre)
     if countries is not None:
         figure.add_trace(countries)
-    hover = [[row["rank"], html.escape(row["phrase"]), format_percent(row["probability"]),
-              format_coordinates(row["latitude"], row["longitude"])] for row in rows]
-    template = "<b>#%{customdata[0]}</b> %{customdata[1]}<br>%{customdata[2]} · %{customdata[3]}<extra></extra>"
     if truth:
         figure.add_trace(go.Scatter(
             x=[truth_x, xs[0]], y=[truth.latitude, latitudes[0]], mode="lines", hoverinfo="skip",
             line=dict(color=TRUTH_COLOUR, width=2, dash="dot"), showlegend=False, name="error"))
+    _add_pins(figure, rows, spots, xs, latitudes)
+    if truth:
+        figure.add_trace(go.Scatter(
+            x=[truth_x], y=[truth.latitude], mode="markers",
+            name="True location", hovertemplate=f"True location: {html.escape(truth.label)}<extra></extra>",
+            marker=dict(symbol="star", size=22, color=TRUTH_COLOUR, line=dict(color="white", width=1.5))))
+    layout["annotations"] = [
+        dict(dict(x=spot[0], y=spot[1], xref="x", yref="y", showarrow=False), text=html.escape(pin_label(row)),
+             font=dict(size=LABEL_FONT + (1 if row["rank"] == 1 else 0), color="#1a1a1a"),
+             bgcolor="rgba(255,255,255,0.85)", borderpad=2, name=f"pin-label-{row['rank']}", **label)
+        for spot, row, label in zip(spots, rows, labels) if label is not None
+    ]
+    layout["updatemenus"] = [_view_buttons(x_range, y_range, centre)]
+    figure.update_layout(**layout)
+    return _plot(figure)
+
+
+def _add_uncertainty(figure: go.Figure, layout: dict, uncertainty, cell_tokens, centre: float) -> None:
+    """The uncertainty layer: GeoHier's cells when `cell_tokens` name them, else a heat raster of the points."""
+    if uncertainty is not None and cell_tokens is not None:
+        for trace in cell_traces(cell_tokens, uncertainty[:, 2], centre):
+            figure.add_trace(trace)
+        figure.add_trace(_legend_entry("Predicted cells", "square", "rgba(240,59,32,0.6)"))
+    elif uncertainty is not None:
+        heat = heat_layer(uncertainty, centre)
+        if heat is not None:
+            layout["images"].append(heat)
+            figure.add_trace(_legend_entry("Probability", "square", "rgba(240,59,32,0.8)"))
+
+
+def _add_pins(figure: go.Figure, rows: list[dict], spots, xs, latitudes) -> None:
+    """Numbered pins at `spots` (best on top), and a line from each pin moved aside to a dot at its guess."""
+    hover = [[row["rank"], html.escape(row["phrase"]), format_percent(row["probability"]),
+              format_coordinates(row["latitude"], row["longitude"])] for row in rows]
+    template = "<b>#%{customdata[0]}</b> %{customdata[1]}<br>%{customdata[2]} · %{customdata[3]}<extra></extra>"
     moved = [rank for rank, (spot, x, y) in enumerate(zip(spots, xs, latitudes))
              if abs(spot[0] - x) > 1e-9 or abs(spot[1] - y) > 1e-9]
-    if moved:  # pins moved aside: a line from each to a dot at its guess
+    if moved:
         line_x = [v for rank in moved for v in (xs[rank], spots[rank][0], None)]
         line_y = [v for rank in moved for v in (latitudes[rank], spots[rank][1], None)]
         figure.add_trace(go.Scatter(x=line_x, y=line_y, mode="lines+markers", hoverinfo="skip", showlegend=False,
@@ -552,26 +575,18 @@ def world_map(answer: Answer, cell_tokens: list[str] | None = None) -> PlotData:
         x=spot_x[:1], y=spot_y[:1], mode="markers+text", name="Best guess", text=["1"],
         textposition="middle center", textfont=dict(color="white", size=14), customdata=hover[:1],
         hovertemplate=template, marker=dict(size=30, color=BEST_COLOUR, line=dict(color="white", width=2))))
-    if truth:
-        figure.add_trace(go.Scatter(
-            x=[truth_x], y=[truth.latitude], mode="markers",
-            name="True location", hovertemplate=f"True location: {html.escape(truth.label)}<extra></extra>",
-            marker=dict(symbol="star", size=22, color=TRUTH_COLOUR, line=dict(color="white", width=1.5))))
-    layout["annotations"] = [
-        dict(dict(x=spot[0], y=spot[1], xref="x", yref="y", showarrow=False), text=html.escape(pin_label(row)),
-             font=dict(size=LABEL_FONT + (1 if row["rank"] == 1 else 0), color="#1a1a1a"),
-             bgcolor="rgba(255,255,255,0.85)", borderpad=2, name=f"pin-label-{row['rank']}", **label)
-        for spot, row, label in zip(spots, rows, labels) if label is not None
-    ]
+
+
+def _view_buttons(x_range, y_range, centre: float) -> dict:
+    """The "Answer" / "World" view buttons; labels of three lines (blank, name, blank) make them 44 px or taller,
+    for fingers."""
     world_x = [centre - 180, centre + 180]
-    layout["updatemenus"] = [dict(  # labels of three lines (blank, name, blank): buttons 44 px or taller, for fingers
+    return dict(
         type="buttons", direction="right", x=0.0, y=1.0, xanchor="left", yanchor="top", showactive=False,
         bgcolor="white", bordercolor="#999", font=dict(size=12), pad=dict(l=4, r=4, t=4, b=4),
         buttons=[dict(label="<br>Answer<br> ", method="relayout", args=[{"xaxis.range": x_range, "yaxis.range": y_range}]),
                  dict(label="<br>World<br> ", method="relayout", args=[{"xaxis.range": world_x, "yaxis.range": [-58, 84]}])],
-    )]
-    figure.update_layout(**layout)
-    return _plot(figure)
+    )
 
 
 def _legend_entry(name: str, symbol: str, colour: str) -> go.Scatter:
