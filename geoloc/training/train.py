@@ -605,12 +605,29 @@ def log_step(accelerator, progress, log_path: str, step: int, epoch: int, lr: fl
             handle.write(json.dumps(record) + "\n")
 
 
+# Tensors given to the last collectives of a run stay referenced from Python until the process ends. Gloo's worker
+# threads keep the last work they ran (with its tensors) until the process group is destroyed; a Python-owned tensor
+# freed there needs the GIL, which the main thread holds while it destroys the group (when the DDP model is freed):
+# rank 0 then hung at exit after saving, now and then, on 2 CPU processes.
+_LAST_COLLECTIVE_TENSORS: list[torch.Tensor] = []
+
+
+def gather_per_process(accelerator, *values: int) -> list[list[int]]:
+    """Each integer of `values` from every process: one list per value, in process order."""
+    local = torch.tensor(values, device=accelerator.device)
+    if accelerator.num_processes == 1:
+        return [[value] for value in values]
+    gathered = [torch.empty_like(local) for _ in range(accelerator.num_processes)]
+    torch.distributed.all_gather(gathered, local)
+    _LAST_COLLECTIVE_TENSORS.extend([local, *gathered])
+    return torch.stack(gathered).T.tolist()
+
+
 def save_trained(args, accelerator, task, model, latitudes, longitudes, step: int, samples_seen: int,
                  unreadable: int, started: float) -> None:
     """Save the model (+ gallery or cell table), its processors and `train_summary.json` (main process), and
     push them with `--push-to-hub`."""
-    counts = accelerator.gather(torch.tensor([samples_seen], device=accelerator.device)).tolist()
-    skipped = accelerator.gather(torch.tensor([unreadable], device=accelerator.device)).tolist()
+    counts, skipped = gather_per_process(accelerator, samples_seen, unreadable)
     accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(model)
     if not accelerator.is_main_process:
