@@ -614,9 +614,9 @@ _LAST_COLLECTIVE_TENSORS: list[torch.Tensor] = []
 
 def gather_per_process(accelerator, *values: int) -> list[list[int]]:
     """Each integer of `values` from every process: one list per value, in process order."""
-    local = torch.tensor(values, device=accelerator.device)
     if accelerator.num_processes == 1:
         return [[value] for value in values]
+    local = torch.tensor(values, device=accelerator.device)
     gathered = [torch.empty_like(local) for _ in range(accelerator.num_processes)]
     torch.distributed.all_gather(gathered, local)
     _LAST_COLLECTIVE_TENSORS.extend([local, *gathered])
