@@ -46,6 +46,8 @@ from modeling_geoclip import GeoCLIPConfig, GeoCLIPImageProcessor, GeoCLIPModel
 from modeling_geoclip.gallery_geoclip import (
     FaissGallery,
     Int8Scan,
+    PQ4_SCAN_CANDIDATES,
+    PQ4Scan,
     exact_search,
     import_faiss,
     merge_top_k,
@@ -226,42 +228,54 @@ def exact_rows(embeddings: torch.Tensor, scale: torch.Tensor, queries: torch.Ten
 
 
 def exact_100k_rows(model, gallery: np.ndarray, queries: dict) -> list[str]:
-    """The official 100K gallery, exact search: float32 scan vs the int8 first pass + exact re-scoring of 64
-    candidates (the default from 65,536 points), batch 1, timed alternately; how often the top-5 are the float32
-    search's, for image and text queries far from the gallery."""
+    """The official 100K gallery, exact search: float32 scan vs the first passes with exact re-scoring (int8, 64
+    candidates: the default from 65,536 points; 4-bit PQ codes, `scan='pq4'`, 256 candidates), batch 1, timed
+    alternately; how often the top-5 are the float32 search's, for image and text queries far from the gallery."""
     start = time.perf_counter()
     embeddings = torch.cat([F.normalize(model.get_location_features(batch), dim=-1)
                             for batch in torch.from_numpy(gallery).split(16384)])
     print(f"encoded the official {len(embeddings):,}-point gallery in {time.perf_counter() - start:.0f} s", flush=True)
     scale = model.logit_scale.exp()
-    start = time.perf_counter()
-    scan = Int8Scan.build(embeddings)
-    build_ms = (time.perf_counter() - start) * 1000
-    agreement = []
+    scans, build_ms = {}, {}
+    for name, build in (("int8", Int8Scan.build), ("pq4", PQ4Scan.build)):
+        start = time.perf_counter()
+        scans[name] = build(embeddings)
+        build_ms[name] = (time.perf_counter() - start) * 1000
+    candidates = {"int8": 64, "pq4": PQ4_SCAN_CANDIDATES}
+    agreement = {name: [] for name in scans}
     for name in ("image", "text"):
         batch = queries[name]
         logits, rows, log_normaliser = exact_search(batch, embeddings, scale, 5)
-        found = exact_search(batch, embeddings, scale, 5, scan=scan)
-        same_rows = (found[1] == rows).all(1).float().mean().item()
-        same_logits = ((found[0] - logits).abs() <= 1e-5 * logits.abs().clamp(min=1)).all(1).float().mean().item()
-        agreement.append(f"{name} ({len(batch)}): top-5 rows identical {same_rows:.3f}, top-5 logits identical "
-                         f"(ties: the official gallery repeats coordinates) **{same_logits:.3f}**, log-normaliser "
-                         f"within {(found[2] - log_normaliser).abs().max().item():.4f}")
+        for kind, scan in scans.items():
+            found = exact_search(batch, embeddings, scale, 5, scan=scan, scan_candidates=candidates[kind])
+            same_rows = (found[1] == rows).all(1).float().mean().item()
+            same_logits = ((found[0] - logits).abs() <= 1e-5 * logits.abs().clamp(min=1)).all(1).float().mean().item()
+            agreement[kind].append(
+                f"{name} ({len(batch)}): top-5 rows identical {same_rows:.3f}, top-5 logits identical (ties: the "
+                f"official gallery repeats coordinates) **{same_logits:.3f}**, log-normaliser within "
+                f"{(found[2] - log_normaliser).abs().max().item():.4f}")
     probe = queries["image"][:1]
     wall, cpu = interleaved_wall_and_cpu({
         "float32": lambda: exact_search(probe, embeddings, scale, 5),
-        "int8": lambda: exact_search(probe, embeddings, scale, 5, scan=scan),
+        **{kind: lambda scan=scan, kind=kind: exact_search(probe, embeddings, scale, 5, scan=scan,
+                                                           scan_candidates=candidates[kind])
+           for kind, scan in scans.items()},
     }, repeats=15)
-    return [
+    rows = [
         f"| exact search, official 100K gallery, float32 scan, batch 1 | {wall['float32'] * 1000:.1f} ms wall, "
         f"{cpu['float32'] * 1000:.1f} ms CPU | reference | {len(embeddings) * embeddings.shape[1] * 4 / 1e6:.0f} MB "
-        f"scanned; {load_note()} |",
-        f"| same, int8 first pass + exact re-scoring of 64 candidates (default, `scan='auto'`), batch 1 | "
-        f"**{wall['int8'] * 1000:.1f} ms wall, {cpu['int8'] * 1000:.1f} ms CPU** "
-        f"({wall['float32'] / wall['int8']:.1f}x / {cpu['float32'] / cpu['int8']:.1f}x) | <= 4 ms; top-5 identical on "
-        f">= 99.5 % of far queries | {'; '.join(agreement)}; int8 copy built in {build_ms:.0f} ms "
-        f"({len(embeddings) * embeddings.shape[1] / 1e6:.0f} MB); {load_note()} |",
-    ]
+        f"scanned; {load_note()} |"]
+    labels = {"int8": "int8 first pass + exact re-scoring of 64 candidates (default, `scan='auto'`)",
+              "pq4": f"4-bit PQ first pass + exact re-scoring of {PQ4_SCAN_CANDIDATES} candidates (`scan='pq4'`)"}
+    pq4_index = scans["pq4"].index
+    sizes = {"int8": len(embeddings) * embeddings.shape[1], "pq4": pq4_index.ntotal * pq4_index.code_size}
+    for kind in scans:
+        rows.append(
+            f"| same, {labels[kind]}, batch 1 | **{wall[kind] * 1000:.1f} ms wall, {cpu[kind] * 1000:.1f} ms CPU** "
+            f"({wall['float32'] / wall[kind]:.1f}x / {cpu['float32'] / cpu[kind]:.1f}x) | <= 4 ms; top-5 identical on "
+            f">= 99.5 % of far queries | {'; '.join(agreement[kind])}; first pass built in {build_ms[kind]:.0f} ms "
+            f"({sizes[kind] / 1e6:.1f} MB of codes); {load_note()} |")
+    return rows
 
 
 def batch1_search(gallery: FaissGallery, embed, scale, queries: dict, truth: dict) -> tuple[dict, float, float]:
@@ -295,21 +309,21 @@ def faiss_rows(embeddings: torch.Tensor, scale: torch.Tensor, queries: dict, cal
         return (f"recall@5 image **{recalls['image']:.3f}**, text **{recalls['text']:.3f}**, near "
                 f"{recalls['near']:.3f}; **{cpu_seconds * 1000:.1f} ms CPU** ({seconds * 1000:.1f} ms wall) per query")
 
-    old_lists = 2 ** max(6, round(math.log2(math.sqrt(size) / 2)))  # the default before build-time calibration
-    previous = FaissGallery.build(embed, size, dim, resolve_gallery_options(
-        "faiss", size, {"index": f"IVF{old_lists},Flat", "nprobe": max(16, old_lists // 32)}))
-    rows = [f"| {size / 1e6:g}M-point gallery, previous FAISS default (`IVF{old_lists},Flat`, nprobe "
-            f"{previous.options['nprobe']}, 64 candidates), batch 1 | {figures(previous)} | reference | "
-            f"{kinds} queries; {load_note()} |"]
+    lists = 2 ** round(math.log2(4 * math.sqrt(size)))
+    previous = FaissGallery.build(embed, size, dim, resolve_gallery_options(  # the default until 2026-12-03
+        "faiss", size, {"index": f"IVF{lists},SQ8,RFlat", "k_factor_rf": 4}, dim))
+    rows = [f"| {size / 1e6:g}M-point gallery, previous FAISS default (`IVF{lists},SQ8,RFlat`, nprobe "
+            f"{previous.options['nprobe']} calibrated on the proxy, 256 rows re-ranked), batch 1 | {figures(previous)} "
+            f"| reference | {kinds} queries; {load_note()} |"]
     del previous
-    options = resolve_gallery_options("faiss", size, {})
+    options = resolve_gallery_options("faiss", size, {}, dim)
     start = time.perf_counter()
     gallery = FaissGallery.build(embed, size, dim, options)
     build_s = time.perf_counter() - start
     estimate = options["recall_estimate"]
     rows.append(f"| same, default options (`{options['index']}`, nprobe {options['nprobe']} calibrated on the "
                 f"proxy), batch 1 | {figures(gallery)}; stored estimate {estimate['recall_at_5']:.3f} "
-                f"({estimate['query_source']}) | >= 0.99, <= 50 ms | index {index_megabytes(gallery):.0f} MB, "
+                f"({estimate['query_source']}) | >= 0.99, <= 40 ms | index {index_megabytes(gallery):.0f} MB, "
                 f"built and calibrated in {build_s:.0f} s from encoded points; {load_note()} |")
     gallery.options = {**options, "nprobe": None, "target_recall": 0.99}  # real queries: no margin for a proxy
     calibration_truth = exact_search(calibration, embeddings, scale, 5)[1]
@@ -317,7 +331,7 @@ def faiss_rows(embeddings: torch.Tensor, scale: torch.Tensor, queries: dict, cal
     estimate = gallery.options["recall_estimate"]
     rows.append(f"| same index, nprobe {gallery.options['nprobe']} calibrated on {len(calibration)} image queries "
                 f"of 15 other towers (`calibration_queries`, target_recall 0.99), batch 1 | {figures(gallery)}; "
-                f"stored estimate {estimate['recall_at_5']:.3f} | >= 0.99, <= 50 ms | {load_note()} |")
+                f"stored estimate {estimate['recall_at_5']:.3f} | >= 0.99, <= 40 ms | {load_note()} |")
     return rows
 
 
@@ -331,7 +345,7 @@ def synthetic_gallery_row(model, embeddings: torch.Tensor, size: int, queries: d
         own = embeddings[rows % base]
         return F.normalize(own + 0.1 * (embeddings[partner] - own), dim=-1)
 
-    options = resolve_gallery_options("faiss", size, {})
+    options = resolve_gallery_options("faiss", size, {}, embeddings.shape[1])
     start = time.perf_counter()
     index = FaissGallery.build(synthetic, size, embeddings.shape[1], options, batch_size=65536)
     build_s = time.perf_counter() - start
@@ -383,7 +397,7 @@ def main(argv=None) -> None:
     parser.add_argument("--skip-compile", action="store_true")
     parser.add_argument("--skip-towers", action="store_true", help="skip the ViT-L/14 tower and per-image rows")
     parser.add_argument("--exact-100k-only", action="store_true",
-                        help="only the exact-search rows over the official 100K gallery (float32 vs int8 first pass)")
+                        help="only the exact-search rows over the official 100K gallery (float32 vs the first passes)")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     set_threads()
@@ -421,7 +435,7 @@ def main(argv=None) -> None:
         torch.randint(0, len(embeddings), (args.queries,), generator=torch.Generator().manual_seed(3)), seed=4)
     scale = model.logit_scale.exp()
     rows += exact_100k_rows(model, np.asarray(metadata["gallery"], dtype=np.float64), queries)
-    print("\n".join(rows[-2:]), flush=True)
+    print("\n".join(rows[-3:]), flush=True)
     rows += exact_rows(embeddings, scale, queries["image"][:50])
     print("\n".join(rows[-3:]), flush=True)
     rows += faiss_rows(embeddings, scale, queries, model_queries(weights, range(100, 115))["image"])

@@ -11,14 +11,18 @@ Backends (`GeoCLIPModel.set_gallery(locations, backend=..., **options)`):
 * `exact`: a chunked matmul + running top-k + streaming logsumexp; never holds (B, N) logits. Embeddings can be
   stored in float16/bfloat16 (`embedding_dtype`) to halve memory and bandwidth; scores are accumulated in
   float32. By default (`scan="auto"`: on CPU, for galleries of at least `SCAN_MIN_SIZE` = 65,536 points;
-  `scan="int8"` for any gallery larger than `scan_candidates`) the search is two-pass: an int8 copy of the embeddings (one scale per row, built when first searched, never saved; a
-  quarter of float32's bytes) is scanned with PyTorch's weight-only int8 kernel (`Int8Scan`), and
-  the `scan_candidates` best rows per query (default 64) are re-scored exactly on the stored embeddings. The
-  returned hits and their logits are those of the exact search unless a true top-k row falls outside the
-  int8 pass's candidates (int8 scores are within ~0.003 of the float32 inner products of unit vectors;
-  `benchmarks/bench_scale.py` measures how often the top-5 differ). The normaliser is the candidates' exact
-  mass plus the rest's from the int8 scores (log-normaliser within ~0.005 of the exact one on the official
-  100K gallery, so probabilities within ~0.5 % relative; tested on small galleries).
+  `scan="int8"` for any gallery larger than `scan_candidates`) the search is two-pass: an int8 copy of the
+  embeddings (one scale per row, built when first searched, never saved; a quarter of float32's bytes) is
+  scanned with PyTorch's weight-only int8 kernel (`Int8Scan`), and the `scan_candidates` best rows per query
+  (default 64) are re-scored exactly on the stored embeddings. The returned hits and their logits are those of
+  the exact search unless a true top-k row falls outside the first pass's candidates (int8 scores are within
+  ~0.003 of the float32 inner products of unit vectors; `benchmarks/bench_scale.py` measures how often the
+  top-5 differ). The normaliser is the candidates' exact mass plus the rest's from the int8 scores
+  (log-normaliser within ~0.005 of the exact one on the official 100K gallery, so probabilities within ~0.5 %
+  relative; tested on small galleries).
+  `scan="pq4"` (needs `faiss`): the first pass scans 4-bit fast-scan PQ codes (`PQ4Scan`, a sixteenth of
+  float32's bytes, trained when first searched, never saved) and re-scores 256 candidates by default; the
+  rest's mass is estimated from an exactly scored uniform sample of rows, as for `faiss` below.
   `scan="none"`: one float32 pass, the exact softmax over the gallery (of the stored, possibly rounded,
   embeddings).
 * `faiss` (optional dependency, `pip install faiss-cpu`): an inner-product FAISS index (flat, IVF with 8-bit
@@ -64,10 +68,11 @@ from .integrity import tensor_sha256
 logger = logging.get_logger(__name__)
 
 GALLERY_BACKENDS = ("exact", "faiss")
-SCAN_KINDS = ("auto", "int8", "none")  # the exact backend's first pass
+SCAN_KINDS = ("auto", "int8", "pq4", "none")  # the exact backend's first pass
 SCAN_MIN_SIZE = 65536  # "auto": the int8 pass from this many gallery rows on (below, float32 takes < 1 ms)
 # One int8 part per 131,072 rows: the official 100K gallery is scanned in one part, with one top-k per query.
 SCAN_PART_ROWS = 131072
+PQ4_SCAN_CANDIDATES = 256  # rows re-scored after the 4-bit pass by default (see `PQ4Scan`)
 SCAN_SCORE_BUDGET = 1 << 22  # float32 scores held at once by the two-pass search (16 MB): queries go in groups
 EMBEDDING_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 RECALL_AT = 5  # the FAISS calibration measures recall@5 against exact search
@@ -87,41 +92,47 @@ def _check_options(backend: str, options: dict, allowed: dict) -> dict:
     return {**allowed, **options}
 
 
-def default_faiss_index(size: int) -> str:
-    """The FAISS factory string used for a gallery of `size` points when `index` is not given.
+def default_faiss_index(size: int, dim: int) -> str:
+    """The FAISS factory string used for a gallery of `size` points of width `dim` when `index` is not given.
 
-    Up to 131,072 points: `Flat` (exact, brute force). Up to 2**20: `IVF{nlist},SQ8,RFlat`: ~4 sqrt(N) inverted
-    lists (4096 at 1M) of 8-bit codes (512 bytes per point at D=512) scanned, and the best
-    `k_factor_rf * n_candidates` re-ranked on the float32 vectors (`RFlat`, 2 KB per point). Finer lists than the
-    usual sqrt(N) because image and text queries, far from the gallery, need a large share of the lists visited,
-    and finer lists predict better where the hits lie (recall@5 of such queries with 12.5% of the lists visited:
-    0.90 with 1024 lists, 0.95 with 4096, on a 1M-point gallery); 8-bit codes scan 4x less memory than floats
-    for the same recall. Above 2**20: `IVF{nlist}_HNSW32,PQ64np` (~sqrt(N)/2 lists, 64 bytes per point: 0.76 GB
-    with coordinates and sample at 10M; an HNSW coarse quantizer so that adding millions of points stays fast;
-    `np`: no polysemous training, which is slow and unused here), whose candidates are re-scored exactly.
+    Up to 131,072 points: `Flat` (exact, brute force). Up to 2**20: `IVF{nlist},PQ{dim/2}x4fs,RFlat`: ~4 sqrt(N)
+    inverted lists (4096 at 1M) of 4-bit fast-scan PQ codes (one per pair of dimensions: 128 bytes per point at
+    D=512, scanned with SIMD lookup tables), and the best `k_factor_rf * n_candidates` re-ranked on the float32
+    vectors (`RFlat`, 2 KB per point). Finer lists than the usual sqrt(N) because image and text queries, far
+    from the gallery, need a large share of the lists visited, and finer lists predict better where the hits lie
+    (recall@5 of such queries with 12.5% of the lists visited: 0.90 with 1024 lists, 0.95 with 4096, on a
+    1M-point gallery). On that gallery the 4-bit codes reached the 8-bit codes' recall (0.995 for image and text
+    queries, half of the lists visited) in a third of their time (21 against 62 ms per query;
+    `benchmarks/bench_scale.py`). Widths that are odd fall back to `SQ8` codes (512 bytes per point at D=512).
+    Above 2**20: `IVF{nlist}_HNSW32,PQ64np` (~sqrt(N)/2 lists, 64 bytes per point: 0.76 GB with coordinates and
+    sample at 10M; an HNSW coarse quantizer so that adding millions of points stays fast; `np`: no polysemous
+    training, which is slow and unused here), whose candidates are re-scored exactly.
     """
     if size <= 2**17:
         return "Flat"
     if size <= 2**20:
-        return f"IVF{2 ** round(math.log2(4 * math.sqrt(size)))},SQ8,RFlat"
+        codes = f"PQ{dim // 2}x4fs" if dim % 2 == 0 else "SQ8"
+        return f"IVF{2 ** round(math.log2(4 * math.sqrt(size)))},{codes},RFlat"
     return f"IVF{2 ** max(6, round(math.log2(math.sqrt(size) / 2)))}_HNSW32,PQ64np"
 
 
-def resolve_gallery_options(backend: str, size: int, options: dict) -> dict:
-    """Validate the options of a gallery backend and fill in the defaults for a gallery of `size` points.
+def resolve_gallery_options(backend: str, size: int, options: dict, dim: int) -> dict:
+    """Validate the options of a gallery backend and fill in the defaults for a gallery of `size` points of width
+    `dim`.
 
     `exact` options: `embedding_dtype` ("float32" | "float16" | "bfloat16", default "float32"), `chunk_size`
-    (gallery rows scored at a time, default 32768), `scan` ("auto" | "int8" | "none", default "auto": a first
-    pass over an int8 copy for galleries of at least 65,536 points, see the module docstring), `scan_candidates` (rows per query re-scored exactly after the int8
-    pass, default 64).
-    `faiss` options: `index` (a FAISS factory string, default `default_faiss_index(size)`), `nprobe` (IVF lists
+    (gallery rows scored at a time, default 32768), `scan` ("auto" | "int8" | "pq4" | "none", default "auto": a
+    first pass over an int8 copy for galleries of at least 65,536 points, see the module docstring),
+    `scan_candidates` (rows per query re-scored exactly after the first pass, default 64; 256 for "pq4").
+    `faiss` options: `index` (a FAISS factory string, default `default_faiss_index(size, dim)`), `nprobe` (IVF lists
     visited per query; default None: calibrated at build time, see the module docstring), `target_recall`
     (recall@5 the calibration aims at, default 0.995: the random-vector proxy's recall ran up to 0.01 above that
     of image and text queries at the same `nprobe`, and the goal is 0.99 for those; with real
     `calibration_queries`, 0.99 is enough), `calibration_size` (proxy calibration queries, half to tune
     and half held out to estimate recall, default 512), `ef_search` (HNSW, default 128), `n_candidates` (hits
     retrieved and scored exactly per query, default 64), `k_factor_rf` (with a refinement stage such as `RFlat`:
-    code hits re-ranked per candidate, default 4), `rescore` (re-encode candidates for exact scores; default
+    code hits re-ranked per candidate, default 32: 4-bit codes rank coarsely, and re-ranking 2,048 float32
+    rows costs ~1 ms), `rescore` (re-encode candidates for exact scores; default
     True when the index does not end with float32 vectors, `Flat` or `RFlat`), `train_size` (points used to
     train the index, default max(40 * nlist, 10,000)), `normaliser_sample_size` (default 4096), `seed` (default
     0), `search_threads` (FAISS OpenMP threads while searching, default 1: a small-batch search gains little from
@@ -142,9 +153,13 @@ def resolve_gallery_options(backend: str, size: int, options: dict) -> dict:
             )
         if resolved["scan"] not in SCAN_KINDS:
             raise ValueError(f"scan must be one of {list(SCAN_KINDS)}, got {resolved['scan']!r}.")
+        if resolved["scan"] == "pq4":
+            import_faiss()  # fail when the gallery is built, not at its first search
+            if "scan_candidates" not in options:
+                resolved["scan_candidates"] = PQ4_SCAN_CANDIDATES
         _check_positive(resolved, ("chunk_size", "scan_candidates"))
         return resolved
-    index = options.get("index", default_faiss_index(size))
+    index = options.get("index", default_faiss_index(size, dim))
     if not isinstance(index, str) or not index:
         raise ValueError(f"index must be a FAISS factory string such as 'IVF1024,Flat', got {index!r}.")
     nlist = _ivf_lists(index)
@@ -155,7 +170,7 @@ def resolve_gallery_options(backend: str, size: int, options: dict) -> dict:
         "calibration_size": 512,
         "ef_search": 128,
         "n_candidates": 64,
-        "k_factor_rf": 4,
+        "k_factor_rf": 32,
         "rescore": not index.endswith("Flat"),  # Flat, RFlat: ranked on the float32 vectors
         "train_size": max(40 * nlist, 10_000),
         "normaliser_sample_size": 4096,
@@ -225,7 +240,8 @@ class Int8Scan:
 
     def __init__(self, parts: list, size: int):
         self.parts, self.size = parts, size
-        self.part_rows = max((len(codes) for _, codes, _ in parts), default=1)
+        # Queries scored together: one part's scores for them fit in `SCAN_SCORE_BUDGET` floats.
+        self.query_group = max(1, SCAN_SCORE_BUDGET // max((len(codes) for _, codes, _ in parts), default=1))
 
     @classmethod
     def build(cls, embeddings: torch.Tensor, part_rows: int = SCAN_PART_ROWS) -> "Int8Scan | None":
@@ -249,15 +265,76 @@ class Int8Scan:
         _, codes, scales = part
         return torch._weight_int8pack_mm(query.to(torch.bfloat16), codes, scales).float()
 
-    def chunks(self, query: torch.Tensor):
-        """`(start, scores)` per part: `(B, rows)` approximate float32 inner products of `(B, D)` queries."""
+    def first_pass(
+        self, query: torch.Tensor, scale: torch.Tensor, candidates: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(rows, others_log_mass)`: the `(B, C)` best rows of `(B, D)` queries by int8 score, and `(B,)` the log
+        of the other rows' int8-scored `exp(logit)` mass (all rows' less the candidates'; -inf when the
+        candidates are every row)."""
+        batch = len(query)
+        best = (query.new_empty(batch, 0), torch.empty(batch, 0, dtype=torch.long))
+        approximate_mass = query.new_full((batch,), -math.inf)
         for part in self.parts:
-            yield part[0], self._scores(part, query)
+            logits = scale * self._scores(part, query)
+            approximate_mass = torch.logaddexp(approximate_mass, torch.logsumexp(logits, dim=1))
+            chunk_logits, chunk_indices = logits.topk(min(candidates, logits.shape[1]), dim=1)
+            best = merge_top_k(best, (chunk_logits, chunk_indices + part[0]), candidates)
+        approximate_logits, rows = best
+        if rows.shape[1] == self.size:
+            return rows, torch.full_like(approximate_mass, -math.inf)
+        share = torch.exp(torch.logsumexp(approximate_logits, dim=1) - approximate_mass).clamp(max=1.0)
+        return rows, approximate_mass + torch.log1p(-share)
+
+
+class PQ4Scan:
+    """4-bit fast-scan product-quantisation codes of gallery embeddings for a fast first pass (FAISS
+    `PQ{D/2}x4fs`: 128 bytes per row at D=512, a sixteenth of float32's, scanned with SIMD lookup tables held in
+    registers; ~5x faster than the int8 pass on the official 100K gallery in `benchmarks/bench_scale.py`). FAISS
+    returns the `candidates` best rows per query by code score; they are re-scored exactly by the caller. The
+    codes rank far less finely than int8, which is why more candidates are re-scored (`scan_candidates` default
+    256 for `pq4`). The others' mass cannot come from the codes (FAISS returns only the best rows' scores), so it
+    is estimated as the `faiss` backend does: a fixed uniform sample of rows is scored exactly, those among the
+    candidates dropped, and the rest's `exp(logit)` sum scaled to the rows not retrieved.
+
+    Build with `PQ4Scan.build(embeddings)` (needs `faiss`; trains the codebooks on up to 65,536 rows drawn with
+    `seed`, ~1-3 s for 100K rows on 2 cores).
+    """
+
+    def __init__(self, index, sample_indices: torch.Tensor, sample_embeddings: torch.Tensor):
+        self.index, self.sample_indices, self.sample_embeddings = index, sample_indices, sample_embeddings
+        self.size = index.ntotal
+        self.query_group = 64  # the sample's scores and candidate masks stay small (64 x 4096 x candidates bools)
+
+    @classmethod
+    def build(cls, embeddings: torch.Tensor, seed: int = 0, train_rows: int = 65536,
+              sample_size: int = 4096) -> "PQ4Scan":
+        faiss = import_faiss()
+        rows, dim = embeddings.shape
+        if dim % 2:
+            raise ValueError(f"scan='pq4' needs an even embedding width (two dimensions per 4-bit code), got {dim}.")
+        generator = torch.Generator().manual_seed(seed)
+        index = faiss.index_factory(dim, f"PQ{dim // 2}x4fs", faiss.METRIC_INNER_PRODUCT)
+        train = torch.randperm(rows, generator=generator)[:train_rows].sort().values
+        index.train(_as_faiss(embeddings[train]))
+        for start in range(0, rows, 65536):
+            index.add(_as_faiss(embeddings[start : start + 65536]))
+        sample = torch.randperm(rows, generator=generator)[:sample_size].sort().values
+        return cls(index, sample, embeddings[sample].float().cpu())
+
+    def first_pass(
+        self, query: torch.Tensor, scale: torch.Tensor, candidates: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `Int8Scan.first_pass`, with the others' mass estimated from the exactly scored sample."""
+        _, rows = faiss_search(self.index, query, min(candidates, self.size), threads=1)
+        rows = torch.from_numpy(rows)
+        found = torch.ones_like(rows, dtype=torch.bool)
+        return rows, sample_rest_mass(query, scale, rows, found, self.sample_indices, self.sample_embeddings,
+                                      self.size)
 
 
 def exact_search(
     query: torch.Tensor, embeddings: torch.Tensor, scale: torch.Tensor, top_k: int, chunk_size: int = 32768,
-    scan: Int8Scan | None = None, scan_candidates: int = 64,
+    scan: "Int8Scan | PQ4Scan | None" = None, scan_candidates: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact top-k over a stored gallery in chunks, never holding all (B, N) logits at once.
 
@@ -297,34 +374,22 @@ def exact_search(
 
 
 def _two_pass_search(
-    query: torch.Tensor, embeddings: torch.Tensor, scale: torch.Tensor, top_k: int, scan: Int8Scan, candidates: int
+    query: torch.Tensor, embeddings: torch.Tensor, scale: torch.Tensor, top_k: int, scan: "Int8Scan | PQ4Scan",
+    candidates: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`exact_search` through the int8 `scan`: the best `candidates` rows per query by int8 score, re-scored on
-    `embeddings`; the normaliser adds the other rows' int8-scored mass to the candidates' exact mass. Queries go
-    in groups whose scores for one part fit in `SCAN_SCORE_BUDGET` floats."""
-    group = max(1, SCAN_SCORE_BUDGET // scan.part_rows)
-    found = [_two_pass_group(part, embeddings, scale, top_k, scan, candidates) for part in query.split(group)]
+    """`exact_search` through a first-pass `scan`: its best `candidates` rows per query re-scored on `embeddings`;
+    the normaliser adds the scan's estimate of the other rows' mass to the candidates' exact mass. Queries go in
+    groups of `scan.query_group` (bounded score buffers, whatever the batch)."""
+    found = [_two_pass_group(part, embeddings, scale, top_k, scan, candidates)
+             for part in query.split(scan.query_group)]
     return tuple(torch.cat(pieces) for pieces in zip(*found))
 
 
 def _two_pass_group(
-    query: torch.Tensor, embeddings: torch.Tensor, scale: torch.Tensor, top_k: int, scan: Int8Scan, candidates: int
+    query: torch.Tensor, embeddings: torch.Tensor, scale: torch.Tensor, top_k: int, scan, candidates: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    batch = len(query)
-    best = (query.new_empty(batch, 0), torch.empty(batch, 0, dtype=torch.long))
-    approximate_mass = query.new_full((batch,), -math.inf)
-    for start, scores in scan.chunks(query):
-        logits = scale * scores
-        approximate_mass = torch.logaddexp(approximate_mass, torch.logsumexp(logits, dim=1))
-        chunk_logits, chunk_indices = logits.topk(min(candidates, logits.shape[1]), dim=1)
-        best = merge_top_k(best, (chunk_logits, chunk_indices + start), candidates)
-    approximate_logits, rows = best
+    rows, others = scan.first_pass(query, scale, candidates)
     exact_logits = scale * torch.einsum("bd,bcd->bc", query, embeddings[rows].float())
-    # The others' mass: all rows' int8 mass less the candidates' int8 mass (-inf where they hold all of it).
-    share = torch.exp(torch.logsumexp(approximate_logits, dim=1) - approximate_mass).clamp(max=1.0)
-    others = approximate_mass + torch.log1p(-share)
-    if rows.shape[1] == scan.size:
-        others = torch.full_like(others, -math.inf)
     log_normaliser = torch.logaddexp(torch.logsumexp(exact_logits, dim=1), others)
     logits, order = exact_logits.topk(top_k, dim=1)
     return logits, rows.gather(1, order), log_normaliser
@@ -488,16 +553,9 @@ class FaissGallery:
         scale = scale.float().cpu()
         size = self.index.ntotal
         logits, indices = self._candidates(query, scale, top_k, embed)
-        found = indices >= 0
-        candidate_mass = torch.logsumexp(logits, dim=1)
-        sample_logits = scale * query @ self.sample_embeddings.T
-        in_candidates = (self.sample_indices[None, :, None] == indices[:, None, :]).any(-1)
-        sample_logits = sample_logits.masked_fill(in_candidates, -math.inf)
-        others = (~in_candidates).sum(1)
-        rest = size - found.sum(1)
-        rest_mass = torch.logsumexp(sample_logits, dim=1) + torch.log(rest / others.clamp(min=1))
-        rest_mass = rest_mass.masked_fill((rest == 0) | (others == 0), -math.inf)
-        log_normaliser = torch.logaddexp(candidate_mass, rest_mass)
+        rest_mass = sample_rest_mass(query, scale, indices, indices >= 0, self.sample_indices, self.sample_embeddings,
+                                     size)
+        log_normaliser = torch.logaddexp(torch.logsumexp(logits, dim=1), rest_mass)
         best_logits, order = logits.topk(top_k, dim=1)
         return best_logits, indices.gather(1, order), log_normaliser
 
@@ -514,14 +572,8 @@ class FaissGallery:
         if "HNSW" in self.options["index"]:
             parameters.set_index_parameter(self.index, "efSearch", self.options["ef_search"])
         if "RFlat" in self.options["index"] or "Refine(" in self.options["index"]:
-            parameters.set_index_parameter(self.index, "k_factor_rf", self.options.get("k_factor_rf", 4))
-        # FAISS and torch share one OpenMP runtime: restore its thread count, or torch keeps FAISS's afterwards.
-        threads = faiss.omp_get_max_threads()
-        faiss.omp_set_num_threads(self.options.get("search_threads", 1))
-        try:
-            similarities, indices = self.index.search(_as_faiss(query), n_candidates)
-        finally:
-            faiss.omp_set_num_threads(threads)
+            parameters.set_index_parameter(self.index, "k_factor_rf", self.options.get("k_factor_rf", 32))
+        similarities, indices = faiss_search(self.index, query, n_candidates, self.options.get("search_threads", 1))
         indices = torch.from_numpy(indices)
         found = indices >= 0
         if int(found.sum(1).min()) < top_k:
@@ -536,6 +588,46 @@ class FaissGallery:
         else:
             logits = scale * torch.from_numpy(similarities)
         return logits.masked_fill(~found, -math.inf), indices
+
+
+def faiss_search(index, query: torch.Tensor, count: int, threads: int) -> tuple[np.ndarray, np.ndarray]:
+    """`index.search` of `(B, D)` queries for `count` hits on `threads` OpenMP threads: `(B, count)` similarities
+    and rows (-1 where fewer were found)."""
+    faiss = import_faiss()
+    # FAISS and torch share one OpenMP runtime: restore its thread count, or torch keeps FAISS's afterwards.
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(threads)
+    try:
+        return index.search(_as_faiss(query), count)
+    finally:
+        faiss.omp_set_num_threads(previous)
+
+
+def sample_rest_mass(
+    query: torch.Tensor, scale: torch.Tensor, indices: torch.Tensor, found: torch.Tensor,
+    sample_indices: torch.Tensor, sample_embeddings: torch.Tensor, size: int,
+) -> torch.Tensor:
+    """Estimated log of the `exp(logit)` mass of the gallery rows not retrieved, from a uniform sample scored
+    exactly: the sample rows among the retrieved ones are dropped and the others' sum is scaled by (rows not
+    retrieved) / (sample rows kept); unbiased for that mass.
+
+    Args:
+        query (`(B, D)`), scale (`()`): the normalised queries and the logit scale.
+        indices (`(B, C)` int64), found (`(B, C)` bool): the retrieved rows and which of them are real hits.
+        sample_indices (`(S,)` int64), sample_embeddings (`(S, D)`): the sample. size (`int`): N.
+
+    Returns: `(B,)` float32, -inf where every row was retrieved or no sample row is left.
+    """
+    sample_logits = scale * query @ sample_embeddings.T
+    # Membership per query in one sorted lookup: query b's rows are offset by b * (size + 1) (-1, "not found",
+    # then lands between two queries' ranges and matches nothing).
+    offsets = torch.arange(len(indices))[:, None] * (size + 1)
+    in_candidates = torch.isin(sample_indices[None, :] + offsets, indices + offsets)
+    sample_logits = sample_logits.masked_fill(in_candidates, -math.inf)
+    kept = (~in_candidates).sum(1)
+    rest = size - found.sum(1)
+    rest_mass = torch.logsumexp(sample_logits, dim=1) + torch.log(rest / kept.clamp(min=1))
+    return rest_mass.masked_fill((rest == 0) | (kept == 0), -math.inf)
 
 
 def _nprobe_ladder(nlist: int) -> list[int]:
@@ -651,7 +743,7 @@ class GeoCLIPGallery(nn.Module):
         super().__init__()
         self.model_config = config
         self._faiss = None
-        self._int8_cache = None
+        self._scan_cache = None
         self.reset()
 
     def reset(self) -> None:
@@ -757,7 +849,7 @@ class GeoCLIPGallery(nn.Module):
             raise ValueError("The gallery must hold at least one location.")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-        options = resolve_gallery_options(backend, len(locations), index_options)
+        options = resolve_gallery_options(backend, len(locations), index_options, self.model_config.projection_dim)
         if calibration_queries is not None:
             calibration_queries = self._check_calibration_queries(calibration_queries, backend)
         coordinates = to_microdegrees(locations)
@@ -828,11 +920,8 @@ class GeoCLIPGallery(nn.Module):
         """
         options = self.model_config.gallery_options or {}
         if self.model_config.gallery_backend == "exact":
-            kind = options.get("scan", "auto")
-            wanted = kind == "int8" or (kind == "auto" and self.model_config.gallery_size >= SCAN_MIN_SIZE)
             return exact_search(query, self.embeddings, scale, top_k, options.get("chunk_size", 32768),
-                                scan=self._int8_scan() if wanted else None,
-                                scan_candidates=options.get("scan_candidates", 64))
+                                scan=self._first_pass_scan(), scan_candidates=options.get("scan_candidates", 64))
         if self._faiss is None:  # restored by from_pretrained: rebuild from the stored bytes
             self._faiss = self._deserialize_faiss()
         self._faiss.options = options
@@ -840,18 +929,25 @@ class GeoCLIPGallery(nn.Module):
         logits, indices, log_normaliser = self._faiss.search(query, scale, top_k, embed_rows)
         return logits.to(query.device), indices.to(query.device), log_normaliser.to(query.device)
 
-    def _int8_scan(self) -> "Int8Scan | None":
-        """The int8 copy of `embeddings` for the exact backend's first pass, built on first use and rebuilt
-        whenever the embeddings change (replaced, moved, or written in place as loading does); None for galleries
-        of at most `scan_candidates` points, off the CPU, or without a quantized engine."""
+    def _first_pass_scan(self) -> "Int8Scan | PQ4Scan | None":
+        """The exact backend's first-pass structure for its `scan` option, built from `embeddings` on first use
+        and rebuilt whenever they change (replaced, moved, or written in place as loading does): an int8 copy
+        (`"int8"`, and `"auto"` from `SCAN_MIN_SIZE` rows), 4-bit PQ codes (`"pq4"`), or None (`"none"`,
+        galleries of at most `scan_candidates` points, off the CPU, or no int8 kernel)."""
+        options = self.model_config.gallery_options or {}
+        kind = options.get("scan", "auto")
+        if kind == "auto":
+            kind = "int8" if self.model_config.gallery_size >= SCAN_MIN_SIZE else "none"
         embeddings = self.embeddings
-        key = (embeddings.data_ptr(), embeddings._version, tuple(embeddings.shape), embeddings.dtype,
+        key = (kind, embeddings.data_ptr(), embeddings._version, tuple(embeddings.shape), embeddings.dtype,
                embeddings.device)
-        if self._int8_cache is None or self._int8_cache[0] != key:
-            candidates = (self.model_config.gallery_options or {}).get("scan_candidates", 64)
-            scan = Int8Scan.build(embeddings) if len(embeddings) > candidates else None
-            self._int8_cache = (key, scan)
-        return self._int8_cache[1]
+        if self._scan_cache is None or self._scan_cache[0] != key:
+            scan = None
+            searchable = embeddings.device.type == "cpu" and len(embeddings) > options.get("scan_candidates", 64)
+            if kind != "none" and searchable:
+                scan = PQ4Scan.build(embeddings) if kind == "pq4" else Int8Scan.build(embeddings)
+            self._scan_cache = (key, scan)
+        return self._scan_cache[1]
 
 
 def register_state(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -866,6 +962,7 @@ __all__ = [
     "FaissGallery",
     "GeoCLIPGallery",
     "Int8Scan",
+    "PQ4Scan",
     "SCAN_KINDS",
     "SCAN_MIN_SIZE",
     "default_faiss_index",

@@ -156,17 +156,19 @@ def test_faiss_missing_is_a_clear_import_error(model, monkeypatch):
 ])
 def test_bad_gallery_options_are_value_errors(backend, options, message):
     with pytest.raises(ValueError, match=message):
-        resolve_gallery_options(backend, 1000, options)
+        resolve_gallery_options(backend, 1000, options, 512)
 
 
 def test_default_faiss_index_grows_with_the_gallery():
-    assert resolve_gallery_options("faiss", 50_000, {})["index"] == "Flat"
-    million = resolve_gallery_options("faiss", 1_000_000, {})
-    assert million["index"] == "IVF4096,SQ8,RFlat" and million["rescore"] is False
+    assert resolve_gallery_options("faiss", 50_000, {}, 512)["index"] == "Flat"
+    million = resolve_gallery_options("faiss", 1_000_000, {}, 512)
+    assert million["index"] == "IVF4096,PQ256x4fs,RFlat" and million["rescore"] is False  # ranked on float32 rows
     assert million["nprobe"] is None and million["target_recall"] == 0.995  # calibrated at build time
-    ten_million = resolve_gallery_options("faiss", 10_000_000, {})
+    assert million["k_factor_rf"] == 32
+    assert resolve_gallery_options("faiss", 1_000_000, {}, 33)["index"] == "IVF4096,SQ8,RFlat"  # no pairs of dims
+    ten_million = resolve_gallery_options("faiss", 10_000_000, {}, 512)
     assert ten_million["index"] == "IVF2048_HNSW32,PQ64np" and ten_million["rescore"] is True
-    assert resolve_gallery_options("faiss", 1_000_000, {"index": "IVF64,SQ8"})["rescore"] is True
+    assert resolve_gallery_options("faiss", 1_000_000, {"index": "IVF64,SQ8"}, 512)["rescore"] is True
 
 
 @pytest.fixture(scope="module")

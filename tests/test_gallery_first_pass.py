@@ -1,0 +1,166 @@
+"""The exact backend's first passes (`scan`: int8 rows, 4-bit PQ codes): on small galleries and queries far from
+every gallery point (the hard case: many rows score alike), their top-k rows and logits are the float32 search's,
+their normalisers are close, and the model rebuilds the first-pass structure whenever the gallery changes. Speed is
+measured in benchmarks/bench_scale.py."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from geoloc.configs import tiny_geoclip_config
+from modeling_geoclip import GeoCLIPModel
+from modeling_geoclip.gallery_geoclip import (
+    SCAN_MIN_SIZE, Int8Scan, PQ4Scan, exact_search, resolve_gallery_options,
+)
+
+
+def unit(rows: int, dim: int, seed: int) -> torch.Tensor:
+    return F.normalize(torch.randn(rows, dim, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+@pytest.mark.parametrize("dim", [64, 512])
+def test_int8_scan_finds_the_exact_top_k(dim):
+    embeddings = unit(20_000, dim, seed=0)  # several scan parts
+    queries = torch.cat([unit(96, dim, seed=1),  # far: best cosine ~0.2-0.5
+                         F.normalize(embeddings[:32] + 0.7 * unit(32, dim, seed=2), dim=-1)])  # near
+    scale = torch.tensor(40.0)
+    scan = Int8Scan.build(embeddings, part_rows=8192)
+    assert scan is not None and len(scan.parts) == 3
+    logits, rows, log_normaliser = exact_search(queries, embeddings, scale, 5, chunk_size=8192)
+    found = exact_search(queries, embeddings, scale, 5, chunk_size=8192, scan=scan, scan_candidates=64)
+    assert (found[1] == rows).all(1).float().mean() >= 0.99
+    torch.testing.assert_close(found[0], logits, rtol=0, atol=1e-4)  # exact logits of the same hits
+    assert (found[2] - log_normaliser).abs().max() < 0.02
+
+
+def test_queries_in_groups_answer_as_one_batch(monkeypatch):
+    """The two-pass search scores queries in groups (its score buffer is bounded, whatever the batch): the
+    answers do not depend on the grouping."""
+    import modeling_geoclip.gallery_geoclip as gallery
+
+    embeddings, queries, scale = unit(5000, 64, seed=6), unit(37, 64, seed=7), torch.tensor(30.0)
+    scan = Int8Scan.build(embeddings, part_rows=2048)
+    assert scan.query_group == gallery.SCAN_SCORE_BUDGET // 2048
+    whole = exact_search(queries, embeddings, scale, 5, scan=scan)
+    scan.query_group = 4  # groups of 4 queries, the last one of 1
+    grouped = exact_search(queries, embeddings, scale, 5, scan=scan)
+    for expected, found in zip(whole, grouped):
+        torch.testing.assert_close(found, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dim, same_top_5", [(64, 0.98), (512, 0.99)])
+def test_pq4_scan_finds_the_exact_top_k(dim, same_top_5):
+    """4-bit codes rank coarsely, but with 256 candidates re-scored the far and near queries keep the float32
+    search's top-5 rows and logits; the sampled normaliser is close to the exact one (closest for peaked queries,
+    whose mass the candidates hold)."""
+    pytest.importorskip("faiss")
+    embeddings = unit(20_000, dim, seed=0)
+    queries = torch.cat([unit(96, dim, seed=1), F.normalize(embeddings[:32] + 0.7 * unit(32, dim, seed=2), dim=-1)])
+    scale = torch.tensor(40.0)
+    scan = PQ4Scan.build(embeddings)
+    assert scan.index.ntotal == 20_000 and scan.index.code_size == dim // 4  # 4 bits per pair of dimensions
+    logits, rows, log_normaliser = exact_search(queries, embeddings, scale, 5)
+    found = exact_search(queries, embeddings, scale, 5, scan=scan, scan_candidates=256)
+    same = (found[1] == rows).all(1)
+    assert same.float().mean() >= same_top_5  # measured: 126 / 128 queries at D=64, 128 / 128 at D=512
+    torch.testing.assert_close(found[0][same], logits[same], rtol=0, atol=1e-4)
+    # The non-candidates' mass comes from a 4,096-row sample: flat (far) queries spread their mass over many rows.
+    log_error = (found[2] - log_normaliser).abs()
+    assert log_error[:96].max() < 0.1 and log_error[96:].max() < 0.01, log_error
+
+
+def test_pq4_scan_groups_and_every_row_as_candidate():
+    pytest.importorskip("faiss")
+    embeddings, queries, scale = unit(300, 32, seed=3), unit(70, 32, seed=4), torch.tensor(10.0)
+    scan = PQ4Scan.build(embeddings)
+    expected = exact_search(queries, embeddings, scale, 3)
+    whole = exact_search(queries, embeddings, scale, 3, scan=scan, scan_candidates=300)
+    torch.testing.assert_close(whole, expected, rtol=1e-5, atol=1e-5)  # all rows re-scored: the exact answer
+    scan.query_group = 8
+    torch.testing.assert_close(exact_search(queries, embeddings, scale, 3, scan=scan, scan_candidates=300), whole)
+
+
+def test_pq4_scan_needs_faiss_and_an_even_width(monkeypatch):
+    pytest.importorskip("faiss")
+    with pytest.raises(ValueError, match="scan='pq4' needs an even embedding width"):
+        PQ4Scan.build(unit(100, 33, seed=0))
+    monkeypatch.setitem(__import__("sys").modules, "faiss", None)
+    with pytest.raises(ImportError, match="pip install faiss-cpu"):
+        resolve_gallery_options("exact", 100, {"scan": "pq4"}, 64)
+
+
+def test_int8_scan_is_exact_when_every_row_is_a_candidate():
+    embeddings, queries, scale = unit(100, 32, seed=3), unit(4, 32, seed=4), torch.tensor(10.0)
+    expected = exact_search(queries, embeddings, scale, 3)
+    found = exact_search(queries, embeddings, scale, 3, scan=Int8Scan.build(embeddings), scan_candidates=128)
+    torch.testing.assert_close(found, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_model_scan_option_agrees_and_follows_the_gallery(tmp_path):
+    torch.manual_seed(0)
+    model = GeoCLIPModel(tiny_geoclip_config()).eval()
+    generator = torch.Generator().manual_seed(5)
+    gallery = torch.stack([torch.rand(3000, generator=generator) * 180 - 90,
+                           torch.rand(3000, generator=generator) * 360 - 180], dim=1)
+    queries = F.normalize(torch.randn(32, model.config.projection_dim, generator=generator), dim=-1)
+    model.set_gallery(gallery, scan="none")
+    expected, expected_rows = model.search_gallery(queries, top_k=5)
+    model.set_gallery(gallery, scan="int8")
+    probabilities, rows = model.search_gallery(queries, top_k=5)
+    assert (rows == expected_rows).all(1).float().mean() >= 0.95
+    torch.testing.assert_close(probabilities, expected, rtol=0.02, atol=1e-6)
+    model.set_gallery(gallery[:1500], scan="int8")  # a new gallery: the int8 copy is rebuilt
+    assert model.search_gallery(queries, top_k=5)[1].max() < 1500
+    model.save_pretrained(tmp_path)
+    loaded = GeoCLIPModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.gallery_options["scan"] == "int8"
+    torch.testing.assert_close(loaded.search_gallery(queries, top_k=5), model.search_gallery(queries, top_k=5))
+
+
+def test_model_pq4_option_agrees_and_survives_saving(tmp_path):
+    pytest.importorskip("faiss")
+    torch.manual_seed(0)
+    model = GeoCLIPModel(tiny_geoclip_config()).eval()
+    generator = torch.Generator().manual_seed(5)
+    gallery = torch.stack([torch.rand(3000, generator=generator) * 180 - 90,
+                           torch.rand(3000, generator=generator) * 360 - 180], dim=1)
+    queries = F.normalize(torch.randn(32, model.config.projection_dim, generator=generator), dim=-1)
+    model.set_gallery(gallery, scan="none")
+    expected, expected_rows = model.search_gallery(queries, top_k=5)
+    model.set_gallery(gallery, scan="pq4")
+    assert model.config.gallery_options["scan_candidates"] == 256
+    probabilities, rows = model.search_gallery(queries, top_k=5)
+    assert (rows == expected_rows).all(1).float().mean() >= 0.95
+    torch.testing.assert_close(probabilities, expected, rtol=0.05, atol=1e-6)
+    model.set_gallery(gallery[:1500], scan="pq4")  # a new gallery: the codes are rebuilt
+    assert model.search_gallery(queries, top_k=5)[1].max() < 1500
+    model.save_pretrained(tmp_path)
+    assert not any("pq" in name for name in model.state_dict())  # never saved: trained again when first searched
+    loaded = GeoCLIPModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.gallery_options["scan"] == "pq4"
+    torch.testing.assert_close(loaded.search_gallery(queries, top_k=5), model.search_gallery(queries, top_k=5))
+
+
+def test_scan_options():
+    assert resolve_gallery_options("exact", 100, {}, 64)["scan"] == "auto" and SCAN_MIN_SIZE == 65536
+    with pytest.raises(ValueError, match=r"scan must be one of \['auto', 'int8', 'pq4', 'none'\], got 'int4'"):
+        resolve_gallery_options("exact", 100, {"scan": "int4"}, 64)
+    with pytest.raises(ValueError, match="scan_candidates must be a positive integer"):
+        resolve_gallery_options("exact", 100, {"scan_candidates": 0}, 64)
+
+
+def test_sample_rest_mass_drops_each_querys_own_candidates():
+    """The sampled estimate of the non-retrieved mass, against a direct computation per query: sample rows among
+    a query's candidates (and only that query's) are dropped; "not found" (-1) matches no row."""
+    from modeling_geoclip.gallery_geoclip import sample_rest_mass
+
+    embeddings, queries, scale = unit(500, 16, seed=8), unit(3, 16, seed=9), torch.tensor(20.0)
+    sample = torch.tensor([0, 3, 7, 11, 42, 100, 499])
+    indices = torch.tensor([[3, 42, -1], [0, 1, 2], [499, 7, 11]])
+    found = indices >= 0
+    estimate = sample_rest_mass(queries, scale, indices, found, sample, embeddings[sample], len(embeddings))
+    for row in range(3):
+        kept = [s for s in sample.tolist() if s not in indices[row].tolist()]
+        rest = len(embeddings) - int(found[row].sum())
+        direct = torch.logsumexp(scale * queries[row] @ embeddings[kept].T, 0) + torch.log(torch.tensor(rest / len(kept)))
+        torch.testing.assert_close(estimate[row], direct)
