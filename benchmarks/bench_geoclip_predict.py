@@ -9,14 +9,17 @@ alone) with a small location encoder of the official width (512), since encoding
 official encoder is a one-off cost not being measured here.
 
     python -m benchmarks.bench_geoclip_predict [--backbones vit-l14 small] [--images 8] [--official-images 2]
-        [--towers fp32 int8 bf16] [--agreement-images 16] [--throughput-batches 1 8 32]
+        [--towers fp32 int8 bf16] [--agreement-images 16] [--trained-agreement-images 200]
+        [--throughput-batches 1 8 32]
 
 A fourth part runs the converted ViT-L/14-shaped model (random CLIP weights: fine for speed, and the same
 weights for every tower) through `Geolocator.from_pretrained(..., tower=...)` for each reduced-precision tower:
 per-image time and speed-up over the official `predict` (measured in the same run), top-5 agreement with the fp32
-tower's answers (same gallery points, in order) on world-map crops and photo-like images (smooth colour fields
-with texture, JPEG-compressed), and batched throughput (images/s, preprocessing excluded) at each batch size;
-then whether this CPU has AVX512-BF16 / AMX and which tower is best with and without them.
+tower's answers (same points in order / same set / same best point) on world-map crops and photo-like images
+(smooth colour fields with texture, JPEG-compressed), and batched throughput (images/s, preprocessing excluded) at
+each batch size; then whether this CPU has AVX512-BF16 / AMX and which tower is best with and without them.
+Random ViT-L/14 weights map every image to nearly the same embedding, so the same agreement is also measured
+with trained weights: the bundled GeoCLIP (`geoloc.DEFAULT_MODEL`, a trained tiny tower) under each tower option.
 
 Needs the official wheel (fetched once with `pip download`, like the parity test). Prints a markdown table.
 """
@@ -39,6 +42,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 # The official GeoCLIP reference is test code (tests/official_geoclip.py), not part of the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+import geoloc
 from geoloc.configs import tiny_clip_configs
 from geoloc.hub.convert import convert_geoclip
 from geoloc.inference.adapter import Geolocator
@@ -165,6 +169,7 @@ def _tower_section(folder: Path, photos: list[str], official_seconds: float | No
         return [np.stack([r.latitudes, r.longitudes], 1) for r in results]
 
     reference = {kind: answers("fp32", kind) for kind in kinds} if "fp32" in towers else None
+    trained = _trained_agreement(towers, args.trained_agreement_images) if reference is not None else {}
     per_image = {tower: [] for tower in towers}
     for _ in range(args.tower_repeats):  # round-robin: load drift hits every tower alike
         for tower in towers:
@@ -179,9 +184,7 @@ def _tower_section(folder: Path, photos: list[str], official_seconds: float | No
             if reference is None or tower == "fp32":
                 agree.append("reference" if tower == "fp32" else "–")
                 continue
-            ours = answers(tower, kind)
-            same = np.mean([np.array_equal(a, b) for a, b in zip(ours, reference[kind])])
-            agree.append(f"{same:.3f}")
+            agree.append(_agreement(answers(tower, kind), reference[kind]))
         throughput = []
         for batch in args.throughput_batches:
             block = torch.cat([pixels["world-map crops"], pixels["photo-like images"]])
@@ -190,9 +193,39 @@ def _tower_section(folder: Path, photos: list[str], official_seconds: float | No
             geolocators[tower].locate_pixel_values(block, top_k=TOP_K)
             throughput.append(f"{batch / (time.perf_counter() - start):.2f}")
         speedup = f"**{official_seconds / seconds:.0f}x**" if official_seconds else "–"
-        rows.append(f"| {tower} | {seconds:.3f} s | {speedup} | {agree[0]} | {agree[1]} | {' / '.join(throughput)} | "
-                    f"{os.getloadavg()[0]:.1f} |")
+        rows.append(f"| {tower} | {seconds:.3f} s | {speedup} | {agree[0]} | {agree[1]} | "
+                    f"{' | '.join(trained.get(tower, ('reference' if tower == 'fp32' else '–',) * 2))} | "
+                    f"{' / '.join(throughput)} | {os.getloadavg()[0]:.1f} |")
     return rows
+
+
+def _agreement(answers: list[np.ndarray], reference: list[np.ndarray]) -> str:
+    """How often `answers` (per image, `(top_k, 2)` gallery coordinates) match the fp32 tower's: the same points in
+    the same order / the same set of points / the same best point."""
+    order = np.mean([np.array_equal(a, b) for a, b in zip(answers, reference)])
+    points = np.mean([set(map(tuple, a)) == set(map(tuple, b)) for a, b in zip(answers, reference)])
+    best = np.mean([np.array_equal(a[0], b[0]) for a, b in zip(answers, reference)])
+    return f"{order:.3f} / {points:.3f} / {best:.3f}"
+
+
+def _trained_agreement(towers: list[str], count: int) -> dict[str, tuple[str, str]]:
+    """Agreement with the fp32 tower (`_agreement`) of each reduced-precision tower of the bundled GeoCLIP, whose
+    tiny tower was trained (`geoloc.DEFAULT_MODEL`; 32 px): world-map crops as it was trained on and photo-like
+    images, `count` of each. Random ViT-L/14 weights map every image to nearly the same embedding, so their
+    agreement says little; these weights separate images as trained ones do."""
+    geolocators = {tower: Geolocator.from_pretrained(geoloc.DEFAULT_MODEL, tower=tower) for tower in towers}
+    rng = np.random.default_rng(7)
+    kinds = [[render_crop(lat, lon, rng) for lat, lon in sample_points(count, rng)], _photo_like(count, seed=8)]
+    processor = geolocators["fp32"].image_processor
+    pixels = [processor(images, return_tensors="pt").pixel_values for images in kinds]
+
+    def answers(tower, batch):
+        results = geolocators[tower].locate_pixel_values(batch, top_k=TOP_K)
+        return [np.stack([r.latitudes, r.longitudes], 1) for r in results]
+
+    reference = [answers("fp32", batch) for batch in pixels]
+    return {tower: tuple(_agreement(answers(tower, batch), expected) for batch, expected in zip(pixels, reference))
+            for tower in towers if tower != "fp32"}
 
 
 def _best_tower_note(rows: list[str]) -> str:
@@ -232,6 +265,8 @@ def main(argv=None) -> None:
     parser.add_argument("--towers", nargs="+", choices=TOWER_CHOICES, default=list(TOWER_CHOICES),
                         help="towers of the ViT-L/14 part (bf16 only where the CPU has native bfloat16)")
     parser.add_argument("--agreement-images", type=int, default=16, help="world-map crops and photo-like images, each")
+    parser.add_argument("--trained-agreement-images", type=int, default=200,
+                        help="world-map crops and photo-like images, each, for the bundled trained model's agreement")
     parser.add_argument("--throughput-batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--tower-repeats", type=int, default=3, help="per-image timings per tower")
     args = parser.parse_args(argv)
@@ -280,14 +315,16 @@ def main(argv=None) -> None:
     if tower_rows:
         print()
         print(f"ViT-L/14-shaped tower (random weights), stored 100K gallery, exact search; per image: one 640x480 JPEG "
-              f"per call, preprocessing included, median of {args.tower_repeats} round-robin; agreement: top-{TOP_K} "
-              f"gallery answers identical to the fp32 tower's (same points, same order), "
-              f"{args.agreement_images} images of each kind; throughput: one batch of processed pixels.")
+              f"per call, preprocessing included, median of {args.tower_repeats} round-robin; agreement with the fp32 "
+              f"tower's top-{TOP_K} gallery answers, as same points in the same order / same set of points / same "
+              f"best point: ViT-L/14 (random weights) on {args.agreement_images} images of each kind, and the bundled "
+              f"GeoCLIP (trained tiny tower) on {args.trained_agreement_images} of each; throughput: one batch of "
+              f"processed pixels.")
         print()
         print(f"| tower | per image | vs official predict ({results['vit-l14']['official']:.1f} s) | agreement, "
-              f"world-map crops | agreement, photo-like | images/s at batch {' / '.join(map(str, args.throughput_batches))}"
-              f" | load |")
-        print("| --- | --- | --- | --- | --- | --- | --- |")
+              f"ViT-L/14, world-map crops | ViT-L/14, photo-like | trained tiny, world-map crops | trained tiny, "
+              f"photo-like | images/s at batch {' / '.join(map(str, args.throughput_batches))} | load |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         print("\n".join(tower_rows))
         print()
         print(_best_tower_note(tower_rows))

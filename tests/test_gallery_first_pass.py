@@ -128,7 +128,7 @@ def test_model_pq4_option_agrees_and_survives_saving(tmp_path):
     model.set_gallery(gallery, scan="none")
     expected, expected_rows = model.search_gallery(queries, top_k=5)
     model.set_gallery(gallery, scan="pq4")
-    assert model.config.gallery_options["scan_candidates"] == 256
+    assert model.config.gallery_options["scan_candidates"] == 1024
     probabilities, rows = model.search_gallery(queries, top_k=5)
     assert (rows == expected_rows).all(1).float().mean() >= 0.95
     torch.testing.assert_close(probabilities, expected, rtol=0.05, atol=1e-6)
