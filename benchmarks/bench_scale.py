@@ -335,8 +335,9 @@ def faiss_rows(embeddings: torch.Tensor, scale: torch.Tensor, queries: dict, cal
     return rows
 
 
-def synthetic_gallery_row(model, embeddings: torch.Tensor, size: int, queries: dict) -> str:
-    """The default FAISS index on `size` synthetic embeddings derived from the real ones (see the row's note)."""
+def synthetic_gallery_row(model, embeddings: torch.Tensor, size: int, queries: dict, index: str | None = None) -> str:
+    """The default FAISS index (or `index`) on `size` synthetic embeddings derived from the real ones (see the
+    row's note)."""
     scale, base = model.logit_scale.exp(), len(embeddings)
 
     def synthetic(rows: torch.Tensor) -> torch.Tensor:
@@ -345,7 +346,7 @@ def synthetic_gallery_row(model, embeddings: torch.Tensor, size: int, queries: d
         own = embeddings[rows % base]
         return F.normalize(own + 0.1 * (embeddings[partner] - own), dim=-1)
 
-    options = resolve_gallery_options("faiss", size, {}, embeddings.shape[1])
+    options = resolve_gallery_options("faiss", size, {"index": index} if index else {}, embeddings.shape[1])
     start = time.perf_counter()
     index = FaissGallery.build(synthetic, size, embeddings.shape[1], options, batch_size=65536)
     build_s = time.perf_counter() - start
@@ -393,6 +394,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--points", type=int, default=1_000_000, help="real encoded gallery size")
     parser.add_argument("--synthetic", type=int, default=10_000_000, help="synthetic gallery size (0: skip)")
+    parser.add_argument("--synthetic-index", default=None,
+                        help="FAISS factory string for the synthetic gallery (default: the default index for its size)")
     parser.add_argument("--queries", type=int, default=100, help="near-gallery queries")
     parser.add_argument("--skip-compile", action="store_true")
     parser.add_argument("--skip-towers", action="store_true", help="skip the ViT-L/14 tower and per-image rows")
@@ -441,7 +444,7 @@ def main(argv=None) -> None:
     rows += faiss_rows(embeddings, scale, queries, model_queries(weights, range(100, 115))["image"])
     print("\n".join(rows[-3:]), flush=True)
     if args.synthetic:
-        rows.append(synthetic_gallery_row(model, embeddings, args.synthetic, queries))
+        rows.append(synthetic_gallery_row(model, embeddings, args.synthetic, queries, args.synthetic_index))
     print("\n| what | ours | goal / reference | notes |")
     print("|---|---|---|---|")
     print("\n".join(rows))
