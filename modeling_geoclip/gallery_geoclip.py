@@ -308,7 +308,7 @@ class PQ4Scan:
     def __init__(self, index, sample_indices: torch.Tensor, sample_embeddings: torch.Tensor):
         self.index, self.sample_indices, self.sample_embeddings = index, sample_indices, sample_embeddings
         self.size = index.ntotal
-        self.query_group = 64  # the sample's scores and candidate masks stay small (64 x 4096 x candidates bools)
+        self.query_group = 64  # bounds the sample's (queries, 4096) scores and membership lookups per group
 
     @classmethod
     def build(cls, embeddings: torch.Tensor, seed: int = 0, train_rows: int = 65536,
@@ -351,8 +351,9 @@ def exact_search(
         scale (`torch.Tensor` of shape `()`): the logit scale (exp of the log temperature).
         top_k (`int`): hits per query, <= N.
         chunk_size (`int`): gallery rows scored at a time.
-        scan (`Int8Scan`, *optional*): an int8 copy of `embeddings` for a first pass (see the module docstring);
-            its `max(scan_candidates, top_k)` best rows per query are re-scored on `embeddings`.
+        scan (`Int8Scan` or `PQ4Scan`, *optional*): an int8 copy or 4-bit codes of `embeddings` for a first pass
+            (see the module docstring); its `max(scan_candidates, top_k)` best rows per query are re-scored on
+            `embeddings`.
 
     Returns: `(logits, indices, log_normaliser)`: `(B, top_k)` float32 logits and int64 rows, best first, and
     `(B,)` float32 `logsumexp` of all N logits (with `scan`: the candidates' exact logits, the others' int8 ones).
