@@ -15,11 +15,13 @@ official encoder is a one-off cost not being measured here.
 A fourth part runs the converted ViT-L/14-shaped model (random CLIP weights: fine for speed, and the same
 weights for every tower) through `Geolocator.from_pretrained(..., tower=...)` for each reduced-precision tower:
 per-image time and speed-up over the official `predict` (measured in the same run), top-5 agreement with the fp32
-tower's answers (same points in order / same set / same best point) on world-map crops and photo-like images
+tower's answers (same points in order / same set / same best point / same set up to near-ties) on world-map crops and photo-like images
 (smooth colour fields with texture, JPEG-compressed), and batched throughput (images/s, preprocessing excluded) at
 each batch size; then whether this CPU has AVX512-BF16 / AMX and which tower is best with and without them.
 Random ViT-L/14 weights map every image to nearly the same embedding, so the same agreement is also measured
 with trained weights: the bundled GeoCLIP (`geoloc.DEFAULT_MODEL`, a trained tiny tower) under each tower option.
+Last, the share of images whose fp32 fifth and sixth answers are near-ties: the floor on how often any tower that
+moves the logits at all can change the top-5 set.
 
 Needs the official wheel (fetched once with `pip download`, like the parity test). Prints a markdown table.
 """
@@ -48,11 +50,16 @@ from geoloc.hub.convert import convert_geoclip
 from geoloc.inference.adapter import Geolocator
 from geoloc.inference.tower_speed import TOWER_CHOICES, cpu_features, cpu_supports_bf16
 from geoloc.data.worldmap import render_crop, sample_points
+from geoloc.geography.geodesy import geodesic_distance_km
 from official_geoclip import fetch_official_wheel, load_official_geoclip
 from geoloc.pipeline import TASK
 from modeling_geoclip import GeoCLIPConfig, GeoCLIPLocationEncoderConfig, GeoCLIPModel
 
 TOP_K = 5
+# Log-probability within which two answers count as tied under fp32 (a 1% probability ratio), and how many fp32
+# answers are looked up to find where a reduced-precision tower's answers rank.
+TIE_TOLERANCE = 0.01
+TIE_LOOKUP = 50
 BACKBONES = {"vit-l14": "CLIP ViT-L/14 (random)", "small": "small CLIP, 224 px (random)"}
 
 
@@ -162,14 +169,16 @@ def _tower_section(folder: Path, photos: list[str], official_seconds: float | No
     processor = geolocators[towers[0]].image_processor
     pixels = {kind: processor(images, return_tensors="pt").pixel_values for kind, images in kinds.items()}
 
-    def answers(tower, kind):
+    def answers(tower, kind, top_k=TOP_K):
         results = []
         for batch in pixels[kind].split(8):
-            results += geolocators[tower].locate_pixel_values(batch, top_k=TOP_K)
-        return [np.stack([r.latitudes, r.longitudes], 1) for r in results]
+            results += geolocators[tower].locate_pixel_values(batch, top_k=top_k)
+        return results
 
-    reference = {kind: answers("fp32", kind) for kind in kinds} if "fp32" in towers else None
-    trained = _trained_agreement(towers, args.trained_agreement_images) if reference is not None else {}
+    reference = {kind: answers("fp32", kind, TIE_LOOKUP) for kind in kinds} if "fp32" in towers else None
+    trained, trained_ties = {}, None
+    if reference is not None:
+        trained, trained_ties = _trained_agreement(towers, args.trained_agreement_images)
     per_image = {tower: [] for tower in towers}
     for _ in range(args.tower_repeats):  # round-robin: load drift hits every tower alike
         for tower in towers:
@@ -196,19 +205,47 @@ def _tower_section(folder: Path, photos: list[str], official_seconds: float | No
         rows.append(f"| {tower} | {seconds:.3f} s | {speedup} | {agree[0]} | {agree[1]} | "
                     f"{' | '.join(trained.get(tower, ('reference' if tower == 'fp32' else '–',) * 2))} | "
                     f"{' / '.join(throughput)} | {os.getloadavg()[0]:.1f} |")
-    return rows
+    if reference is None:
+        return rows, ""
+    shares = [_near_ties(reference[kind]) for kind in kinds] + list(trained_ties)
+    return rows, ("Images whose fp32 fifth and sixth answers lie within {tol} in log-probability (near-ties no "
+                  "reduced-precision tower can be sure to keep): ViT-L/14 {:.3f} crops, {:.3f} photo-like; trained "
+                  "tiny {:.3f} crops, {:.3f} photo-like.").format(*shares, tol=TIE_TOLERANCE)
 
 
-def _agreement(answers: list[np.ndarray], reference: list[np.ndarray]) -> str:
-    """How often `answers` (per image, `(top_k, 2)` gallery coordinates) match the fp32 tower's: the same points in
-    the same order / the same set of points / the same best point."""
-    order = np.mean([np.array_equal(a, b) for a, b in zip(answers, reference)])
-    points = np.mean([set(map(tuple, a)) == set(map(tuple, b)) for a, b in zip(answers, reference)])
-    best = np.mean([np.array_equal(a[0], b[0]) for a, b in zip(answers, reference)])
-    return f"{order:.3f} / {points:.3f} / {best:.3f}"
+def _agreement(answers: list, reference: list) -> str:
+    """How often `answers` (per image, a top-5 `GeolocationResult`) match the fp32 tower's `reference` (per image,
+    its top `TIE_LOOKUP`): the same points in the same order / the same set of points / the same best point / a
+    top-5 that fp32 ranks within `TIE_TOLERANCE` of its own fifth (each answered point's fp32 log-probability at
+    least the fifth's minus the tolerance: only near-ties swapped); then, over the images whose best point changed,
+    the median and largest distance between the two best points."""
+    order, points, best, up_to_ties, moved = [], [], [], [], []
+    for answer, expected in zip(answers, reference):
+        ours, theirs = _points(answer), _points(expected)
+        order.append(ours == theirs[:TOP_K])
+        points.append(set(ours) == set(theirs[:TOP_K]))
+        best.append(ours[0] == theirs[0])
+        log_probabilities = dict(zip(theirs, np.log(expected.probabilities)))
+        fifth = np.log(expected.probabilities[TOP_K - 1])
+        up_to_ties.append(all(log_probabilities.get(point, -np.inf) >= fifth - TIE_TOLERANCE for point in ours))
+        moved.append(float(geodesic_distance_km(*ours[0], *theirs[0])[0]))
+    moved = [km for km in moved if km > 0]
+    where = f"{np.median(moved):.0f} / {max(moved):.0f} km" if moved else "–"
+    return " / ".join(f"{np.mean(x):.3f}" for x in (order, points, best, up_to_ties)) + f"; moved best: {where}"
 
 
-def _trained_agreement(towers: list[str], count: int) -> dict[str, tuple[str, str]]:
+def _points(result) -> list[tuple[float, float]]:
+    return list(zip(result.latitudes.tolist(), result.longitudes.tolist()))
+
+
+def _near_ties(reference: list) -> float:
+    """Share of images whose fp32 fifth and sixth answers lie within `TIE_TOLERANCE` in log-probability: a tower
+    whose logits move by more than that may swap them, however good it is."""
+    return float(np.mean([np.log(r.probabilities[TOP_K - 1] / r.probabilities[TOP_K]) < TIE_TOLERANCE
+                          for r in reference]))
+
+
+def _trained_agreement(towers: list[str], count: int) -> tuple[dict[str, tuple[str, str]], tuple[float, float]]:
     """Agreement with the fp32 tower (`_agreement`) of each reduced-precision tower of the bundled GeoCLIP, whose
     tiny tower was trained (`geoloc.DEFAULT_MODEL`; 32 px): world-map crops as it was trained on and photo-like
     images, `count` of each. Random ViT-L/14 weights map every image to nearly the same embedding, so their
@@ -219,13 +256,11 @@ def _trained_agreement(towers: list[str], count: int) -> dict[str, tuple[str, st
     processor = geolocators["fp32"].image_processor
     pixels = [processor(images, return_tensors="pt").pixel_values for images in kinds]
 
-    def answers(tower, batch):
-        results = geolocators[tower].locate_pixel_values(batch, top_k=TOP_K)
-        return [np.stack([r.latitudes, r.longitudes], 1) for r in results]
-
-    reference = [answers("fp32", batch) for batch in pixels]
-    return {tower: tuple(_agreement(answers(tower, batch), expected) for batch, expected in zip(pixels, reference))
-            for tower in towers if tower != "fp32"}
+    reference = [geolocators["fp32"].locate_pixel_values(batch, top_k=TIE_LOOKUP) for batch in pixels]
+    agreement = {tower: tuple(_agreement(geolocators[tower].locate_pixel_values(batch, top_k=TOP_K), expected)
+                              for batch, expected in zip(pixels, reference))
+                 for tower in towers if tower != "fp32"}
+    return agreement, tuple(_near_ties(expected) for expected in reference)
 
 
 def _best_tower_note(rows: list[str]) -> str:
@@ -281,9 +316,9 @@ def main(argv=None) -> None:
         for backbone in args.backbones:
             results[backbone] = _compare(code, wheel, backbone, folder, photos, args)
             print(f"{backbone}: {results[backbone]} (load {os.getloadavg()[0]:.1f})", flush=True)
-        tower_rows = []
+        tower_rows, ties_note = [], ""
         if "vit-l14" in args.backbones and args.towers:
-            tower_rows = _tower_section(folder / "vit-l14", photos, results["vit-l14"]["official"], args)
+            tower_rows, ties_note = _tower_section(folder / "vit-l14", photos, results["vit-l14"]["official"], args)
             print("\n".join(tower_rows), flush=True)
 
     if args.gallery_size:
@@ -317,7 +352,8 @@ def main(argv=None) -> None:
         print(f"ViT-L/14-shaped tower (random weights), stored 100K gallery, exact search; per image: one 640x480 JPEG "
               f"per call, preprocessing included, median of {args.tower_repeats} round-robin; agreement with the fp32 "
               f"tower's top-{TOP_K} gallery answers, as same points in the same order / same set of points / same "
-              f"best point: ViT-L/14 (random weights) on {args.agreement_images} images of each kind, and the bundled "
+              f"best point / same set up to near-ties (each point within {TIE_TOLERANCE} in fp32 log-probability "
+              f"of fp32's fifth): ViT-L/14 (random weights) on {args.agreement_images} images of each kind, and the bundled "
               f"GeoCLIP (trained tiny tower) on {args.trained_agreement_images} of each; throughput: one batch of "
               f"processed pixels.")
         print()
@@ -328,6 +364,7 @@ def main(argv=None) -> None:
         print("\n".join(tower_rows))
         print()
         print(_best_tower_note(tower_rows))
+        print(ties_note)
     print()
     for backbone, r in results.items():
         print(f"{BACKBONES[backbone]}: official and our top-{TOP_K} agree (coordinates to 1e-5 deg, probabilities "

@@ -26,11 +26,11 @@ Backends (`GeoCLIPModel.set_gallery(locations, backend=..., **options)`):
   int8, with looser probabilities for far queries: see `PQ4Scan`).
   `scan="none"`: one float32 pass, the exact softmax over the gallery (of the stored, possibly rounded,
   embeddings).
-* `faiss` (optional dependency, `pip install faiss-cpu`): an inner-product FAISS index (flat, IVF with 8-bit
-  codes re-ranked on the float32 vectors, or IVF-PQ, by gallery size) retrieves `n_candidates` hits per query.
-  Their scores are exact model scores: the index ranks them on the float32 vectors (`Flat`, `RFlat`) or, for
-  compressed codes alone (PQ/SQ), the candidates are re-scored by re-encoding their coordinates with the
-  location encoder. The normaliser adds the retrieved candidates' exact mass to an estimate of the rest: a
+* `faiss` (optional dependency, `pip install faiss-cpu`): an inner-product FAISS index (flat; or IVF with 4-bit
+  codes re-ranked on the float32 vectors, or above 2**20 points on 8-bit copies: `default_faiss_index`)
+  retrieves `n_candidates` hits per query. Their scores are exact model scores: the index ranks them on the
+  float32 vectors (`Flat`, `RFlat`) or, for compressed codes (PQ/SQ, `Refine(SQ8)`), the candidates are
+  re-scored by re-encoding their coordinates with the location encoder. The normaliser adds the retrieved candidates' exact mass to an estimate of the rest: a
   fixed uniform random sample of `normaliser_sample_size` gallery rows (drawn with `seed` at build time, stored
   with the index) is scored exactly, the rows that are among the candidates are dropped, and the sum of
   `exp(logit)` over the others is scaled by (N - C) / (their count).
@@ -47,7 +47,8 @@ Backends (`GeoCLIPModel.set_gallery(locations, backend=..., **options)`):
   matters, being far from every gallery point with no preferred direction; in `benchmarks/bench_scale.py` their
   recall tracks that of image and text queries through a random-backbone GeoCLIP within about 0.01 at every
   `nprobe` on a 1M-point gallery (sometimes above it, hence the default `target_recall` of 0.995 for a goal of
-  0.99), while queries near gallery points are far easier (recall 1.0 with 6% of the lists visited).
+  0.99), and 0.025-0.035 below it on a 10M synthetic one, while queries near gallery points are far easier
+  (recall 1.0 with 6% of the lists visited).
 
 The model holds its gallery as one component, `GeoCLIPGallery` (`model.gallery`): the buffers, building,
 searching and the checks of loaded state.
@@ -77,6 +78,10 @@ PQ4_SCAN_CANDIDATES = 1024  # rows re-scored after the 4-bit pass by default (se
 SCAN_SCORE_BUDGET = 1 << 22  # float32 scores held at once by the two-pass search (16 MB): queries go in groups
 EMBEDDING_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 RECALL_AT = 5  # the FAISS calibration measures recall@5 against exact search
+# FAISS defaults above this many points: no float32 rows kept (see `default_faiss_index`), and a lower recall
+# target for speed (`resolve_gallery_options`).
+LARGE_GALLERY = 2**20
+RERANK_ROWS = 2048  # code hits re-ranked per query by a refinement stage: k_factor_rf = RERANK_ROWS / n_candidates
 
 # `embed(rows)`: (R,) int64 gallery rows -> (R, D) float32 L2-normalised embeddings of those rows.
 EmbedRows = Callable[[torch.Tensor], torch.Tensor]
@@ -98,23 +103,27 @@ def default_faiss_index(size: int, dim: int) -> str:
 
     Up to 131,072 points: `Flat` (exact, brute force). Up to 2**20: `IVF{nlist},PQ{dim/2}x4fs,RFlat`: ~4 sqrt(N)
     inverted lists (4096 at 1M) of 4-bit fast-scan PQ codes (one per pair of dimensions: 128 bytes per point at
-    D=512, scanned with SIMD lookup tables), and the best `k_factor_rf * n_candidates` re-ranked on the float32
+    D=512, scanned with SIMD lookup tables), and the best `RERANK_ROWS` (2,048) code hits re-ranked on the float32
     vectors (`RFlat`, 2 KB per point). Finer lists than the usual sqrt(N) because image and text queries, far
     from the gallery, need a large share of the lists visited, and finer lists predict better where the hits lie
     (recall@5 of such queries with 12.5% of the lists visited: 0.90 with 1024 lists, 0.95 with 4096, on a
     1M-point gallery). On that gallery the 4-bit codes reached the 8-bit codes' recall (0.995 for image and text
     queries, half of the lists visited) in a third of their time (21 against 62 ms per query;
     `benchmarks/bench_scale.py`). Widths that are odd fall back to `SQ8` codes (512 bytes per point at D=512).
-    Above 2**20: `IVF{nlist}_HNSW32,PQ64np` (~sqrt(N)/2 lists, 64 bytes per point: 0.76 GB with coordinates and
-    sample at 10M; an HNSW coarse quantizer so that adding millions of points stays fast; `np`: no polysemous
-    training, which is slow and unused here), whose candidates are re-scored exactly.
+    Above 2**20: the same codes re-ranked on 8-bit copies instead (`Refine(SQ8)`, 512 bytes per point: float32
+    rows would take 20 GB at 10M), `max(4096, ~sqrt(N))` lists, and the candidates re-scored exactly by
+    re-encoding them (6.1 GB at 10M with coordinates and sample; odd widths: `IVF{nlist},SQ8`). Every default
+    IVF index has a flat coarse quantizer: an HNSW one misses the lists of far queries (at 1M with 4096 lists,
+    it found the lists of only 91% of image queries' exact top-5 however many lists were asked for; the flat
+    one, all of them with half the lists).
     """
     if size <= 2**17:
         return "Flat"
-    if size <= 2**20:
+    if size <= LARGE_GALLERY:
         codes = f"PQ{dim // 2}x4fs" if dim % 2 == 0 else "SQ8"
         return f"IVF{2 ** round(math.log2(4 * math.sqrt(size)))},{codes},RFlat"
-    return f"IVF{2 ** max(6, round(math.log2(math.sqrt(size) / 2)))}_HNSW32,PQ64np"
+    lists = max(4096, 2 ** round(math.log2(math.sqrt(size))))
+    return f"IVF{lists},PQ{dim // 2}x4fs,Refine(SQ8)" if dim % 2 == 0 else f"IVF{lists},SQ8"
 
 
 def resolve_gallery_options(backend: str, size: int, options: dict, dim: int) -> dict:
@@ -127,13 +136,16 @@ def resolve_gallery_options(backend: str, size: int, options: dict, dim: int) ->
     `scan_candidates` (rows per query re-scored exactly after the first pass, default 64; 1024 for "pq4").
     `faiss` options: `index` (a FAISS factory string, default `default_faiss_index(size, dim)`), `nprobe` (IVF lists
     visited per query; default None: calibrated at build time, see the module docstring), `target_recall`
-    (recall@5 the calibration aims at, default 0.995: the random-vector proxy's recall ran up to 0.01 above that
-    of image and text queries at the same `nprobe`, and the goal is 0.99 for those; with real
-    `calibration_queries`, 0.99 is enough), `calibration_size` (proxy calibration queries, half to tune
-    and half held out to estimate recall, default 512), `ef_search` (HNSW, default 128), `n_candidates` (hits
-    retrieved and scored exactly per query, default 64), `k_factor_rf` (with a refinement stage such as `RFlat`:
-    code hits re-ranked per candidate, default 32: 4-bit codes rank coarsely, and re-ranking 2,048 float32
-    rows costs ~1 ms), `rescore` (re-encode candidates for exact scores; default
+    (recall@5 the calibration aims at, default 0.995 up to `LARGE_GALLERY` = 2**20 points: the random-vector
+    proxy's recall ran up to 0.01 above that of image and text queries at the same `nprobe` on 1M points, and
+    the goal is 0.99 for those; with real `calibration_queries`, 0.99 is enough. Above: 0.95, for speed; at 10M
+    the proxy ran 0.025-0.035 *below* image and text queries, which reached 0.99), `calibration_size` (proxy
+    calibration queries, half to tune and half held out to estimate recall, default 512), `ef_search` (HNSW,
+    default 128), `n_candidates` (hits retrieved and scored exactly per query, default 64; 16 above 2**20, where
+    scoring exactly means re-encoding them: ~1 ms per point), `k_factor_rf` (with a refinement stage such as
+    `RFlat`: code hits re-ranked per candidate, default `RERANK_ROWS // n_candidates`, so 2,048 rows: 4-bit codes
+    rank coarsely, and re-ranking 2,048 float32 rows costs ~1 ms), `rescore` (re-encode candidates for exact
+    scores; default
     True when the index does not end with float32 vectors, `Flat` or `RFlat`), `train_size` (points used to
     train the index, default max(40 * nlist, 10,000)), `normaliser_sample_size` (default 4096), `seed` (default
     0), `search_threads` (FAISS OpenMP threads while searching, default 1: a small-batch search gains little from
@@ -164,22 +176,25 @@ def resolve_gallery_options(backend: str, size: int, options: dict, dim: int) ->
     if not isinstance(index, str) or not index:
         raise ValueError(f"index must be a FAISS factory string such as 'IVF1024,Flat', got {index!r}.")
     nlist = _ivf_lists(index)
+    large = size > LARGE_GALLERY
     resolved = _check_options(backend, options, {
         "index": index,
         "nprobe": None,
-        "target_recall": 0.995,
+        "target_recall": 0.95 if large else 0.995,
         "calibration_size": 512,
         "ef_search": 128,
-        "n_candidates": 64,
-        "k_factor_rf": 32,
+        "n_candidates": 16 if large else 64,
+        "k_factor_rf": None,  # RERANK_ROWS // n_candidates, once n_candidates is checked
         "rescore": not index.endswith("Flat"),  # Flat, RFlat: ranked on the float32 vectors
         "train_size": max(40 * nlist, 10_000),
         "normaliser_sample_size": 4096,
         "seed": 0,
         "search_threads": 1,
     })
-    _check_positive(resolved, ("ef_search", "n_candidates", "k_factor_rf", "train_size", "normaliser_sample_size",
-                               "search_threads") + (("nprobe",) if resolved["nprobe"] is not None else ()))
+    _check_positive(resolved, ("ef_search", "n_candidates", "train_size", "normaliser_sample_size", "search_threads")
+                    + tuple(name for name in ("nprobe", "k_factor_rf") if resolved[name] is not None))
+    if resolved["k_factor_rf"] is None:
+        resolved["k_factor_rf"] = max(1, RERANK_ROWS // resolved["n_candidates"])
     if not isinstance(resolved["rescore"], bool):
         raise ValueError(f"rescore must be True or False, got {resolved['rescore']!r}.")
     target = resolved["target_recall"]

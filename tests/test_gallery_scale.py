@@ -167,7 +167,13 @@ def test_default_faiss_index_grows_with_the_gallery():
     assert million["k_factor_rf"] == 32
     assert resolve_gallery_options("faiss", 1_000_000, {}, 33)["index"] == "IVF4096,SQ8,RFlat"  # no pairs of dims
     ten_million = resolve_gallery_options("faiss", 10_000_000, {}, 512)
-    assert ten_million["index"] == "IVF2048_HNSW32,PQ64np" and ten_million["rescore"] is True
+    # 8-bit copies instead of float32 rows, a flat coarse quantizer, 16 candidates re-encoded, 2,048 re-ranked
+    assert ten_million["index"] == "IVF4096,PQ256x4fs,Refine(SQ8)" and ten_million["rescore"] is True
+    assert (ten_million["n_candidates"], ten_million["k_factor_rf"], ten_million["target_recall"]) == (16, 128, 0.95)
+    assert resolve_gallery_options("faiss", 10_000_000, {}, 33)["index"] == "IVF4096,SQ8"
+    assert resolve_gallery_options("faiss", 100_000_000, {}, 512)["index"].startswith("IVF8192,")
+    assert resolve_gallery_options("faiss", 1_000_000, {"n_candidates": 256}, 512)["k_factor_rf"] == 8
+    assert resolve_gallery_options("faiss", 1_000_000, {"n_candidates": 4096}, 512)["k_factor_rf"] == 1
     assert resolve_gallery_options("faiss", 1_000_000, {"index": "IVF64,SQ8"}, 512)["rescore"] is True
 
 
@@ -195,6 +201,20 @@ def test_faiss_calibration_reaches_the_target_on_queries_far_from_the_gallery(mo
     estimate = model.config.gallery_options["recall_estimate"]
     recall = recall_at_5(model.search_gallery(queries, top_k=5)[1], truth)
     assert recall < 0.6 and abs(recall - estimate["recall_at_5"]) < 0.1, (recall, estimate)
+
+
+def test_large_gallery_structure_keeps_far_queries_recall(model, gallery, far_queries):
+    """The structure of the default above 2**20 points (flat coarse quantizer, 4-bit codes re-ranked on 8-bit
+    copies, candidates re-scored by re-encoding) at 12K points, with its defaults for 16 candidates: 2,048 rows
+    re-ranked, target 0.95; the stored estimate predicts image and text queries' recall."""
+    queries, truth = far_queries
+    model.set_gallery(gallery, backend="faiss", index="IVF64,PQ32x4fs,Refine(SQ8)", n_candidates=16,
+                      target_recall=0.95)
+    options = model.config.gallery_options
+    assert options["k_factor_rf"] == 128 and options["rescore"] is True
+    recall = recall_at_5(model.search_gallery(queries, top_k=5)[1], truth)
+    estimate = options["recall_estimate"]["recall_at_5"]
+    assert recall >= 0.95 and abs(recall - estimate) < 0.05, (recall, options["recall_estimate"])
 
 
 def test_faiss_calibration_queries_are_used_and_the_estimate_is_saved(model, gallery, far_queries, tmp_path):

@@ -118,3 +118,31 @@ def test_cli_tower_option(checkpoint, capsys):
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("geoloc: error:") or line.startswith("geoloc predict: error:")
     assert "--tower" in line and "invalid choice: 'fp16'" in line
+
+
+def test_benchmark_agreement_counts_near_ties_and_distance():
+    """`bench_geoclip_predict._agreement`: order / set / best / set up to near-ties (fp32 log-probability within
+    `TIE_TOLERANCE` of fp32's fifth), then how far the best point moved."""
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_geoclip_predict import TIE_TOLERANCE, _agreement, _near_ties
+
+    def result(latitudes, probabilities):
+        return SimpleNamespace(latitudes=np.array(latitudes, float), longitudes=np.zeros(len(latitudes)),
+                               probabilities=np.array(probabilities, float))
+
+    probabilities = [0.30, 0.20, 0.15, 0.10, 0.0995, 0.0990, 0.05]  # fifth and sixth within 0.5%: a near-tie
+    reference = result([0, 1, 2, 3, 4, 5, 6], probabilities)
+    assert np.log(probabilities[4] / probabilities[5]) < TIE_TOLERANCE
+    same = result([0, 1, 2, 3, 4], probabilities[:5])
+    tie_swapped = result([0, 1, 2, 3, 5], probabilities[:5])
+    reordered = result([1, 0, 2, 3, 4], probabilities[:5])
+    far_swapped = result([0, 1, 2, 3, 6], probabilities[:5])
+    text = _agreement([same, tie_swapped, reordered, far_swapped], [reference] * 4)
+    figures, moved = text.split("; moved best: ")
+    assert [float(x) for x in figures.split(" / ")] == [0.25, 0.5, 0.75, 0.75]
+    assert moved == "111 / 111 km"  # one degree of latitude at the equator, the only best point that moved
+    assert _near_ties([reference, result(list(range(7)), [0.3, 0.2, 0.15, 0.1, 0.1, 0.05, 0.05])]) == 0.5
