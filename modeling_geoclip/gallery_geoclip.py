@@ -641,10 +641,12 @@ def sample_rest_mass(
     Returns: `(B,)` float32, -inf where every row was retrieved or no sample row is left.
     """
     sample_logits = scale * query @ sample_embeddings.T
-    # Membership per query in one sorted lookup: query b's rows are offset by b * (size + 1) (-1, "not found",
-    # then lands between two queries' ranges and matches nothing).
-    offsets = torch.arange(len(indices))[:, None] * (size + 1)
-    in_candidates = torch.isin(sample_indices[None, :] + offsets, indices + offsets)
+    # Membership per query by binary search in its sorted rows (-1, "not found", sorts first and matches no
+    # sample row); `torch.isin` sorted everything instead, 0.6 ms per query of the official gallery's pq4 pass.
+    sorted_rows = indices.sort(dim=1).values
+    samples = sample_indices.expand(len(indices), -1).contiguous()
+    position = torch.searchsorted(sorted_rows, samples).clamp(max=sorted_rows.shape[1] - 1)
+    in_candidates = sorted_rows.gather(1, position) == samples
     sample_logits = sample_logits.masked_fill(in_candidates, -math.inf)
     kept = (~in_candidates).sum(1)
     rest = size - found.sum(1)
