@@ -525,11 +525,17 @@ def main(argv=None) -> int:
     )
     exit_with_launcher()  # a worker whose launcher was killed must not train on beside a rerun
     lock = os.path.join(args.output_dir, ".geoloc.lock")  # one run per --output-dir at a time
+    distributed = accelerator.num_processes > 1
     try:
         with output_lock(lock, f"--output-dir {args.output_dir}") if accelerator.is_main_process else nullcontext():
-            return train(args, accelerator)
+            status = train(args, accelerator)
     finally:  # accelerate keeps its settings process-wide: a later run in this Python may want others
         AcceleratorState._reset_state()
+    if distributed:  # everything is saved and every process is past its last collective: skip the teardown
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 def training_rows(args: argparse.Namespace):
@@ -605,11 +611,12 @@ def log_step(accelerator, progress, log_path: str, step: int, epoch: int, lr: fl
             handle.write(json.dumps(record) + "\n")
 
 
-# Tensors given to the last collectives of a run stay referenced from Python until the process ends. Gloo's worker
-# threads keep the last work they ran (with its tensors) until the process group is destroyed; a Python-owned tensor
-# freed there needs the GIL, which the main thread holds while it destroys the group (when the DDP model is freed):
-# rank 0 then hung at exit after saving, now and then, on 2 CPU processes.
-_LAST_COLLECTIVE_TENSORS: list[torch.Tensor] = []
+# The DDP model of a finished multi-process run, never freed: its process exits with `os._exit` (see `main`).
+# Gloo's worker threads keep the last work they ran (with its tensors) until the process group is destroyed, which
+# happens when the DDP model is freed; a Python-owned tensor freed there needs the GIL, which the main thread holds
+# while it destroys the group: a process then hung after saving, now and then, on 2 CPU processes (keeping only
+# the last gathered tensors alive was not enough: a worker hung in that teardown on 2026-12-03).
+_FINISHED_DDP_MODELS: list[torch.nn.Module] = []
 
 
 def gather_per_process(accelerator, *values: int) -> list[list[int]]:
@@ -619,7 +626,6 @@ def gather_per_process(accelerator, *values: int) -> list[list[int]]:
     local = torch.tensor(values, device=accelerator.device)
     gathered = [torch.empty_like(local) for _ in range(accelerator.num_processes)]
     torch.distributed.all_gather(gathered, local)
-    _LAST_COLLECTIVE_TENSORS.extend([local, *gathered])
     return torch.stack(gathered).T.tolist()
 
 
@@ -711,6 +717,8 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> int:
     save_trained(args, accelerator, task, model, latitudes, longitudes, step, samples_seen, step_batches.unreadable,
                  started)
     accelerator.end_training()
+    if accelerator.num_processes > 1:
+        _FINISHED_DDP_MODELS.append(model)
     return 0
 
 
