@@ -15,9 +15,10 @@ official encoder is a one-off cost not being measured here.
 A fourth part runs the converted ViT-L/14-shaped model (random CLIP weights: fine for speed, and the same
 weights for every tower) through `Geolocator.from_pretrained(..., tower=...)` for each reduced-precision tower:
 per-image time and speed-up over the official `predict` (measured in the same run), top-5 agreement with the fp32
-tower's answers (same points in order / same set / same best point / same set up to near-ties) on world-map crops and photo-like images
-(smooth colour fields with texture, JPEG-compressed), and batched throughput (images/s, preprocessing excluded) at
-each batch size; then whether this CPU has AVX512-BF16 / AMX and which tower is best with and without them.
+tower's answers (same points in order / same set / same best point / same set up to near-ties) on world-map crops
+and photo-like images (smooth colour fields with texture, JPEG-compressed), and batched throughput (images/s,
+preprocessing excluded) at each batch size; then whether this CPU has AVX512-BF16 / AMX and which tower is best
+with and without them.
 Random ViT-L/14 weights map every image to nearly the same embedding, so the same agreement is also measured
 with trained weights: the bundled GeoCLIP (`geoloc.DEFAULT_MODEL`, a trained tiny tower) under each tower option.
 Last, the share of images whose fp32 fifth and sixth answers are near-ties: the floor on how often any tower that
@@ -353,9 +354,9 @@ def main(argv=None) -> None:
               f"per call, preprocessing included, median of {args.tower_repeats} round-robin; agreement with the fp32 "
               f"tower's top-{TOP_K} gallery answers, as same points in the same order / same set of points / same "
               f"best point / same set up to near-ties (each point within {TIE_TOLERANCE} in fp32 log-probability "
-              f"of fp32's fifth): ViT-L/14 (random weights) on {args.agreement_images} images of each kind, and the bundled "
-              f"GeoCLIP (trained tiny tower) on {args.trained_agreement_images} of each; throughput: one batch of "
-              f"processed pixels.")
+              f"of fp32's fifth): ViT-L/14 (random weights) on {args.agreement_images} images of each kind, and the "
+              f"bundled GeoCLIP (trained tiny tower) on {args.trained_agreement_images} of each; throughput: one "
+              f"batch of processed pixels.")
         print()
         print(f"| tower | per image | vs official predict ({results['vit-l14']['official']:.1f} s) | agreement, "
               f"ViT-L/14, world-map crops | ViT-L/14, photo-like | trained tiny, world-map crops | trained tiny, "

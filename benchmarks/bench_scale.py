@@ -406,7 +406,8 @@ def main(argv=None) -> None:
     parser.add_argument("--skip-compile", action="store_true")
     parser.add_argument("--skip-towers", action="store_true", help="skip the ViT-L/14 tower and per-image rows")
     parser.add_argument("--synthetic-only", action="store_true",
-                        help="only the synthetic gallery's row (the real points are still encoded: it is built from them)")
+                        help="only the synthetic gallery's row (the real points are still encoded: it is built "
+                             "from them)")
     parser.add_argument("--exact-100k-only", action="store_true",
                         help="only the exact-search rows over the official 100K gallery (float32 vs the first passes)")
     args = parser.parse_args(argv)

@@ -30,10 +30,11 @@ Backends (`GeoCLIPModel.set_gallery(locations, backend=..., **options)`):
   codes re-ranked on the float32 vectors, or above 2**20 points on 8-bit copies: `default_faiss_index`)
   retrieves `n_candidates` hits per query. Their scores are exact model scores: the index ranks them on the
   float32 vectors (`Flat`, `RFlat`) or, for compressed codes (PQ/SQ, `Refine(SQ8)`), the candidates are
-  re-scored by re-encoding their coordinates with the location encoder. The normaliser adds the retrieved candidates' exact mass to an estimate of the rest: a
-  fixed uniform random sample of `normaliser_sample_size` gallery rows (drawn with `seed` at build time, stored
-  with the index) is scored exactly, the rows that are among the candidates are dropped, and the sum of
-  `exp(logit)` over the others is scaled by (N - C) / (their count).
+  re-scored by re-encoding their coordinates with the location encoder. The normaliser adds the retrieved
+  candidates' exact mass to an estimate of the rest: a fixed uniform random sample of `normaliser_sample_size`
+  gallery rows (drawn with `seed` at build time, stored with the index) is scored exactly, the rows that are
+  among the candidates are dropped, and the sum of `exp(logit)` over the others is scaled by (N - C) / (their
+  count).
   That estimator is unbiased for the non-retrieved mass; since the retrieved candidates hold nearly all of it
   for a peaked query, the probabilities of the top hits are close to the exact softmax (tests bound the error).
 
