@@ -21,9 +21,10 @@ Backends (`GeoCLIPModel.set_gallery(locations, backend=..., **options)`):
   (log-normaliser within ~0.005 of the exact one on the official 100K gallery, so probabilities within ~0.5 %
   relative; tested on small galleries).
   `scan="pq4"` (needs `faiss`): the first pass scans 4-bit fast-scan PQ codes (`PQ4Scan`, a sixteenth of
-  float32's bytes, trained when first searched, never saved) and re-scores 1024 candidates by default; the
-  rest's mass is estimated from an exactly scored uniform sample of rows, as for `faiss` below (faster than
-  int8, with looser probabilities for far queries: see `PQ4Scan`).
+  float32's bytes, trained when first searched, never saved), re-ranks their best 1024 rows per query on int8
+  copies and re-scores the best `scan_candidates` of those exactly; the mass of the rows outside the shortlist is
+  estimated from a uniform sample of rows, as for `faiss` below (faster than int8, with looser
+  probabilities for far queries: see `PQ4Scan`).
   `scan="none"`: one float32 pass, the exact softmax over the gallery (of the stored, possibly rounded,
   embeddings).
 * `faiss` (optional dependency, `pip install faiss-cpu`): an inner-product FAISS index (flat; or IVF with 4-bit
@@ -32,11 +33,12 @@ Backends (`GeoCLIPModel.set_gallery(locations, backend=..., **options)`):
   float32 vectors (`Flat`, `RFlat`) or, for compressed codes (PQ/SQ, `Refine(SQ8)`), the candidates are
   re-scored by re-encoding their coordinates with the location encoder. The normaliser adds the retrieved
   candidates' exact mass to an estimate of the rest: a fixed uniform random sample of `normaliser_sample_size`
-  gallery rows (drawn with `seed` at build time, stored with the index) is scored exactly, the rows that are
-  among the candidates are dropped, and the sum of `exp(logit)` over the others is scaled by (N - C) / (their
-  count).
-  That estimator is unbiased for the non-retrieved mass; since the retrieved candidates hold nearly all of it
-  for a peaked query, the probabilities of the top hits are close to the exact softmax (tests bound the error).
+  gallery rows (drawn with `seed` at build time, stored with the index) is scored (`NormaliserSample`: with the
+  int8 kernel where the CPU has it, within ~0.003 of the float32 scores), the rows that are among the candidates
+  are dropped, and the sum of `exp(logit)` over the others is scaled by (N - C) / (their count).
+  That estimator is unbiased for the non-retrieved mass (up to that rounding); since the retrieved candidates
+  hold nearly all of it for a peaked query, the probabilities of the top hits are close to the exact softmax
+  (tests bound the error).
 
   Recall is calibrated at build time. Queries are image or text embeddings, far from every gallery embedding
   (cosine ~0.2 to the best one for a random-backbone GeoCLIP), where an inverted index needs many more lists
@@ -75,7 +77,7 @@ SCAN_KINDS = ("auto", "int8", "pq4", "none")  # the exact backend's first pass
 SCAN_MIN_SIZE = 65536  # "auto": the int8 pass from this many gallery rows on (below, float32 takes < 1 ms)
 # One int8 part per 131,072 rows: the official 100K gallery is scanned in one part, with one top-k per query.
 SCAN_PART_ROWS = 131072
-PQ4_SCAN_CANDIDATES = 1024  # rows re-scored after the 4-bit pass by default (see `PQ4Scan`)
+PQ4_SHORTLIST = 1024  # rows the 4-bit codes pass on to the int8 re-ranking (see `PQ4Scan`)
 SCAN_SCORE_BUDGET = 1 << 22  # float32 scores held at once by the two-pass search (16 MB): queries go in groups
 EMBEDDING_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 RECALL_AT = 5  # the FAISS calibration measures recall@5 against exact search
@@ -134,7 +136,7 @@ def resolve_gallery_options(backend: str, size: int, options: dict, dim: int) ->
     `exact` options: `embedding_dtype` ("float32" | "float16" | "bfloat16", default "float32"), `chunk_size`
     (gallery rows scored at a time, default 32768), `scan` ("auto" | "int8" | "pq4" | "none", default "auto": a
     first pass over an int8 copy for galleries of at least 65,536 points, see the module docstring),
-    `scan_candidates` (rows per query re-scored exactly after the first pass, default 64; 1024 for "pq4").
+    `scan_candidates` (rows per query re-scored exactly after the first pass, default 64).
     `faiss` options: `index` (a FAISS factory string, default `default_faiss_index(size, dim)`), `nprobe` (IVF lists
     visited per query; default None: calibrated at build time, see the module docstring), `target_recall`
     (recall@5 the calibration aims at, default 0.995 up to `LARGE_GALLERY` = 2**20 points: the random-vector
@@ -169,8 +171,6 @@ def resolve_gallery_options(backend: str, size: int, options: dict, dim: int) ->
             raise ValueError(f"scan must be one of {list(SCAN_KINDS)}, got {resolved['scan']!r}.")
         if resolved["scan"] == "pq4":
             import_faiss()  # fail when the gallery is built, not at its first search
-            if "scan_candidates" not in options:
-                resolved["scan_candidates"] = PQ4_SCAN_CANDIDATES
         _check_positive(resolved, ("chunk_size", "scan_candidates"))
         return resolved
     index = options.get("index", default_faiss_index(size, dim))
@@ -282,6 +282,10 @@ class Int8Scan:
         _, codes, scales = part
         return torch._weight_int8pack_mm(query.to(torch.bfloat16), codes, scales).float()
 
+    def scores(self, query: torch.Tensor) -> torch.Tensor:
+        """`(B, D)` queries -> `(B, N)` float32 int8 scores of every row (for small copies: no score budget)."""
+        return torch.cat([self._scores(part, query) for part in self.parts], dim=1)
+
     def first_pass(
         self, query: torch.Tensor, scale: torch.Tensor, candidates: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -304,27 +308,30 @@ class Int8Scan:
 
 
 class PQ4Scan:
-    """4-bit fast-scan product-quantisation codes of gallery embeddings for a fast first pass (FAISS
-    `PQ{D/2}x4fs`: 128 bytes per row at D=512, a sixteenth of float32's, scanned with SIMD lookup tables held in
-    registers). FAISS returns the `candidates` best rows per query by code score; they are re-scored exactly by
-    the caller. The codes rank far less finely than int8, so many more candidates are re-scored
-    (`scan_candidates` default 1024 for `pq4`: on the official 100K gallery, far image queries kept their exact
-    top-5 logits 95.2% of the time with 256, 98.6% with 512, 99.5% with 1024; 1.4x faster than the int8 pass in
-    that run of `benchmarks/bench_scale.py`). The others' mass cannot come from the codes (FAISS returns only the
-    best rows' scores), so it is estimated as the `faiss` backend does: a fixed uniform sample of rows is scored
-    exactly, those among the candidates dropped, and the rest's `exp(logit)` sum scaled to the rows not
-    retrieved (log-normaliser within ~0.08 of the exact one for far queries there, so their probabilities are
-    within ~8% relative, against ~0.5% for the int8 pass; peaked queries, whose mass the candidates hold, are far
-    closer).
+    """4-bit fast-scan product-quantisation codes of gallery embeddings, re-ranked on int8 copies, for a fast first
+    pass. The 4-bit codes (FAISS `PQ{D/2}x4fs`: 128 bytes per row at D=512, a sixteenth of float32's, scanned with
+    SIMD lookup tables held in registers) are the only bytes read for every row; they rank coarsely, so their
+    best `shortlist` rows per query (`PQ4_SHORTLIST`, 1024) are re-scored on int8 copies of the rows (`Int8Scan`'s
+    quantisation and kernel; 512 bytes each, ~0.5 MB read per query), and the int8 order picks the candidates the
+    caller re-scores exactly (`scan_candidates`, 64 by default as for `Int8Scan`). On the official 100K gallery,
+    far image queries' exact top-5 fell inside the 4-bit shortlist 95.2% of the time with 256 rows, 98.6% with
+    512, 99.5% with 1024 (`benchmarks/bench_scale.py`). Without the int8 kernel, the whole shortlist is re-scored
+    exactly.
+
+    The others' mass: the rest of the shortlist contributes its int8 logits, and the rows outside it are estimated
+    from the normaliser sample (`NormaliserSample`, as for the `faiss` backend): log-normaliser within ~0.12 of
+    the exact one for far queries there, so their probabilities are within ~12% relative, against ~0.5% for the
+    int8 pass; peaked queries, whose mass the shortlist holds, are far closer.
 
     Build with `PQ4Scan.build(embeddings)` (needs `faiss`; trains the codebooks on up to 65,536 rows drawn with
-    `seed`, ~4 s for the official 100K gallery on 2 cores).
+    `seed`, ~4 s for the official 100K gallery on 2 cores). Memory: 0.3 bytes per float32 byte of the gallery
+    (64 MB for the official one).
     """
 
-    def __init__(self, index, sample_indices: torch.Tensor, sample_embeddings: torch.Tensor):
-        self.index, self.sample_indices, self.sample_embeddings = index, sample_indices, sample_embeddings
+    def __init__(self, index, copies: "Int8Scan | None", sample: "NormaliserSample", shortlist: int = PQ4_SHORTLIST):
+        self.index, self.copies, self.sample, self.shortlist = index, copies, sample, shortlist
         self.size = index.ntotal
-        self.query_group = 64  # bounds the sample's (queries, 4096) scores and membership lookups per group
+        self.query_group = 64  # bounds the shortlists and the sample's (queries, S) scores per group
 
     @classmethod
     def build(cls, embeddings: torch.Tensor, seed: int = 0, train_rows: int = 65536,
@@ -340,17 +347,28 @@ class PQ4Scan:
         for start in range(0, rows, 65536):
             index.add(_as_faiss(embeddings[start : start + 65536]))
         sample = torch.randperm(rows, generator=generator)[:sample_size].sort().values
-        return cls(index, sample, embeddings[sample].float().cpu())
+        copies = Int8Scan.build(embeddings, part_rows=rows)  # one part: rows are gathered by gallery index
+        return cls(index, copies, NormaliserSample(sample, embeddings[sample].float().cpu(), rows))
 
     def first_pass(
         self, query: torch.Tensor, scale: torch.Tensor, candidates: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """As `Int8Scan.first_pass`, with the others' mass estimated from the exactly scored sample."""
-        _, rows = faiss_search(self.index, query, min(candidates, self.size), threads=1)
+        """As `Int8Scan.first_pass`: the `(B, C)` best rows by int8 score within the 4-bit shortlist, and `(B,)`
+        the log of the others' estimated mass (the shortlist's other rows by int8 score, the rest sampled)."""
+        shortlist = min(max(self.shortlist, candidates), self.size)
+        _, rows = faiss_search(self.index, query, shortlist, threads=1)
         rows = torch.from_numpy(rows)
-        found = torch.ones_like(rows, dtype=torch.bool)
-        return rows, sample_rest_mass(query, scale, rows, found, self.sample_indices, self.sample_embeddings,
-                                      self.size)
+        outside = self.sample.rest_mass(query, scale, rows, torch.full((len(rows),), self.size - shortlist))
+        if self.copies is None or shortlist == candidates:
+            return rows, outside
+        _, codes, scales = self.copies.parts[0]
+        approximate = scale * torch.cat([  # each query's own rows: one kernel call per query
+            torch._weight_int8pack_mm(one[None], codes.index_select(0, its_rows), scales.index_select(0, its_rows))
+            for one, its_rows in zip(query.to(torch.bfloat16), rows)
+        ]).float()
+        order = approximate.topk(candidates, dim=1).indices
+        others = torch.cat([approximate.scatter(1, order, -math.inf), outside[:, None]], dim=1)
+        return rows.gather(1, order), torch.logsumexp(others, dim=1)
 
 
 def exact_search(
@@ -412,10 +430,17 @@ def _two_pass_group(
     candidates: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     rows, others = scan.first_pass(query, scale, candidates)
-    exact_logits = scale * torch.einsum("bd,bcd->bc", query, embeddings[rows].float())
+    exact_logits = scale * _rows_similarities(query, embeddings, rows)
     log_normaliser = torch.logaddexp(torch.logsumexp(exact_logits, dim=1), others)
     logits, order = exact_logits.topk(top_k, dim=1)
     return logits, rows.gather(1, order), log_normaliser
+
+
+def _rows_similarities(query: torch.Tensor, embeddings: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(B, D) float32 queries x their own (B, C) gallery rows -> (B, C) float32 inner products (`index_select`:
+    advanced indexing took ~2x longer to gather the rows)."""
+    gathered = embeddings.index_select(0, rows.flatten()).float().view(*rows.shape, -1)
+    return torch.einsum("bd,bcd->bc", query, gathered)
 
 
 def merge_top_k(
@@ -457,6 +482,7 @@ class FaissGallery:
         self.index = index
         self.sample_indices = sample_indices
         self.sample_embeddings = sample_embeddings
+        self.sample = NormaliserSample(sample_indices, sample_embeddings, index.ntotal)
         self.options = options
 
     @classmethod
@@ -547,14 +573,6 @@ class FaissGallery:
         """The index as a `(nbytes,)` uint8 tensor (`faiss.serialize_index`; no pickle)."""
         return torch.from_numpy(import_faiss().serialize_index(self.index))
 
-    @classmethod
-    def deserialize(
-        cls, data: torch.Tensor, sample_indices: torch.Tensor, sample_embeddings: torch.Tensor, options: dict
-    ) -> "FaissGallery":
-        """Rebuild from `serialize()` bytes (`(nbytes,)` uint8) and the stored normaliser sample."""
-        index = import_faiss().deserialize_index(data.cpu().numpy())
-        return cls(index, sample_indices.cpu(), sample_embeddings.float().cpu(), options)
-
     def search(
         self, query: torch.Tensor, scale: torch.Tensor, top_k: int, embed: EmbedRows
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -576,8 +594,7 @@ class FaissGallery:
         scale = scale.float().cpu()
         size = self.index.ntotal
         logits, indices = self._candidates(query, scale, top_k, embed)
-        rest_mass = sample_rest_mass(query, scale, indices, indices >= 0, self.sample_indices, self.sample_embeddings,
-                                     size)
+        rest_mass = self.sample.rest_mass(query, scale, indices, size - (indices >= 0).sum(1))
         log_normaliser = torch.logaddexp(torch.logsumexp(logits, dim=1), rest_mass)
         best_logits, order = logits.topk(top_k, dim=1)
         return best_logits, indices.gather(1, order), log_normaliser
@@ -626,33 +643,50 @@ def faiss_search(index, query: torch.Tensor, count: int, threads: int) -> tuple[
         faiss.omp_set_num_threads(previous)
 
 
-def sample_rest_mass(
-    query: torch.Tensor, scale: torch.Tensor, indices: torch.Tensor, found: torch.Tensor,
-    sample_indices: torch.Tensor, sample_embeddings: torch.Tensor, size: int,
-) -> torch.Tensor:
-    """Estimated log of the `exp(logit)` mass of the gallery rows not retrieved, from a uniform sample scored
-    exactly: the sample rows among the retrieved ones are dropped and the others' sum is scaled by (rows not
-    retrieved) / (sample rows kept); unbiased for that mass.
+class NormaliserSample:
+    """A fixed uniform random sample of gallery rows, scored to estimate the `exp(logit)` mass of the rows a
+    search did not retrieve (the `faiss` backend and the `pq4` first pass): the sample rows among a query's
+    retrieved rows are dropped and the others' sum is scaled by (rows not retrieved) / (sample rows kept),
+    unbiased for that mass. Rows are scored with the int8 kernel where the CPU has it (a quarter of the bytes;
+    scores within ~0.003, far below the sampling error), else in float32.
 
     Args:
-        query (`(B, D)`), scale (`()`): the normalised queries and the logit scale.
-        indices (`(B, C)` int64), found (`(B, C)` bool): the retrieved rows and which of them are real hits.
-        sample_indices (`(S,)` int64), sample_embeddings (`(S, D)`): the sample. size (`int`): N.
-
-    Returns: `(B,)` float32, -inf where every row was retrieved or no sample row is left.
+        indices (`torch.LongTensor` of shape `(S,)`): the sampled gallery rows, sorted, distinct.
+        embeddings (`torch.FloatTensor` of shape `(S, D)`): their embeddings.
+        size (`int`): N, the gallery's rows.
     """
-    sample_logits = scale * query @ sample_embeddings.T
-    # Membership per query by binary search in its sorted rows (-1, "not found", sorts first and matches no
-    # sample row); `torch.isin` sorted everything instead, 0.6 ms per query of the official gallery's pq4 pass.
-    sorted_rows = indices.sort(dim=1).values
-    samples = sample_indices.expand(len(indices), -1).contiguous()
-    position = torch.searchsorted(sorted_rows, samples).clamp(max=sorted_rows.shape[1] - 1)
-    in_candidates = sorted_rows.gather(1, position) == samples
-    sample_logits = sample_logits.masked_fill(in_candidates, -math.inf)
-    kept = (~in_candidates).sum(1)
-    rest = size - found.sum(1)
-    rest_mass = torch.logsumexp(sample_logits, dim=1) + torch.log(rest / kept.clamp(min=1))
-    return rest_mass.masked_fill((rest == 0) | (kept == 0), -math.inf)
+
+    def __init__(self, indices: torch.Tensor, embeddings: torch.Tensor, size: int):
+        self.indices, self.embeddings = indices, embeddings
+        self.scan = Int8Scan.build(embeddings) if len(embeddings) else None
+        # Each gallery row's place in the sample, S for rows outside it: membership is one lookup per
+        # retrieved row (2 bytes per gallery row; 20 MB at 10M points). One more entry, S, answers row -1.
+        count = len(indices)
+        self.slots = torch.full((size + 1,), count, dtype=torch.int16 if count < 2**15 else torch.int32)
+        self.slots[indices] = torch.arange(count, dtype=self.slots.dtype)
+
+    def rest_mass(self, query: torch.Tensor, scale: torch.Tensor, retrieved: torch.Tensor,
+                  rest: torch.Tensor) -> torch.Tensor:
+        """Estimated log of the `exp(logit)` mass of the rows not retrieved.
+
+        Args:
+            query (`(B, D)`), scale (`()`): the normalised queries and the logit scale.
+            retrieved (`(B, C)` int64): each query's retrieved rows, distinct; -1 for "not found" (no row).
+            rest (`(B,)` int64): how many gallery rows each query did not retrieve.
+
+        Returns: `(B,)` float32, -inf where every row was retrieved or no sample row is left.
+        """
+        count = len(self.indices)
+        if self.scan is None:
+            logits = scale * query @ self.embeddings.T
+        else:
+            logits = scale * self.scan.scores(query)
+        slots = self.slots[retrieved].long()  # -1 ("not found") indexes the last entry: S, outside the sample
+        in_retrieved = torch.zeros(len(query), count + 1, dtype=torch.bool).scatter_(1, slots, True)[:, :count]
+        kept = count - in_retrieved.sum(1)
+        mass = torch.logsumexp(logits.masked_fill(in_retrieved, -math.inf), dim=1)
+        mass = mass + torch.log(rest / kept.clamp(min=1))
+        return mass.masked_fill((rest == 0) | (kept == 0), -math.inf)
 
 
 def _nprobe_ladder(nlist: int) -> list[int]:
@@ -815,6 +849,8 @@ class GeoCLIPGallery(nn.Module):
                 f"The checkpoint's gallery.sample_indices must be gallery rows in [0, {size}), "
                 f"got values in [{int(rows.min())}, {int(rows.max())}]."
             )
+        if len(rows) > 1 and not bool((rows[1:] > rows[:-1]).all()):
+            raise ValueError("The checkpoint's gallery.sample_indices must be distinct rows in increasing order.")
         self._check_faiss_index_hash(require_hashes)
         self._load_faiss_index()
 
@@ -843,20 +879,20 @@ class GeoCLIPGallery(nn.Module):
             return
         size, dim = config.gallery_size, config.projection_dim
         try:
-            gallery = self._deserialize_faiss()
-            _, rows = gallery.index.search(np.zeros((1, dim), dtype=np.float32), 1)
+            # `serialize()` bytes: faiss's own format, no pickle
+            index = import_faiss().deserialize_index(self.faiss_index.cpu().numpy())
+            rows = None
+            if index.ntotal == size and index.d == dim:
+                _, rows = index.search(np.zeros((1, dim), dtype=np.float32), 1)
         except (RuntimeError, TypeError, ValueError) as error:  # faiss raises RuntimeError for bad bytes
             raise ValueError(f"The checkpoint's FAISS index (gallery.faiss_index) cannot be read: {error}") from None
-        if gallery.index.ntotal != size or gallery.index.d != dim or not 0 <= int(rows.max()) < size:
+        if rows is None or not 0 <= int(rows.max()) < size:
             raise ValueError(
-                f"The checkpoint's FAISS index holds {gallery.index.ntotal} vectors of width {gallery.index.d}, "
+                f"The checkpoint's FAISS index holds {index.ntotal} vectors of width {index.d}, "
                 f"not the gallery's {size} of width {dim}: the index does not belong to this gallery."
             )
-        self._faiss = gallery
-
-    def _deserialize_faiss(self) -> FaissGallery:
-        return FaissGallery.deserialize(self.faiss_index, self.sample_indices, self.sample_embeddings,
-                                        self.model_config.gallery_options or {})
+        self._faiss = FaissGallery(index, self.sample_indices.cpu(), self.sample_embeddings.float().cpu(),
+                                   config.gallery_options or {})
 
     # --------------------------------------------------------------------------------------------- build
     def build(
@@ -948,7 +984,7 @@ class GeoCLIPGallery(nn.Module):
             return exact_search(query, self.embeddings, scale, top_k, options.get("chunk_size", 32768),
                                 scan=self._first_pass_scan(), scan_candidates=options.get("scan_candidates", 64))
         if self._faiss is None:  # restored by from_pretrained: rebuild from the stored bytes
-            self._faiss = self._deserialize_faiss()
+            self._load_faiss_index()
         self._faiss.options = options
         embed_rows = lambda rows: embed(from_microdegrees(self.coordinates[rows.to(self.coordinates.device)]))
         logits, indices, log_normaliser = self._faiss.search(query, scale, top_k, embed_rows)

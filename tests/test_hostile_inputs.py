@@ -581,6 +581,14 @@ def test_a_corrupted_faiss_index_is_refused(tmp_path, keep_torch_threads):
         gallery_index_nbytes=len(other.gallery.faiss_index), gallery_index_sha256=tensor_sha256(other.gallery.faiss_index)))
     with pytest.raises(ValueError, match=r"FAISS index holds 3 vectors .* not the gallery's 4"):
         GeoCLIPModel.from_pretrained(foreign)
+    # the normaliser sample must name distinct gallery rows (each is dropped once when retrieved)
+    assert model.gallery.sample_indices.tolist() == [0, 1, 2, 3]
+    for rows, message in (([0, 1, 2, 9], r"sample_indices must be gallery rows in \[0, 4\), got values in \[0, 9\]"),
+                          ([0, 1, 1, 3], "sample_indices must be distinct rows in increasing order")):
+        edited = _edited_copy(tmp_path / "faiss", tmp_path / "sample", lambda weights: weights.update(
+            {"gallery.sample_indices": torch.tensor(rows)}))
+        with pytest.raises(ValueError, match=message):
+            GeoCLIPModel.from_pretrained(edited)
 
 
 def test_nan_answers_are_errors_not_numbers(geoclip_dir, geohier_dir):
