@@ -252,7 +252,8 @@ def exact_100k_rows(model, gallery: np.ndarray, queries: dict, held_out: dict) -
             for kind, scan in scans.items():
                 found = exact_search(batch, embeddings, scale, 5, scan=scan, scan_candidates=candidates[kind])
                 same_rows = (found[1] == rows).all(1).float().mean().item()
-                same_logits = ((found[0] - logits).abs() <= 1e-5 * logits.abs().clamp(min=1)).all(1).float().mean().item()
+                same = (found[0] - logits).abs() <= 1e-5 * logits.abs().clamp(min=1)
+                same_logits = same.all(1).float().mean().item()
                 agreement[kind].append(
                     f"{label}, {name} ({len(batch)}): top-5 rows identical {same_rows:.3f}, top-5 logits identical "
                     f"(ties: the official gallery repeats coordinates) **{same_logits:.3f}**, log-normaliser within "
@@ -425,8 +426,8 @@ def main(argv=None) -> None:
           flush=True)
     rows = []
     if args.exact_100k_only:
-        rows = exact_100k_rows(model, np.asarray(metadata["gallery"], dtype=np.float64), model_queries(weights, range(30)),
-                               model_queries(weights, range(200, 260)))
+        rows = exact_100k_rows(model, np.asarray(metadata["gallery"], dtype=np.float64),
+                               model_queries(weights, range(30)), model_queries(weights, range(200, 260)))
         print("\n| what | ours | goal / reference | notes |\n|---|---|---|---|\n" + "\n".join(rows))
         return
     if not args.skip_towers and not args.synthetic_only:

@@ -136,7 +136,8 @@ def resolve_gallery_options(backend: str, size: int, options: dict, dim: int) ->
     `exact` options: `embedding_dtype` ("float32" | "float16" | "bfloat16", default "float32"), `chunk_size`
     (gallery rows scored at a time, default 32768), `scan` ("auto" | "int8" | "pq4" | "none", default "auto": a
     first pass over an int8 copy for galleries of at least 65,536 points, see the module docstring),
-    `scan_candidates` (rows per query re-scored exactly after the first pass, default 64).
+    `scan_candidates` (rows per query re-scored exactly after the first pass, default 64; "pq4" without the int8
+    kernel re-scores its whole 1,024-row shortlist).
     `faiss` options: `index` (a FAISS factory string, default `default_faiss_index(size, dim)`), `nprobe` (IVF lists
     visited per query; default None: calibrated at build time, see the module docstring), `target_recall`
     (recall@5 the calibration aims at, default 0.995 up to `LARGE_GALLERY` = 2**20 points: the random-vector
@@ -243,6 +244,13 @@ def import_faiss():
 UPCAST_ROWS = 4096
 
 
+def _quantize_int8(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(R, D)` rows -> `(R, D)` int8 codes and `(R,)` bfloat16 scales, symmetric with one scale per row."""
+    rows = rows.float()
+    scales = rows.abs().amax(1).clamp_min(1e-12) / 127
+    return torch.round(rows / scales[:, None]).to(torch.int8).contiguous(), scales.to(torch.bfloat16)
+
+
 class Int8Scan:
     """An int8 copy of gallery embeddings for a fast first pass: rows quantised symmetrically with one scale each
     (a quarter of float32's bytes), scored against bfloat16 queries with PyTorch's weight-only int8 kernel
@@ -267,10 +275,10 @@ class Int8Scan:
         parts = []
         try:
             for start in range(0, len(embeddings), part_rows):
-                rows = embeddings[start : start + part_rows].float()
-                scales = rows.abs().amax(1).clamp_min(1e-12) / 127
-                codes = torch.round(rows / scales[:, None]).to(torch.int8).contiguous()
-                parts.append((start, codes, scales.to(torch.bfloat16)))
+                # quantised in blocks: the float32 temporaries stay one block's size, whatever the part's
+                blocks = [_quantize_int8(block) for block in embeddings[start : start + part_rows].split(65536)]
+                codes, scales = (torch.cat(pieces) for pieces in zip(*blocks))
+                parts.append((start, codes, scales))
             cls._scores(parts[0], embeddings[:1].float())
         except (RuntimeError, NotImplementedError, AttributeError) as error:
             logger.info(f"No int8 gallery scan on this machine ({error}); scanning the stored embeddings.")
@@ -354,12 +362,14 @@ class PQ4Scan:
         self, query: torch.Tensor, scale: torch.Tensor, candidates: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """As `Int8Scan.first_pass`: the `(B, C)` best rows by int8 score within the 4-bit shortlist, and `(B,)`
-        the log of the others' estimated mass (the shortlist's other rows by int8 score, the rest sampled)."""
+        the log of the others' estimated mass (the shortlist's other rows by int8 score, the rest sampled). Where
+        C reaches the shortlist or there is no int8 kernel, the whole shortlist is returned, for exact re-scoring."""
+        candidates = min(candidates, self.size)
         shortlist = min(max(self.shortlist, candidates), self.size)
         _, rows = faiss_search(self.index, query, shortlist, threads=1)
         rows = torch.from_numpy(rows)
         outside = self.sample.rest_mass(query, scale, rows, torch.full((len(rows),), self.size - shortlist))
-        if self.copies is None or shortlist == candidates:
+        if self.copies is None or shortlist == candidates:  # the whole shortlist is re-scored exactly
             return rows, outside
         _, codes, scales = self.copies.parts[0]
         approximate = scale * torch.cat([  # each query's own rows: one kernel call per query
@@ -386,11 +396,12 @@ def exact_search(
         top_k (`int`): hits per query, <= N.
         chunk_size (`int`): gallery rows scored at a time.
         scan (`Int8Scan` or `PQ4Scan`, *optional*): an int8 copy or 4-bit codes of `embeddings` for a first pass
-            (see the module docstring); its `max(scan_candidates, top_k)` best rows per query are re-scored on
-            `embeddings`.
+            (see the module docstring); its `max(scan_candidates, top_k)` best rows per query (`PQ4Scan` without
+            the int8 kernel: its whole shortlist) are re-scored on `embeddings`.
 
     Returns: `(logits, indices, log_normaliser)`: `(B, top_k)` float32 logits and int64 rows, best first, and
-    `(B,)` float32 `logsumexp` of all N logits (with `scan`: the candidates' exact logits, the others' int8 ones).
+    `(B,)` float32 `logsumexp` of all N logits (with `scan`: the re-scored rows' exact logits plus the first
+    pass's estimate of the others' mass, see `Int8Scan` and `PQ4Scan`).
     """
     query = query.float()
     scale = scale.float()
@@ -660,7 +671,8 @@ class NormaliserSample:
         self.indices, self.embeddings = indices, embeddings
         self.scan = Int8Scan.build(embeddings) if len(embeddings) else None
         # Each gallery row's place in the sample, S for rows outside it: membership is one lookup per
-        # retrieved row (2 bytes per gallery row; 20 MB at 10M points). One more entry, S, answers row -1.
+        # retrieved row (2 bytes per gallery row below 32,768 sample rows, else 4: 20 MB at 10M points with the
+        # default 4,096). One more entry, S, answers row -1.
         count = len(indices)
         self.slots = torch.full((size + 1,), count, dtype=torch.int16 if count < 2**15 else torch.int32)
         self.slots[indices] = torch.arange(count, dtype=self.slots.dtype)
@@ -789,10 +801,10 @@ class GeoCLIPGallery(nn.Module):
 
     Buffers, saved when non-empty (their shapes follow the config, so saving and loading agree on the keys):
     `coordinates` (N, 2) int32 micro-degrees; `embeddings` (N, D) for `exact` (in `embedding_dtype`), (0, D) for
-    `faiss`; `faiss_index` (nbytes,) uint8, the serialised FAISS index; `sample_indices` (S,) int64 and
-    `sample_embeddings` (S, D) float32, the FAISS normaliser sample (empty for `exact`). Casting the model
-    (`model.to(torch.bfloat16)`) moves them between devices but never changes their dtypes: the stored precision
-    is the one `embedding_dtype` chose.
+    `faiss`; `faiss_index` (nbytes,) uint8, the serialised FAISS index; `sample_indices` (S,) int64 (distinct
+    rows, increasing) and `sample_embeddings` (S, D) float32, the FAISS normaliser sample (empty for `exact`).
+    Casting the model (`model.to(torch.bfloat16)`) moves them between devices but never changes their dtypes: the
+    stored precision is the one `embedding_dtype` chose.
 
     Args:
         config: the model's `GeoCLIPConfig` (shared, not copied: building a gallery writes its fields).
@@ -835,9 +847,9 @@ class GeoCLIPGallery(nn.Module):
     # -------------------------------------------------------------------------------------------- checks
     def check_loaded_state(self, require_hashes: bool = True) -> None:
         """Checks of loaded gallery state that shapes and finiteness cannot show: coordinates in range, the
-        normaliser sample's rows in bounds, and the FAISS index bytes matching the SHA-256 that `build` recorded
-        in the config (an index without one only with `require_hashes=False`), then deserialised and searched
-        once, so that crafted bytes fail here rather than at the first query.
+        normaliser sample's rows in bounds, distinct and increasing, and the FAISS index bytes matching the SHA-256
+        that `build` recorded in the config (an index without one only with `require_hashes=False`), then
+        deserialised and searched once, so that crafted bytes fail here rather than at the first query.
 
         Raises:
             ValueError: naming the bad tensor (and row).
@@ -985,6 +997,9 @@ class GeoCLIPGallery(nn.Module):
                                 scan=self._first_pass_scan(), scan_candidates=options.get("scan_candidates", 64))
         if self._faiss is None:  # restored by from_pretrained: rebuild from the stored bytes
             self._load_faiss_index()
+        if self._faiss is None:
+            raise ValueError("The gallery's backend is 'faiss' but it holds no FAISS index (gallery_index_nbytes is "
+                             "0): rebuild it with set_gallery.")
         self._faiss.options = options
         embed_rows = lambda rows: embed(from_microdegrees(self.coordinates[rows.to(self.coordinates.device)]))
         logits, indices, log_normaliser = self._faiss.search(query, scale, top_k, embed_rows)

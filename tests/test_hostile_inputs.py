@@ -584,11 +584,16 @@ def test_a_corrupted_faiss_index_is_refused(tmp_path, keep_torch_threads):
     # the normaliser sample must name distinct gallery rows (each is dropped once when retrieved)
     assert model.gallery.sample_indices.tolist() == [0, 1, 2, 3]
     for rows, message in (([0, 1, 2, 9], r"sample_indices must be gallery rows in \[0, 4\), got values in \[0, 9\]"),
-                          ([0, 1, 1, 3], "sample_indices must be distinct rows in increasing order")):
+                          ([0, 1, 1, 3], "sample_indices must be distinct rows in increasing order"),
+                          ([3, 0, 1, 2], "sample_indices must be distinct rows in increasing order")):
         edited = _edited_copy(tmp_path / "faiss", tmp_path / "sample", lambda weights: weights.update(
             {"gallery.sample_indices": torch.tensor(rows)}))
         with pytest.raises(ValueError, match=message):
             GeoCLIPModel.from_pretrained(edited)
+    # a config that names the faiss backend but records no index bytes: a clear error at search, not a crash
+    model.gallery._faiss, model.config.gallery_index_nbytes = None, 0
+    with pytest.raises(ValueError, match="backend is 'faiss' but it holds no FAISS index"):
+        model.search_gallery(torch.nn.functional.normalize(torch.randn(1, model.config.projection_dim), dim=-1), 2)
 
 
 def test_nan_answers_are_errors_not_numbers(geoclip_dir, geohier_dir):
