@@ -294,6 +294,14 @@ class Int8Scan:
         """`(B, D)` queries -> `(B, N)` float32 int8 scores of every row (for small copies: no score budget)."""
         return torch.cat([self._scores(part, query) for part in self.parts], dim=1)
 
+    def row_scores(self, query: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """`(B, D)` queries x their own `(B, C)` rows -> `(B, C)` float32 int8 scores (a copy built in one part;
+        one kernel call per query)."""
+        (_, codes, scales), = self.parts
+        return torch.cat([self._scores((0, codes.index_select(0, its_rows), scales.index_select(0, its_rows)),
+                                       one[None])
+                          for one, its_rows in zip(query, rows)])
+
     def first_pass(
         self, query: torch.Tensor, scale: torch.Tensor, candidates: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -371,11 +379,7 @@ class PQ4Scan:
         outside = self.sample.rest_mass(query, scale, rows, torch.full((len(rows),), self.size - shortlist))
         if self.copies is None or shortlist == candidates:  # the whole shortlist is re-scored exactly
             return rows, outside
-        _, codes, scales = self.copies.parts[0]
-        approximate = scale * torch.cat([  # each query's own rows: one kernel call per query
-            torch._weight_int8pack_mm(one[None], codes.index_select(0, its_rows), scales.index_select(0, its_rows))
-            for one, its_rows in zip(query.to(torch.bfloat16), rows)
-        ]).float()
+        approximate = scale * self.copies.row_scores(query, rows)
         order = approximate.topk(candidates, dim=1).indices
         others = torch.cat([approximate.scatter(1, order, -math.inf), outside[:, None]], dim=1)
         return rows.gather(1, order), torch.logsumexp(others, dim=1)
@@ -491,8 +495,6 @@ class FaissGallery:
 
     def __init__(self, index, sample_indices: torch.Tensor, sample_embeddings: torch.Tensor, options: dict):
         self.index = index
-        self.sample_indices = sample_indices
-        self.sample_embeddings = sample_embeddings
         self.sample = NormaliserSample(sample_indices, sample_embeddings, index.ntotal)
         self.options = options
 
@@ -958,8 +960,8 @@ class GeoCLIPGallery(nn.Module):
             self.embeddings = embeddings.to(device)
         else:
             self.faiss_index = index_bytes.to(device)
-            self.sample_indices = built.sample_indices.to(device)
-            self.sample_embeddings = built.sample_embeddings.to(device)
+            self.sample_indices = built.sample.indices.to(device)
+            self.sample_embeddings = built.sample.embeddings.to(device)
             self._faiss = built
 
     def _check_calibration_queries(self, queries, backend: str) -> torch.Tensor:
