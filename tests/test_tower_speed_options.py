@@ -13,9 +13,9 @@ from geoloc.cli import main
 from geoloc.configs import TINY_IMAGE_SIZE, tiny_geoclip_config
 from geoloc.data.worldmap import render_crop, sample_points
 from geoloc.inference.adapter import Geolocator
-from geoloc.inference.tower_speed import apply_tower
+from geoloc.inference import tower_speed
+from geoloc.inference.tower_speed import apply_tower, cpu_supports_bf16, optimize_for_cpu
 from modeling_geoclip import GeoCLIPModel
-from geoloc.inference.tower_speed import cpu_supports_bf16, optimize_for_cpu
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +81,20 @@ def test_apply_tower_wiring(model):
         assert bf16.image_tower.dtype == torch.bfloat16 and bf16.location_encoder.dtype == torch.float32
     with pytest.raises(ValueError, match="tower must be one of fp32, bf16, int8, got 'fp16'"):
         apply_tower(model, "fp16")
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [(False, False, False), (True, False, True), (False, True, True)])
+def test_bf16_needs_native_instructions_on_x86(monkeypatch, model, avx512_bf16, amx, expected):
+    """oneDNN accepts bfloat16 on any AVX512 CPU (its own check is true on Skylake-X / Cascade Lake, where it emulates
+    bfloat16 slower than float32): an x86 CPU needs AVX512-BF16 or AMX, else the bf16 tower is refused."""
+    monkeypatch.setattr(tower_speed.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert cpu_supports_bf16() is expected
+    if not expected:
+        with pytest.raises(ValueError, match=r"needs a CPU that multiplies bfloat16 natively .* Use the int8 tower"):
+            apply_tower(copy.deepcopy(model), "bf16")
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ Which to use:
   on any x86-64 / ARM CPU (VNNI / AMX-INT8 make it faster).
 """
 
+import platform
 import warnings
 
 import torch
@@ -28,8 +29,15 @@ TOWER_CHOICES = ("fp32", "bf16", "int8")
 
 
 def cpu_supports_bf16() -> bool:
-    """True when oneDNN has native bfloat16 kernels on this CPU (AVX512-BF16 or AMX)."""
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """True when this CPU multiplies bfloat16 natively: x86 with AVX512-BF16 or AMX, or an ARM CPU for which oneDNN
+    has bfloat16 kernels. On x86 oneDNN also accepts bfloat16 on AVX512 CPUs without those instructions (Skylake-X,
+    Cascade Lake), emulated and slower than float32, so its own check is not enough there."""
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return False
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True
+    return any(getattr(torch.cpu, check, lambda: False)()
+               for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
 def cpu_features() -> dict[str, bool]:
@@ -95,8 +103,9 @@ def optimize_for_cpu(
         raise ValueError("bf16 and int8 cannot be combined: dynamic int8 quantisation runs on float32 layers.")
     if bf16 and not cpu_supports_bf16():
         raise ValueError(
-            f"The bf16 tower needs native bfloat16 CPU kernels (AVX512-BF16 or AMX); this CPU reports "
-            f"{torch.backends.cpu.get_cpu_capability()} without them. Use the int8 tower instead."
+            f"The bf16 tower needs a CPU that multiplies bfloat16 natively (AVX512-BF16 or AMX on x86); this one "
+            f"({platform.machine()}, {torch.backends.cpu.get_cpu_capability()}) would emulate it, slower than "
+            "float32. Use the int8 tower instead."
         )
     tower = model.image_tower
     if tower.config._attn_implementation != "sdpa":
