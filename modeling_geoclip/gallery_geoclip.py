@@ -18,7 +18,7 @@ Backends (`GeoCLIPModel.set_gallery(locations, backend=..., **options)`):
   the exact search unless a true top-k row falls outside the first pass's candidates (int8 scores are within
   ~0.003 of the float32 inner products of unit vectors; `benchmarks/bench_scale.py` measures how often the
   top-5 differ). The normaliser is the candidates' exact mass plus the rest's from the int8 scores
-  (log-normaliser within ~0.005 of the exact one on the official 100K gallery, so probabilities within ~0.5 %
+  (log-normaliser within ~0.0015 of the exact one on the official 100K gallery, so probabilities within ~0.15 %
   relative; tested on small galleries).
   `scan="pq4"` (needs `faiss`): the first pass scans 4-bit fast-scan PQ codes (`PQ4Scan`, a sixteenth of
   float32's bytes, trained when first searched, never saved), re-ranks their best 1024 rows per query on int8
@@ -77,6 +77,10 @@ SCAN_KINDS = ("auto", "int8", "pq4", "none")  # the exact backend's first pass
 SCAN_MIN_SIZE = 65536  # "auto": the int8 pass from this many gallery rows on (below, float32 takes < 1 ms)
 # One int8 part per 131,072 rows: the official 100K gallery is scanned in one part, with one top-k per query.
 SCAN_PART_ROWS = 131072
+# `torch._weight_int8pack_mm` (torch 2.13, AVX512 CPU) crashed or returned garbage for widths that are not a
+# multiple of 16 with more than one query row (and inf for one row); it is only called on multiples of 16.
+INT8_KERNEL_WIDTH = 16
+INT8_PROBE_TOLERANCE = 0.02  # int8 rounding is ~0.003 of |query| |row|; a broken kernel is off by far more
 PQ4_SHORTLIST = 1024  # rows the 4-bit codes pass on to the int8 re-ranking (see `PQ4Scan`)
 SCAN_SCORE_BUDGET = 1 << 22  # float32 scores held at once by the two-pass search (16 MB): queries go in groups
 EMBEDDING_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -256,21 +260,27 @@ class Int8Scan:
     (a quarter of float32's bytes), scored against bfloat16 queries with PyTorch's weight-only int8 kernel
     (`torch._weight_int8pack_mm`, memory-bound: it reads the int8 rows once), in parts of `part_rows` rows (large:
     each part costs one top-k and merge per query; the search bounds its score buffer by scoring queries in
-    groups instead). Scores are within ~0.003 of the float32 inner products of unit vectors (bfloat16 query and
-    output rounding).
+    groups instead). Scores are within ~0.003 of the float32 inner products of unit vectors (the rows' int8 and
+    the output's bfloat16 rounding; the query keeps float32 precision, see `_scores`).
 
-    Build with `Int8Scan.build(embeddings)`, which returns None off the CPU or where PyTorch lacks the kernel
-    (the search then scans the stored embeddings in full precision).
+    Build with `Int8Scan.build(embeddings)`, which returns None off the CPU, where PyTorch lacks the kernel, for
+    widths that are not a multiple of `INT8_KERNEL_WIDTH`, or where the kernel's scores of the first rows are not
+    those of float32 (the search then scans the stored embeddings in full precision).
     """
 
     def __init__(self, parts: list, size: int):
         self.parts, self.size = parts, size
-        # Queries scored together: one part's scores for them fit in `SCAN_SCORE_BUDGET` floats.
-        self.query_group = max(1, SCAN_SCORE_BUDGET // max((len(codes) for _, codes, _ in parts), default=1))
+        # Queries scored together: one part's scores for them (two rows each, see `_scores`) fit in
+        # `SCAN_SCORE_BUDGET` floats.
+        self.query_group = max(1, SCAN_SCORE_BUDGET // (2 * max((len(codes) for _, codes, _ in parts), default=1)))
 
     @classmethod
     def build(cls, embeddings: torch.Tensor, part_rows: int = SCAN_PART_ROWS) -> "Int8Scan | None":
         if embeddings.device.type != "cpu" or not len(embeddings):
+            return None
+        if embeddings.shape[1] % INT8_KERNEL_WIDTH:
+            logger.info(f"No int8 gallery scan for {embeddings.shape[1]}-wide embeddings (PyTorch's int8 kernel needs "
+                        f"a multiple of {INT8_KERNEL_WIDTH}); scanning the stored embeddings.")
             return None
         parts = []
         try:
@@ -279,16 +289,30 @@ class Int8Scan:
                 blocks = [_quantize_int8(block) for block in embeddings[start : start + part_rows].split(65536)]
                 codes, scales = (torch.cat(pieces) for pieces in zip(*blocks))
                 parts.append((start, codes, scales))
-            cls._scores(parts[0], embeddings[:1].float())
-        except (RuntimeError, NotImplementedError, AttributeError) as error:
-            logger.info(f"No int8 gallery scan on this machine ({error}); scanning the stored embeddings.")
+            # the first rows scored against 8 of them as queries, by the kernel and in float32
+            _, codes, scales = parts[0]
+            rows = embeddings[:1024].float()
+            found = cls._scores((0, codes[: len(rows)], scales[: len(rows)]), rows[:8])
+            error = (found - rows[:8] @ rows.T).abs().max()
+        except (RuntimeError, NotImplementedError, AttributeError) as failure:
+            logger.info(f"No int8 gallery scan on this machine ({failure}); scanning the stored embeddings.")
+            return None
+        if not error <= INT8_PROBE_TOLERANCE * rows.norm(dim=1).max() ** 2:
+            logger.warning(f"PyTorch's int8 kernel scored the first gallery rows {error:.3g} away from float32; "
+                           "scanning the stored embeddings.")
             return None
         return cls(parts, len(embeddings))
 
     @staticmethod
     def _scores(part, query: torch.Tensor) -> torch.Tensor:
+        """`(B, D)` queries x a part's rows -> `(B, R)` float32 scores. The kernel takes bfloat16 queries, so each
+        goes in as two rows, its bfloat16 rounding and the remainder, scored in the same read of the codes: one
+        rounded query moved the official gallery's log-normaliser by up to 0.0044, the pair by up to 0.0015."""
         _, codes, scales = part
-        return torch._weight_int8pack_mm(query.to(torch.bfloat16), codes, scales).float()
+        high = query.to(torch.bfloat16)
+        low = (query.float() - high.float()).to(torch.bfloat16)
+        scores = torch._weight_int8pack_mm(torch.cat([high, low]), codes, scales).float()
+        return scores[: len(query)] + scores[len(query) :]
 
     def scores(self, query: torch.Tensor) -> torch.Tensor:
         """`(B, D)` queries -> `(B, N)` float32 int8 scores of every row (for small copies: no score budget)."""
@@ -336,7 +360,7 @@ class PQ4Scan:
 
     The others' mass: the rest of the shortlist contributes its int8 logits, and the rows outside it are estimated
     from the normaliser sample (`NormaliserSample`, as for the `faiss` backend): log-normaliser within ~0.12 of
-    the exact one for far queries there, so their probabilities are within ~12% relative, against ~0.5% for the
+    the exact one for far queries there, so their probabilities are within ~12% relative, against ~0.15% for the
     int8 pass; peaked queries, whose mass the shortlist holds, are far closer.
 
     Build with `PQ4Scan.build(embeddings)` (needs `faiss`; trains the codebooks on up to 65,536 rows drawn with

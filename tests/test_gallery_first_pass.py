@@ -40,7 +40,7 @@ def test_queries_in_groups_answer_as_one_batch(monkeypatch):
 
     embeddings, queries, scale = unit(5000, 64, seed=6), unit(37, 64, seed=7), torch.tensor(30.0)
     scan = Int8Scan.build(embeddings, part_rows=2048)
-    assert scan.query_group == gallery.SCAN_SCORE_BUDGET // 2048
+    assert scan.query_group == gallery.SCAN_SCORE_BUDGET // (2 * 2048)  # two kernel rows per query
     whole = exact_search(queries, embeddings, scale, 5, scan=scan)
     scan.query_group = 4  # groups of 4 queries, the last one of 1
     grouped = exact_search(queries, embeddings, scale, 5, scan=scan)
@@ -211,3 +211,42 @@ def test_normaliser_sample_of_32768_rows_or_more():
         direct = torch.logsumexp(scale * queries[row] @ embeddings[sample_rows[kept]].T, 0) + torch.log(
             rest[row] / kept.sum())
         torch.testing.assert_close(estimate[row], direct)
+
+
+def test_int8_scores_keep_the_query_to_float32_precision():
+    """The kernel takes bfloat16 queries; `Int8Scan` passes each as its rounding plus the remainder. Rounding the
+    query shifts every row's score alike where rows share a direction (as a gallery's embeddings do), so it moves
+    the normaliser; with the remainder, only the output's (random) rounding is left, against the int8 rows' own
+    float32 products."""
+    common = unit(1, 512, seed=22)
+    rows = F.normalize(common + 0.6 * unit(20_000, 512, seed=20), dim=-1)  # mean cosine ~0.74, as gallery rows
+    queries = F.normalize(common + 0.6 * unit(8, 512, seed=21), dim=-1)
+    scan = Int8Scan.build(rows)
+    if scan is None:
+        pytest.skip("no int8 kernel in this PyTorch build")
+    (_, codes, scales), = scan.parts
+    reference = torch.logsumexp(40 * queries.double() @ (codes.double() * scales.double()[:, None]).T, dim=1)
+    split = (torch.logsumexp(40 * scan.scores(queries).double(), dim=1) - reference).abs().max()
+    one_row = torch._weight_int8pack_mm(queries.bfloat16(), codes, scales).double()
+    rounded = (torch.logsumexp(40 * one_row, dim=1) - reference).abs().max()
+    assert split < 0.003 and rounded > 2 * split, (split, rounded)  # measured: 0.0015 and 0.0059
+
+
+def test_int8_scan_only_where_the_kernel_is_right(monkeypatch, caplog):
+    """PyTorch's int8 kernel crashed (several queries) or returned inf (one) for widths that are not a multiple of
+    16, so those galleries scan their stored embeddings; so does any gallery whose first rows the kernel scores
+    wrongly (checked against float32 at build)."""
+    if Int8Scan.build(unit(64, 32, seed=0)) is None:
+        pytest.skip("no int8 kernel in this PyTorch build")
+    assert Int8Scan.build(unit(3000, 24, seed=30)) is None
+    embeddings, queries, scale = unit(3000, 32, seed=30), unit(5, 32, seed=31), torch.tensor(30.0)
+    kernel = torch._weight_int8pack_mm
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *args: kernel(*args) + 0.1)
+    with caplog.at_level("WARNING"):
+        assert Int8Scan.build(embeddings) is None
+    assert "int8 kernel scored the first gallery rows" in caplog.text
+    monkeypatch.undo()
+    scan = Int8Scan.build(embeddings)
+    found = exact_search(queries, embeddings, scale, 5, scan=scan)
+    expected = exact_search(queries, embeddings, scale, 5)
+    torch.testing.assert_close(found[1], expected[1], rtol=0, atol=0)
