@@ -46,6 +46,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import geoloc
+from geoloc.allocator import keep_freed_memory
 from geoloc.configs import tiny_clip_configs
 from geoloc.hub.convert import convert_geoclip
 from geoloc.inference.adapter import Geolocator
@@ -130,16 +131,18 @@ def _compare(code, wheel, backbone: str, folder: Path, photos: list[str], args) 
         our_results.append(result)
     batched_times, _ = _timed(lambda: geolocator(photos, top_k=TOP_K, batch_size=args.batch_size), 1)
 
-    agree = 0
+    agree, probability_gap = 0, 0.0
     for (gps, probabilities), predictions in zip(official_results, our_results):
         ours_gps = torch.tensor([[p["latitude"], p["longitude"]] for p in predictions], dtype=torch.float64)
         ours_probabilities = torch.tensor([p["probability"] for p in predictions], dtype=torch.float64)
-        agree += bool(torch.allclose(ours_gps, gps.double(), atol=1e-5)
-                      and torch.allclose(ours_probabilities, probabilities.double(), rtol=1e-3))
+        agree += bool(torch.allclose(ours_gps, gps.double(), atol=1e-5))
+        gap = ((ours_probabilities - probabilities.double()) / probabilities.double()).abs().max().item()
+        probability_gap = max(probability_gap, gap)
     return {
         "official": statistics.median(official_times), "n_official": len(official_times),
         "ours": statistics.median(our_times), "n_ours": len(our_times),
         "batched": batched_times[0] / len(photos), "agree": agree,
+        "probability_gap": probability_gap,
     }
 
 
@@ -266,15 +269,15 @@ def _trained_agreement(towers: list[str], count: int) -> tuple[dict[str, tuple[s
 
 def _best_tower_note(rows: list[str]) -> str:
     features = cpu_features()
-    has = features["avx512_bf16"] or features["amx_bf16"]
+    kind = ("AMX" if features["amx_bf16"] else "AVX512-BF16 without AMX" if features["avx512_bf16"]
+            else "neither AVX512-BF16 nor AMX")
     timed = {row.split("|")[1].strip(): float(row.split("|")[2].split()[0]) for row in rows}
     fastest = min(timed, key=timed.get)
     flags = ", ".join(f"{name} {'yes' if value else 'no'}" for name, value in features.items())
-    if has:
-        return (f"This CPU: {flags}. With AVX512-BF16/AMX, fastest measured here: **{fastest}**. Without them "
-                "(not measured here): int8 (bf16 is refused there: emulated bfloat16 is slower than fp32).")
-    return (f"This CPU: {flags}: no native bfloat16, so bf16 is refused; best here: **{fastest}**. With "
-            "AVX512-BF16/AMX (not measured here), compare bf16 and int8 with this benchmark.")
+    refused = ("bf16 is refused here" if not features["bf16_kernels"]
+               else "on CPUs without AVX512-BF16/AMX bf16 is refused")
+    return (f"This CPU: {flags} ({kind}). Fastest tower measured here: **{fastest}**. ({refused}: emulated bfloat16 "
+            "is slower than fp32; int8 runs on any x86-64/ARM CPU.)")
 
 
 def _large_gallery_model(size: int) -> GeoCLIPModel:
@@ -306,7 +309,9 @@ def main(argv=None) -> None:
     parser.add_argument("--throughput-batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--tower-repeats", type=int, default=3, help="per-image timings per tower")
     args = parser.parse_args(argv)
-    print(f"load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
+    kept = keep_freed_memory()  # as the geoloc CLI does; process-wide, so the official side runs with it too
+    print(f"load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, {torch.get_num_threads()} "
+          f"torch threads; freed memory kept in the process (geoloc.allocator): {'yes' if kept else 'no'}", flush=True)
 
     wheel = fetch_official_wheel()
     code = load_official_geoclip(wheel)
@@ -368,8 +373,10 @@ def main(argv=None) -> None:
         print(ties_note)
     print()
     for backbone, r in results.items():
-        print(f"{BACKBONES[backbone]}: official and our top-{TOP_K} agree (coordinates to 1e-5 deg, probabilities "
-              f"to 0.1%) on {r['agree']} of {r['n_official']} images.")
+        print(f"{BACKBONES[backbone]}: official and our top-{TOP_K} points agree (to 1e-5 deg) on {r['agree']} of "
+              f"{r['n_official']} images; their probabilities differ by at most {100 * r['probability_gap']:.3f} % "
+              "(relative; galleries from 65,536 points estimate the softmax's normaliser from an int8 pass, within "
+              "~0.15 %; `scan='none'` gives the exact one).")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ distribution). Retrieval recall is measured against exact search for three kinds
 - near queries (`queries_near`): a gallery embedding plus Gaussian noise of the same norm (cosine ~0.7 to
   it), the easy case for an inverted index; image and text queries are far from every gallery point (cosine
   ~0.2 to the best one), like those of a real model on images unlike its training data.
-Torch threads are `geoloc.threads.set_threads()`'s pick (printed), as the `geoloc` CLI would use.
+Torch threads are `geoloc.threads.set_threads()`'s pick (printed), and freed memory stays in the process
+(`geoloc.allocator.keep_freed_memory()`), as the `geoloc` CLI does.
 """
 
 import argparse
@@ -41,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from geoloc.configs import TINY_IMAGE_SIZE, byte_level_clip_tokenizer, tiny_clip_configs
 from geoloc.hub.convert import convert_official_state_dict, read_official_geoclip
 from official_geoclip import fetch_official_wheel, load_official_geoclip
+from geoloc.allocator import keep_freed_memory
 from geoloc.threads import set_threads
 from geoloc.data.worldmap import render_crop, sample_points
 from modeling_geoclip import GeoCLIPConfig, GeoCLIPImageProcessor, GeoCLIPModel
@@ -416,6 +418,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     set_threads()
+    keep_freed_memory()  # as the geoloc CLI does (process-wide: the official side too)
     wheel = fetch_official_wheel()
     official = load_official_geoclip(wheel)
     weights, metadata = read_official_geoclip(wheel)

@@ -16,6 +16,7 @@ import urllib.parse
 import urllib.request
 from unittest import mock
 
+from .allocator import keep_freed_memory
 from .threads import add_threads_argument, set_threads
 
 
@@ -153,6 +154,7 @@ def _run(namespace: argparse.Namespace) -> int:
                 namespace.args = ["--threads", str(namespace.threads), *namespace.args]
         elif not {"-h", "--help"} & set(namespace.args):  # help answers at once, without importing torch
             set_threads(namespace.threads)
+            keep_freed_memory()
         return importlib.import_module(SUBCOMMANDS[command][0]).main(namespace.args) or 0
     except Exception as error:  # KeyboardInterrupt and SystemExit (--help's exit 0) pass through
         if namespace.debug:
