@@ -10,13 +10,13 @@ How far they move: `benchmarks/bench_geoclip_predict.py` prints the top-5 agreem
 with the fp32 tower's (ViT-L/14 shape, world-map crops and photo-like images) and their speed on the CPU it runs
 on; `tests/test_tower_speed_options.py` checks the embeddings on the tiny tower (cosine >= 0.99 to fp32).
 
-Which to use:
-- `bf16`: the tower's weights and activations in bfloat16. Fast where the CPU has native bfloat16 kernels
-  (AVX512-BF16 or AMX: `cpu_supports_bf16()`; also on GPUs), refused on CPUs without them (emulated bfloat16
-  is slower than fp32).
+Which to use (measured with the ViT-L/14 shape, README "Reduced-precision image towers"):
+- `bf16`: the tower's weights and activations in bfloat16. The fastest on CPUs with AMX (Intel Sapphire Rapids:
+  3.2x fp32) and on GPUs; with AVX512-BF16 but no AMX (AMD Zen 4) it ran 2x fp32, behind int8. Refused on CPUs
+  without AVX512-BF16 or AMX (`cpu_supports_bf16()`), where bfloat16 is emulated and slower than fp32.
 - `int8`: dynamic int8 quantisation of the transformer layers' `nn.Linear`s (int8 weights, activations quantised
   per batch; `torch.ao.quantization.quantize_dynamic`, deprecated in torch 2.10+ but present). CPU only; works
-  on any x86-64 / ARM CPU (VNNI / AMX-INT8 make it faster).
+  on any x86-64 / ARM CPU (VNNI / AMX-INT8 make it faster); the fastest on Zen 4 (~2.6-3x fp32).
 """
 
 import platform
