@@ -16,7 +16,7 @@ Which to use (measured with the ViT-L/14 shape, README "Reduced-precision image 
   without AVX512-BF16 or AMX (`cpu_supports_bf16()`), where bfloat16 is emulated and slower than fp32.
 - `int8`: dynamic int8 quantisation of the transformer layers' `nn.Linear`s (int8 weights, activations quantised
   per batch; `torch.ao.quantization.quantize_dynamic`, deprecated in torch 2.10+ but present). CPU only; works
-  on any x86-64 / ARM CPU (VNNI / AMX-INT8 make it faster); the fastest on Zen 4 (~2.6-3x fp32).
+  on any x86-64 / ARM CPU (VNNI / AMX-INT8 make it faster); the fastest on Zen 4 (2.6-3.3x fp32).
 """
 
 import platform
