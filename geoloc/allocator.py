@@ -1,37 +1,47 @@
-"""Keep freed tensor memory in the process instead of handing it back to the OS after every op.
+"""Keep large freed blocks in the process instead of handing them back to the OS at every op.
 
-glibc's malloc serves large blocks with fresh `mmap` pages and returns them (or trims the heap) when they are freed,
-so every op of a large model faults its output's pages in again. A ViT-L/14 image tower makes megabyte-sized
-activations in every layer: on a 2-core AMD EPYC (Zen 4), raising glibc's mmap and trim thresholds made the int8
-tower 1.65x faster and the fp32 one 1.2x (bfloat16: no change), and cut the page faults of CLIP's activation function
-on a ViT-L/14 MLP activation at batch 8 6-30x (`tests/test_allocator.py`). jemalloc or tcmalloc (`LD_PRELOAD`) do the same from outside the process.
+glibc's malloc serves blocks above its mmap threshold with fresh `mmap` pages and unmaps them when they are freed.
+The threshold grows by itself as large blocks are freed, but never beyond 32 MiB, so every larger activation
+(a ViT-L/14 MLP activation from a batch of 8 images: 34 MB) has its pages faulted in again at every op.
+`keep_freed_memory()` raises glibc's mmap and trim thresholds with `mallopt`, so such blocks are reused: page
+faults of CLIP's activation function on that tensor fell 6-30x (`tests/test_allocator.py`), and
+`benchmarks/bench_allocator.py` times the ViT-L/14 tower in fresh processes with and without it. Below 32 MiB
+glibc's own growing threshold already reuses blocks, so batch-1 answers gain little. jemalloc or tcmalloc
+(`LD_PRELOAD`) do the same from outside the process.
 
-`keep_freed_memory()` sets the thresholds with `mallopt` (glibc on Linux; elsewhere it does nothing and returns
-False). The `geoloc` CLI calls it before every inference command. The cost: freed blocks up to `KEPT_BYTES` stay
-in the process for reuse, so its resident memory stays near its peak instead of shrinking between requests.
+glibc on Linux only: elsewhere it does nothing and returns False. `geoloc predict`, `evaluate` and `calibrate`
+call it. The cost: freed blocks up to `KEPT_BYTES` stay in the process (per malloc arena, i.e. per thread that
+allocates) for reuse, so its resident memory stays near its peak instead of shrinking between batches.
 """
 
 import ctypes
-import ctypes.util
 import sys
 
-# Blocks below this come from the heap and are reused (glibc's default starts at 128 KiB);
-# the heap's free top is returned to the OS only beyond twice that.
-KEPT_BYTES = 256 << 20
+KEPT_BYTES = 256 << 20  # blocks below this come from the heap; its free top returns to the OS beyond twice that
+GLIBC_MAX_MMAP_THRESHOLD = 32 << 20  # the cap of older glibc versions, which refuse larger thresholds
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
 
 def keep_freed_memory(kept_bytes: int = KEPT_BYTES) -> bool:
-    """Raise glibc's mmap threshold to `kept_bytes` and its trim threshold to twice that; True when applied
-    (glibc on Linux), False elsewhere."""
+    """Raise glibc's mmap threshold to `kept_bytes` (where this glibc refuses it, to 32 MiB) and its trim
+    threshold to twice that; True when both were set (glibc on Linux), False otherwise.
+
+    Raises:
+        ValueError: `kept_bytes` is not between 1 and 1 GiB.
+    """
+    if not 0 < kept_bytes <= 1 << 30:
+        raise ValueError(f"kept_bytes must be between 1 and {1 << 30} (1 GiB), got {kept_bytes}.")
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl and other C libraries without mallopt
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # a C library without mallopt (musl)
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, kept_bytes)) and bool(mallopt(_M_TRIM_THRESHOLD, 2 * kept_bytes))
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    mmap = bool(mallopt(_M_MMAP_THRESHOLD, kept_bytes)) or bool(
+        mallopt(_M_MMAP_THRESHOLD, min(kept_bytes, GLIBC_MAX_MMAP_THRESHOLD)))
+    trim = bool(mallopt(_M_TRIM_THRESHOLD, 2 * kept_bytes - 1))
+    return mmap and trim
 
 
 __all__ = ["KEPT_BYTES", "keep_freed_memory"]

@@ -31,6 +31,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+# Commands that run a model over many images: their large activations reuse freed memory (`geoloc.allocator`).
+INFERENCE_COMMANDS = ("predict", "evaluate", "calibrate")
 SUBCOMMANDS = {
     "predict": ("geoloc.inference.predict", "geolocate images or text with a GeoCLIP or GeoHier checkpoint"),
     "train": ("geoloc.training.train", "train GeoCLIP or GeoHier (also: accelerate launch -m geoloc.training.train)"),
@@ -154,7 +156,8 @@ def _run(namespace: argparse.Namespace) -> int:
                 namespace.args = ["--threads", str(namespace.threads), *namespace.args]
         elif not {"-h", "--help"} & set(namespace.args):  # help answers at once, without importing torch
             set_threads(namespace.threads)
-            keep_freed_memory()
+            if command in INFERENCE_COMMANDS:
+                keep_freed_memory()
         return importlib.import_module(SUBCOMMANDS[command][0]).main(namespace.args) or 0
     except Exception as error:  # KeyboardInterrupt and SystemExit (--help's exit 0) pass through
         if namespace.debug:

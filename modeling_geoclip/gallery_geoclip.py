@@ -291,7 +291,7 @@ class Int8Scan:
                 parts.append((start, codes, scales))
             # the first rows scored against 8 of them as queries, by the kernel and in float32
             _, codes, scales = parts[0]
-            rows = embeddings[:1024].float()
+            rows = embeddings[: min(1024, len(codes))].float()
             found = cls._scores((0, codes[: len(rows)], scales[: len(rows)]), rows[:8])
             error = (found - rows[:8] @ rows.T).abs().max()
         except (RuntimeError, NotImplementedError, AttributeError) as failure:
@@ -306,8 +306,10 @@ class Int8Scan:
     @staticmethod
     def _scores(part, query: torch.Tensor) -> torch.Tensor:
         """`(B, D)` queries x a part's rows -> `(B, R)` float32 scores. The kernel takes bfloat16 queries, so each
-        goes in as two rows, its bfloat16 rounding and the remainder, scored in the same read of the codes: one
-        rounded query moved the official gallery's log-normaliser by up to 0.0044, the pair by up to 0.0015."""
+        goes in as two rows, its bfloat16 rounding and the remainder: one rounded query moved the official gallery's
+        log-normaliser by up to 0.0044, the pair by up to 0.0015. Free for one query (the kernel computes rows in
+        tiles of 4 while reading the codes once); from 3 queries it doubles the kernel's compute, which is why
+        large batches are better served by `scan="none"` (README, exact search)."""
         _, codes, scales = part
         high = query.to(torch.bfloat16)
         low = (query.float() - high.float()).to(torch.bfloat16)

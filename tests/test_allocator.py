@@ -1,6 +1,7 @@
 """`keep_freed_memory`: freed activations stay in the process for the next op, so a ViT-L/14 MLP activation (batch
 8) no longer faults its pages in at every op (in fresh processes: the setting is process-wide); the CLI applies it."""
 
+import platform
 import subprocess
 import sys
 
@@ -28,7 +29,7 @@ def page_faults(mode: str) -> int:
     return int(done.stdout.split()[-1])
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator: Linux only")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
 def test_kept_memory_cuts_page_faults():
     default, kept = page_faults("default"), page_faults("kept")
     assert kept * 4 < default, (default, kept)  # measured: 246,750 against 8,224-41,120
@@ -41,3 +42,12 @@ def test_cli_keeps_freed_memory_for_inference(monkeypatch, tmp_path):
     monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(True))
     assert cli.main(["predict", str(tmp_path / "missing.jpg")]) == 1  # fails on the image, after the setting
     assert calls == [True]
+    assert cli.main(["convert", str(tmp_path / "missing.whl"), str(tmp_path / "out")]) == 1  # not inference
+    assert calls == [True]
+
+
+def test_kept_bytes_are_checked():
+    from geoloc.allocator import keep_freed_memory
+
+    with pytest.raises(ValueError, match=r"kept_bytes must be between 1 and 1073741824 \(1 GiB\), got 0"):
+        keep_freed_memory(0)

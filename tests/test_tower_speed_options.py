@@ -88,9 +88,15 @@ def test_bf16_needs_native_instructions_on_x86(monkeypatch, model, avx512_bf16, 
     """oneDNN accepts bfloat16 on any AVX512 CPU (its own check is true on Skylake-X / Cascade Lake, where it emulates
     bfloat16 slower than float32): an x86 CPU needs AVX512-BF16 or AMX, else the bf16 tower is refused."""
     monkeypatch.setattr(tower_speed.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert cpu_supports_bf16() is expected
+    # an older torch without those checks: the flags of /proc/cpuinfo decide
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    flags = ["avx512f"] + ["avx512_bf16"] * avx512_bf16 + ["amx_bf16"] * amx
+    monkeypatch.setattr(tower_speed, "_cpu_flags", lambda: flags)
     assert cpu_supports_bf16() is expected
     if not expected:
         with pytest.raises(ValueError, match=r"needs a CPU that multiplies bfloat16 natively .* Use the int8 tower"):

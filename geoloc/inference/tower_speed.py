@@ -36,20 +36,28 @@ def cpu_supports_bf16() -> bool:
         return False
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
         return True
-    return any(getattr(torch.cpu, check, lambda: False)()
-               for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if all(check is not None for check in checks):
+        return any(check() for check in checks)
+    flags = _cpu_flags()  # older torch without those checks: the kernel's list (empty where unreadable)
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def cpu_features() -> dict[str, bool]:
     """The CPU features that decide the best tower: `avx512_bf16`, `amx_bf16`, `amx_int8`, `avx512_vnni` (read
     from /proc/cpuinfo; all False where it cannot be read) and `bf16_kernels` (`cpu_supports_bf16()`)."""
-    try:
-        with open("/proc/cpuinfo") as file:
-            flags = next((line.split(":", 1)[1].split() for line in file if line.startswith("flags")), [])
-    except OSError:
-        flags = []
+    flags = _cpu_flags()
     features = {name: name in flags for name in ("avx512_bf16", "amx_bf16", "amx_int8", "avx512_vnni")}
     return {**features, "bf16_kernels": cpu_supports_bf16()}
+
+
+def _cpu_flags() -> list[str]:
+    """The CPU's flags from /proc/cpuinfo (Linux), or [] where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as file:
+            return next((line.split(":", 1)[1].split() for line in file if line.startswith("flags")), [])
+    except OSError:
+        return []
 
 
 def apply_tower(model, tower: str = "fp32"):

@@ -30,7 +30,6 @@ from pathlib import Path
 import gradio as gr
 
 from answers import MAX_TEXT_CHARS, MAX_TOP_K, Truth, load_geolocators, locate, model_note
-from geoloc.allocator import keep_freed_memory
 from geoloc.data.dataset import image_limits
 from geo_core import load_image
 from page import CSS, EMPTY_SUMMARY, details_html, empty_map, insight_html, static_folder, summary_html, world_map
@@ -56,7 +55,6 @@ TEXT_EXAMPLES = [
     "red sand dunes in a hot desert",
 ]
 
-keep_freed_memory()  # a served ViT-L/14 reuses its activations' memory (see geoloc.allocator)
 GEOLOCATORS, MODEL_NOTE = load_geolocators()  # MODEL_NOTE: the default model's caveat (`model_note`)
 DEFAULT_MODEL_NAME = next(iter(GEOLOCATORS))
 # text mode only for models whose text queries mean something (a declared capability, not the tower's presence)
