@@ -26,14 +26,10 @@ if sys.argv[1] == "kept":
     assert keep_freed_memory()
 set_threads()
 torch.set_grad_enabled(False)
-from transformers import CLIPVisionConfig
 from modeling_geoclip import GeoCLIPConfig, GeoCLIPModel
 from geoloc.inference.tower_speed import apply_tower
-vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                          patch_size=14, image_size=224, projection_dim=768)
-torch.manual_seed(0)
-model = apply_tower(GeoCLIPModel(GeoCLIPConfig(vision_config=vision, use_text_tower=False, queue_size=0)).eval(),
-                    sys.argv[2])
+torch.manual_seed(0)  # GeoCLIPConfig's default image tower is the official ViT-L/14 shape
+model = apply_tower(GeoCLIPModel(GeoCLIPConfig(use_text_tower=False, queue_size=0)).eval(), sys.argv[2])
 found = {}
 for batch in (1, 8):
     pixels = torch.randn(batch, 3, 224, 224)

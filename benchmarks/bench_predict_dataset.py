@@ -43,17 +43,15 @@ def photos(folder: Path, count: int, width: int, height: int) -> Path:
 def vit_l14_model(folder: Path) -> Path:
     """A GeoCLIP with a random ViT-L/14 image tower (224 px) and a 512-wide GPS encoder, saved to `folder`."""
     import torch
-    from transformers import CLIPTextConfig, CLIPVisionConfig
+    from transformers import CLIPTextConfig
 
     from geoloc.configs import byte_level_clip_tokenizer
     from modeling_geoclip import GeoCLIPConfig, GeoCLIPImageProcessor, GeoCLIPModel
 
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                              num_attention_heads=16, patch_size=14, image_size=224, projection_dim=768)
     text = CLIPTextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
                           projection_dim=768, vocab_size=262, max_position_embeddings=77)
     torch.manual_seed(0)
-    model = GeoCLIPModel(GeoCLIPConfig(vision_config=vision, text_config=text, queue_size=0)).eval()
+    model = GeoCLIPModel(GeoCLIPConfig(text_config=text, queue_size=0)).eval()  # default tower: ViT-L/14
     gallery = np.random.default_rng(0).uniform([-90, -180], [90, 180], size=(100_000, 2))
     model.set_gallery(gallery)
     model.save_pretrained(folder)

@@ -33,7 +33,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import CLIPVisionConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # The official GeoCLIP reference is test code (tests/official_geoclip.py), not part of the package.
@@ -118,10 +117,8 @@ def load_released_parts(model: GeoCLIPModel, weights: dict) -> GeoCLIPModel:
 
 def build_model(weights: dict) -> GeoCLIPModel:
     """Our GeoCLIP, ViT-L/14-shaped random tower + the released location encoder / MLP / logit scale."""
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                              num_attention_heads=16, patch_size=14, image_size=224, projection_dim=768)
-    torch.manual_seed(0)
-    model = GeoCLIPModel(GeoCLIPConfig(vision_config=vision, use_text_tower=False, queue_size=0)).eval()
+    torch.manual_seed(0)  # GeoCLIPConfig's default image tower is the official ViT-L/14 shape
+    model = GeoCLIPModel(GeoCLIPConfig(use_text_tower=False, queue_size=0)).eval()
     return load_released_parts(model, weights)
 
 
