@@ -14,8 +14,9 @@ from geoloc.configs import TINY_IMAGE_SIZE, tiny_geoclip_config
 from geoloc.data.worldmap import render_crop, sample_points
 from geoloc.inference.adapter import Geolocator
 from geoloc.inference import tower_speed
-from geoloc.inference.tower_speed import apply_tower, cpu_supports_bf16, optimize_for_cpu
+from geoloc.inference.tower_speed import FusedQuickGELU, apply_tower, cpu_supports_bf16, optimize_for_cpu
 from modeling_geoclip import GeoCLIPModel
+from transformers.activations import QuickGELUActivation
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +67,24 @@ def test_bf16_with_int8_is_a_value_error(model):
         optimize_for_cpu(copy.deepcopy(model), bf16=True, int8=True)
 
 
+def test_fused_quick_gelu_matches_clip_and_its_gradient():
+    """silu(1.702 x) / 1.702 is CLIP's x * sigmoid(1.702 x) up to float rounding, with and without a gradient."""
+    x = torch.randn(64, 512, generator=torch.Generator().manual_seed(0)) * 4
+    expected = QuickGELUActivation()(x)
+    with torch.no_grad():
+        torch.testing.assert_close(FusedQuickGELU()(x.clone()), expected, rtol=0, atol=2e-6)
+    leaf = x.clone().requires_grad_()
+    FusedQuickGELU()(leaf).sum().backward()
+    reference = x.clone().requires_grad_()
+    QuickGELUActivation()(reference).sum().backward()
+    torch.testing.assert_close(leaf.grad, reference.grad, rtol=0, atol=2e-6)
+    assert torch.equal(leaf.detach(), x)  # the input a gradient needs is not overwritten
+
+
+def activations(model) -> set[str]:
+    return {type(layer.mlp.activation_fn).__name__ for layer in model.image_tower.vision_model.encoder.layers}
+
+
 def quantized_linears(model) -> int:
     return sum(type(module).__name__ == "Linear" and "quantized" in type(module).__module__
                for module in model.image_tower.modules())
@@ -73,12 +92,15 @@ def quantized_linears(model) -> int:
 
 def test_apply_tower_wiring(model):
     assert apply_tower(model, "fp32") is model and quantized_linears(model) == 0
+    assert activations(model) == {"QuickGELUActivation"}  # the fp32 tower keeps the official arithmetic
     int8 = apply_tower(copy.deepcopy(model), "int8")
     assert quantized_linears(int8) == 6 * model.config.vision_config.num_hidden_layers  # q, k, v, o, fc1, fc2
+    assert activations(int8) == {"FusedQuickGELU"}
     assert int8.location_encoder.dtype == torch.float32 and int8.gallery.embeddings.dtype == torch.float32
     if cpu_supports_bf16():
         bf16 = apply_tower(copy.deepcopy(model), "bf16")
         assert bf16.image_tower.dtype == torch.bfloat16 and bf16.location_encoder.dtype == torch.float32
+        assert activations(bf16) == {"QuickGELUActivation"}
     with pytest.raises(ValueError, match="tower must be one of fp32, bf16, int8, got 'fp16'"):
         apply_tower(model, "fp16")
 

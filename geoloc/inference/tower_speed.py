@@ -15,17 +15,35 @@ Which to use (measured with the ViT-L/14 shape, README "Reduced-precision image 
   3.2x fp32) and on GPUs; with AVX512-BF16 but no AMX (AMD Zen 4) it ran 2x fp32, behind int8. Refused on CPUs
   without AVX512-BF16 or AMX (`cpu_supports_bf16()`), where bfloat16 is emulated and slower than fp32.
 - `int8`: dynamic int8 quantisation of the transformer layers' `nn.Linear`s (int8 weights, activations quantised
-  per batch; `torch.ao.quantization.quantize_dynamic`, deprecated in torch 2.10+ but present). CPU only; works
-  on any x86-64 / ARM CPU (VNNI / AMX-INT8 make it faster); the fastest on Zen 4 (2.6-3.3x fp32).
+  per batch; `torch.ao.quantization.quantize_dynamic`, deprecated in torch 2.10+ but present), with quick_gelu
+  fused (`FusedQuickGELU`). CPU only; works on any x86-64 / ARM CPU (VNNI / AMX-INT8 make it faster); the
+  fastest on Zen 4 (2.6-3.3x fp32).
 """
 
 import platform
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from transformers.activations import QuickGELUActivation
 
 TOWER_CHOICES = ("fp32", "bf16", "int8")
+QUICK_GELU_SCALE = 1.702
+
+
+class FusedQuickGELU(nn.Module):
+    """CLIP's quick_gelu, `x * sigmoid(1.702 x)`, computed as `silu(1.702 x) / 1.702`: one fused kernel, in place
+    when no gradient is needed, instead of three passes over the MLP activation (on a 2-core Zen 4, 0.43 against
+    2.3 ms for one ViT-L/14 layer's 257 x 4096 activation; the whole int8 tower 3-5 % faster). Equal up to float
+    rounding (<= 5e-7 on unit-scale inputs), so only the int8 tower uses it: the fp32 tower keeps the official
+    arithmetic, and the bf16 tower gained nothing from it on that CPU."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and hidden_states.requires_grad:
+            return F.silu(hidden_states * QUICK_GELU_SCALE) / QUICK_GELU_SCALE
+        # The input is the MLP's first linear output, which nothing else reads.
+        return F.silu(hidden_states.mul_(QUICK_GELU_SCALE), inplace=True).div_(QUICK_GELU_SCALE)
 
 
 def cpu_supports_bf16() -> bool:
@@ -96,8 +114,8 @@ def optimize_for_cpu(
         model: a `GeoCLIPModel` (anything with an `image_tower` `CLIPVisionModelWithProjection`).
         bf16 (`bool`): cast the image tower to bfloat16 (needs a CPU with native bf16, see `cpu_supports_bf16`;
             `get_clip_image_embeds` casts the pixels to the tower's dtype).
-        int8 (`bool`): dynamic int8 quantisation of the transformer layers' `nn.Linear`s. float32 only: not
-            combinable with `bf16`.
+        int8 (`bool`): dynamic int8 quantisation of the transformer layers' `nn.Linear`s, and CLIP's quick_gelu
+            as one fused kernel (`FusedQuickGELU`). float32 only: not combinable with `bf16`.
         channels_last (`bool`): channels-last memory format for the patch-embedding convolution.
         compile (`bool`): `torch.compile` the tower in place (needs a C++ compiler; the first call compiles).
 
@@ -128,6 +146,7 @@ def optimize_for_cpu(
             torch.ao.quantization.quantize_dynamic(
                 tower.vision_model.encoder, {nn.Linear}, dtype=torch.qint8, inplace=True
             )
+        _fuse_quick_gelu(tower)
     if channels_last:
         tower.to(memory_format=torch.channels_last)
     if compile:
@@ -135,4 +154,11 @@ def optimize_for_cpu(
     return model
 
 
-__all__ = ["TOWER_CHOICES", "apply_tower", "cpu_features", "cpu_supports_bf16", "optimize_for_cpu"]
+def _fuse_quick_gelu(tower) -> None:
+    """Swap each of `tower`'s quick_gelu activations for `FusedQuickGELU` (other activations are left alone)."""
+    for layer in tower.vision_model.encoder.layers:
+        if isinstance(layer.mlp.activation_fn, QuickGELUActivation):
+            layer.mlp.activation_fn = FusedQuickGELU()
+
+
+__all__ = ["TOWER_CHOICES", "FusedQuickGELU", "apply_tower", "cpu_features", "cpu_supports_bf16", "optimize_for_cpu"]
