@@ -16,6 +16,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from geoloc.inference.tower_speed import TOWER_CHOICES
+
 # One process: build the tower, time it per batch size (one warm-up call, then `calls` calls), print JSON.
 TIMING = """
 import json, sys, time, statistics, warnings, torch
@@ -54,7 +58,7 @@ def run(mode: str, tower: str, calls: int) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--towers", nargs="+", choices=("fp32", "bf16", "int8"), default=["int8", "fp32"])
+    parser.add_argument("--towers", nargs="+", choices=TOWER_CHOICES, default=["int8", "fp32"])
     parser.add_argument("--processes", type=int, default=2, help="fresh processes per side and tower")
     parser.add_argument("--calls", type=int, default=3, help="timed calls per batch size in each process")
     args = parser.parse_args(argv)
